@@ -1,0 +1,665 @@
+"""
+Configuration: TOML in, frozen attrs values out, validated once.
+
+Nothing else in rproxy_tw reads TOML.  Every problem is reported as a
+L{ConfigError} whose C{str()} is one line naming the file, the key and the
+problem, so C{twistd rproxy --config F --check} and a reload can print it as
+it is.  The keys follow C{shared/config-contract.toml}; see docs/config.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from typing import Any, Callable, Mapping, Sequence
+
+import attrs
+from attrs import field, frozen
+
+__all__ = [
+    "ConfigError",
+    "ProxyConfig",
+    "ServerConfig",
+    "ListenConfig",
+    "TLSProfile",
+    "CertificateConfig",
+    "RouteConfig",
+    "PoolConfig",
+    "BackendConfig",
+    "HealthConfig",
+    "LimitsConfig",
+    "load_config",
+    "parse_config",
+    "quick_config",
+]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+BALANCE_RULES = ("round_robin", "least_conn", "random2")
+BALANCE_PREFIXES = ("hash:client_ip", "hash:header:", "cookie:")
+
+
+class ConfigError(Exception):
+    """
+    A configuration that cannot be used.  C{str()} gives one line:
+    C{FILE: KEY: PROBLEM}.
+    """
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        super().__init__(source, key, problem)
+        self.source = source
+        self.key = key
+        self.problem = problem
+
+    def __str__(self) -> str:
+        if self.key:
+            return f"{self.source}: {self.key}: {self.problem}"
+        return f"{self.source}: {self.problem}"
+
+
+@frozen
+class CertificateConfig:
+    cert: str
+    key: str
+
+
+@frozen
+class TLSProfile:
+    name: str
+    certificates: tuple[CertificateConfig, ...]
+    min_version: str = "1.2"
+    alpn: tuple[str, ...] = ("h2", "http/1.1")
+    client_ca: str | None = None
+    """Optional CA file: when set, clients must present a certificate it signed."""
+
+
+@frozen
+class ServerConfig:
+    access_log: str = "-"
+    access_log_format: str = "combined"
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    via: str = "rproxy"
+    """The pseudonym put in C{Via}; never a version."""
+    server_header: str = "rproxy"
+    """Replaces the origin's C{Server} header; empty removes it."""
+
+
+@frozen
+class ListenConfig:
+    endpoint: str
+    protocol: str = "http"
+    tls: str | None = None
+    pool: str | None = None
+    proxy_protocol: str = "off"
+
+
+@frozen
+class RouteConfig:
+    pool: str
+    host: str | None = None
+    path: str = "/"
+    strip_prefix: bool = False
+    cache: bool = False
+
+
+@frozen
+class BackendConfig:
+    endpoint: str
+    weight: int = 1
+    backup: bool = False
+    drain: bool = False
+
+
+@frozen
+class HealthConfig:
+    type: str = "http"
+    path: str = "/"
+    method: str = "GET"
+    host: str | None = None
+    expect_status: tuple[int, int] = (200, 399)
+    expect_body: str | None = None
+    interval: float = 2.0
+    timeout: float = 1.0
+    rise: int = 2
+    fall: int = 2
+    slow_start: float = 0.0
+
+
+@frozen
+class PoolConfig:
+    name: str
+    backends: tuple[BackendConfig, ...]
+    balance: str = "round_robin"
+    health: HealthConfig | None = None
+    connect_timeout: float = 5.0
+    """Seconds to establish a connection to a backend (then 502, or failover)."""
+    response_timeout: float = 60.0
+    """Seconds from the request being sent to the response head (then 504)."""
+    idle_timeout: float = 60.0
+    """Seconds without a byte from the backend while a response streams."""
+    keepalive: int = 32
+    """Idle connections kept open per backend for reuse."""
+    keepalive_timeout: float = 60.0
+    """Seconds an idle pooled connection is kept."""
+    retries: int = 1
+    """Further backends tried when one cannot be connected to."""
+
+
+@frozen
+class LimitsConfig:
+    max_request_line: int = 8192
+    max_header_bytes: int = 16384
+    max_headers: int = 100
+    max_body_bytes: int = 0
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+
+
+@frozen
+class DemoOriginConfig:
+    """A small static origin started next to the proxy, for the out-of-the-box demo."""
+
+    endpoint: str
+    root: str
+
+
+@frozen
+class ProxyConfig:
+    source: str = "<config>"
+    server: ServerConfig = ServerConfig()
+    admin_endpoint: str | None = None
+    listen: tuple[ListenConfig, ...] = ()
+    tls: Mapping[str, TLSProfile] = field(factory=dict)
+    routes: tuple[RouteConfig, ...] = ()
+    pools: Mapping[str, PoolConfig] = field(factory=dict)
+    limits: LimitsConfig = LimitsConfig()
+    demo_origin: DemoOriginConfig | None = None
+    deferred_sections: Mapping[str, Any] = field(factory=dict)
+    """Contract sections accepted but served by later capabilities (cache, waf...)."""
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+class _Reader:
+    """Typed access to one TOML table that reports errors by dotted key."""
+
+    def __init__(self, source: str, prefix: str, table: Any) -> None:
+        self.source = source
+        self.prefix = prefix
+        if not isinstance(table, dict):
+            raise ConfigError(source, prefix, f"must be a table, not {_kind(table)}")
+        self.table: dict[str, Any] = table
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), problem)
+
+    def get(self, name: str, kinds: type | tuple[type, ...], default: Any) -> Any:
+        self.used.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        if isinstance(value, bool) and bool not in _as_tuple(kinds):
+            raise self.error(name, f"must be {_kinds_name(kinds)}, not a boolean")
+        if not isinstance(value, kinds):
+            raise self.error(name, f"must be {_kinds_name(kinds)}, not {_kind(value)}")
+        return value
+
+    def required(self, name: str, kinds: type | tuple[type, ...]) -> Any:
+        if name not in self.table:
+            self.used.add(name)
+            raise self.error(name, "is required")
+        return self.get(name, kinds, None)
+
+    def number(self, name: str, default: float, minimum: float = 0.0, positive: bool = False) -> float:
+        value = float(self.get(name, (int, float), default))
+        if positive and value <= 0:
+            raise self.error(name, f"must be greater than 0, not {value:g}")
+        if value < minimum:
+            raise self.error(name, f"must be at least {minimum:g}, not {value:g}")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int = 0) -> int:
+        value = self.get(name, int, default)
+        if value < minimum:
+            raise self.error(name, f"must be at least {minimum}, not {value}")
+        return int(value)
+
+    def choice(self, name: str, choices: Sequence[str], default: str) -> str:
+        value = self.get(name, str, default)
+        if value not in choices:
+            raise self.error(name, f"must be one of {', '.join(map(repr, choices))}, not {value!r}")
+        return str(value)
+
+    def sub(self, name: str) -> "_Reader | None":
+        self.used.add(name)
+        if name not in self.table:
+            return None
+        return _Reader(self.source, self.key(name), self.table[name])
+
+    def finish(self) -> None:
+        for name in self.table:
+            if name not in self.used:
+                raise self.error(name, "is not a known key")
+
+
+def _as_tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def _kinds_name(kinds: type | tuple[type, ...]) -> str:
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        list: "a list",
+        dict: "a table",
+    }
+    parts = [names.get(k, k.__name__) for k in _as_tuple(kinds)]
+    if parts == ["an integer", "a number"]:
+        return "a number"
+    return " or ".join(parts)
+
+
+def _kind(value: Any) -> str:
+    return _kinds_name(type(value)) if type(value) in (str, int, float, bool, list, dict) else type(value).__name__
+
+
+def _endpoint_problem(description: str, server: bool) -> str | None:
+    """
+    Check an endpoint string's shape without touching the network or a reactor.
+    """
+    from twisted.internet import endpoints
+
+    if not description or description.strip() != description:
+        return "must be a non-empty endpoint string such as 'tcp:8080'"
+    kind = description.split(":", 1)[0]
+    if server:
+        known = {p.prefix for p in _server_plugins()} | {"tcp", "tcp6", "ssl", "unix", "systemd"}
+        if kind not in known:
+            return f"unknown endpoint type {kind!r} (tcp, tcp6, ssl, unix, systemd, haproxy...)"
+        try:
+            endpoints._parseServer(description, None)  # type: ignore[attr-defined]
+        except Exception as e:  # noqa: BLE001 - any parse failure is a config error
+            return f"bad endpoint {description!r}: {e}"
+    else:
+        if kind not in ("tcp", "tcp6", "ssl", "unix", "tls", "host"):
+            if kind not in {p.prefix for p in _client_plugins()}:
+                return f"unknown endpoint type {kind!r} (tcp, tls, unix...)"
+        if kind == "tcp" and len(description.split(":")) < 3:
+            return f"bad endpoint {description!r}: expected tcp:HOST:PORT"
+    return None
+
+
+def _server_plugins() -> list[Any]:
+    from twisted.internet.interfaces import IStreamServerEndpointStringParser
+    from twisted.plugin import getPlugins
+
+    return list(getPlugins(IStreamServerEndpointStringParser))
+
+
+def _client_plugins() -> list[Any]:
+    from twisted.internet.interfaces import IStreamClientEndpointStringParserWithReactor
+    from twisted.plugin import getPlugins
+
+    return list(getPlugins(IStreamClientEndpointStringParserWithReactor))
+
+
+def _resolve_path(base: str, path: str) -> str:
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def _parse_server(r: _Reader | None) -> ServerConfig:
+    if r is None:
+        return ServerConfig()
+    access_log = r.get("access_log", str, "-")
+    fmt = r.choice("access_log_format", ("combined", "json"), "combined")
+    trusted = []
+    raw = r.get("trusted_proxies", list, [])
+    for i, item in enumerate(raw):
+        if not isinstance(item, str):
+            raise r.error(f"trusted_proxies[{i}]", f"must be a string CIDR, not {_kind(item)}")
+        try:
+            trusted.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as e:
+            raise r.error(f"trusted_proxies[{i}]", f"not an IP network: {e}") from None
+    via = r.get("via", str, "rproxy")
+    server_header = r.get("server_header", str, "rproxy")
+    r.finish()
+    return ServerConfig(
+        access_log=access_log,
+        access_log_format=fmt,
+        trusted_proxies=tuple(trusted),
+        via=via,
+        server_header=server_header,
+    )
+
+
+def _parse_listen(source: str, raw: Any) -> tuple[ListenConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(source, "listen", "must be an array of tables ([[listen]])")
+    out = []
+    for i, item in enumerate(raw):
+        r = _Reader(source, f"listen[{i}]", item)
+        endpoint = r.required("endpoint", str)
+        problem = _endpoint_problem(endpoint, server=True)
+        if problem:
+            raise r.error("endpoint", problem)
+        protocol = r.choice("protocol", ("http", "tcp"), "http")
+        tls = r.get("tls", str, None)
+        pool = r.get("pool", str, None)
+        proxy_protocol = r.choice("proxy_protocol", ("off", "v1", "v2"), "off")
+        if protocol == "tcp" and pool is None:
+            raise r.error("pool", "is required when protocol = \"tcp\"")
+        if protocol == "http" and pool is not None:
+            raise r.error("pool", "only applies to protocol = \"tcp\" (http listeners use [[route]])")
+        if protocol == "http" and proxy_protocol != "off":
+            raise r.error("proxy_protocol", "only applies to protocol = \"tcp\"")
+        r.finish()
+        out.append(ListenConfig(endpoint=endpoint, protocol=protocol, tls=tls, pool=pool, proxy_protocol=proxy_protocol))
+    return tuple(out)
+
+
+def _parse_tls(source: str, base: str, raw: Any) -> dict[str, TLSProfile]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "tls", "must be a table of profiles ([tls.NAME])")
+    out = {}
+    for name, table in raw.items():
+        r = _Reader(source, f"tls.{name}", table)
+        certs_raw = r.required("certificates", list)
+        if not certs_raw:
+            raise r.error("certificates", "needs at least one { cert = ..., key = ... }")
+        certs = []
+        for i, c in enumerate(certs_raw):
+            cr = _Reader(source, f"tls.{name}.certificates[{i}]", c)
+            cert = _resolve_path(base, cr.required("cert", str))
+            key = _resolve_path(base, cr.required("key", str))
+            cr.finish()
+            certs.append(CertificateConfig(cert=cert, key=key))
+        min_version = r.choice("min_version", ("1.2", "1.3"), "1.2")
+        alpn_raw = r.get("alpn", list, ["h2", "http/1.1"])
+        for i, proto in enumerate(alpn_raw):
+            if proto not in ("h2", "http/1.1"):
+                raise r.error(f"alpn[{i}]", f"must be 'h2' or 'http/1.1', not {proto!r}")
+        client_ca = r.get("client_ca", str, None)
+        r.finish()
+        out[name] = TLSProfile(
+            name=name,
+            certificates=tuple(certs),
+            min_version=min_version,
+            alpn=tuple(alpn_raw),
+            client_ca=_resolve_path(base, client_ca) if client_ca else None,
+        )
+    return out
+
+
+def _parse_routes(source: str, raw: Any) -> tuple[RouteConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(source, "route", "must be an array of tables ([[route]])")
+    out = []
+    seen: dict[tuple[str | None, str], int] = {}
+    for i, item in enumerate(raw):
+        r = _Reader(source, f"route[{i}]", item)
+        host = r.get("host", str, None)
+        if host is not None:
+            host = host.lower().rstrip(".")
+            problem = _host_pattern_problem(host)
+            if problem:
+                raise r.error("host", problem)
+        path = r.get("path", str, "/")
+        if not path.startswith("/"):
+            raise r.error("path", f"must start with '/', not {path!r}")
+        pool = r.required("pool", str)
+        strip_prefix = r.get("strip_prefix", bool, False)
+        cache = r.get("cache", bool, False)
+        r.finish()
+        if (host, path) in seen:
+            raise r.error("path", f"duplicates route[{seen[(host, path)]}] (same host and path)")
+        seen[(host, path)] = i
+        out.append(RouteConfig(pool=pool, host=host, path=path, strip_prefix=strip_prefix, cache=cache))
+    return tuple(out)
+
+
+def _host_pattern_problem(host: str) -> str | None:
+    if not host:
+        return "must not be empty (leave it out to match any host)"
+    labels = host.split(".")
+    for i, label in enumerate(labels):
+        if label == "*" and i == 0 and len(labels) > 1:
+            continue
+        if not label or "*" in label or not all(c.isalnum() or c in "-_" for c in label):
+            return f"{host!r} is not a host name or a '*.example.com' pattern"
+    return None
+
+
+def _parse_backend(r_source: str, key: str, item: Any) -> BackendConfig:
+    if isinstance(item, str):
+        problem = _endpoint_problem(item, server=False)
+        if problem:
+            raise ConfigError(r_source, key, problem)
+        return BackendConfig(endpoint=item)
+    r = _Reader(r_source, key, item)
+    endpoint = r.required("endpoint", str)
+    problem = _endpoint_problem(endpoint, server=False)
+    if problem:
+        raise r.error("endpoint", problem)
+    weight = r.integer("weight", 1, minimum=1)
+    backup = r.get("backup", bool, False)
+    drain = r.get("drain", bool, False)
+    r.finish()
+    return BackendConfig(endpoint=endpoint, weight=weight, backup=backup, drain=drain)
+
+
+def _parse_health(r: _Reader) -> HealthConfig:
+    kind = r.choice("type", ("http", "tcp"), "http")
+    path = r.get("path", str, "/")
+    if not path.startswith("/"):
+        raise r.error("path", f"must start with '/', not {path!r}")
+    method = r.get("method", str, "GET").upper()
+    host = r.get("host", str, None)
+    expect = r.get("expect_status", (list, int), [200, 399])
+    if isinstance(expect, int):
+        expect = [expect, expect]
+    if len(expect) != 2 or not all(isinstance(x, int) and 100 <= x <= 599 for x in expect) or expect[0] > expect[1]:
+        raise r.error("expect_status", "must be a status code or [LOW, HIGH] between 100 and 599")
+    expect_body = r.get("expect_body", str, None)
+    interval = r.number("interval", 2.0, positive=True)
+    timeout = r.number("timeout", 1.0, positive=True)
+    rise = r.integer("rise", 2, minimum=1)
+    fall = r.integer("fall", 2, minimum=1)
+    slow_start = r.number("slow_start", 0.0)
+    r.finish()
+    return HealthConfig(
+        type=kind,
+        path=path,
+        method=method,
+        host=host,
+        expect_status=(expect[0], expect[1]),
+        expect_body=expect_body,
+        interval=interval,
+        timeout=timeout,
+        rise=rise,
+        fall=fall,
+        slow_start=slow_start,
+    )
+
+
+def _parse_pools(source: str, raw: Any) -> dict[str, PoolConfig]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "pool", "must be a table of pools ([pool.NAME])")
+    out = {}
+    for name, table in raw.items():
+        r = _Reader(source, f"pool.{name}", table)
+        backends_raw = r.required("backends", list)
+        if not backends_raw:
+            raise r.error("backends", "needs at least one backend endpoint")
+        backends = tuple(
+            _parse_backend(source, f"pool.{name}.backends[{i}]", item) for i, item in enumerate(backends_raw)
+        )
+        balance = r.get("balance", str, "round_robin")
+        if balance not in BALANCE_RULES and not any(
+            balance.startswith(p) and (balance != p or p == "hash:client_ip") for p in BALANCE_PREFIXES
+        ):
+            raise r.error(
+                "balance",
+                f"must be round_robin, least_conn, random2, hash:client_ip, hash:header:NAME or cookie:NAME, not {balance!r}",
+            )
+        hr = r.sub("health")
+        health = _parse_health(hr) if hr is not None else None
+        pool = PoolConfig(
+            name=name,
+            backends=backends,
+            balance=balance,
+            health=health,
+            connect_timeout=r.number("connect_timeout", 5.0, positive=True),
+            response_timeout=r.number("response_timeout", 60.0, positive=True),
+            idle_timeout=r.number("idle_timeout", 60.0, positive=True),
+            keepalive=r.integer("keepalive", 32),
+            keepalive_timeout=r.number("keepalive_timeout", 60.0, positive=True),
+            retries=r.integer("retries", 1),
+        )
+        r.finish()
+        out[name] = pool
+    return out
+
+
+def _parse_limits(r: _Reader | None) -> LimitsConfig:
+    if r is None:
+        return LimitsConfig()
+    limits = LimitsConfig(
+        max_request_line=r.integer("max_request_line", 8192, minimum=64),
+        max_header_bytes=r.integer("max_header_bytes", 16384, minimum=256),
+        max_headers=r.integer("max_headers", 100, minimum=1),
+        max_body_bytes=r.integer("max_body_bytes", 0),
+        header_timeout=r.number("header_timeout", 10.0, positive=True),
+        idle_timeout=r.number("idle_timeout", 60.0, positive=True),
+    )
+    r.finish()
+    return limits
+
+
+_DEFERRED_SECTIONS = ("rate_limit", "waf", "cache", "cluster")
+
+
+def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | None = None) -> ProxyConfig:
+    """
+    Validate a parsed TOML document and return the L{ProxyConfig} it describes.
+
+    @param source: the file name used in error messages.
+    @param base: the folder relative file paths are resolved against.
+    @raise ConfigError: on the first problem found.
+    """
+    if base is None:
+        base = os.path.dirname(os.path.abspath(source)) if source != "<config>" else os.getcwd()
+    top = _Reader(source, "", dict(data))
+    server = _parse_server(top.sub("server"))
+    admin = top.sub("admin")
+    admin_endpoint = None
+    if admin is not None:
+        admin_endpoint = admin.get("endpoint", str, None)
+        if admin_endpoint is not None:
+            problem = _endpoint_problem(admin_endpoint, server=True)
+            if problem:
+                raise admin.error("endpoint", problem)
+        admin.finish()
+    top.used.update(("listen", "tls", "route", "pool"))
+    listen = _parse_listen(source, data.get("listen"))
+    tls = _parse_tls(source, base, data.get("tls"))
+    routes = _parse_routes(source, data.get("route"))
+    pools = _parse_pools(source, data.get("pool"))
+    limits = _parse_limits(top.sub("limits"))
+    demo = None
+    dr = top.sub("demo_origin")
+    if dr is not None:
+        endpoint = dr.required("endpoint", str)
+        problem = _endpoint_problem(endpoint, server=True)
+        if problem:
+            raise dr.error("endpoint", problem)
+        root = _resolve_path(base, dr.required("root", str))
+        dr.finish()
+        demo = DemoOriginConfig(endpoint=endpoint, root=root)
+    deferred = {}
+    for name in _DEFERRED_SECTIONS:
+        top.used.add(name)
+        if name in data:
+            if not isinstance(data[name], dict):
+                raise ConfigError(source, name, f"must be a table, not {_kind(data[name])}")
+            deferred[name] = data[name]
+    top.finish()
+
+    # Cross references.
+    for i, lc in enumerate(listen):
+        if lc.tls is not None and lc.tls not in tls:
+            raise ConfigError(source, f"listen[{i}].tls", f"names TLS profile {lc.tls!r}, which has no [tls.{lc.tls}]")
+        if lc.pool is not None and lc.pool not in pools:
+            raise ConfigError(source, f"listen[{i}].pool", f"names pool {lc.pool!r}, which has no [pool.{lc.pool}]")
+    for i, rc in enumerate(routes):
+        if rc.pool not in pools:
+            raise ConfigError(source, f"route[{i}].pool", f"names pool {rc.pool!r}, which has no [pool.{rc.pool}]")
+    return ProxyConfig(
+        source=source,
+        server=server,
+        admin_endpoint=admin_endpoint,
+        listen=listen,
+        tls=tls,
+        routes=routes,
+        pools=pools,
+        limits=limits,
+        demo_origin=demo,
+        deferred_sections=deferred,
+    )
+
+
+def load_config(path: str, read: Callable[[str], bytes] | None = None) -> ProxyConfig:
+    """
+    Read and validate the TOML file at C{path}.
+
+    @raise ConfigError: naming the file, the key and the problem.
+    """
+    try:
+        if read is not None:
+            raw = read(path)
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "", f"not UTF-8 text: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"not valid TOML: {e}") from None
+    return parse_config(data, source=path, base=os.path.dirname(os.path.abspath(path)))
+
+
+def quick_config(listen: Sequence[str], backends: Sequence[str], source: str = "command line") -> ProxyConfig:
+    """
+    The config for C{--listen ... --backend ...}: every request on every
+    listener goes to one round-robin pool of the given backends.
+    """
+    data = {
+        "listen": [{"endpoint": e, "protocol": "http"} for e in (listen or ["tcp:8080"])],
+        "route": [{"path": "/", "pool": "default"}],
+        "pool": {"default": {"backends": list(backends)}},
+    }
+    return parse_config(data, source=source)
+
+
+def evolve(config: ProxyConfig, **changes: Any) -> ProxyConfig:
+    return attrs.evolve(config, **changes)
