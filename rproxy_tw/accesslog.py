@@ -1,0 +1,128 @@
+"""
+Access log: one line per request, in combined log format or JSON, emitted
+through twisted.logger (namespace C{rproxy_tw.access}).
+
+C{access_log = "-"} sends the events to the global log (twistd's output);
+a path sends them to an observer that appends lines to that file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import IO, Any, Callable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
+from zope.interface import implementer
+
+__all__ = ["AccessLog", "AccessLogFileObserver", "make_access_log"]
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _quote(value: bytes | None) -> str:
+    if not value:
+        return "-"
+    text = value.decode("latin-1")
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+@implementer(ILogObserver)
+class AccessLogFileObserver:
+    """Writes each access event's line to a file."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        line = event.get("access_line")
+        if line is not None:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+class AccessLog:
+    """Formats and emits one access event per finished request."""
+
+    def __init__(self, clock: IReactorTime, fmt: str, observer: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.clock = clock
+        self.json = fmt == "json"
+        self._log = Logger(namespace="rproxy_tw.access", observer=observer or globalLogPublisher)
+        self._stamp_second = -1
+        self._stamp = ""
+
+    def _timestamp(self, now: float) -> str:
+        second = int(now)
+        if second != self._stamp_second:
+            t = time.gmtime(second)
+            self._stamp = "%02d/%s/%04d:%02d:%02d:%02d +0000" % (
+                t.tm_mday,
+                _MONTHS[t.tm_mon - 1],
+                t.tm_year,
+                t.tm_hour,
+                t.tm_min,
+                t.tm_sec,
+            )
+            self._stamp_second = second
+        return self._stamp
+
+    def __call__(self, conn: Any, exchange: Any, body_bytes: int) -> None:
+        now = self.clock.seconds()
+        method, url, version = getattr(exchange, "request_line", (b"-", b"-", b"-"))
+        referer = agent = host = None
+        for name, value in getattr(exchange, "request_headers", ()):
+            lname = name.lower()
+            if lname == b"referer":
+                referer = value
+            elif lname == b"user-agent":
+                agent = value
+            elif lname == b"host":
+                host = value
+        status = getattr(exchange, "status", 0) or 0
+        backend = getattr(getattr(exchange, "backend", None), "name", None)
+        started = getattr(exchange, "started", None)
+        if self.json:
+            line = json.dumps(
+                {
+                    "time": now,
+                    "client": conn.client_ip,
+                    "method": method.decode("latin-1"),
+                    "uri": url.decode("latin-1"),
+                    "protocol": "HTTP/" + version.decode("latin-1"),
+                    "host": host.decode("latin-1") if host else None,
+                    "status": status,
+                    "bytes": body_bytes,
+                    "referer": referer.decode("latin-1") if referer else None,
+                    "user_agent": agent.decode("latin-1") if agent else None,
+                    "backend": backend,
+                    "duration": round(now - started, 6) if started else None,
+                },
+                separators=(",", ":"),
+            )
+        else:
+            line = '%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s"' % (
+                conn.client_ip,
+                self._timestamp(now),
+                _quote(method),
+                _quote(url),
+                version.decode("latin-1"),
+                status,
+                body_bytes,
+                _quote(referer),
+                _quote(agent),
+            )
+        self._log.info("{access_line}", access_line=line)
+
+
+def make_access_log(
+    clock: IReactorTime, target: str, fmt: str, open_file: Callable[[str], IO[str]] | None = None
+) -> AccessLog | None:
+    """The access log a C{[server]} section asks for, or None when it is off."""
+    if target == "off":
+        return None
+    if target == "-":
+        return AccessLog(clock, fmt)
+    stream = (open_file or (lambda p: open(p, "a", buffering=1, encoding="utf-8")))(target)
+    publisher = LogPublisher(AccessLogFileObserver(stream))
+    return AccessLog(clock, fmt, publisher)

@@ -1,0 +1,442 @@
+"""
+One request through the proxy: choose a backend, get a connection, stream
+the request body up and the response down, and turn every failure into a
+clear answer (502, 503, 504) or, once the response has started, a cut
+connection the client can see.
+
+The exchange does not know what kind of client it serves: it talks to a
+L{IDownstream} (rproxy's own HTTP/1.1 connection, or a twisted.web request
+when the proxy is mounted in someone else's C{Site}).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+from twisted.internet.error import ConnectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface
+
+from ..headers import ForwardingInfo, request_headers_for_origin, response_headers_for_client, serialize
+from .flow import GateProducer
+from .upstream import BadResponse, ConnectTimeout, UpstreamConnection
+
+if TYPE_CHECKING:
+    from ..upstream.pool import Backend, BackendPool
+    from .upstream import UpstreamConnector
+
+__all__ = ["IDownstream", "ProxyExchange", "ExchangeSettings"]
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+
+class IDownstream(Interface):
+    """Where an exchange's response goes and where its request body comes from."""
+
+    gate = Attribute("The L{ReadGate} of the client's transport (pauses the request body).")
+    http_version = Attribute("The client's HTTP version, C{b'1.1'} or C{b'1.0'}.")
+
+    def writeInterim(status: int, reason: bytes, headers: Headers) -> None:
+        """Relay a 1xx response."""
+
+    def writeHead(status: int, reason: bytes, headers: Headers, content_length: int | None, has_body: bool) -> None:
+        """Start the response; C{has_body} with no length means the length is unknown."""
+
+    def writeBody(data: bytes) -> None:
+        """More of the response body."""
+
+    def finishBody(trailers: Headers) -> None:
+        """The response is complete."""
+
+    def failResponse(status: int, message: str, extra: Headers = ()) -> None:
+        """Answer with an error if nothing was written yet, else cut the connection."""
+
+    def exchangeDone(exchange: Any) -> None:
+        """The exchange is over (response finished or failed)."""
+
+    def registerUpstream(conn: UpstreamConnection) -> None:
+        """Let the client's write buffer pause reading from C{conn}."""
+
+    def unregisterUpstream(conn: UpstreamConnection) -> None:
+        """Undo L{registerUpstream}."""
+
+    def startTunnel(conn: UpstreamConnection, leftover: bytes) -> None:
+        """After a 101: relay raw bytes both ways."""
+
+
+class RequestRejected(Exception):
+    """Raised while reading a request: answer C{status} and close the connection."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message)
+        self.status = status
+        self.message = message
+
+
+class ExchangeSettings:
+    """Per-pool settings an exchange needs, precomputed once per config."""
+
+    __slots__ = ("via", "server_header", "response_timeout", "idle_timeout", "retries")
+
+    def __init__(self, via: bytes, server_header: bytes, response_timeout: float, idle_timeout: float, retries: int):
+        self.via = via
+        self.server_header = server_header
+        self.response_timeout = response_timeout
+        self.idle_timeout = idle_timeout
+        self.retries = retries
+
+
+class ProxyExchange:
+    """A request being proxied to one pool."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        downstream: Any,
+        clock: Any,
+        pool: BackendPool,
+        connector: UpstreamConnector,
+        settings: ExchangeSettings,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        info: ForwardingInfo,
+        body: str,
+        content_length: int | None,
+        upgrade: bool = False,
+    ) -> None:
+        self.downstream = downstream
+        self.clock = clock
+        self.pool = pool
+        self.connector = connector
+        self.settings = settings
+        self.method = method
+        self.headers = headers
+        self.info = info
+        self.body = body  # "none" | "length" | "chunked"
+        self.upgrade = upgrade
+        self.conn: UpstreamConnection | None = None
+        self.backend: Backend | None = None
+        self.pending: list[bytes] | None = None
+        self.requestComplete = body == "none"
+        self.requestSent = False
+        self.bodyStarted = False
+        self.headSent = False
+        self.finished = False
+        self.status = 0
+        self.tried: list[Backend] = []
+        self.attempts = 0
+        self._connecting: Any = None
+        self._timer: Any = None
+        self._producer: GateProducer | None = None
+        self._chunked_up = body == "chunked"
+        self.body_limit = 0
+        self.body_seen = 0
+        out = request_headers_for_origin(headers, info, b"1.1", keep_upgrade=upgrade)
+        if body == "length":
+            out.append((b"Content-Length", b"%d" % content_length))
+        elif body == "chunked":
+            out.append((b"Transfer-Encoding", b"chunked"))
+        self.head = b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, serialize(out))
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        backend = self.pool.pick(self.info.client_ip, self.headers, self.tried)
+        if backend is None:
+            if self.tried:
+                self._giveUp(502, "Bad Gateway: no backend could be reached")
+            else:
+                self._giveUp(503, "Service Unavailable: no healthy backend", ((b"Retry-After", b"5"),))
+            return
+        self.backend = backend
+        self.tried.append(backend)
+        self.attempts += 1
+        conn = self.connector.idle(backend)
+        if conn is not None:
+            self._begin(conn)
+            return
+        self._connect(backend)
+
+    def _connect(self, backend: Backend) -> None:
+        d = self.connector.connect(backend)
+        self._connecting = d
+        d.addCallbacks(self._connected, self._connectFailed)
+
+    def _connected(self, conn: UpstreamConnection) -> None:
+        self._connecting = None
+        if self.finished:
+            self.connector.release(conn, True)
+            return
+        self._begin(conn)
+
+    def _connectFailed(self, failure: Failure) -> None:
+        self._connecting = None
+        if self.finished:
+            return
+        backend = self.backend
+        why = failure.getErrorMessage() or failure.type.__name__
+        self._log.warn(
+            "connect to backend {backend} of pool {pool} failed: {why}",
+            backend=backend.name if backend else "?",
+            pool=self.pool.name,
+            why=why,
+        )
+        if backend is not None:
+            backend.last_error = why
+            backend.failures += 1
+        # Nothing was sent: any method may try another backend.
+        if self.attempts <= self.settings.retries and self.pool.pick(self.info.client_ip, self.headers, self.tried):
+            self.start()
+            return
+        if failure.check(ConnectTimeout):
+            self._giveUp(504, "Gateway Timeout: the backend did not accept the connection in time")
+        else:
+            self._giveUp(502, "Bad Gateway: the backend could not be reached")
+
+    def _begin(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        backend = conn.backend
+        backend.inflight += 1
+        backend.total += 1
+        conn.send(self, self.head, self.method == b"HEAD")
+        self.downstream.registerUpstream(conn)
+        if not self.requestComplete:
+            self._producer = GateProducer(self.downstream.gate, "upstream")
+            conn.transport.registerProducer(self._producer, True)
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            self.downstream.gate.resume("connecting")
+            for data in pending:
+                self._sendBody(data)
+        if self.requestComplete:
+            self._requestDone()
+
+    # -- request body -----------------------------------------------------------------------
+
+    def requestBodyData(self, data: bytes) -> None:
+        if self.body_limit:
+            self.body_seen += len(data)
+            if self.body_seen > self.body_limit:
+                raise RequestRejected(413, "Content Too Large")
+        if self.finished:
+            return
+        conn = self.conn
+        if conn is None:
+            if self.pending is None:
+                self.pending = []
+                self.downstream.gate.pause("connecting")
+            self.pending.append(data)
+            return
+        self._sendBody(data)
+
+    def _sendBody(self, data: bytes) -> None:
+        self.bodyStarted = True
+        transport = self.conn.transport  # type: ignore[union-attr]
+        if self._chunked_up:
+            transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            transport.write(data)
+
+    def requestBodyEnd(self) -> None:
+        if self.requestComplete:
+            return
+        self.requestComplete = True
+        if self.conn is not None and not self.finished:
+            self._requestDone()
+
+    def _requestDone(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        if self._chunked_up:
+            conn.transport.write(b"0\r\n\r\n")
+        if self._producer is not None:
+            conn.transport.unregisterProducer()
+            self.downstream.gate.resume("upstream")
+            self._producer = None
+        self.requestSent = True
+        if not self.headSent and self._timer is None:
+            self._timer = self.clock.callLater(self.settings.response_timeout, self._timedOut)
+
+    # -- response ---------------------------------------------------------------------------
+
+    def responseInterim(self, status: int, reason: bytes, headers: Headers) -> None:
+        self.downstream.writeInterim(status, reason, headers)
+
+    def responseHead(self, status: int, reason: bytes, headers: Headers, version: str, close_delimited: bool) -> None:
+        self.status = status
+        self.headSent = True
+        if self._timer is not None:
+            self._timer.reset(self.settings.idle_timeout)
+        else:
+            self._timer = self.clock.callLater(self.settings.idle_timeout, self._timedOut)
+        s = self.settings
+        upgrade = status == 101 and self.upgrade
+        out = response_headers_for_client(headers, s.via, s.server_header, b"1.1", keep_upgrade=upgrade)
+        content_length = None
+        has_body = not (self.method == b"HEAD" or status in (204, 304) or status < 200)
+        chunked = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"transfer-encoding":
+                chunked = True
+            elif lname == b"content-length" and status != 204:
+                content_length = int(value)
+        if chunked:
+            content_length = None
+        self.downstream.writeHead(status, reason, out, content_length, has_body)
+
+    def responseBody(self, data: bytes) -> None:
+        timer = self._timer
+        if timer is not None:
+            timer.reset(self.settings.idle_timeout)
+        self.downstream.writeBody(data)
+
+    def responseEnd(self, trailers: Headers) -> None:
+        if self.finished:
+            return
+        self._stopTimer()
+        self.downstream.finishBody(trailers)
+        self._finish(True)
+
+    def upstreamUpgraded(self, conn: UpstreamConnection, leftover: bytes) -> None:
+        """The origin agreed to switch protocols: from now on, relay bytes."""
+        self._stopTimer()
+        if not self.upgrade:
+            self.upstreamBroken(conn, BadResponse("101 Switching Protocols without an Upgrade request"))
+            return
+        conn.exchange = None
+        self.downstream.unregisterUpstream(conn)
+        self._finish(False, tunnel=True)
+        self.downstream.startTunnel(conn, leftover)
+
+    # -- failures ---------------------------------------------------------------------------
+
+    def upstreamLost(self, conn: UpstreamConnection, reason: Failure | None) -> None:
+        """The connection closed before the response ended."""
+        if self.finished:
+            return
+        why = reason.getErrorMessage() if reason is not None else "connection lost"
+        if isinstance(reason, Failure) and reason.check(ConnectionDone):
+            why = "connection closed by backend"
+        if (
+            not conn.received
+            and conn.requests > 1
+            and not self.bodyStarted
+            and self.pending is None
+            and not self.headSent
+        ):
+            # A kept-alive connection the origin had closed as we reused it:
+            # nothing reached the origin's application, so sending again is safe.
+            self._detach(conn)
+            self._connect(conn.backend)
+            return
+        self._upstreamFailed(conn, why)
+
+    def upstreamBroken(self, conn: UpstreamConnection, why: BaseException) -> None:
+        """The origin's response was malformed."""
+        if self.finished:
+            return
+        self._upstreamFailed(conn, f"malformed response: {why}")
+
+    def _upstreamFailed(self, conn: UpstreamConnection, why: str) -> None:
+        backend = conn.backend
+        backend.last_error = why
+        backend.failures += 1
+        self._log.warn(
+            "backend {backend} of pool {pool} failed during {method} request: {why}",
+            backend=backend.name,
+            pool=self.pool.name,
+            method=self.method.decode("latin-1"),
+            why=why,
+        )
+        self._detach(conn)
+        conn.abort()
+        self._giveUp(502, "Bad Gateway: the backend's response was broken or cut short")
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        if self.finished:
+            return
+        conn = self.conn
+        why = "no response in time" if not self.headSent else "response stalled"
+        if conn is not None:
+            conn.backend.last_error = why
+            self._log.warn(
+                "backend {backend} of pool {pool}: {why}", backend=conn.backend.name, pool=self.pool.name, why=why
+            )
+            self._detach(conn)
+            conn.abort()
+        self._giveUp(504, "Gateway Timeout: the backend did not answer in time")
+
+    def _detach(self, conn: UpstreamConnection) -> None:
+        if conn.exchange is self:
+            conn.exchange = None
+        if self.conn is conn:
+            self.conn = None
+            conn.backend.inflight -= 1
+            self.downstream.unregisterUpstream(conn)
+            if self._producer is not None:
+                if conn.connected:
+                    conn.transport.unregisterProducer()
+                self.downstream.gate.resume("upstream")
+                self._producer = None
+
+    def _giveUp(self, status: int, message: str, extra: Headers = ()) -> None:
+        if self.finished:
+            return
+        self._stopTimer()
+        if not self.headSent:
+            self.status = status
+        self.downstream.failResponse(status, message, extra)
+        self._finish(False)
+
+    def _stopTimer(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            if timer.active():
+                timer.cancel()
+
+    def _finish(self, ok: bool, tunnel: bool = False) -> None:
+        self.finished = True
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.backend.inflight -= 1
+            if not tunnel:
+                self.downstream.unregisterUpstream(conn)
+            if self._producer is not None:
+                if conn.connected:
+                    conn.transport.unregisterProducer()
+                self.downstream.gate.resume("upstream")
+                self._producer = None
+            if not ok and not tunnel and conn.exchange is self:
+                conn.exchange = None
+                conn.abort()
+        if self.pending is not None:
+            self.pending = None
+            self.downstream.gate.resume("connecting")
+        self.downstream.exchangeDone(self)
+
+    def cancel(self) -> None:
+        """The client went away: stop everything and free the upstream connection."""
+        if self.finished:
+            return
+        self.finished = True
+        self._stopTimer()
+        if self._connecting is not None:
+            d, self._connecting = self._connecting, None
+            d.cancel()
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.backend.inflight -= 1
+            if conn.exchange is self:
+                conn.exchange = None
+            conn.abort()

@@ -1,0 +1,165 @@
+"""
+Serving an application's own twisted.web resources mounted in rproxy's tree.
+
+When the routing walk on one of rproxy's listeners ends on a resource that is
+not a proxy route (a status page, an app's API mounted with
+C{ProxyService.mount}), the request is handed to twisted.web as it is: a real
+C{twisted.web.server.Request} rendered through a real C{Site} whose root is
+the proxy's router, so sessions, C{NOT_DONE_YET}, producers and child lookup
+all behave as in any twisted.web server.  twisted.web needs the body whole
+before C{render()}, so it is collected here, up to a bound.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from twisted.web.http_headers import Headers
+from twisted.web.server import Request, Site
+
+__all__ = ["LocalResourceExchange", "LOCAL_BODY_LIMIT"]
+
+LOCAL_BODY_LIMIT = 16 * 1024 * 1024
+"""The most a local resource's request body may hold (twisted.web reads it whole)."""
+
+
+class _Channel:
+    """What a twisted.web Request needs of its channel, written to our connection."""
+
+    factory = None
+
+    def __init__(self, conn: Any, exchange: LocalResourceExchange, site: Site) -> None:
+        self.conn = conn
+        self.exchange = exchange
+        self.site = site
+        self.transport = conn.transport
+        self.requestFinished = False
+
+    def getPeer(self) -> Any:
+        return self.transport.getPeer()
+
+    def getHost(self) -> Any:
+        return self.transport.getHost()
+
+    def isSecure(self) -> bool:
+        return self.conn.factory.scheme == "https"
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
+        server = self.conn.factory.server_header
+        if server:
+            headers.setRawHeaders(b"Server", [server])
+        else:
+            headers.removeHeader(b"Server")
+        ex = self.exchange
+        chunked = headers.hasHeader(b"Transfer-Encoding")
+        length = headers.hasHeader(b"Content-Length")
+        if not ex.keep_alive or (not chunked and not length and ex.method != b"HEAD" and int(code) not in (204, 304)):
+            self.conn._close_after = True
+        if self.conn._close_after:
+            headers.setRawHeaders(b"Connection", [b"close"])
+        elif ex.http_version == b"1.0":
+            headers.setRawHeaders(b"Connection", [b"keep-alive"])
+        ex.status = int(code)
+        seq = [b"HTTP/1.1 ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                seq.extend((name, b": ", value, b"\r\n"))
+        seq.append(b"\r\n")
+        self.write(b"".join(seq))
+
+    def write(self, data: bytes) -> None:
+        if not self.conn.disconnected:
+            self.conn._body_bytes += len(data)
+            self.transport.write(data)
+
+    def writeSequence(self, seq: Any) -> None:
+        self.write(b"".join(seq))
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.transport.unregisterProducer()
+
+    def requestDone(self, request: Any) -> None:
+        self.exchange.finished = True
+        self.conn.exchangeDone(self.exchange)
+
+    def loseConnection(self) -> None:
+        self.transport.loseConnection()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self.conn._close_after = True
+        self.conn.writeLocal(400, "Bad Request", True)
+        self.requestDone(None)
+
+
+class LocalResourceExchange:
+    """A request answered by a twisted.web resource in the proxy's tree."""
+
+    def __init__(
+        self,
+        conn: Any,
+        site: Site,
+        method: bytes,
+        url: bytes,
+        http_version: bytes,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+    ) -> None:
+        self.conn = conn
+        self.site = site
+        self.method = method
+        self.url = url
+        self.http_version = http_version
+        self.keep_alive = keep_alive
+        self.request_line = (method, url, http_version)
+        self.request_headers = headers
+        self.content = io.BytesIO()
+        self.status = 0
+        self.started = False
+        self.finished = False
+        self.requestComplete = False
+        self.request: Request | None = None
+
+    def start(self) -> None:
+        self.started = True
+        if self.requestComplete:
+            self._render()
+
+    def requestBodyData(self, data: bytes) -> None:
+        from .exchange import RequestRejected
+
+        if self.content.tell() + len(data) > LOCAL_BODY_LIMIT:
+            raise RequestRejected(413, "Content Too Large")
+        self.content.write(data)
+
+    def requestBodyEnd(self) -> None:
+        self.requestComplete = True
+        if self.started and self.request is None:
+            self._render()
+
+    def _render(self) -> None:
+        request = Request(_Channel(self.conn, self, self.site))
+        self.request = request
+        for name, value in self.request_headers:
+            request.requestHeaders.addRawHeader(name, value)
+        self.content.seek(0)
+        request.content = self.content
+        request.requestReceived(self.method, self.url, b"HTTP/" + self.http_version)
+
+    def cancel(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        request = self.request
+        if request is not None and not request.finished:
+            request.connectionLost(_gone())
+
+
+def _gone() -> Any:
+    from twisted.internet.error import ConnectionLost
+    from twisted.python.failure import Failure
+
+    return Failure(ConnectionLost("client went away"))

@@ -1,0 +1,571 @@
+"""
+rproxy's own HTTP/1.1 server connection.
+
+Why not twisted.web's C{HTTPChannel}: it reads each request body whole before
+C{render()} and costs tens of microseconds a request in layers a proxy does
+not need.  This connection parses with httptools (llhttp, strict about
+framing: one Content-Length, chunked last), walks the Resource tree once per
+request head, and streams bodies both ways with backpressure.  Pipelined
+requests are answered in order: a request parsed while another is being
+answered waits, and reading stops until its turn.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Sequence
+
+import httptools
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..headers import ForwardingInfo, is_trusted, serialize, trailers_for_client
+from ..routing import ProxyRoute, resolve
+from .exchange import ProxyExchange, RequestRejected as _Reject
+from .flow import GateProducer, ReadGate
+
+__all__ = ["HTTPProxyFactory", "HTTPServerConnection", "LocalResponse"]
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+REASONS = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    200: b"OK",
+    204: b"No Content",
+    304: b"Not Modified",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    421: b"Misdirected Request",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+
+
+def error_body(status: int, message: str) -> bytes:
+    return (message + "\n").encode("utf-8")
+
+
+def error_response(status: int, message: str, close: bool, extra: Headers = (), server: bytes = b"rproxy") -> bytes:
+    body = error_body(status, message)
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % (
+        status,
+        REASONS.get(status, b"Error"),
+        len(body),
+    )
+    if server:
+        head += b"Server: " + server + b"\r\n"
+    head += serialize(extra)
+    if close:
+        head += b"Connection: close\r\n"
+    return head + b"\r\n" + body
+
+
+class LocalResponse:
+    """An answer made by the proxy itself (errors, 404, 421...)."""
+
+    def __init__(self, conn: HTTPServerConnection, status: int, message: str, close: bool = False, extra: Headers = ()):
+        self.conn = conn
+        self.status = status
+        self.message = message
+        self.close = close
+        self.extra = extra
+        self.finished = False
+        self.requestComplete = False
+
+    def start(self) -> None:
+        self.conn.writeLocal(self.status, self.message, self.close, self.extra)
+        self.finished = True
+        self.conn.exchangeDone(self)
+
+    def requestBodyData(self, data: bytes) -> None:
+        pass
+
+    def requestBodyEnd(self) -> None:
+        self.requestComplete = True
+
+    def cancel(self) -> None:
+        self.finished = True
+
+
+class HTTPServerConnection(Protocol):
+    """One client connection speaking HTTP/1.1 (or 1.0) to the proxy."""
+
+    _log = Logger()
+
+    def __init__(self, factory: HTTPProxyFactory) -> None:
+        self.factory = factory
+        self.parser = httptools.HttpRequestParser(self)
+        self.current: Any = None
+        self.parsing: Any = None
+        self.queue: collections.deque[Any] = collections.deque()
+        self.gate: ReadGate | None = None
+        self.http_version = b"1.1"
+        self.keep_alive = True
+        self.tunnel: Any = None
+        self.disconnected = False
+        self.in_head = False
+        self._head_bytes = 0
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._timer: Any = None
+        self._leftover = b""
+        # Response state of the current exchange.
+        self._chunked = False
+        self._close_after = False
+        self._body_bytes = 0
+        self._upgrade_pending = False
+        self._log_entry: Any = None
+
+    # -- connection -------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        transport = self.transport
+        self.gate = ReadGate(transport)
+        peer = transport.getPeer()
+        ip = getattr(peer, "host", "") or "unknown"
+        self.client_ip = ip
+        self.info = ForwardingInfo(ip, f.scheme, is_trusted(ip, f.trusted_proxies), f.via)
+        set_nodelay = getattr(transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            try:
+                set_nodelay(True)
+            except OSError:
+                pass
+        f.connections.add(self)
+        self._timer = f.clock.callLater(f.limits.header_timeout, self._timedOut)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.disconnected = True
+        self.factory.connections.discard(self)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.tunnel is not None:
+            tunnel, self.tunnel = self.tunnel, None
+            tunnel.peerLost(self)
+        for ex in (self.current, self.parsing, *self.queue):
+            if ex is not None and not ex.finished:
+                ex.cancel()
+        self.queue.clear()
+        self.current = self.parsing = None
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        if self.disconnected:
+            return
+        if self.current is None and not self.in_head and self.parsing is None:
+            # Idle keep-alive connection: close quietly, as nginx does.
+            self.transport.loseConnection()
+        elif self.in_head:
+            self._reject(408, "Request Timeout: the request head took too long")
+        else:
+            self._rearm(self.factory.limits.idle_timeout)
+            if self.parsing is not None and not self.parsing.requestComplete and not self.gate.paused:
+                self._reject(408, "Request Timeout: the request body stalled")
+
+    def _rearm(self, seconds: float) -> None:
+        timer = self._timer
+        if timer is None:
+            self._timer = self.factory.clock.callLater(seconds, self._timedOut)
+        else:
+            timer.reset(seconds)
+
+    # -- input ------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.fromClient(data)
+            return
+        if self._upgrade_pending:
+            self._leftover += data
+            return
+        if self.parser is None:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self._upgradeRequested(data[e.args[0] :])
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, _Reject):
+                self._reject(cause.status, cause.message)
+            else:
+                self._log.failure("request handling failed", Failure(cause) if cause else None)
+                self._reject(500, "Internal Server Error")
+        except httptools.HttpParserInvalidMethodError:
+            self._reject(501, "Not Implemented: unknown request method")
+        except httptools.HttpParserInvalidURLError:
+            self._reject(400, "Bad Request: invalid request target")
+        except httptools.HttpParserError as e:
+            self._reject(400, f"Bad Request: {e}")
+        else:
+            if self.in_head:
+                if self._head_bytes:
+                    limits = self.factory.limits
+                    if self._head_bytes + len(data) > limits.max_request_line + limits.max_header_bytes + 1024:
+                        self._reject(431, "Request Header Fields Too Large")
+                        return
+                    self._head_bytes += len(data)
+                else:
+                    self._head_bytes = 1
+
+    def _reject(self, status: int, message: str) -> None:
+        """Answer a request we cannot parse or accept, in turn, then close."""
+        self.parser = None  # type: ignore[assignment]
+        self.in_head = False
+        if self.parsing is not None and self.parsing is not self.current and not self.parsing.finished:
+            # The request being parsed never started; drop it.
+            try:
+                self.queue.remove(self.parsing)
+            except ValueError:
+                pass
+            self.parsing.cancel()
+        elif self.parsing is not None and self.parsing is self.current and not self.parsing.finished:
+            if getattr(self.parsing, "headSent", True):
+                self.current.cancel()
+                self.transport.abortConnection()
+                return
+            self.current.cancel()
+            self.current = None
+        self.parsing = None
+        response = LocalResponse(self, status, message, close=True)
+        self.gate.pause("rejected")
+        if self.current is None:
+            self.current = response
+            response.start()
+        else:
+            self.queue.append(response)
+
+    # -- parser callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self._head_bytes = 0
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        if self.current is None:
+            self._rearm(self.factory.limits.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.factory.limits.max_request_line:
+            raise _Reject(414, "URI Too Long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
+        headers.append((name, value))
+        self._header_bytes += len(name) + len(value) + 4
+        limits = self.factory.limits
+        if len(headers) > limits.max_headers or self._header_bytes > limits.max_header_bytes:
+            raise _Reject(431, "Request Header Fields Too Large")
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        parser = self.parser
+        version = parser.get_http_version()
+        method = parser.get_method()
+        headers = self._headers
+        keep_alive = parser.should_keep_alive()
+        if version == "1.1":
+            http_version = b"1.1"
+        elif version == "1.0":
+            http_version = b"1.0"
+        else:
+            raise _Reject(505, "HTTP Version Not Supported")
+        exchange = self.factory.handle(self, method, self._url, http_version, headers, keep_alive, parser.should_upgrade())
+        self.parsing = exchange
+        if self.current is None:
+            self.current = exchange
+            self._beginResponse(exchange)
+            exchange.start()
+        else:
+            self.queue.append(exchange)
+            self.gate.pause("pipeline")
+
+    def on_body(self, body: bytes) -> None:
+        self.parsing.requestBodyData(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        self.parsing = None
+        if ex is not None:
+            ex.requestBodyEnd()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _beginResponse(self, exchange: Any) -> None:
+        """Reset the response state for the exchange now at the head of the line."""
+        self._chunked = False
+        self._body_bytes = 0
+        self._close_after = not getattr(exchange, "keep_alive", True)
+
+    def exchangeDone(self, exchange: Any) -> None:
+        if exchange is not self.current:
+            return
+        self.factory.log_access(self, exchange, self._body_bytes)
+        self.current = None
+        if self.disconnected:
+            return
+        if self._close_after or not self.keep_alive:
+            self.transport.loseConnection()
+            self.gate.pause("closing")
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            if not self.queue:
+                self.gate.resume("pipeline")
+            self.current = nxt
+            self._beginResponse(nxt)
+            nxt.start()
+        elif self.parsing is None and self.tunnel is None:
+            self._rearm(self.factory.limits.idle_timeout)
+
+    def _upgradeRequested(self, leftover: bytes) -> None:
+        """
+        The parser stopped after a request with C{Upgrade} (or CONNECT).
+        Bytes after it wait until the origin says whether it switches.
+        """
+        ex = self.parsing
+        self.parsing = None
+        if ex is not None:
+            ex.requestBodyEnd()
+        if isinstance(ex, ProxyExchange) and ex.upgrade:
+            self._upgrade_pending = True
+            self._leftover = leftover
+            self.gate.pause("upgrade")
+            return
+        # Not a switch we proxy (a local answer, or CONNECT, which closes):
+        # whatever follows is the next HTTP request.
+        self.parser = httptools.HttpRequestParser(self)
+        if leftover:
+            self.dataReceived(leftover)
+
+    def _resumeAfterUpgradeRefused(self) -> None:
+        """The origin answered normally: go back to parsing HTTP."""
+        self._upgrade_pending = False
+        self.parser = httptools.HttpRequestParser(self)
+        self.gate.resume("upgrade")
+        leftover, self._leftover = self._leftover, b""
+        if leftover:
+            self.dataReceived(leftover)
+
+    # -- IDownstream ------------------------------------------------------------------------
+
+    def writeInterim(self, status: int, reason: bytes, headers: Headers) -> None:
+        if self.http_version_of_current() == b"1.0" or self.disconnected:
+            return
+        self.transport.write(b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason or REASONS.get(status, b""), serialize(headers)))
+
+    def http_version_of_current(self) -> bytes:
+        return getattr(self.current, "http_version", b"1.1")
+
+    def writeHead(self, status: int, reason: bytes, headers: Headers, content_length: int | None, has_body: bool) -> None:
+        if self.disconnected:
+            return
+        ex = self.current
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown")), serialize(headers)]
+        if content_length is not None and (has_body or status != 204):
+            parts.append(b"Content-Length: %d\r\n" % content_length)
+        elif has_body:
+            if getattr(ex, "http_version", b"1.1") == b"1.1":
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+                self._chunked = True
+            else:
+                self._close_after = True
+        if status == 101:
+            pass
+        elif self._close_after:
+            parts.append(b"Connection: close\r\n")
+        elif getattr(ex, "http_version", b"1.1") == b"1.0":
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self.transport.write(b"".join(parts))
+
+    def writeBody(self, data: bytes) -> None:
+        if self.disconnected:
+            return
+        self._body_bytes += len(data)
+        if self._chunked:
+            self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.transport.write(data)
+
+    def finishBody(self, trailers: Headers) -> None:
+        if self._chunked and not self.disconnected:
+            if trailers:
+                self.transport.write(b"0\r\n%s\r\n" % serialize(trailers_for_client(trailers)))
+            else:
+                self.transport.write(b"0\r\n\r\n")
+        if self._upgrade_pending and isinstance(self.current, ProxyExchange) and self.current.upgrade:
+            self._resumeAfterUpgradeRefused()
+
+    def failResponse(self, status: int, message: str, extra: Headers = ()) -> None:
+        ex = self.current
+        if getattr(ex, "headSent", False):
+            # Too late for a status: cut the connection so the client sees truncation.
+            self._close_after = True
+            if not self.disconnected:
+                self.transport.abortConnection()
+            return
+        self.writeLocal(status, message, self._close_after or self._upgrade_pending, extra)
+
+    def writeLocal(self, status: int, message: str, close: bool, extra: Headers = ()) -> None:
+        if close:
+            self._close_after = True
+        if self.disconnected:
+            return
+        body = error_response(status, message, self._close_after, extra, self.factory.server_header)
+        self._body_bytes += len(error_body(status, message))
+        self.transport.write(body)
+
+    def registerUpstream(self, conn: Any) -> None:
+        if not self.disconnected:
+            self.transport.registerProducer(GateProducer(conn.gate, "client"), True)
+
+    def unregisterUpstream(self, conn: Any) -> None:
+        if not self.disconnected:
+            self.transport.unregisterProducer()
+        if conn.gate is not None:
+            conn.gate.resume("client")
+
+    def startTunnel(self, conn: Any, leftover: bytes) -> None:
+        from .tunnel import Tunnel
+
+        tunnel = Tunnel(self, conn)
+        self._upgrade_pending = False
+        self.gate.resume("upgrade")
+        data, self._leftover = self._leftover, b""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        tunnel.start(data, leftover)
+
+
+class HTTPProxyFactory(Factory):
+    """
+    The factory of one HTTP listener.  Holds what every connection needs,
+    read once per connection or request from the current L{ProxyRuntime}.
+    """
+
+    protocol = HTTPServerConnection  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, runtime: Any, clock: IReactorTime, scheme: str = "http") -> None:
+        self.clock = clock
+        self.scheme = scheme
+        self.connections: set[HTTPServerConnection] = set()
+        self.set_runtime(runtime)
+
+    def set_runtime(self, runtime: Any) -> None:
+        """Take a new configuration: new connections and requests use it."""
+        self.runtime = runtime
+        self.limits = runtime.config.limits
+        server = runtime.config.server
+        self.trusted_proxies = server.trusted_proxies
+        self.via = server.via.encode("ascii")
+        self.server_header = server.server_header.encode("ascii")
+        self.access_log: Callable[..., None] | None = runtime.access_log
+
+    def buildProtocol(self, addr: Any) -> HTTPServerConnection:
+        conn = HTTPServerConnection(self)
+        conn.factory = self
+        return conn
+
+    def handle(
+        self,
+        conn: HTTPServerConnection,
+        method: bytes,
+        url: bytes,
+        http_version: bytes,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        upgrade: bool,
+    ) -> Any:
+        """Turn a parsed request head into the exchange that will answer it."""
+        runtime = self.runtime
+        body = "none"
+        content_length = None
+        host = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"host":
+                if host is not None:
+                    return self._refuse(conn, 400, "Bad Request: more than one Host header", keep_alive)
+                host = value
+            elif lname == b"content-length":
+                content_length = int(value)
+                body = "length"
+            elif lname == b"transfer-encoding":
+                body = "chunked"
+        if body == "chunked":
+            content_length = None
+        if host is None and http_version == b"1.1":
+            return self._refuse(conn, 400, "Bad Request: missing Host header", keep_alive)
+        max_body = self.limits.max_body_bytes
+        if max_body and content_length is not None and content_length > max_body:
+            return self._refuse(conn, 413, "Content Too Large", False)
+        if method == b"CONNECT":
+            return self._refuse(conn, 405, "Method Not Allowed: this is a reverse proxy", False)
+        path, _, query = url.partition(b"?")
+        if not path.startswith(b"/"):
+            if url == b"*" and method == b"OPTIONS":
+                path = b"/"
+            else:
+                parsed = httptools.parse_url(url)
+                path = parsed.path or b"/"
+                query = parsed.query or b""
+        resource, req = resolve(runtime.router, host, path)
+        if not isinstance(resource, ProxyRoute):
+            code = getattr(resource, "code", None)
+            if code is not None:
+                return self._refuse(conn, code, resource.message, keep_alive)
+            return runtime.local_exchange(conn, resource, req, method, url, http_version, headers, keep_alive)
+        if content_length == 0:
+            body = "length"
+        exchange = ProxyExchange(
+            conn,
+            self.clock,
+            runtime.pools[resource.pool_name],
+            runtime.connectors[resource.pool_name],
+            runtime.exchange_settings[resource.pool_name],
+            method,
+            resource.upstream_target(path, len(req.prepath), query),
+            headers,
+            conn.info,
+            body,
+            content_length,
+            upgrade=upgrade,
+        )
+        exchange.http_version = http_version  # type: ignore[attr-defined]
+        exchange.keep_alive = keep_alive  # type: ignore[attr-defined]
+        exchange.request_line = (method, url, http_version)  # type: ignore[attr-defined]
+        exchange.request_headers = headers  # type: ignore[attr-defined]
+        exchange.started = self.clock.seconds()  # type: ignore[attr-defined]
+        if not keep_alive:
+            conn.keep_alive = False
+        if max_body and body == "chunked":
+            exchange.body_limit = max_body
+        return exchange
+
+    def _refuse(self, conn: HTTPServerConnection, status: int, message: str, keep_alive: bool) -> LocalResponse:
+        return LocalResponse(conn, status, message, close=not keep_alive or status == 400)
+
+    def log_access(self, conn: HTTPServerConnection, exchange: Any, body_bytes: int) -> None:
+        access_log = self.access_log
+        if access_log is not None:
+            access_log(conn, exchange, body_bytes)

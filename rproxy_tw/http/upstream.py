@@ -1,0 +1,293 @@
+"""
+HTTP/1.1 connections to origins, and the bounded keep-alive pool of them.
+
+One L{UpstreamConnection} carries one exchange at a time (no pipelining to
+origins: a failure would be ambiguous).  When a response ends cleanly and the
+request was sent whole, the connection goes back to its backend's idle list
+for the next request; nothing ever sends C{Connection: close} to an origin.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import httptools
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .flow import ReadGate
+
+if TYPE_CHECKING:
+    from ..upstream.pool import Backend
+    from .exchange import ProxyExchange
+
+__all__ = ["UpstreamConnection", "UpstreamConnector", "BadResponse"]
+
+
+class BadResponse(Exception):
+    """The origin's response could not be parsed."""
+
+
+class _NoBody(Exception):
+    """Raised from a parser callback to end a response that has no body (HEAD)."""
+
+
+class UpstreamConnection(Protocol):
+    """The client side of one HTTP/1.1 connection to a backend."""
+
+    def __init__(self, backend: Backend, connector: UpstreamConnector) -> None:
+        self.backend = backend
+        self.connector = connector
+        self.exchange: ProxyExchange | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.gate: ReadGate | None = None
+        self.requests = 0
+        self.idle_since = 0.0
+        self.connected = False
+        self.received = False
+        self.no_body = False
+        self.tunnel: Any = None
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] | None = None
+        self._interim = False
+        self._close_delimited = False
+
+    # -- connection life --------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        self.gate = ReadGate(self.transport)
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            try:
+                set_nodelay(True)
+            except OSError:
+                pass
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.connected = False
+        if self.tunnel is not None:
+            tunnel, self.tunnel = self.tunnel, None
+            tunnel.peerLost(self)
+            return
+        ex = self.exchange
+        if ex is None:
+            self.connector.forget(self)
+            return
+        self.exchange = None
+        if self._close_delimited:
+            # The end of the connection is the end of this response's body.
+            self._close_delimited = False
+            ex.responseEnd(self._trailers or ())
+            return
+        ex.upstreamLost(self, reason)
+
+    def close(self) -> None:
+        if self.connected:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        if self.connected:
+            self.transport.abortConnection()
+
+    # -- one exchange -----------------------------------------------------------------------
+
+    def send(self, exchange: ProxyExchange, head: bytes, no_body: bool) -> None:
+        """Send a request head; the body follows through L{writeBody}."""
+        self.exchange = exchange
+        self.received = False
+        self.no_body = no_body
+        self.requests += 1
+        self.transport.write(head)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.fromUpstream(data)
+            return
+        ex = self.exchange
+        if ex is None:
+            # An idle connection must not speak; whatever this is, it is not ours.
+            self.transport.abortConnection()
+            return
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            if self.exchange is not None and self.parser.get_status_code() == 101:
+                self.exchange.upstreamUpgraded(self, data[e.args[0] :])
+            else:
+                self._fail(BadResponse("unexpected protocol upgrade"))
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, _NoBody):
+                self.parser = httptools.HttpResponseParser(self)
+                self._complete()
+            else:
+                self._fail(e.__context__ or e)
+        except httptools.HttpParserError as e:
+            self._fail(BadResponse(str(e)))
+
+    def _fail(self, why: BaseException) -> None:
+        ex = self.exchange
+        self.exchange = None
+        self._close_delimited = False
+        self.transport.abortConnection()
+        if ex is not None:
+            ex.upstreamBroken(self, why)
+
+    # -- parser callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reason = b""
+        self._headers = []
+        self._trailers = None
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._trailers is not None:
+            self._trailers.append((name, value))
+        else:
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        status = parser.get_status_code()
+        ex = self.exchange
+        assert ex is not None
+        if 100 <= status < 200 and status != 101:
+            self._interim = True
+            ex.responseInterim(status, self._reason, self._headers)
+            return
+        self._trailers = []
+        body_allowed = not (self.no_body or status in (204, 304))
+        framed = False
+        if body_allowed:
+            for name, value in self._headers:
+                lname = name.lower()
+                if lname == b"content-length" or lname == b"transfer-encoding":
+                    framed = True
+                    break
+        self._close_delimited = body_allowed and not framed
+        ex.responseHead(status, self._reason, self._headers, parser.get_http_version(), self._close_delimited)
+        if self.no_body and status >= 200:
+            raise _NoBody()
+
+    def on_body(self, body: bytes) -> None:
+        self.exchange.responseBody(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self._complete()
+
+    def _complete(self) -> None:
+        ex = self.exchange
+        self.exchange = None
+        self._close_delimited = False
+        trailers = self._trailers or ()
+        keep = self.parser.should_keep_alive() if not self.no_body else True
+        if ex is None:
+            return
+        # Back in the pool first, so that a pipelined next request reuses it.
+        self.connector.release(self, keep and ex.requestSent)
+        ex.responseEnd(trailers)
+
+
+class _UpstreamFactory(Factory):
+    noisy = False
+
+    def __init__(self, backend: Backend, connector: UpstreamConnector) -> None:
+        self.backend = backend
+        self.connector = connector
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        conn = UpstreamConnection(self.backend, self.connector)
+        conn.factory = self
+        return conn
+
+
+class UpstreamConnector:
+    """
+    Gives out connections to backends: an idle kept-alive one when there is
+    one, else a new one (with a connect timeout).  Keeps at most C{keepalive}
+    idle connections per backend, each for at most C{keepalive_timeout}.
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime, keepalive: int, keepalive_timeout: float, connect_timeout: float) -> None:
+        self.clock = clock
+        self.keepalive = keepalive
+        self.keepalive_timeout = keepalive_timeout
+        self.connect_timeout = connect_timeout
+
+    def idle(self, backend: Backend) -> UpstreamConnection | None:
+        """A kept-alive connection to C{backend}, or None."""
+        idle = backend.idle
+        if not idle:
+            return None
+        now = self.clock.seconds()
+        while idle:
+            conn = idle.pop()
+            if conn.connected and now - conn.idle_since < self.keepalive_timeout:
+                return conn
+            conn.close()
+        return None
+
+    def connect(self, backend: Backend) -> Deferred[UpstreamConnection]:
+        """A new connection to C{backend}; fails after C{connect_timeout}."""
+        d = backend.endpoint.connect(_UpstreamFactory(backend, self))
+        timer = self.clock.callLater(self.connect_timeout, d.cancel)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            elif isinstance(result, Failure):
+                result = Failure(ConnectTimeout(f"connect timed out after {self.connect_timeout:g}s"))
+            return result
+
+        d.addBoth(done)
+        return d
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """An exchange on C{conn} is over: keep the connection for reuse, or close it."""
+        if not conn.connected:
+            return
+        if not reusable or len(conn.backend.idle) >= self.keepalive:
+            conn.close()
+            return
+        gate = conn.gate
+        if gate is not None and gate.reasons:
+            gate.reasons.clear()
+            conn.transport.resumeProducing()
+        conn.idle_since = self.clock.seconds()
+        conn.backend.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """An idle connection closed: take it off its backend's list."""
+        try:
+            conn.backend.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def sweep(self, backends: list[Backend]) -> None:
+        """Close idle connections kept longer than C{keepalive_timeout}."""
+        now = self.clock.seconds()
+        for backend in backends:
+            stale = [c for c in backend.idle if now - c.idle_since >= self.keepalive_timeout]
+            for conn in stale:
+                self.forget(conn)
+                conn.close()
+
+
+class ConnectTimeout(Exception):
+    """The backend did not accept the connection in time."""
+
+
+ConnectCallback = Callable[[UpstreamConnection], None]

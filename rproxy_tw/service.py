@@ -1,0 +1,284 @@
+"""
+The proxy as a Twisted service tree, built from a L{ProxyConfig} and an
+injected reactor.
+
+L{ProxyRuntime} is everything derived from one config (pools, connection
+pools, the Resource tree, settings); listeners read it per connection and per
+request, so a reload can build a new runtime and swap it in.
+L{ProxyService} is the C{MultiService} an application adds to its own
+service tree, or that C{twistd rproxy} runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.logger import Logger
+from twisted.web.resource import IResource
+from twisted.web.server import NOT_DONE_YET, Site
+from zope.interface import implementer
+
+from .accesslog import make_access_log
+from .config import ConfigError, ProxyConfig, load_config
+from .headers import ForwardingInfo, is_trusted
+from .http.exchange import ExchangeSettings, IDownstream, ProxyExchange
+from .http.local import LocalResourceExchange
+from .http.server import HTTPProxyFactory
+from .http.upstream import UpstreamConnector
+from .routing import HostRouter, ProxyRoute, build_router
+from .upstream.pool import BackendPool
+
+__all__ = ["ProxyRuntime", "ProxyService", "service_from_file"]
+
+
+class ProxyRuntime:
+    """Everything one configuration gives: pools, connectors, routes, settings."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        reactor: Any,
+        endpoint_for: Callable[[str], Any] | None = None,
+        access_log: Any = "config",
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        if endpoint_for is None:
+            endpoint_for = lambda description: clientFromString(reactor, description)  # noqa: E731
+        self.pools: dict[str, BackendPool] = {
+            name: BackendPool(pc, reactor, endpoint_for) for name, pc in config.pools.items()
+        }
+        self.connectors: dict[str, UpstreamConnector] = {
+            name: UpstreamConnector(reactor, pc.keepalive, pc.keepalive_timeout, pc.connect_timeout)
+            for name, pc in config.pools.items()
+        }
+        via = config.server.via.encode("ascii")
+        server_header = config.server.server_header.encode("ascii")
+        self.exchange_settings: dict[str, ExchangeSettings] = {
+            name: ExchangeSettings(via, server_header, pc.response_timeout, pc.idle_timeout, pc.retries)
+            for name, pc in config.pools.items()
+        }
+        self.router: HostRouter = build_router(config.routes, self.render_route)
+        self.site = Site(self.router)
+        self.site.displayTracebacks = False
+        if access_log == "config":
+            access_log = make_access_log(reactor, config.server.access_log, config.server.access_log_format)
+        self.access_log = access_log
+
+    def mount(self, path: str, resource: IResource, host: str | None = None) -> None:
+        """Serve an application's own resource at C{path} (for C{host}, or any)."""
+        self.router.mount(path, resource, host)
+
+    def local_exchange(self, conn: Any, resource: Any, req: Any, method: bytes, url: bytes, version: bytes,
+                       headers: list[tuple[bytes, bytes]], keep_alive: bool) -> LocalResourceExchange:
+        return LocalResourceExchange(conn, self.site, method, url, version, headers, keep_alive)
+
+    def sweep_idle(self) -> None:
+        """Close kept-alive backend connections idle for too long."""
+        for name, connector in self.connectors.items():
+            connector.sweep(self.pools[name].backends)
+
+    # -- the twisted.web path: a ProxyRoute rendered inside someone else's Site -------------
+
+    def render_route(self, route: ProxyRoute, request: Any) -> Any:
+        """
+        Proxy a request that twisted.web has already read (body spooled to
+        C{request.content}).  Slower than rproxy's own listeners, but the same
+        routing, headers, pools and failure answers.
+        """
+        downstream = _WebRequestDownstream(request)
+        raw_headers = [(n, v) for n, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
+        peer = request.getClientAddress()
+        ip = getattr(peer, "host", "unknown")
+        server = self.config.server
+        info = ForwardingInfo(ip, "https" if request.isSecure() else "http", is_trusted(ip, server.trusted_proxies),
+                              server.via.encode("ascii"))
+        content = request.content
+        length = 0
+        if content is not None:
+            content.seek(0, 2)
+            length = content.tell()
+            content.seek(0)
+        has_body = length > 0 or request.requestHeaders.hasHeader(b"content-length") or \
+            request.requestHeaders.hasHeader(b"transfer-encoding")
+        path, _, query = request.uri.partition(b"?")
+        exchange = ProxyExchange(
+            downstream,
+            self.reactor,
+            self.pools[route.pool_name],
+            self.connectors[route.pool_name],
+            self.exchange_settings[route.pool_name],
+            request.method,
+            route.upstream_target(path, len(request.prepath), query),
+            [(n, v) for n, v in raw_headers if n.lower() not in (b"content-length", b"transfer-encoding")],
+            info,
+            "length" if has_body else "none",
+            length,
+        )
+        request.notifyFinish().addErrback(lambda _: exchange.cancel())
+        exchange.start()
+        if has_body and content is not None:
+            while not exchange.finished:
+                chunk = content.read(65536)
+                if not chunk:
+                    break
+                exchange.requestBodyData(chunk)
+            exchange.requestBodyEnd()
+        return NOT_DONE_YET
+
+
+class _NullGate:
+    """The request body is already read: there is nothing to pause."""
+
+    paused = False
+
+    def pause(self, reason: str) -> None:
+        pass
+
+    def resume(self, reason: str) -> None:
+        pass
+
+
+@implementer(IDownstream)
+class _WebRequestDownstream:
+    """An exchange's response written to a twisted.web Request."""
+
+    http_version = b"1.1"
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.gate = _NullGate()
+        self.gone = False
+        request.notifyFinish().addBoth(self._finished)
+
+    def _finished(self, _: Any) -> None:
+        self.gone = True
+
+    def writeInterim(self, status: int, reason: bytes, headers: Any) -> None:
+        pass
+
+    def writeHead(self, status: int, reason: bytes, headers: Any, content_length: int | None, has_body: bool) -> None:
+        if self.gone:
+            return
+        request = self.request
+        request.setResponseCode(status, reason or None)
+        request.responseHeaders.removeHeader(b"server")
+        for name, value in headers:
+            request.responseHeaders.addRawHeader(name, value)
+        if content_length is not None:
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % content_length])
+
+    def writeBody(self, data: bytes) -> None:
+        if not self.gone:
+            self.request.write(data)
+
+    def finishBody(self, trailers: Any) -> None:
+        if not self.gone:
+            self.request.finish()
+
+    def failResponse(self, status: int, message: str, extra: Any = ()) -> None:
+        if self.gone:
+            return
+        request = self.request
+        if request.startedWriting:
+            request.loseConnection()
+            return
+        request.setResponseCode(status)
+        request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
+        for name, value in extra:
+            request.responseHeaders.addRawHeader(name, value)
+        request.write((message + "\n").encode("utf-8"))
+        request.finish()
+
+    def exchangeDone(self, exchange: Any) -> None:
+        pass
+
+    def registerUpstream(self, conn: Any) -> None:
+        from .http.flow import GateProducer
+
+        if not self.gone:
+            self.request.registerProducer(GateProducer(conn.gate, "client"), True)
+
+    def unregisterUpstream(self, conn: Any) -> None:
+        if not self.gone and self.request.producer is not None:
+            self.request.unregisterProducer()
+        if conn.gate is not None:
+            conn.gate.resume("client")
+
+    def startTunnel(self, conn: Any, leftover: bytes) -> None:
+        conn.abort()
+        self.failResponse(502, "Bad Gateway: protocol upgrades are not proxied through an embedding Site")
+
+
+class ProxyService(MultiService):
+    """
+    rproxy as an C{IService}: the listeners of a config, with their pools
+    and routes.  Add it to an application's C{MultiService}, or mount
+    L{resource} in the application's own C{Site}.
+    """
+
+    _log = Logger()
+
+    def __init__(self, config: ProxyConfig, reactor: Any, endpoint_for: Callable[[str], Any] | None = None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.runtime = ProxyRuntime(config, reactor, endpoint_for)
+        self.factories: list[Any] = []
+        for listen in config.listen:
+            factory = self._factory_for(listen)
+            self.factories.append(factory)
+            endpoint = serverFromString(reactor, listen.endpoint)
+            service = StreamServerEndpointService(endpoint, factory)
+            service._raiseSynchronously = True
+            service.setName(f"listen {listen.endpoint}")
+            service.setServiceParent(self)
+        TimerService(5.0, self.runtime.sweep_idle).setServiceParent(self)
+        if config.demo_origin is not None:
+            from .demo import demo_origin_service
+
+            demo_origin_service(reactor, config.demo_origin).setServiceParent(self)
+        for name in config.deferred_sections:
+            self._log.warn("[{section}] is accepted but not enforced by this version", section=name)
+
+    def _factory_for(self, listen: Any) -> Any:
+        reactor = self.reactor
+        tls_profile = self.config.tls.get(listen.tls) if listen.tls else None
+        if listen.protocol == "http":
+            factory: Any = HTTPProxyFactory(self.runtime, reactor, scheme="https" if tls_profile else "http")
+        else:
+            try:
+                from .tcp.relay import TCPProxyFactory
+            except ImportError:
+                raise ConfigError(self.config.source, "listen.protocol", "tcp listeners are not available yet") from None
+            pool = self.runtime.pools[listen.pool]
+            factory = TCPProxyFactory(reactor, pool, listen, self.config.pools[listen.pool])
+        if tls_profile is not None:
+            from .tls import tls_server_factory
+
+            factory = tls_server_factory(reactor, tls_profile, factory, http=listen.protocol == "http")
+        return factory
+
+    @property
+    def resource(self) -> HostRouter:
+        """The proxy's Resource tree, to mount in another application's C{Site}."""
+        return self.runtime.router
+
+    def mount(self, path: str, resource: IResource, host: str | None = None) -> None:
+        """Serve an application's own resource at C{path} on the proxy's listeners."""
+        self.runtime.mount(path, resource, host)
+
+    def pool(self, name: str) -> BackendPool:
+        return self.runtime.pools[name]
+
+    def set_draining(self, pool: str, endpoint: str, draining: bool = True) -> None:
+        """Stop (or resume) sending new requests to one backend; requests in flight finish."""
+        self.runtime.pools[pool].set_draining(endpoint, draining)
+
+
+def service_from_file(path: str, reactor: Any) -> ProxyService:
+    """Build the service from a TOML file.  @raise ConfigError: if the file is not usable."""
+    return ProxyService(load_config(path), reactor)

@@ -1,0 +1,75 @@
+"""
+C{twistd rproxy}: command-line options and C{makeService}.
+
+The only module that touches the global reactor.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from .config import ConfigError, load_config, quick_config
+from .service import ProxyService
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE [--check]] | [--listen ENDPOINT]... [--backend ENDPOINT]..."
+    longdesc = (
+        "A streaming reverse proxy and TLS terminator. Either --config FILE (TOML; see docs/config.md) "
+        "or, for quick use, --listen and --backend endpoint strings (both repeatable): every request "
+        "on every listener goes round-robin to the backends."
+    )
+    optParameters = [
+        ["config", "c", None, "Configuration file (TOML)."],
+        ["access-log", None, None, 'Access log target: "-" (stdout), a path, or "off". Overrides the config.'],
+    ]
+    optFlags = [["check", None, "Validate the configuration and exit (0 when usable, 1 with the error)."]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["backend"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Listen on this server endpoint string (default tcp:8080). Repeatable."""
+        self["listen"].append(endpoint)
+
+    def opt_backend(self, endpoint: str) -> None:
+        """Proxy to this client endpoint string, e.g. tcp:127.0.0.1:8000. Repeatable."""
+        self["backend"].append(endpoint)
+
+    def postOptions(self) -> None:
+        if self["config"] and (self["listen"] or self["backend"]):
+            raise usage.UsageError("use either --config or --listen/--backend, not both")
+        try:
+            if self["config"]:
+                config = load_config(self["config"])
+            elif self["backend"]:
+                config = quick_config(self["listen"], self["backend"])
+            else:
+                raise usage.UsageError("give --config FILE, or at least one --backend ENDPOINT")
+            if self["access-log"] is not None:
+                import attrs
+
+                config = attrs.evolve(config, server=attrs.evolve(config.server, access_log=self["access-log"]))
+        except ConfigError as e:
+            if self["check"]:
+                sys.stderr.write(f"{e}\n")
+                sys.exit(1)
+            raise usage.UsageError(str(e)) from None
+        if self["check"]:
+            sys.stdout.write(f"{config.source}: ok\n")
+            sys.exit(0)
+        self.proxy_config = config
+
+
+def makeService(options: Options) -> MultiService:
+    from twisted.internet import reactor
+
+    return ProxyService(options.proxy_config, reactor)
