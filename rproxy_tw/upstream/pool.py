@@ -32,6 +32,10 @@ class Backend:
     Mutable on purpose: health checks, passive failure detection and
     in-flight counting all update it in place, and everything that reads it
     (balancers, metrics, status page) sees the same object.
+
+    C{healthy} is C{not active_down and ejected_until is None}: the health
+    module keeps the two verdicts apart so that neither can bring back a
+    backend the other holds out (see L{rproxy_tw.upstream.health}).
     """
 
     config: BackendConfig
@@ -50,6 +54,10 @@ class Backend:
     """Smooth weighted round robin's running score."""
     idle: list = attrs.field(factory=list)
     """Idle keep-alive connections to this backend, most recently used last."""
+    active_down: bool = False
+    """The active health monitor's verdict: C{fall} probes failed and C{rise} have not yet passed."""
+    ejected_until: float | None = None
+    """When passive health (outlier detection) returns it, or L{None} if not ejected."""
 
     def __attrs_post_init__(self) -> None:
         self.draining = self.config.drain
