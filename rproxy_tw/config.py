@@ -138,7 +138,7 @@ class PoolConfig:
     """Seconds from the request being sent to the response head (then 504)."""
     idle_timeout: float = 60.0
     """Seconds without a byte from the backend while a response streams."""
-    keepalive: int = 32
+    keepalive: int = 128
     """Idle connections kept open per backend for reuse."""
     keepalive_timeout: float = 60.0
     """Seconds an idle pooled connection is kept."""
@@ -529,7 +529,7 @@ def _parse_pools(source: str, raw: Any) -> dict[str, PoolConfig]:
             connect_timeout=r.number("connect_timeout", 5.0, positive=True),
             response_timeout=r.number("response_timeout", 60.0, positive=True),
             idle_timeout=r.number("idle_timeout", 60.0, positive=True),
-            keepalive=r.integer("keepalive", 32),
+            keepalive=r.integer("keepalive", 128),
             keepalive_timeout=r.number("keepalive_timeout", 60.0, positive=True),
             retries=r.integer("retries", 1),
         )

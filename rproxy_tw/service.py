@@ -175,6 +175,9 @@ class _WebRequestDownstream:
         if not self.gone:
             self.request.write(data)
 
+    def flush(self) -> None:
+        pass
+
     def finishBody(self, trailers: Any) -> None:
         if not self.gone:
             self.request.finish()

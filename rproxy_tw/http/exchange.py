@@ -48,6 +48,9 @@ class IDownstream(Interface):
     def writeBody(data: bytes) -> None:
         """More of the response body."""
 
+    def flush() -> None:
+        """Send anything held back (a response head waiting for its body)."""
+
     def finishBody(trailers: Headers) -> None:
         """The response is complete."""
 
@@ -237,11 +240,9 @@ class ProxyExchange:
 
     def _sendBody(self, data: bytes) -> None:
         self.bodyStarted = True
-        transport = self.conn.transport  # type: ignore[union-attr]
         if self._chunked_up:
-            transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
-        else:
-            transport.write(data)
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        self.conn.write(data)  # type: ignore[union-attr]
 
     def requestBodyEnd(self) -> None:
         if self.requestComplete:
@@ -254,7 +255,7 @@ class ProxyExchange:
         conn = self.conn
         assert conn is not None
         if self._chunked_up:
-            conn.transport.write(b"0\r\n\r\n")
+            conn.write(b"0\r\n\r\n")
         if self._producer is not None:
             conn.transport.unregisterProducer()
             self.downstream.gate.resume("upstream")

@@ -71,7 +71,7 @@ class _Channel:
     def write(self, data: bytes) -> None:
         if not self.conn.disconnected:
             self.conn._body_bytes += len(data)
-            self.transport.write(data)
+            self.conn.write(data)
 
     def writeSequence(self, seq: Any) -> None:
         self.write(b"".join(seq))

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from ..headers import ForwardingInfo, is_trusted, serialize, trailers_for_client
 from ..routing import ProxyRoute, resolve
 from .exchange import ProxyExchange, RequestRejected as _Reject
+from .fastwrite import direct_writer
 from .flow import GateProducer, ReadGate
 
 __all__ = ["HTTPProxyFactory", "HTTPServerConnection", "LocalResponse"]
@@ -127,7 +128,8 @@ class HTTPServerConnection(Protocol):
         self._close_after = False
         self._body_bytes = 0
         self._upgrade_pending = False
-        self._log_entry: Any = None
+        self._head: bytes | None = None
+        self.write: Callable[[bytes], None] = self._notConnected
 
     # -- connection -------------------------------------------------------------------------
 
@@ -135,6 +137,7 @@ class HTTPServerConnection(Protocol):
         f = self.factory
         transport = self.transport
         self.gate = ReadGate(transport)
+        self.write = direct_writer(transport)
         peer = transport.getPeer()
         ip = getattr(peer, "host", "") or "unknown"
         self.client_ip = ip
@@ -162,6 +165,9 @@ class HTTPServerConnection(Protocol):
                 ex.cancel()
         self.queue.clear()
         self.current = self.parsing = None
+
+    def _notConnected(self, data: bytes) -> None:
+        raise RuntimeError("write before connectionMade")
 
     def _timedOut(self) -> None:
         self._timer = None
@@ -369,7 +375,7 @@ class HTTPServerConnection(Protocol):
     def writeInterim(self, status: int, reason: bytes, headers: Headers) -> None:
         if self.http_version_of_current() == b"1.0" or self.disconnected:
             return
-        self.transport.write(b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason or REASONS.get(status, b""), serialize(headers)))
+        self.write(b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason or REASONS.get(status, b""), serialize(headers)))
 
     def http_version_of_current(self) -> bytes:
         return getattr(self.current, "http_version", b"1.1")
@@ -394,28 +400,45 @@ class HTTPServerConnection(Protocol):
         elif getattr(ex, "http_version", b"1.1") == b"1.0":
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
-        self.transport.write(b"".join(parts))
+        # Held back until the first body bytes or the end of this read from
+        # the origin, so that a small response leaves in one send.
+        self._head = b"".join(parts)
+
+    def flush(self) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            if not self.disconnected:
+                self.write(head)
 
     def writeBody(self, data: bytes) -> None:
         if self.disconnected:
             return
         self._body_bytes += len(data)
         if self._chunked:
-            self.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
-        else:
-            self.transport.write(data)
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        self.write(data)
 
     def finishBody(self, trailers: Headers) -> None:
-        if self._chunked and not self.disconnected:
-            if trailers:
-                self.transport.write(b"0\r\n%s\r\n" % serialize(trailers_for_client(trailers)))
-            else:
-                self.transport.write(b"0\r\n\r\n")
+        end = b""
+        if self._chunked:
+            end = b"0\r\n%s\r\n" % serialize(trailers_for_client(trailers)) if trailers else b"0\r\n\r\n"
+        head = self._head
+        if head is not None:
+            self._head = None
+            end = head + end
+        if end and not self.disconnected:
+            self.write(end)
         if self._upgrade_pending and isinstance(self.current, ProxyExchange) and self.current.upgrade:
             self._resumeAfterUpgradeRefused()
 
     def failResponse(self, status: int, message: str, extra: Headers = ()) -> None:
         ex = self.current
+        self.flush()
         if getattr(ex, "headSent", False):
             # Too late for a status: cut the connection so the client sees truncation.
             self._close_after = True
@@ -431,7 +454,7 @@ class HTTPServerConnection(Protocol):
             return
         body = error_response(status, message, self._close_after, extra, self.factory.server_header)
         self._body_bytes += len(error_body(status, message))
-        self.transport.write(body)
+        self.write(body)
 
     def registerUpstream(self, conn: Any) -> None:
         if not self.disconnected:

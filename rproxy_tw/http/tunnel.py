@@ -28,16 +28,17 @@ class Tunnel:
         client.gate.resume("pipeline")
         client.transport.registerProducer(GateProducer(upstream.gate, "client"), True)
         upstream.transport.registerProducer(GateProducer(client.gate, "upstream"), True)
+        client.flush()
         if from_upstream:
-            client.transport.write(from_upstream)
+            client.write(from_upstream)
         if from_client:
-            upstream.transport.write(from_client)
+            upstream.write(from_client)
 
     def fromClient(self, data: bytes) -> None:
-        self.upstream.transport.write(data)
+        self.upstream.write(data)
 
     def fromUpstream(self, data: bytes) -> None:
-        self.client.transport.write(data)
+        self.client.write(data)
 
     def peerLost(self, side: Any) -> None:
         """One side closed: close the other once its pending bytes are written."""

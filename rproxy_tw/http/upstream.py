@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .fastwrite import direct_writer
 from .flow import ReadGate
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class UpstreamConnection(Protocol):
     def connectionMade(self) -> None:
         self.connected = True
         self.gate = ReadGate(self.transport)
+        self.write = direct_writer(self.transport, read_size=256 * 1024)
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             try:
@@ -102,7 +104,7 @@ class UpstreamConnection(Protocol):
         self.received = False
         self.no_body = no_body
         self.requests += 1
-        self.transport.write(head)
+        self.write(head)
 
     def dataReceived(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -114,6 +116,7 @@ class UpstreamConnection(Protocol):
             self.transport.abortConnection()
             return
         self.received = True
+        downstream = ex.downstream
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -129,6 +132,7 @@ class UpstreamConnection(Protocol):
                 self._fail(e.__context__ or e)
         except httptools.HttpParserError as e:
             self._fail(BadResponse(str(e)))
+        downstream.flush()
 
     def _fail(self, why: BaseException) -> None:
         ex = self.exchange
