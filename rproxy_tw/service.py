@@ -180,6 +180,8 @@ class _WebRequestDownstream:
 
     def finishBody(self, trailers: Any) -> None:
         if not self.gone:
+            if self.request.producer is not None:
+                self.request.unregisterProducer()
             self.request.finish()
 
     def failResponse(self, status: int, message: str, extra: Any = ()) -> None:
@@ -189,6 +191,8 @@ class _WebRequestDownstream:
         if request.startedWriting:
             request.loseConnection()
             return
+        if request.producer is not None:
+            request.unregisterProducer()
         request.setResponseCode(status)
         request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
         for name, value in extra:
