@@ -101,6 +101,8 @@ class RouteConfig:
     path: str = "/"
     strip_prefix: bool = False
     cache: bool = False
+    retry_non_idempotent: bool = False
+    """Allow replaying POST and PATCH on another backend after a failure."""
 
 
 @frozen
@@ -127,6 +129,18 @@ class HealthConfig:
 
 
 @frozen
+class PassiveHealthConfig:
+    """Outlier detection from live traffic (see rproxy_tw.upstream.health.PassiveHealth)."""
+
+    enabled: bool = True
+    consecutive_failures: int = 5
+    count_5xx: bool = False
+    base_ejection: float = 10.0
+    max_ejection: float = 300.0
+    max_ejection_share: float = 0.5
+
+
+@frozen
 class PoolConfig:
     name: str
     backends: tuple[BackendConfig, ...]
@@ -142,8 +156,15 @@ class PoolConfig:
     """Idle connections kept open per backend for reuse."""
     keepalive_timeout: float = 60.0
     """Seconds an idle pooled connection is kept."""
-    retries: int = 1
-    """Further backends tried when one cannot be connected to."""
+    retries: int = 2
+    """Most further attempts per request (another backend each time)."""
+    retry_on_status: tuple[int, ...] = ()
+    """Statuses (e.g. 502, 503, 504) that make an idempotent request try another backend."""
+    retry_budget: float = 0.2
+    """Retries allowed pool-wide, as a share of requests (plus a floor of 3 a second)."""
+    replay_buffer: int = 65536
+    """Bytes of request body kept so that a failed request can be sent again."""
+    passive: PassiveHealthConfig = PassiveHealthConfig()
 
 
 @frozen
@@ -425,11 +446,21 @@ def _parse_routes(source: str, raw: Any) -> tuple[RouteConfig, ...]:
         pool = r.required("pool", str)
         strip_prefix = r.get("strip_prefix", bool, False)
         cache = r.get("cache", bool, False)
+        retry_non_idempotent = r.get("retry_non_idempotent", bool, False)
         r.finish()
         if (host, path) in seen:
             raise r.error("path", f"duplicates route[{seen[(host, path)]}] (same host and path)")
         seen[(host, path)] = i
-        out.append(RouteConfig(pool=pool, host=host, path=path, strip_prefix=strip_prefix, cache=cache))
+        out.append(
+            RouteConfig(
+                pool=pool,
+                host=host,
+                path=path,
+                strip_prefix=strip_prefix,
+                cache=cache,
+                retry_non_idempotent=retry_non_idempotent,
+            )
+        )
     return tuple(out)
 
 
@@ -521,6 +552,15 @@ def _parse_pools(source: str, raw: Any) -> dict[str, PoolConfig]:
             )
         hr = r.sub("health")
         health = _parse_health(hr) if hr is not None else None
+        pr = r.sub("passive")
+        passive = _parse_passive(pr) if pr is not None else PassiveHealthConfig()
+        statuses = r.get("retry_on_status", list, [])
+        for i, code in enumerate(statuses):
+            if not isinstance(code, int) or isinstance(code, bool) or not 500 <= code <= 599:
+                raise r.error(f"retry_on_status[{i}]", "must be a 5xx status code")
+        budget = r.number("retry_budget", 0.2)
+        if budget > 1:
+            raise r.error("retry_budget", f"must be a share between 0 and 1, not {budget:g}")
         pool = PoolConfig(
             name=name,
             backends=backends,
@@ -531,11 +571,31 @@ def _parse_pools(source: str, raw: Any) -> dict[str, PoolConfig]:
             idle_timeout=r.number("idle_timeout", 60.0, positive=True),
             keepalive=r.integer("keepalive", 128),
             keepalive_timeout=r.number("keepalive_timeout", 60.0, positive=True),
-            retries=r.integer("retries", 1),
+            retries=r.integer("retries", 2),
+            retry_on_status=tuple(statuses),
+            retry_budget=budget,
+            replay_buffer=r.integer("replay_buffer", 65536),
+            passive=passive,
         )
         r.finish()
         out[name] = pool
     return out
+
+
+def _parse_passive(r: _Reader) -> PassiveHealthConfig:
+    share = r.number("max_ejection_share", 0.5)
+    if share > 1:
+        raise r.error("max_ejection_share", f"must be a share between 0 and 1, not {share:g}")
+    config = PassiveHealthConfig(
+        enabled=r.get("enabled", bool, True),
+        consecutive_failures=r.integer("consecutive_failures", 5, minimum=1),
+        count_5xx=r.get("count_5xx", bool, False),
+        base_ejection=r.number("base_ejection", 10.0, positive=True),
+        max_ejection=r.number("max_ejection", 300.0, positive=True),
+        max_ejection_share=share,
+    )
+    r.finish()
+    return config
 
 
 def _parse_limits(r: _Reader | None) -> LimitsConfig:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import attrs
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import clientFromString, serverFromString
@@ -29,7 +30,9 @@ from .http.local import LocalResourceExchange
 from .http.server import HTTPProxyFactory
 from .http.upstream import UpstreamConnector
 from .routing import HostRouter, ProxyRoute, build_router
+from .upstream.health import HealthMonitor, PassiveConfig, PassiveHealth, monitor_for
 from .upstream.pool import BackendPool
+from .upstream.retry import RetryBudget
 
 __all__ = ["ProxyRuntime", "ProxyService", "service_from_file"]
 
@@ -57,8 +60,31 @@ class ProxyRuntime:
         }
         via = config.server.via.encode("ascii")
         server_header = config.server.server_header.encode("ascii")
+        self.passive: dict[str, PassiveHealth] = {}
+        self.monitors: dict[str, HealthMonitor] = {}
+        for name, pc in config.pools.items():
+            if pc.passive.enabled:
+                self.passive[name] = PassiveHealth(
+                    self.pools[name],
+                    reactor,
+                    PassiveConfig(**attrs.asdict(pc.passive, recurse=False)),
+                    slow_start=pc.health.slow_start if pc.health else 0.0,
+                )
+            monitor = monitor_for(self.pools[name], reactor)
+            if monitor is not None:
+                self.monitors[name] = monitor
         self.exchange_settings: dict[str, ExchangeSettings] = {
-            name: ExchangeSettings(via, server_header, pc.response_timeout, pc.idle_timeout, pc.retries)
+            name: ExchangeSettings(
+                via,
+                server_header,
+                pc.response_timeout,
+                pc.idle_timeout,
+                pc.retries,
+                pc.retry_on_status,
+                pc.replay_buffer,
+                RetryBudget(reactor, pc.retry_budget),
+                self.passive.get(name),
+            )
             for name, pc in config.pools.items()
         }
         self.router: HostRouter = build_router(config.routes, self.render_route)
@@ -244,6 +270,10 @@ class ProxyService(MultiService):
             service.setName(f"listen {listen.endpoint}")
             service.setServiceParent(self)
         TimerService(5.0, self.runtime.sweep_idle).setServiceParent(self)
+        for monitor in self.runtime.monitors.values():
+            monitor.setServiceParent(self)
+        for passive in self.runtime.passive.values():
+            passive.setServiceParent(self)
         if config.demo_origin is not None:
             from .demo import demo_origin_service
 

@@ -79,17 +79,46 @@ class RequestRejected(Exception):
         self.message = message
 
 
+class ResponseDiscarded(Exception):
+    """Raised from a parser callback when a response is dropped for a retry."""
+
+
 class ExchangeSettings:
     """Per-pool settings an exchange needs, precomputed once per config."""
 
-    __slots__ = ("via", "server_header", "response_timeout", "idle_timeout", "retries")
+    __slots__ = (
+        "via",
+        "server_header",
+        "response_timeout",
+        "idle_timeout",
+        "retries",
+        "retry_on_status",
+        "replay_buffer",
+        "budget",
+        "passive",
+    )
 
-    def __init__(self, via: bytes, server_header: bytes, response_timeout: float, idle_timeout: float, retries: int):
+    def __init__(
+        self,
+        via: bytes,
+        server_header: bytes,
+        response_timeout: float,
+        idle_timeout: float,
+        retries: int,
+        retry_on_status: Sequence[int] = (),
+        replay_buffer: int = 65536,
+        budget: Any = None,
+        passive: Any = None,
+    ):
         self.via = via
         self.server_header = server_header
         self.response_timeout = response_timeout
         self.idle_timeout = idle_timeout
         self.retries = retries
+        self.retry_on_status = frozenset(retry_on_status)
+        self.replay_buffer = replay_buffer
+        self.budget = budget
+        self.passive = passive
 
 
 class ProxyExchange:
@@ -111,6 +140,7 @@ class ProxyExchange:
         body: str,
         content_length: int | None,
         upgrade: bool = False,
+        retry_non_idempotent: bool = False,
     ) -> None:
         self.downstream = downstream
         self.clock = clock
@@ -139,6 +169,11 @@ class ProxyExchange:
         self._chunked_up = body == "chunked"
         self.body_limit = 0
         self.body_seen = 0
+        self.replayable = (method in IDEMPOTENT or retry_non_idempotent) and not upgrade
+        self.replay: list[bytes] | None = [] if self.replayable and body != "none" else None
+        self.replay_bytes = 0
+        if settings.budget is not None:
+            settings.budget.deposit()
         out = request_headers_for_origin(headers, info, b"1.1", keep_upgrade=upgrade)
         if body == "length":
             out.append((b"Content-Length", b"%d" % content_length))
@@ -192,8 +227,9 @@ class ProxyExchange:
         if backend is not None:
             backend.last_error = why
             backend.failures += 1
+            self._report(backend, "timeout" if failure.check(ConnectTimeout) else "connect")
         # Nothing was sent: any method may try another backend.
-        if self.attempts <= self.settings.retries and self.pool.pick(self.info.client_ip, self.headers, self.tried):
+        if self._mayRetry(replay_needed=False):
             self.start()
             return
         if failure.check(ConnectTimeout):
@@ -238,7 +274,18 @@ class ProxyExchange:
             return
         self._sendBody(data)
 
+    def _keep(self, data: bytes) -> None:
+        """Keep body bytes for a replay while they fit in the replay buffer."""
+        replay = self.replay
+        if replay is not None:
+            self.replay_bytes += len(data)
+            if self.replay_bytes > self.settings.replay_buffer:
+                self.replay = None
+            else:
+                replay.append(data)
+
     def _sendBody(self, data: bytes) -> None:
+        self._keep(data)
         self.bodyStarted = True
         if self._chunked_up:
             data = b"%x\r\n%s\r\n" % (len(data), data)
@@ -270,6 +317,19 @@ class ProxyExchange:
         self.downstream.writeInterim(status, reason, headers)
 
     def responseHead(self, status: int, reason: bytes, headers: Headers, version: str, close_delimited: bool) -> None:
+        if status >= 500:
+            conn = self.conn
+            if conn is not None:
+                self._report(conn.backend, "5xx")
+            if status in self.settings.retry_on_status and self._mayRetry(replay_needed=True):
+                self._log.info(
+                    "backend {backend} of pool {pool} answered {status}: trying another",
+                    backend=conn.backend.name if conn else "?",
+                    pool=self.pool.name,
+                    status=status,
+                )
+                self._retryElsewhere(conn)
+                raise ResponseDiscarded()
         self.status = status
         self.headSent = True
         if self._timer is not None:
@@ -279,6 +339,10 @@ class ProxyExchange:
         s = self.settings
         upgrade = status == 101 and self.upgrade
         out = response_headers_for_client(headers, s.via, s.server_header, b"1.1", keep_upgrade=upgrade)
+        balancer = self.pool.balancer
+        if getattr(balancer, "cookie_name", None) is not None and self.backend is not None:
+            if balancer.needs_cookie(self.headers, self.backend):
+                out.append((b"Set-Cookie", balancer.set_cookie_header(self.backend, secure=self.info.proto == "https")))
         content_length = None
         has_body = not (self.method == b"HEAD" or status in (204, 304) or status < 200)
         chunked = False
@@ -301,6 +365,11 @@ class ProxyExchange:
     def responseEnd(self, trailers: Headers) -> None:
         if self.finished:
             return
+        backend = self.backend
+        if backend is not None and self.status < 500:
+            passive = self.settings.passive
+            if passive is not None:
+                passive.report_success(backend)
         self._stopTimer()
         self.downstream.finishBody(trailers)
         self._finish(True)
@@ -337,11 +406,25 @@ class ProxyExchange:
             self._detach(conn)
             self._connect(conn.backend)
             return
+        self._report(conn.backend, "reset")
+        if not self.headSent and self._mayRetry(replay_needed=True):
+            self._log.warn(
+                "backend {backend} of pool {pool} failed during {method} request: {why}; trying another",
+                backend=conn.backend.name,
+                pool=self.pool.name,
+                method=self.method.decode("latin-1"),
+                why=why,
+            )
+            self._retryElsewhere(conn)
+            return
         self._upstreamFailed(conn, why)
 
     def upstreamBroken(self, conn: UpstreamConnection, why: BaseException) -> None:
         """The origin's response was malformed."""
         if self.finished:
+            return
+        if not self.headSent and self._mayRetry(replay_needed=True):
+            self._retryElsewhere(conn)
             return
         self._upstreamFailed(conn, f"malformed response: {why}")
 
@@ -371,9 +454,53 @@ class ProxyExchange:
             self._log.warn(
                 "backend {backend} of pool {pool}: {why}", backend=conn.backend.name, pool=self.pool.name, why=why
             )
+            self._report(conn.backend, "timeout")
+            if not self.headSent and self._mayRetry(replay_needed=True):
+                self._retryElsewhere(conn)
+                return
             self._detach(conn)
             conn.abort()
         self._giveUp(504, "Gateway Timeout: the backend did not answer in time")
+
+    def _report(self, backend: Backend, kind: str) -> None:
+        passive = self.settings.passive
+        if passive is not None:
+            passive.report_failure(backend, kind)
+
+    def _mayRetry(self, replay_needed: bool) -> bool:
+        """
+        Whether another backend may be tried: within the per-request cap and
+        the pool's budget, and, once anything was sent, only for a request
+        that is safe to replay and whose body is still all in hand.
+        """
+        if self.finished or self.attempts > self.settings.retries:
+            return False
+        if replay_needed:
+            if not self.replayable:
+                return False
+            if self.body != "none" and self.replay is None:
+                return False
+        if not self.pool.pick(self.info.client_ip, self.headers, self.tried):
+            return False
+        budget = self.settings.budget
+        return budget is None or budget.withdraw()
+
+    def _retryElsewhere(self, conn: UpstreamConnection | None) -> None:
+        """Drop the failed attempt and send the request again to another backend."""
+        self._stopTimer()
+        if conn is not None:
+            self._detach(conn)
+            conn.abort()
+        self.requestSent = False
+        self.bodyStarted = False
+        replay = self.replay
+        if replay:
+            if self.pending is None:
+                self.downstream.gate.pause("connecting")
+            self.pending = list(replay)
+            self.replay = []
+            self.replay_bytes = 0
+        self.start()
 
     def _detach(self, conn: UpstreamConnection) -> None:
         if conn.exchange is self:

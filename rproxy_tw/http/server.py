@@ -573,6 +573,7 @@ class HTTPProxyFactory(Factory):
             body,
             content_length,
             upgrade=upgrade,
+            retry_non_idempotent=resource.config.retry_non_idempotent,
         )
         exchange.http_version = http_version  # type: ignore[attr-defined]
         exchange.keep_alive = keep_alive  # type: ignore[attr-defined]
