@@ -105,10 +105,13 @@ def _quote_forwarded(value: str) -> str:
 class ForwardingInfo:
     """
     What the proxy tells the origin about the client: fixed per connection
-    except for the host, so it is built once per client connection.
+    except for the host, so it is built once per client connection (and the
+    C{Forwarded} element for the last host is kept, since a connection
+    rarely changes host).
     """
 
-    __slots__ = ("client_ip", "proto", "trusted", "via", "_xff_ip", "_fwd_for")
+    __slots__ = ("client_ip", "proto", "trusted", "via", "_xff_ip", "_fwd_for", "_proto_b", "_via_value",
+                 "_last_host", "_last_element")
 
     def __init__(self, client_ip: str, proto: str, trusted: bool, via: bytes) -> None:
         self.client_ip = client_ip
@@ -117,6 +120,57 @@ class ForwardingInfo:
         self.via = via
         self._xff_ip = client_ip.encode("ascii", "replace")
         self._fwd_for = forwarded_node(client_ip)
+        self._proto_b = proto.encode("ascii")
+        self._via_value = b"1.1 " + via
+        self._last_host: bytes | None = None
+        self._last_element = b""
+
+    def forwarded_element(self, host: bytes | None) -> bytes:
+        """This hop's RFC 7239 element: C{for=...;proto=...;host=...}."""
+        if host == self._last_host and self._last_element:
+            return self._last_element
+        element = f"for={self._fwd_for};proto={self.proto}"
+        if host is not None:
+            element += ";host=" + _quote_forwarded(host.decode("latin-1"))
+        self._last_host = host
+        self._last_element = element.encode("latin-1")
+        return self._last_element
+
+
+# What to do with each request header, by lower-cased name.
+_KEEP, _DROP, _UPGRADE, _CONNECTION, _XFF, _FWD, _XFPROTO, _XFHOST, _REALIP, _HOST, _VIA = range(11)
+_REQUEST_ACTIONS = {name: _DROP for name in HOP_BY_HOP | FRAMING}
+_REQUEST_ACTIONS.update(
+    {
+        b"upgrade": _UPGRADE,
+        b"connection": _CONNECTION,
+        b"x-forwarded-for": _XFF,
+        b"forwarded": _FWD,
+        b"x-forwarded-proto": _XFPROTO,
+        b"x-forwarded-host": _XFHOST,
+        b"x-real-ip": _REALIP,
+        b"host": _HOST,
+        b"via": _VIA,
+    }
+)
+_RESPONSE_ACTIONS = {name: _DROP for name in HOP_BY_HOP | FRAMING | MASKED_RESPONSE_HEADERS}
+_RESPONSE_ACTIONS.update({b"upgrade": _UPGRADE, b"connection": _CONNECTION, b"via": _VIA})
+
+
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+"""Connection options that name no header we would otherwise forward."""
+
+
+def _drop_named(out: list[Header], connection_values: list[bytes], keep_upgrade: bool) -> list[Header]:
+    """Remove the headers that C{Connection} named (RFC 9110 7.6.1)."""
+    if len(connection_values) == 1 and connection_values[0].lower() in _PLAIN_CONNECTION:
+        return out
+    named = connection_tokens([(b"connection", v) for v in connection_values]) - _PLAIN_CONNECTION
+    if keep_upgrade:
+        named = named - {b"upgrade"}
+    if not named:
+        return out
+    return [(n, v) for n, v in out if n.lower() not in named]
 
 
 def request_headers_for_origin(
@@ -136,58 +190,70 @@ def request_headers_for_origin(
     @param keep_upgrade: keep C{Upgrade} (and send C{Connection: upgrade}) for
         a protocol switch such as WebSocket.
     """
-    named = connection_tokens(headers) if any(n.lower() == b"connection" for n, _ in headers) else frozenset()
     out: list[Header] = []
-    xff: list[bytes] = []
-    fwd: list[bytes] = []
-    xf_proto = None
-    xf_host = None
-    host = None
-    via: list[bytes] = []
-    upgrade = None
+    append = out.append
+    actions = _REQUEST_ACTIONS
     trusted = info.trusted
-    for name, value in headers:
+    xff: list[bytes] | None = None
+    fwd: list[bytes] | None = None
+    via: list[bytes] | None = None
+    connection: list[bytes] | None = None
+    xf_proto = xf_host = host = upgrade = None
+    for header in headers:
+        name = header[0]
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in FRAMING or lname in named or lname.startswith(b"proxy-"):
-            if lname == b"upgrade":
-                upgrade = (name, value)
-            continue
-        if lname in FORWARDING:
-            if trusted:
-                if lname == b"x-forwarded-for":
-                    xff.append(value)
-                elif lname == b"forwarded":
-                    fwd.append(value)
-                elif lname == b"x-forwarded-proto" and xf_proto is None:
-                    xf_proto = value
-                elif lname == b"x-forwarded-host" and xf_host is None:
-                    xf_host = value
-                elif lname == b"x-real-ip":
-                    out.append((name, value))
-            continue
-        if lname == b"host":
-            host = value
-        elif lname == b"via":
-            via.append(value)
-            continue
-        out.append((name, value))
-    xff.append(info._xff_ip)
-    out.append((b"X-Forwarded-For", b", ".join(xff)))
-    out.append((b"X-Forwarded-Proto", xf_proto if xf_proto is not None else info.proto.encode("ascii")))
+        action = actions.get(lname, _KEEP)
+        if action == _KEEP:
+            if lname[:6] != b"proxy-":
+                append(header)
+        elif action == _HOST:
+            host = header[1]
+            append(header)
+        elif action == _DROP:
+            pass
+        elif action == _VIA:
+            if via is None:
+                via = []
+            via.append(header[1])
+        elif action == _CONNECTION:
+            if connection is None:
+                connection = []
+            connection.append(header[1])
+        elif action == _UPGRADE:
+            upgrade = header
+        elif trusted:
+            if action == _XFF:
+                if xff is None:
+                    xff = []
+                xff.append(header[1])
+            elif action == _FWD:
+                if fwd is None:
+                    fwd = []
+                fwd.append(header[1])
+            elif action == _XFPROTO:
+                if xf_proto is None:
+                    xf_proto = header[1]
+            elif action == _XFHOST:
+                if xf_host is None:
+                    xf_host = header[1]
+            elif action == _REALIP:
+                append(header)
+    if connection is not None:
+        out = _drop_named(out, connection, keep_upgrade)
+        append = out.append
+    append((b"X-Forwarded-For", info._xff_ip if xff is None else b", ".join([*xff, info._xff_ip])))
+    append((b"X-Forwarded-Proto", info._proto_b if xf_proto is None else xf_proto))
     if xf_host is not None:
-        out.append((b"X-Forwarded-Host", xf_host))
+        append((b"X-Forwarded-Host", xf_host))
     elif host is not None:
-        out.append((b"X-Forwarded-Host", host))
-    element = f"for={info._fwd_for};proto={info.proto}"
-    if host is not None:
-        element += ";host=" + _quote_forwarded(host.decode("latin-1"))
-    fwd.append(element.encode("latin-1"))
-    out.append((b"Forwarded", b", ".join(fwd)))
-    via.append(b"%s %s" % (http_version, info.via))
-    out.append((b"Via", b", ".join(via)))
+        append((b"X-Forwarded-Host", host))
+    element = info.forwarded_element(host)
+    append((b"Forwarded", element if fwd is None else b", ".join([*fwd, element])))
+    own_via = info._via_value if http_version == b"1.1" else http_version + b" " + info.via
+    append((b"Via", own_via if via is None else b", ".join([*via, own_via])))
     if keep_upgrade and upgrade is not None:
-        out.append(upgrade)
-        out.append((b"Connection", b"upgrade"))
+        append(upgrade)
+        append((b"Connection", b"upgrade"))
     return out
 
 
@@ -205,27 +271,38 @@ def response_headers_for_client(
     origin's software (C{Server}, C{X-Powered-By}...); adds C{Via} and our own
     C{Server} (no version) unless C{server_header} is empty.
     """
-    named = connection_tokens(headers) if any(n.lower() == b"connection" for n, _ in headers) else frozenset()
     out: list[Header] = []
-    via_values: list[bytes] = []
+    append = out.append
+    actions = _RESPONSE_ACTIONS
+    via_values: list[bytes] | None = None
+    connection: list[bytes] | None = None
     upgrade = None
-    for name, value in headers:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname in FRAMING or lname in named or lname in MASKED_RESPONSE_HEADERS:
-            if lname == b"upgrade":
-                upgrade = (name, value)
-            continue
-        if lname == b"via":
-            via_values.append(value)
-            continue
-        out.append((name, value))
-    via_values.append(b"%s %s" % (http_version, via))
-    out.append((b"Via", b", ".join(via_values)))
+    for header in headers:
+        action = actions.get(header[0].lower(), _KEEP)
+        if action == _KEEP:
+            append(header)
+        elif action == _DROP:
+            pass
+        elif action == _VIA:
+            if via_values is None:
+                via_values = []
+            via_values.append(header[1])
+        elif action == _CONNECTION:
+            if connection is None:
+                connection = []
+            connection.append(header[1])
+        elif action == _UPGRADE:
+            upgrade = header
+    if connection is not None:
+        out = _drop_named(out, connection, keep_upgrade)
+        append = out.append
+    own_via = http_version + b" " + via
+    append((b"Via", own_via if via_values is None else b", ".join([*via_values, own_via])))
     if server_header:
-        out.append((b"Server", server_header))
+        append((b"Server", server_header))
     if keep_upgrade and upgrade is not None:
-        out.append(upgrade)
-        out.append((b"Connection", b"upgrade"))
+        append(upgrade)
+        append((b"Connection", b"upgrade"))
     return out
 
 
@@ -244,4 +321,6 @@ def header_value(headers: Headers, lname: bytes) -> bytes | None:
 
 def serialize(headers: Headers) -> bytes:
     """C{Name: value\\r\\n} for each header, in order."""
-    return b"".join([b"%s: %s\r\n" % (n, v) for n, v in headers])
+    if not headers:
+        return b""
+    return b"\r\n".join([b": ".join(header) for header in headers]) + b"\r\n"
