@@ -449,6 +449,13 @@ class ProxyExchange:
             return
         conn = self.conn
         why = "no response in time" if not self.headSent else "response stalled"
+        if conn is not None and self.headSent and conn.gate is not None and "client" in conn.gate.reasons:
+            # We stopped reading because the client stopped reading: not the backend's fault.
+            self._log.info("client {client} stopped reading; closing", client=self.info.client_ip)
+            self._detach(conn)
+            conn.abort()
+            self._giveUp(504, "Gateway Timeout")
+            return
         if conn is not None:
             conn.backend.last_error = why
             self._log.warn(

@@ -160,7 +160,14 @@ class HTTPServerConnection(Protocol):
         if self.tunnel is not None:
             tunnel, self.tunnel = self.tunnel, None
             tunnel.peerLost(self)
-        for ex in (self.current, self.parsing, *self.queue):
+        current = self.current
+        if current is not None and not current.finished:
+            # The client went away before its answer was complete: logged as
+            # nginx does, 499 unless a status was already sent.
+            if not getattr(current, "status", 0) or not getattr(current, "headSent", True):
+                current.status = 499
+            self.factory.log_access(self, current, self._body_bytes)
+        for ex in (current, self.parsing, *self.queue):
             if ex is not None and not ex.finished:
                 ex.cancel()
         self.queue.clear()

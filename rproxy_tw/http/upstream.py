@@ -50,6 +50,7 @@ class UpstreamConnection(Protocol):
         self.connected = False
         self.received = False
         self.no_body = False
+        self._keep_after_head = True
         self.tunnel: Any = None
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -179,6 +180,7 @@ class UpstreamConnection(Protocol):
         self._close_delimited = body_allowed and not framed
         ex.responseHead(status, self._reason, self._headers, parser.get_http_version(), self._close_delimited)
         if self.no_body and status >= 200:
+            self._keep_after_head = parser.should_keep_alive()
             raise _NoBody()
 
     def on_body(self, body: bytes) -> None:
@@ -195,7 +197,7 @@ class UpstreamConnection(Protocol):
         self.exchange = None
         self._close_delimited = False
         trailers = self._trailers or ()
-        keep = self.parser.should_keep_alive() if not self.no_body else True
+        keep = self.parser.should_keep_alive() if not self.no_body else self._keep_after_head
         if ex is None:
             return
         # Back in the pool first, so that a pipelined next request reuses it.

@@ -1,0 +1,621 @@
+"""
+HTTP/2 on TLS listeners: each stream is a request proxied to an HTTP/1.1
+origin through the same L{HTTPProxyFactory.handle} as HTTP/1.1, so routing,
+header rewriting and limits are the same.
+
+Why not twisted.web's C{H2Connection}: it hands twisted.web a C{Request}
+that reads the whole body before C{render()}.  Here a stream is an
+L{IDownstream}: the request body streams to the origin as DATA frames
+arrive, the response streams back, and HTTP/2 flow control is the
+backpressure both ways:
+
+  - upload: a stream's L{ReadGate} (paused by the exchange while the origin
+    is slow or not connected yet) stops acknowledging received DATA, so the
+    client's stream window closes; resuming acknowledges what was held.
+  - download: when a stream's send window is empty, reading from its origin
+    connection pauses until a WINDOW_UPDATE; when the client's TCP buffer
+    is full, every stream's origin pauses.
+
+L{ALPNSwitch} picks HTTP/2 or HTTP/1.1 once the TLS handshake says which
+one the client chose.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Sequence
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError, StreamClosedError
+from h2.settings import SettingCodes, Settings
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..headers import ForwardingInfo, is_trusted, trailers_for_client
+from .exchange import IDownstream, ProxyExchange, RequestRejected
+from .flow import ReadGate
+from .server import LocalResponse
+
+__all__ = ["ALPNSwitch", "H2ServerConnection", "H2Stream"]
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+MAX_CONCURRENT_STREAMS = 100
+STREAM_WINDOW = 256 * 1024
+"""Bytes of request body a client may send on a stream before we acknowledge them."""
+CONNECTION_WINDOW = MAX_CONCURRENT_STREAMS * STREAM_WINDOW
+"""Large enough that one stalled upload never blocks the connection's other streams."""
+
+CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
+)
+"""Forbidden in HTTP/2 messages (RFC 9113 section 8.2.2)."""
+
+_WINDOW = "h2-window"
+"""The reason a stream's origin is paused while its send window is empty."""
+
+
+class _StreamFlow:
+    """
+    What a stream's L{ReadGate} pauses: not a socket but the acknowledgement
+    of received DATA, which is what lets the client send more.
+    """
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: H2Stream) -> None:
+        self.stream = stream
+
+    def pauseProducing(self) -> None:
+        self.stream.reading = False
+
+    def resumeProducing(self) -> None:
+        stream = self.stream
+        stream.reading = True
+        held, stream.unacknowledged = stream.unacknowledged, 0
+        if held:
+            stream.conn.acknowledge(stream.stream_id, held)
+
+
+@implementer(IDownstream)
+class H2Stream:
+    """One request/response on an HTTP/2 connection, as an exchange's downstream."""
+
+    http_version = b"2"
+    keep_alive = True
+
+    def __init__(self, conn: H2ServerConnection, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.factory = conn.factory
+        self.info = conn.info
+        self.client_ip = conn.client_ip
+        self.transport = conn.transport
+        self.gate = ReadGate(_StreamFlow(self))
+        self.reading = True
+        self.unacknowledged = 0
+        self.exchange: Any = None
+        self.request_ended = False
+        self.head: list[tuple[bytes, bytes]] | None = None
+        self.head_sent = False
+        self.response_ended = False
+        self.reset = False
+        self.pending: deque[bytes] = deque()
+        self.pending_end: list[tuple[bytes, bytes]] | None = None
+        self.upstream_gate: ReadGate | None = None
+        self.body_bytes = 0
+
+    @property
+    def disconnected(self) -> bool:
+        return self.reset or self.conn.disconnected
+
+    # -- request side -----------------------------------------------------------------------
+
+    def data(self, data: bytes, flow_controlled_length: int) -> None:
+        if self.reading:
+            self.conn.acknowledge(self.stream_id, flow_controlled_length)
+        else:
+            self.unacknowledged += flow_controlled_length
+        exchange = self.exchange
+        if exchange is None or self.response_ended:
+            return
+        try:
+            exchange.requestBodyData(data)
+        except RequestRejected as e:
+            self._reject(e.status, e.message)
+
+    def ended(self) -> None:
+        self.request_ended = True
+        if self.exchange is not None:
+            self.exchange.requestBodyEnd()
+
+    def _reject(self, status: int, message: str) -> None:
+        exchange = self.exchange
+        if exchange is not None and not exchange.finished:
+            exchange.cancel()
+        if exchange is not None and not getattr(exchange, "headSent", False):
+            exchange.status = status
+        self.failResponse(status, message)
+        self.exchangeDone(exchange)
+
+    def cancelled(self) -> None:
+        """The client reset the stream, or the connection is gone."""
+        self.reset = True
+        self.pending.clear()
+        self._release_upstream()
+        exchange = self.exchange
+        if exchange is not None and not exchange.finished:
+            exchange.cancel()
+
+    # -- IDownstream ------------------------------------------------------------------------
+
+    def writeInterim(self, status: int, reason: bytes, headers: Headers) -> None:
+        if status == 101 or self.disconnected:
+            return
+        self.conn.send_headers(self.stream_id, [(b":status", b"%d" % status), *_h2_fields(headers)], False)
+
+    def writeHead(self, status: int, reason: bytes, headers: Headers, content_length: int | None, has_body: bool) -> None:
+        fields = [(b":status", b"%d" % status), *_h2_fields(headers)]
+        if content_length is not None and (has_body or status != 204):
+            fields.append((b"content-length", b"%d" % content_length))
+        # Held until the first body bytes or the end, as HTTP/1.1 does, so that
+        # a small response leaves in one write.
+        self.head = fields
+
+    def flush(self) -> None:
+        if self._send_head():
+            self.conn.transmit()
+
+    def _send_head(self) -> bool:
+        head = self.head
+        if head is None or self.disconnected:
+            return False
+        self.head = None
+        self.head_sent = True
+        self.conn.send_headers(self.stream_id, head, False)
+        return True
+
+    def writeBody(self, data: bytes) -> None:
+        if self.disconnected or not data:
+            return
+        self._send_head()
+        self.body_bytes += len(data)
+        self.pending.append(data)
+        self.pump()
+        self.conn.transmit()
+
+    def finishBody(self, trailers: Headers) -> None:
+        if self.disconnected:
+            return
+        self._send_head()
+        self.pending_end = _h2_fields(trailers_for_client(trailers)) if trailers else []
+        self.pump()
+        self.conn.transmit()
+
+    def pump(self) -> None:
+        """Send what the stream's and the connection's windows allow; pause the origin when they are shut."""
+        if self.disconnected:
+            return
+        conn = self.conn
+        h2 = conn.h2
+        sid = self.stream_id
+        pending = self.pending
+        try:
+            while pending:
+                window = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
+                if window <= 0:
+                    if self.upstream_gate is not None:
+                        self.upstream_gate.pause(_WINDOW)
+                    conn.blocked.add(self)
+                    return
+                chunk = pending[0]
+                if len(chunk) <= window:
+                    pending.popleft()
+                else:
+                    pending[0] = chunk[window:]
+                    chunk = chunk[:window]
+                h2.send_data(sid, chunk)
+            conn.blocked.discard(self)
+            if self.upstream_gate is not None:
+                self.upstream_gate.resume(_WINDOW)
+            end = self.pending_end
+            if end is not None and not self.response_ended:
+                self.response_ended = True
+                if end:
+                    h2.send_headers(sid, end, end_stream=True)
+                else:
+                    h2.end_stream(sid)
+                self._response_complete()
+        except StreamClosedError:
+            self.cancelled()
+
+    def _response_complete(self) -> None:
+        """The response went out whole; a client still uploading is told to stop (RFC 9113 8.1)."""
+        if not self.request_ended:
+            self.conn.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
+            self.reset = True
+        self.conn.stream_done(self)
+
+    def failResponse(self, status: int, message: str, extra: Headers = ()) -> None:
+        if self.disconnected:
+            return
+        if self.head_sent:
+            # Too late for a status: reset the stream so the client sees truncation.
+            self.pending.clear()
+            self.conn.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
+            self.cancelled()
+            self.conn.stream_done(self)
+            self.conn.transmit()
+            return
+        self.writeLocal(status, message, False, extra)
+
+    def writeLocal(self, status: int, message: str, close: bool = False, extra: Headers = ()) -> None:
+        """A response made by the proxy itself (errors, refusals)."""
+        if self.disconnected:
+            return
+        body = (message + "\n").encode("utf-8")
+        fields = [(b":status", b"%d" % status), (b"content-type", b"text/plain; charset=utf-8"),
+                  (b"content-length", b"%d" % len(body))]
+        server = self.factory.server_header
+        if server:
+            fields.append((b"server", server))
+        fields += _h2_fields(extra)
+        self.head = fields
+        self.body_bytes = 0
+        self.writeBody(body)
+        self.finishBody(())
+
+    def exchangeDone(self, exchange: Any) -> None:
+        if exchange is not None:
+            self.factory.log_access(self, exchange, self.body_bytes)
+        if exchange is self.exchange:
+            self.exchange = None
+
+    def registerUpstream(self, conn: Any) -> None:
+        gate = conn.gate
+        self.upstream_gate = gate
+        if gate is None:
+            return
+        if self.conn.producer_paused:
+            gate.pause("client")
+        if self in self.conn.blocked:
+            gate.pause(_WINDOW)
+
+    def unregisterUpstream(self, conn: Any) -> None:
+        gate = conn.gate
+        if gate is not None:
+            gate.resume("client")
+            gate.resume(_WINDOW)
+        if self.upstream_gate is gate:
+            self.upstream_gate = None
+
+    def _release_upstream(self) -> None:
+        gate, self.upstream_gate = self.upstream_gate, None
+        if gate is not None:
+            gate.resume("client")
+            gate.resume(_WINDOW)
+
+    def startTunnel(self, conn: Any, leftover: bytes) -> None:
+        # Never asked for: HTTP/2 requests are handed over with upgrade=False.
+        conn.abort()
+        self.failResponse(502, "Bad Gateway: protocol upgrades are not proxied over HTTP/2")
+
+
+def _h2_fields(headers: Headers) -> list[tuple[bytes, bytes]]:
+    """Response fields for HTTP/2: lower-case names, no connection-specific fields."""
+    out = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname not in CONNECTION_SPECIFIC:
+            out.append((lname, value.strip()))
+    return out
+
+
+@implementer(IPushProducer)
+class H2ServerConnection(Protocol):
+    """One client connection speaking HTTP/2 (after ALPN chose C{h2})."""
+
+    _log = Logger()
+
+    def __init__(self, factory: Any) -> None:
+        self.factory = factory
+        config = H2Configuration(client_side=False, header_encoding=None)
+        self.h2 = H2Connection(config=config)
+        self.streams: dict[int, H2Stream] = {}
+        self.blocked: set[H2Stream] = set()
+        self.producer_paused = False
+        self.disconnected = False
+        self._timer: Any = None
+
+    # -- connection -------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        transport = self.transport
+        peer = transport.getPeer()
+        ip = getattr(peer, "host", "") or "unknown"
+        self.client_ip = ip
+        self.info = ForwardingInfo(ip, f.scheme, is_trusted(ip, f.trusted_proxies), f.via)
+        limits = f.limits
+        self.h2.local_settings = Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes + limits.max_request_line,
+            },
+        )
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        transport.registerProducer(self, True)
+        set_nodelay = getattr(transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            try:
+                set_nodelay(True)
+            except OSError:
+                pass
+        f.connections.add(self)
+        self.transmit()
+        self._idle()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.disconnected = True
+        self.factory.connections.discard(self)
+        self._stopTimer()
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.cancelled()
+        self.blocked.clear()
+
+    def _idle(self) -> None:
+        """No open stream: close after the idle timeout, as HTTP/1.1 keep-alive does."""
+        if self._timer is None and not self.disconnected:
+            self._timer = self.factory.clock.callLater(self.factory.limits.idle_timeout, self._timedOut)
+
+    def _stopTimer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        if not self.disconnected and not self.streams:
+            self.h2.close_connection(ErrorCodes.NO_ERROR)
+            self.transmit()
+            self.transport.loseConnection()
+
+    def transmit(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.disconnected:
+            self.transport.write(data)
+
+    # -- IPushProducer: the client's TCP buffer ----------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self.producer_paused = True
+        for stream in self.streams.values():
+            if stream.upstream_gate is not None:
+                stream.upstream_gate.pause("client")
+
+    def resumeProducing(self) -> None:
+        self.producer_paused = False
+        for stream in list(self.streams.values()):
+            if stream.upstream_gate is not None:
+                stream.upstream_gate.resume("client")
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- frames in --------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError as e:
+            self._log.info("HTTP/2 protocol error from {client}: {why}", client=self.client_ip, why=str(e) or type(e).__name__)
+            self.transmit()
+            self.transport.loseConnection()
+            return
+        for event in events:
+            if isinstance(event, DataReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.data(event.data, event.flow_controlled_length)
+                else:
+                    self.acknowledge(event.stream_id, event.flow_controlled_length)
+            elif isinstance(event, RequestReceived):
+                self._request(event.stream_id, event.headers, event.stream_ended is not None)
+            elif isinstance(event, StreamEnded):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.ended()
+            elif isinstance(event, WindowUpdated):
+                self._windowOpened(event.stream_id)
+            elif isinstance(event, StreamReset):
+                stream = self.streams.pop(event.stream_id, None)
+                if stream is not None:
+                    self.blocked.discard(stream)
+                    stream.cancelled()
+                    self._maybeIdle()
+            elif isinstance(event, RemoteSettingsChanged):
+                if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+                    self._windowOpened(0)
+            elif isinstance(event, ConnectionTerminated):
+                self.transmit()
+                self.transport.loseConnection()
+                return
+        self.transmit()
+
+    def _windowOpened(self, stream_id: int) -> None:
+        if stream_id == 0:
+            for stream in list(self.blocked):
+                stream.pump()
+        else:
+            stream = self.streams.get(stream_id)
+            if stream is not None and stream in self.blocked:
+                stream.pump()
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        if size and not self.disconnected:
+            self.h2.acknowledge_received_data(size, stream_id)
+
+    def _request(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
+        self._stopTimer()
+        stream = H2Stream(self, stream_id)
+        self.streams[stream_id] = stream
+        stream.request_ended = ended
+        limits = self.factory.limits
+        method = path = authority = None
+        headers: list[tuple[bytes, bytes]] = []
+        cookies: list[bytes] = []
+        host = None
+        length = False
+        for name, value in fields:
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+            elif name == b"cookie":
+                cookies.append(value)
+            elif name == b"host":
+                host = value
+            else:
+                if name == b"content-length":
+                    length = True
+                headers.append((name, value))
+        if len(fields) > limits.max_headers:
+            return self._answer(stream, 431, "Request Header Fields Too Large")
+        if path is not None and len(path) > limits.max_request_line:
+            return self._answer(stream, 414, "URI Too Long")
+        if authority is not None and host is not None and host.lower() != authority.lower():
+            return self._answer(stream, 400, "Bad Request: Host and :authority differ")
+        host = authority if authority is not None else host
+        if host is None:
+            return self._answer(stream, 400, "Bad Request: missing :authority")
+        head = [(b"host", host)]
+        if cookies:
+            head.append((b"cookie", b"; ".join(cookies)))
+        head += headers
+        if not ended and not length:
+            # Length unknown until END_STREAM: the origin gets it chunked.
+            head.append((b"transfer-encoding", b"chunked"))
+        try:
+            exchange = self.factory.handle(stream, method or b"GET", path or b"/", b"2", head, True, False)
+        except Exception:  # noqa: BLE001 - a bug must cost one stream, not the connection
+            self._log.failure("HTTP/2 request handling failed")
+            return self._answer(stream, 500, "Internal Server Error")
+        if isinstance(exchange, LocalResponse):
+            # A refusal made by handle(): it writes itself through writeLocal.
+            stream.exchange = exchange
+            exchange.start()
+            return
+        if not isinstance(exchange, ProxyExchange):
+            # A twisted.web resource of the proxy's own: it writes HTTP/1.1
+            # bytes, so ask the client to retry this request over HTTP/1.1.
+            self.streams.pop(stream_id, None)
+            self.reset_stream(stream_id, ErrorCodes.HTTP_1_1_REQUIRED)
+            self._maybeIdle()
+            return
+        stream.exchange = exchange
+        exchange.start()
+        if ended and not exchange.finished:
+            exchange.requestBodyEnd()
+
+    def _answer(self, stream: H2Stream, status: int, message: str) -> None:
+        response = LocalResponse(stream, status, message)  # type: ignore[arg-type]
+        stream.exchange = response
+        response.start()
+
+    # -- frames out -------------------------------------------------------------------------
+
+    def send_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]], end: bool) -> None:
+        try:
+            self.h2.send_headers(stream_id, fields, end_stream=end)
+        except StreamClosedError:
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream.cancelled()
+
+    def reset_stream(self, stream_id: int, code: ErrorCodes) -> None:
+        try:
+            self.h2.reset_stream(stream_id, code)
+        except StreamClosedError:
+            pass
+
+    def stream_done(self, stream: H2Stream) -> None:
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+        self.blocked.discard(stream)
+        self._maybeIdle()
+
+    def _maybeIdle(self) -> None:
+        if not self.streams:
+            self._idle()
+
+
+@implementer(IHandshakeListener)
+class ALPNSwitch(Protocol):
+    """
+    The protocol of a TLS HTTP listener until the handshake is over: then
+    the connection goes to L{H2ServerConnection} if ALPN chose C{h2}, else to
+    the factory's HTTP/1.1 protocol.  A handshake that takes longer than the
+    header timeout is cut, as a slow request head would be.
+    """
+
+    def __init__(self, factory: Any, http1: Any) -> None:
+        self.factory = factory
+        self.http1 = http1
+        self.protocol: Any = None
+        self._timer: Any = None
+
+    def connectionMade(self) -> None:
+        self._timer = self.factory.clock.callLater(self.factory.limits.header_timeout, self._timedOut)
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        if self.protocol is None:
+            self.transport.abortConnection()
+
+    def handshakeCompleted(self) -> None:
+        if self.protocol is not None:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+            protocol: Any = H2ServerConnection(self.factory)
+        else:
+            protocol = self.http1
+        self.http1 = None
+        protocol.factory = self.factory
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.protocol is None:
+            self.handshakeCompleted()
+        self.protocol.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.protocol is not None:
+            self.protocol.connectionLost(reason)
