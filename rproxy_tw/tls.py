@@ -518,6 +518,11 @@ class TLSServerFactory(TLSMemoryBIOFactory):
         """Re-read the certificate files (for SIGHUP).  @return: whether they are in use."""
         return self.contexts.reload()
 
+    @property
+    def connections(self) -> Any:
+        """The wrapped listener's open connections, for code that drains or closes them."""
+        return getattr(self.wrappedFactory, "connections", set())
+
 
 def tls_server_factory(reactor: IReactorTime, profile: TLSProfile, factory: IProtocolFactory, http: bool = True,
                        **options: Any) -> TLSServerFactory:

@@ -65,6 +65,9 @@ CONNECTION_SPECIFIC = frozenset(
 )
 """Forbidden in HTTP/2 messages (RFC 9113 section 8.2.2)."""
 
+RESET_ALLOWANCE = 2 * MAX_CONCURRENT_STREAMS
+"""Client stream resets tolerated before the reset-to-request ratio is checked."""
+
 _WINDOW = "h2-window"
 """The reason a stream's origin is paused while its send window is empty."""
 
@@ -88,7 +91,10 @@ class _StreamFlow:
         stream.reading = True
         held, stream.unacknowledged = stream.unacknowledged, 0
         if held:
+            # Called from the origin's side (its buffer drained): nothing else
+            # will send the WINDOW_UPDATE, so send it now.
             stream.conn.acknowledge(stream.stream_id, held)
+            stream.conn.transmit()
 
 
 @implementer(IDownstream)
@@ -153,13 +159,18 @@ class H2Stream:
         self.exchangeDone(exchange)
 
     def cancelled(self) -> None:
-        """The client reset the stream, or the connection is gone."""
-        self.reset = True
-        self.pending.clear()
-        self._release_upstream()
+        """The client reset the stream, or the connection is gone: stop the exchange too."""
+        self._abandon()
         exchange = self.exchange
         if exchange is not None and not exchange.finished:
             exchange.cancel()
+
+    def _abandon(self) -> None:
+        """Nothing more goes to the client on this stream."""
+        self.reset = True
+        self.pending.clear()
+        self._release_upstream()
+        self.conn.stream_done(self)
 
     # -- IDownstream ------------------------------------------------------------------------
 
@@ -255,10 +266,8 @@ class H2Stream:
             return
         if self.head_sent:
             # Too late for a status: reset the stream so the client sees truncation.
-            self.pending.clear()
             self.conn.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
-            self.cancelled()
-            self.conn.stream_done(self)
+            self._abandon()
             self.conn.transmit()
             return
         self.writeLocal(status, message, False, extra)
@@ -339,6 +348,8 @@ class H2ServerConnection(Protocol):
         self.blocked: set[H2Stream] = set()
         self.producer_paused = False
         self.disconnected = False
+        self.requests = 0
+        self.resets = 0
         self._timer: Any = None
 
     # -- connection -------------------------------------------------------------------------
@@ -395,7 +406,14 @@ class H2ServerConnection(Protocol):
         self._timer = None
         if not self.disconnected and not self.streams:
             self.h2.close_connection(ErrorCodes.NO_ERROR)
-            self.transmit()
+            self._close()
+
+    def _close(self) -> None:
+        """Send what h2 has queued (a GOAWAY), then close once it is written."""
+        self.transmit()
+        if not self.disconnected:
+            # TLS waits for a registered producer to go before it shuts down.
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def transmit(self) -> None:
@@ -426,9 +444,9 @@ class H2ServerConnection(Protocol):
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as e:
+            # h2 has queued a GOAWAY; RFC 9113 allows a connection error for a malformed request.
             self._log.info("HTTP/2 protocol error from {client}: {why}", client=self.client_ip, why=str(e) or type(e).__name__)
-            self.transmit()
-            self.transport.loseConnection()
+            self._close()
             return
         for event in events:
             if isinstance(event, DataReceived):
@@ -446,19 +464,33 @@ class H2ServerConnection(Protocol):
             elif isinstance(event, WindowUpdated):
                 self._windowOpened(event.stream_id)
             elif isinstance(event, StreamReset):
-                stream = self.streams.pop(event.stream_id, None)
+                stream = self.streams.get(event.stream_id)
                 if stream is not None:
-                    self.blocked.discard(stream)
                     stream.cancelled()
-                    self._maybeIdle()
+                    if event.remote_reset and self._resetFlood():
+                        return
             elif isinstance(event, RemoteSettingsChanged):
                 if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
                     self._windowOpened(0)
             elif isinstance(event, ConnectionTerminated):
-                self.transmit()
-                self.transport.loseConnection()
+                self._close()
                 return
         self.transmit()
+
+    def _resetFlood(self) -> bool:
+        """
+        Requests the client cancels still cost the origin a connection
+        attempt ("rapid reset", CVE-2023-44487): a client that resets most of
+        what it asks for is told to calm down and disconnected.
+        """
+        self.resets += 1
+        if self.resets > RESET_ALLOWANCE and self.resets * 2 > self.requests:
+            self._log.warn("HTTP/2 client {client} reset {resets} of {requests} streams: disconnecting",
+                           client=self.client_ip, resets=self.resets, requests=self.requests)
+            self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+            self._close()
+            return True
+        return False
 
     def _windowOpened(self, stream_id: int) -> None:
         if stream_id == 0:
@@ -475,6 +507,7 @@ class H2ServerConnection(Protocol):
 
     def _request(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
         self._stopTimer()
+        self.requests += 1
         stream = H2Stream(self, stream_id)
         self.streams[stream_id] = stream
         stream.request_ended = ended
@@ -484,6 +517,7 @@ class H2ServerConnection(Protocol):
         cookies: list[bytes] = []
         host = None
         length = False
+        size = 0
         for name, value in fields:
             if name[:1] == b":":
                 if name == b":method":
@@ -492,7 +526,9 @@ class H2ServerConnection(Protocol):
                     path = value
                 elif name == b":authority":
                     authority = value
-            elif name == b"cookie":
+                continue
+            size += len(name) + len(value) + 4
+            if name == b"cookie":
                 cookies.append(value)
             elif name == b"host":
                 host = value
@@ -500,7 +536,7 @@ class H2ServerConnection(Protocol):
                 if name == b"content-length":
                     length = True
                 headers.append((name, value))
-        if len(fields) > limits.max_headers:
+        if len(fields) > limits.max_headers or size > limits.max_header_bytes:
             return self._answer(stream, 431, "Request Header Fields Too Large")
         if path is not None and len(path) > limits.max_request_line:
             return self._answer(stream, 414, "URI Too Long")
