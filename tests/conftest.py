@@ -673,6 +673,33 @@ class Net:
         yield turns(2)
 
 
+def web_client() -> Any:
+    """A treq client with its own non-persistent pool: no connection outlives the request."""
+    import treq.client
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    return treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+
+
+@inlineCallbacks
+def curl(*args: str) -> Any:
+    """
+    Run curl without blocking the reactor (the proxy under test runs in it).
+    Returns (stdout bytes, stderr bytes, exit code).
+    """
+    import os
+
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    import shutil
+
+    path = shutil.which("curl")
+    if path is None:
+        pytest.skip("curl is not installed")
+    out, err, code = yield getProcessOutputAndValue(path, ["-sS", "--max-time", "20", *args], env=dict(os.environ))
+    return out, err, code
+
+
 @pytest_twisted.async_yield_fixture
 async def net() -> Any:
     n = Net()
