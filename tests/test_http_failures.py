@@ -129,6 +129,27 @@ def test_malformed_origin_body_gives_502_or_cut_response(net, no_traceback, raw)
 
 
 @inline
+def test_origin_response_with_length_and_chunked_is_not_smuggled(net, no_traceback):
+    """A response with both framings: 502, or the chunked framing wins and no Content-Length reaches the client."""
+    def handler(req):
+        req.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  + chunk(b"hello world") + b"0\r\n\r\n")
+
+    origin = yield net.origin(handler)
+    proxy = yield net.proxy(proxy_config(origin.backend))
+    client = yield net.client(proxy.port)
+    client.send(request())
+    yield until(lambda: client.closed or (client.responses([b"GET"]) and client.responses([b"GET"])[0].complete),
+                "a complete response or a closed connection")
+    [resp] = client.responses([b"GET"])
+    if resp.status == 502:
+        assert_plain_error(resp, 502, no_traceback)
+    else:
+        assert resp.header(b"content-length") == []
+        assert resp.body == b"hello world"
+
+
+@inline
 def test_origin_closing_mid_body_truncates_client_response(net):
     origin = yield net.origin(lambda req: (req.write(response(200, length=False, headers=[(b"Content-Length", b"100")])
                                                      + b"only-part"), req.conn.transport.loseConnection()))

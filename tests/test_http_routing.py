@@ -171,3 +171,14 @@ def test_curl_http10_download(net):
     head, _, body = out.partition(b"\r\n\r\n")
     assert body == b"hello world"
     assert b"transfer-encoding" not in head.lower()
+
+
+@inline
+def test_curl_h2c_upgrade_attempt_is_answered_over_http11(net):
+    """curl --http2 on plain HTTP asks to upgrade to h2c; an origin that does not switch answers normally."""
+    site = yield net.web_origin(Digest())
+    proxy = yield net.proxy(proxy_config(site.backend))
+    out, err, code = yield curl("--http2", "-i", f"{proxy.url}/h2c", "--next", "--http2", "-i", f"{proxy.url}/again")
+    assert code == 0, err
+    assert out.count(b"HTTP/1.1 200 OK\r\n") == 2, out
+    assert b"101 Switching" not in out
