@@ -558,3 +558,21 @@ def test_101_without_upgrade_request_is_502(net, no_traceback):
     [resp] = yield client.until_responses([b"GET"])
     assert resp.status == 502
     no_traceback(resp.body)
+
+
+# ---------------------------------------------------------------------------
+# Request targets
+
+
+@pytest.mark.xfail(reason="BUG: 'OPTIONS * HTTP/1.1' reaches the origin as 'OPTIONS / HTTP/1.1' (a question about "
+                          "the server turned into one about the resource /)", strict=True)
+@inline
+def test_options_asterisk_forwarded_as_asterisk(net):
+    origin = yield net.origin()
+    proxy = yield net.proxy(proxy_config(origin.backend))
+    client = yield net.client(proxy.port)
+    client.send(request(b"OPTIONS", b"*"))
+    [resp] = yield client.until_responses([b"OPTIONS"])
+    assert resp.status == 200
+    [got] = origin.requests
+    assert got.target == b"*"
