@@ -1082,12 +1082,28 @@ async def test_redis_behind_the_tls_front(env: Env, pki: dict[str, str], tmp_pat
         await until(lambda: _can_connect(redis_port), "redis-server to listen")
         _, port = env.proxy([f"tcp:127.0.0.1:{redis_port}"], wrap=_server_tls(pki))
 
+        value = os.urandom(50_000).hex()  # 100 kB: more than one TLS record and one read
+        cli = shutil.which("redis-cli")
+        if cli is not None:
+            # redis-cli --tls verifies the certificate against -h (the leaf has IP 127.0.0.1).
+            base = [cli, "--tls", "--cacert", pki["ca"], "-h", "127.0.0.1", "-p", str(port)]
+
+            def run(*args: str, stdin: bytes | None = None) -> bytes:
+                done = subprocess.run([*base, *args], input=stdin, capture_output=True, timeout=HANG_GUARD)
+                return done.stdout.strip()
+
+            assert await deferToThread(run, "-x", "SET", "k", stdin=value.encode()) == b"OK"
+            assert await deferToThread(run, "GET", "k") == value.encode()
+            assert await deferToThread(run, "STRLEN", "k") == b"100000"
+
+        # And a Python client with its own TLS stack, checking the name rather than the IP.
         def talk() -> list[bytes]:
             ctx = pyssl.create_default_context(cafile=pki["ca"])
             with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD) as raw:
                 with ctx.wrap_socket(raw, server_hostname="localhost") as s:
                     out = []
-                    for command in (b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n", b"*2\r\n$3\r\nGET\r\nk\r\n"):
+                    for command in (b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n",
+                                    b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"):
                         s.sendall(command)
                         out.append(s.recv(1024))
                     return out
