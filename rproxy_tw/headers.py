@@ -158,14 +158,17 @@ _RESPONSE_ACTIONS.update({b"upgrade": _UPGRADE, b"connection": _CONNECTION, b"vi
 
 
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+_NEVER_NAMED = frozenset({b"host"})
 """Connection options that name no header we would otherwise forward."""
 
 
-def _drop_named(out: list[Header], connection_values: list[bytes], keep_upgrade: bool) -> list[Header]:
+def _drop_named(
+    out: list[Header], connection_values: list[bytes], keep_upgrade: bool, protected: frozenset[bytes] = frozenset()
+) -> list[Header]:
     """Remove the headers that C{Connection} named (RFC 9110 7.6.1)."""
     if len(connection_values) == 1 and connection_values[0].lower() in _PLAIN_CONNECTION:
         return out
-    named = connection_tokens([(b"connection", v) for v in connection_values]) - _PLAIN_CONNECTION
+    named = connection_tokens([(b"connection", v) for v in connection_values]) - _PLAIN_CONNECTION - protected
     if keep_upgrade:
         named = named - {b"upgrade"}
     if not named:
@@ -239,7 +242,8 @@ def request_headers_for_origin(
             elif action == _REALIP:
                 append(header)
     if connection is not None:
-        out = _drop_named(out, connection, keep_upgrade)
+        # Host is never dropped: "Connection: host" would send an HTTP/1.1 request without one.
+        out = _drop_named(out, connection, keep_upgrade, _NEVER_NAMED)
         append = out.append
     append((b"X-Forwarded-For", info._xff_ip if xff is None else b", ".join([*xff, info._xff_ip])))
     append((b"X-Forwarded-Proto", info._proto_b if xf_proto is None else xf_proto))

@@ -162,8 +162,11 @@ class HostRouter(Resource):
     label), then the routes without a host.  A host nothing serves gets 421.
     """
 
+    _CACHE_SIZE = 4096
+
     def __init__(self) -> None:
         super().__init__()
+        self._cache: dict[tuple[bytes | None, bytes], tuple[IResource, int]] = {}
         self.exact: dict[bytes, PathRouter] = {}
         self.wildcard: dict[bytes, PathRouter] = {}
         self.default: PathRouter | None = None
@@ -188,6 +191,27 @@ class HostRouter(Resource):
         path prefix C{path} for C{host} (or for any host).
         """
         self._router_for(host).mount(path.encode("utf-8"), target)
+        self._cache.clear()
+
+    def resolve(self, host: bytes | None, path: bytes) -> tuple[IResource, int]:
+        """
+        The resource a request head reaches, and how many path segments lie
+        above the router's mount point.  Proxy routes depend on nothing but
+        host and path, so they are remembered (a bounded table, emptied on
+        every mount); other resources are walked each time.
+        """
+        key = (host, path)
+        found = self._cache.get(key)
+        if found is not None:
+            return found
+        resource, req = resolve(self, host, path)
+        found = (resource, len(req.prepath))
+        if isinstance(resource, ProxyRoute):
+            cache = self._cache
+            if len(cache) >= self._CACHE_SIZE:
+                cache.clear()
+            cache[key] = found
+        return found
 
     def router_for_host(self, host: bytes) -> PathRouter | None:
         router = self.exact.get(host)

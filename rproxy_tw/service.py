@@ -98,7 +98,7 @@ class ProxyRuntime:
         """Serve an application's own resource at C{path} (for C{host}, or any)."""
         self.router.mount(path, resource, host)
 
-    def local_exchange(self, conn: Any, resource: Any, req: Any, method: bytes, url: bytes, version: bytes,
+    def local_exchange(self, conn: Any, resource: Any, method: bytes, url: bytes, version: bytes,
                        headers: list[tuple[bytes, bytes]], keep_alive: bool) -> LocalResourceExchange:
         return LocalResourceExchange(conn, self.site, method, url, version, headers, keep_alive)
 

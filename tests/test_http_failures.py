@@ -349,9 +349,6 @@ def test_bad_request_refused_and_never_reaches_origin(limited, no_traceback, raw
     assert [r for r in origin.requests if r.complete] == []
 
 
-@pytest.mark.xfail(reason="BUG: 'Transfer-Encoding: gzip, chunked' is forwarded as plain 'chunked': the gzip "
-                          "transfer coding is silently dropped and the origin gets still-coded bytes as the body "
-                          "(should be 501, or the coding forwarded)", strict=True)
 @inline
 def test_unknown_transfer_coding_is_refused_or_kept(limited):
     origin, client = yield limited()

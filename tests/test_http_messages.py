@@ -433,11 +433,6 @@ WS_REQUEST = request(target=b"/ws", headers=[
 ])
 
 
-BUG_101_ENDS_EXCHANGE = (
-    "BUG: the origin's 101 is handled as a complete response (httptools calls on_message_complete before "
-    "raising HttpParserUpgrade), so the tunnel never starts: bytes after the 101 are dropped and the "
-    "upstream connection is failed as an 'unexpected protocol upgrade'"
-)
 
 
 def _hello_or_origin_closed(client, origin):
@@ -445,7 +440,6 @@ def _hello_or_origin_closed(client, origin):
                  "origin's first tunnel bytes at the client")
 
 
-@pytest.mark.xfail(reason=BUG_101_ENDS_EXCHANGE, strict=True)
 @inline
 def test_websocket_upgrade_tunnelled_both_ways(net):
     origin = yield net.origin(_ws_origin_handler)
@@ -476,7 +470,6 @@ def test_websocket_upgrade_tunnelled_both_ways(net):
     yield until(lambda: origin.connections[0].closed, "origin side of the tunnel to close")
 
 
-@pytest.mark.xfail(reason=BUG_101_ENDS_EXCHANGE, strict=True)
 @inline
 def test_websocket_tunnel_closed_by_origin_closes_client(net):
     origin = yield net.origin(_ws_origin_handler)
@@ -491,9 +484,6 @@ def test_websocket_tunnel_closed_by_origin_closes_client(net):
     assert client.buf.endswith(b"bye")
 
 
-@pytest.mark.xfail(reason="BUG: bytes sent right behind an Upgrade request are parsed as the next HTTP request "
-                          "(501) instead of waiting for the origin's 101: HTTPServerConnection.on_message_complete "
-                          "clears self.parsing before _upgradeRequested looks at it", strict=True)
 @inline
 def test_bytes_sent_behind_upgrade_request_reach_origin_through_tunnel(net):
     origin = yield net.origin(_ws_origin_handler)
@@ -526,10 +516,6 @@ class Got(Resource):
         return b"got " + request.content.read()
 
 
-@pytest.mark.xfail(reason="BUG: a request with a body and Upgrade (curl --http2 -d x http://...) hangs: the "
-                          "parser skips the body of an upgrade request, so the origin is promised Content-Length "
-                          "bytes that never come (504 after response_timeout) and the body is parsed as the "
-                          "next request", strict=True)
 @inline
 def test_upgrade_request_with_body_refused_by_origin(net):
     # A twisted.web origin: it ignores Upgrade and reads the body by its Content-Length.
@@ -546,8 +532,6 @@ def test_upgrade_request_with_body_refused_by_origin(net):
     assert resp.body == b"got abc"
 
 
-@pytest.mark.xfail(reason="BUG: a 101 answering a request without Upgrade is relayed to the client (the head is "
-                          "written before the upgrade is noticed) instead of a 502", strict=True)
 @inline
 def test_101_without_upgrade_request_is_502(net, no_traceback):
     origin = yield net.origin(lambda req: req.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n"
@@ -564,8 +548,6 @@ def test_101_without_upgrade_request_is_502(net, no_traceback):
 # Request targets
 
 
-@pytest.mark.xfail(reason="BUG: 'OPTIONS * HTTP/1.1' reaches the origin as 'OPTIONS / HTTP/1.1' (a question about "
-                          "the server turned into one about the resource /)", strict=True)
 @inline
 def test_options_asterisk_forwarded_as_asterisk(net):
     origin = yield net.origin()

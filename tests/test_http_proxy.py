@@ -306,9 +306,6 @@ def test_http10_client_gets_answer_and_close(net):
     assert resp.header(b"transfer-encoding") == []
 
 
-@pytest.mark.xfail(reason="BUG: an HTTP/1.0 request without Host is forwarded to the origin as HTTP/1.1 without "
-                          "a Host header (RFC 9112 3.2: the proxy must generate one); strict origins answer 400",
-                   strict=True)
 @inline
 def test_http10_request_without_host_reaches_origin_with_a_host(net):
     origin = yield net.origin()

@@ -330,9 +330,6 @@ def test_silent_new_connection_closed_after_header_timeout():
     assert client.disconnecting
 
 
-@pytest.mark.xfail(reason="BUG: a request body still arriving when header_timeout (counted from the request's "
-                          "first byte) expires gets 408 'the request body stalled'; on_body never re-arms the "
-                          "timer, so any upload longer than header_timeout (10s by default) is cut", strict=True)
 def test_steady_upload_longer_than_header_timeout_is_not_cut():
     h = Harness(limits={"header_timeout": 5.0, "idle_timeout": 60.0})
     proto, client = h.client()

@@ -164,7 +164,6 @@ class ProxyExchange:
         self.tried: list[Backend] = []
         self.attempts = 0
         self._connecting: Any = None
-        self._timer: Any = None
         self._producer: GateProducer | None = None
         self._chunked_up = body == "chunked"
         self.body_limit = 0
@@ -308,15 +307,17 @@ class ProxyExchange:
             self.downstream.gate.resume("upstream")
             self._producer = None
         self.requestSent = True
-        if not self.headSent and self._timer is None:
-            self._timer = self.clock.callLater(self.settings.response_timeout, self._timedOut)
+        if not self.headSent:
+            conn.arm(self.settings.response_timeout)
 
     # -- response ---------------------------------------------------------------------------
 
     def responseInterim(self, status: int, reason: bytes, headers: Headers) -> None:
         self.downstream.writeInterim(status, reason, headers)
 
-    def responseHead(self, status: int, reason: bytes, headers: Headers, version: str, close_delimited: bool) -> None:
+    def responseHead(self, status: int, reason: bytes, headers: Headers, content_length: int | None, chunked: bool) -> None:
+        if status == 101 and not self.upgrade:
+            raise BadResponse("101 Switching Protocols to a request that asked for no upgrade")
         if status >= 500:
             conn = self.conn
             if conn is not None:
@@ -332,10 +333,9 @@ class ProxyExchange:
                 raise ResponseDiscarded()
         self.status = status
         self.headSent = True
-        if self._timer is not None:
-            self._timer.reset(self.settings.idle_timeout)
-        else:
-            self._timer = self.clock.callLater(self.settings.idle_timeout, self._timedOut)
+        conn = self.conn
+        if conn is not None:
+            conn.arm(self.settings.idle_timeout)
         s = self.settings
         upgrade = status == 101 and self.upgrade
         out = response_headers_for_client(headers, s.via, s.server_header, b"1.1", keep_upgrade=upgrade)
@@ -343,23 +343,15 @@ class ProxyExchange:
         if getattr(balancer, "cookie_name", None) is not None and self.backend is not None:
             if balancer.needs_cookie(self.headers, self.backend):
                 out.append((b"Set-Cookie", balancer.set_cookie_header(self.backend, secure=self.info.proto == "https")))
-        content_length = None
         has_body = not (self.method == b"HEAD" or status in (204, 304) or status < 200)
-        chunked = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"transfer-encoding":
-                chunked = True
-            elif lname == b"content-length" and status != 204:
-                content_length = int(value)
-        if chunked:
+        if status == 204:
             content_length = None
         self.downstream.writeHead(status, reason, out, content_length, has_body)
 
     def responseBody(self, data: bytes) -> None:
-        timer = self._timer
-        if timer is not None:
-            timer.reset(self.settings.idle_timeout)
+        conn = self.conn
+        if conn is not None:
+            conn.arm(self.settings.idle_timeout)
         self.downstream.writeBody(data)
 
     def responseEnd(self, trailers: Headers) -> None:
@@ -444,7 +436,7 @@ class ProxyExchange:
         self._giveUp(502, "Bad Gateway: the backend's response was broken or cut short")
 
     def _timedOut(self) -> None:
-        self._timer = None
+        """The connection's deadline passed while this exchange held it."""
         if self.finished:
             return
         conn = self.conn
@@ -532,11 +524,7 @@ class ProxyExchange:
         self._finish(False)
 
     def _stopTimer(self) -> None:
-        timer = self._timer
-        if timer is not None:
-            self._timer = None
-            if timer.active():
-                timer.cancel()
+        """Deadlines live on the upstream connection: nothing to stop here."""
 
     def _finish(self, ok: bool, tunnel: bool = False) -> None:
         self.finished = True

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..headers import ForwardingInfo, is_trusted, serialize, trailers_for_client
-from ..routing import ProxyRoute, resolve
+from ..routing import ProxyRoute
 from .exchange import ProxyExchange, RequestRejected as _Reject
 from .fastwrite import direct_writer
 from .flow import GateProducer, ReadGate
@@ -128,6 +128,9 @@ class HTTPServerConnection(Protocol):
         self._close_after = False
         self._body_bytes = 0
         self._upgrade_pending = False
+        self._upgrade_exchange: Any = None
+        self._raw_body: Any = None
+        self._raw_remaining = 0
         self._head: bytes | None = None
         self.write: Callable[[bytes], None] = self._notConnected
 
@@ -203,6 +206,10 @@ class HTTPServerConnection(Protocol):
         if self.tunnel is not None:
             self.tunnel.fromClient(data)
             return
+        if self._raw_remaining:
+            data = self._rawBodyData(data)
+            if not data:
+                return
         if self._upgrade_pending:
             self._leftover += data
             return
@@ -302,6 +309,7 @@ class HTTPServerConnection(Protocol):
             raise _Reject(505, "HTTP Version Not Supported")
         exchange = self.factory.handle(self, method, self._url, http_version, headers, keep_alive, parser.should_upgrade())
         self.parsing = exchange
+        self._rearm(self.factory.limits.idle_timeout)
         if self.current is None:
             self.current = exchange
             self._beginResponse(exchange)
@@ -311,11 +319,17 @@ class HTTPServerConnection(Protocol):
             self.gate.pause("pipeline")
 
     def on_body(self, body: bytes) -> None:
+        self._rearm(self.factory.limits.idle_timeout)
         self.parsing.requestBodyData(body)
 
     def on_message_complete(self) -> None:
         ex = self.parsing
         self.parsing = None
+        if self.parser.should_upgrade():
+            # llhttp stops here for Upgrade and CONNECT, before any body:
+            # _upgradeRequested decides what the following bytes are.
+            self._upgrade_exchange = ex
+            return
         if ex is not None:
             ex.requestBodyEnd()
 
@@ -350,23 +364,50 @@ class HTTPServerConnection(Protocol):
 
     def _upgradeRequested(self, leftover: bytes) -> None:
         """
-        The parser stopped after a request with C{Upgrade} (or CONNECT).
-        Bytes after it wait until the origin says whether it switches.
+        The parser stopped after the head of a request with C{Upgrade} (or
+        CONNECT).  For a protocol switch we tunnel (WebSocket), the bytes
+        after it wait until the origin says whether it switches; otherwise
+        what follows is the request's body, if it declared one, and then the
+        next request.
         """
-        ex = self.parsing
-        self.parsing = None
-        if ex is not None:
-            ex.requestBodyEnd()
+        ex = self._upgrade_exchange
+        self._upgrade_exchange = None
         if isinstance(ex, ProxyExchange) and ex.upgrade:
+            ex.requestBodyEnd()
             self._upgrade_pending = True
             self._leftover = leftover
             self.gate.pause("upgrade")
             return
-        # Not a switch we proxy (a local answer, or CONNECT, which closes):
-        # whatever follows is the next HTTP request.
         self.parser = httptools.HttpRequestParser(self)
+        if isinstance(ex, ProxyExchange) and ex.body != "none":
+            if ex.body == "chunked":
+                self._reject(501, "Not Implemented: Upgrade with a chunked request body")
+                return
+            self._raw_body = ex
+            self._raw_remaining = ex.content_length or 0
+        elif ex is not None:
+            ex.requestBodyEnd()
+        if self._raw_remaining == 0 and self._raw_body is not None:
+            self._raw_body, raw = None, self._raw_body
+            raw.requestBodyEnd()
         if leftover:
             self.dataReceived(leftover)
+
+    def _rawBodyData(self, data: bytes) -> bytes:
+        """A body the parser did not read (after an Upgrade it does not act on)."""
+        take = data[: self._raw_remaining]
+        self._raw_remaining -= len(take)
+        ex = self._raw_body
+        try:
+            ex.requestBodyData(take)
+        except _Reject as e:
+            self._raw_remaining = 0
+            self._reject(e.status, e.message)
+            return b""
+        if self._raw_remaining == 0:
+            self._raw_body = None
+            ex.requestBodyEnd()
+        return data[len(take) :]
 
     def _resumeAfterUpgradeRefused(self) -> None:
         """The origin answered normally: go back to parsing HTTP."""
@@ -378,6 +419,16 @@ class HTTPServerConnection(Protocol):
             self.dataReceived(leftover)
 
     # -- IDownstream ------------------------------------------------------------------------
+
+    def own_host(self) -> bytes:
+        """A Host for an HTTP/1.0 request that sent none: this listener's address."""
+        host = self.transport.getHost()
+        address = getattr(host, "host", None)
+        if not address:
+            return b"localhost"
+        if ":" in address:
+            address = f"[{address}]"
+        return f"{address}:{host.port}".encode("ascii")
 
     def writeInterim(self, status: int, reason: bytes, headers: Headers) -> None:
         if self.http_version_of_current() == b"1.0" or self.disconnected:
@@ -465,7 +516,7 @@ class HTTPServerConnection(Protocol):
 
     def registerUpstream(self, conn: Any) -> None:
         if not self.disconnected:
-            self.transport.registerProducer(GateProducer(conn.gate, "client"), True)
+            self.transport.registerProducer(conn.client_producer, True)
 
     def unregisterUpstream(self, conn: Any) -> None:
         if not self.disconnected:
@@ -484,6 +535,14 @@ class HTTPServerConnection(Protocol):
             self._timer.cancel()
         self._timer = None
         tunnel.start(data, leftover)
+
+
+def _tunnelled_upgrade(headers: Headers) -> bool:
+    """Whether an Upgrade is one we tunnel: anything but h2c (HTTP/2 is ours to speak, over TLS)."""
+    for name, value in headers:
+        if name.lower() == b"upgrade":
+            return value.strip().lower() != b"h2c"
+    return False
 
 
 class HTTPProxyFactory(Factory):
@@ -541,6 +600,8 @@ class HTTPProxyFactory(Factory):
                 content_length = int(value)
                 body = "length"
             elif lname == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    return self._refuse(conn, 501, "Not Implemented: transfer coding other than chunked", False)
                 body = "chunked"
         if body == "chunked":
             content_length = None
@@ -552,21 +613,27 @@ class HTTPProxyFactory(Factory):
         if method == b"CONNECT":
             return self._refuse(conn, 405, "Method Not Allowed: this is a reverse proxy", False)
         path, _, query = url.partition(b"?")
+        asterisk = False
         if not path.startswith(b"/"):
             if url == b"*" and method == b"OPTIONS":
                 path = b"/"
+                asterisk = True
             else:
                 parsed = httptools.parse_url(url)
                 path = parsed.path or b"/"
                 query = parsed.query or b""
-        resource, req = resolve(runtime.router, host, path)
+        resource, depth = runtime.router.resolve(host, path)
         if not isinstance(resource, ProxyRoute):
             code = getattr(resource, "code", None)
             if code is not None:
                 return self._refuse(conn, code, resource.message, keep_alive)
-            return runtime.local_exchange(conn, resource, req, method, url, http_version, headers, keep_alive)
+            return runtime.local_exchange(conn, resource, method, url, http_version, headers, keep_alive)
         if content_length == 0:
             body = "length"
+        if upgrade and (body != "none" or not _tunnelled_upgrade(headers)):
+            upgrade = False  # h2c, or a body: forwarded as a plain request without Upgrade
+        if host is None:
+            headers = [*headers, (b"Host", conn.own_host())]
         exchange = ProxyExchange(
             conn,
             self.clock,
@@ -574,7 +641,7 @@ class HTTPProxyFactory(Factory):
             runtime.connectors[resource.pool_name],
             runtime.exchange_settings[resource.pool_name],
             method,
-            resource.upstream_target(path, len(req.prepath), query),
+            b"*" if asterisk else resource.upstream_target(path, depth, query),
             headers,
             conn.info,
             body,
@@ -582,6 +649,7 @@ class HTTPProxyFactory(Factory):
             upgrade=upgrade,
             retry_non_idempotent=resource.config.retry_non_idempotent,
         )
+        exchange.content_length = content_length  # type: ignore[attr-defined]
         exchange.http_version = http_version  # type: ignore[attr-defined]
         exchange.keep_alive = keep_alive  # type: ignore[attr-defined]
         exchange.request_line = (method, url, http_version)  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .fastwrite import direct_writer
-from .flow import ReadGate
+from .flow import GateProducer, ReadGate
 
 if TYPE_CHECKING:
     from ..upstream.pool import Backend
@@ -51,6 +51,8 @@ class UpstreamConnection(Protocol):
         self.received = False
         self.no_body = False
         self._keep_after_head = True
+        self._upgrading = False
+        self._timer: Any = None
         self.tunnel: Any = None
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -63,6 +65,8 @@ class UpstreamConnection(Protocol):
     def connectionMade(self) -> None:
         self.connected = True
         self.gate = ReadGate(self.transport)
+        self.client_producer = GateProducer(self.gate, "client")
+        """Registered on the client's transport while this connection answers it."""
         self.write = direct_writer(self.transport, read_size=256 * 1024)
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
@@ -73,6 +77,11 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            if timer.active():
+                timer.cancel()
         if self.tunnel is not None:
             tunnel, self.tunnel = self.tunnel, None
             tunnel.peerLost(self)
@@ -88,6 +97,27 @@ class UpstreamConnection(Protocol):
             ex.responseEnd(self._trailers or ())
             return
         ex.upstreamLost(self, reason)
+
+    def arm(self, seconds: float) -> None:
+        """
+        Set this connection's one deadline: the exchange's (response head,
+        then silence mid-body) while busy, the keep-alive expiry while idle.
+        One timer per connection, moved rather than re-created per request.
+        """
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(seconds)
+        else:
+            self._timer = self.connector.clock.callLater(seconds, self._deadline)
+
+    def _deadline(self) -> None:
+        self._timer = None
+        ex = self.exchange
+        if ex is not None:
+            ex._timedOut()
+        elif self.connected and self.tunnel is None:
+            self.connector.forget(self)
+            self.transport.loseConnection()
 
     def close(self) -> None:
         if self.connected:
@@ -121,7 +151,8 @@ class UpstreamConnection(Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            if self.exchange is not None and self.parser.get_status_code() == 101:
+            upgrading, self._upgrading = self._upgrading, False
+            if self.exchange is not None and upgrading:
                 self.exchange.upstreamUpgraded(self, data[e.args[0] :])
             else:
                 self._fail(BadResponse("unexpected protocol upgrade"))
@@ -164,21 +195,27 @@ class UpstreamConnection(Protocol):
         status = parser.get_status_code()
         ex = self.exchange
         assert ex is not None
-        if 100 <= status < 200 and status != 101:
+        if status == 101:
+            self._upgrading = True
+        elif 100 <= status < 200:
             self._interim = True
             ex.responseInterim(status, self._reason, self._headers)
             return
         self._trailers = []
         body_allowed = not (self.no_body or status in (204, 304))
-        framed = False
-        if body_allowed:
-            for name, value in self._headers:
-                lname = name.lower()
-                if lname == b"content-length" or lname == b"transfer-encoding":
-                    framed = True
-                    break
+        content_length = None
+        chunked = False
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                content_length = int(value)
+            elif lname == b"transfer-encoding":
+                chunked = True
+        if chunked:
+            content_length = None
+        framed = chunked or content_length is not None
         self._close_delimited = body_allowed and not framed
-        ex.responseHead(status, self._reason, self._headers, parser.get_http_version(), self._close_delimited)
+        ex.responseHead(status, self._reason, self._headers, content_length, chunked)
         if self.no_body and status >= 200:
             self._keep_after_head = parser.should_keep_alive()
             raise _NoBody()
@@ -189,6 +226,9 @@ class UpstreamConnection(Protocol):
     def on_message_complete(self) -> None:
         if self._interim:
             self._interim = False
+            return
+        if self._upgrading:
+            # The parser stops next with HttpParserUpgrade: the switch is handled there.
             return
         self._complete()
 
@@ -273,6 +313,7 @@ class UpstreamConnector:
             gate.reasons.clear()
             conn.transport.resumeProducing()
         conn.idle_since = self.clock.seconds()
+        conn.arm(self.keepalive_timeout)
         conn.backend.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:

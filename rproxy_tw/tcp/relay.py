@@ -57,6 +57,7 @@ from ..http.fastwrite import direct_writer
 from ..http.flow import GateProducer, ReadGate
 from . import proxy_protocol
 from .proxy_protocol import TLSInfo
+from .tls_halfclose import allow_half_close
 
 __all__ = ["TCPCounters", "TCPProxyFactory", "TCPProxyServer", "tls_info_of"]
 
@@ -241,6 +242,10 @@ class _UpstreamProtocol(Protocol):
     def __init__(self, relay: TCPProxyServer) -> None:
         self.relay = relay
 
+    def connectionMade(self) -> None:
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
+            allow_half_close(self.transport)
+
     def dataReceived(self, data: bytes) -> None:
         self.relay.upstreamData(self, data)
 
@@ -321,6 +326,7 @@ class TCPProxyServer(Protocol):
         self.client = _describe(self.transport.getPeer())  # type: ignore[union-attr]
         self._armIdle(self.factory.idle_timeout)
         if isinstance(self.transport, TLSMemoryBIOProtocol):
+            allow_half_close(self.transport)
             return  # handshakeCompleted() starts the relay
         wrapper = _waiting_proxy_header(self.transport)
         if wrapper is not None:

@@ -162,6 +162,10 @@ class BackendPool:
         return [b for b in self.backends if b.config.backup and b.in_rotation and b not in excluded]
 
     def pick(self, client_ip: str, headers: Headers = (), exclude: Iterable[Backend] = ()) -> Backend | None:
+        backends = self.backends
+        if len(backends) == 1 and not exclude:
+            only = backends[0]
+            return only if only.healthy and not only.draining else None
         candidates = self.candidates(exclude)
         if not candidates:
             return None
