@@ -16,6 +16,7 @@ from typing import Any, Callable
 import attrs
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
 from twisted.web.resource import IResource
@@ -261,6 +262,7 @@ class ProxyService(MultiService):
         self.config = config
         self.runtime = ProxyRuntime(config, reactor, endpoint_for)
         self.factories: list[Any] = []
+        self.listeners: list[StreamServerEndpointService] = []
         for listen in config.listen:
             factory = self._factory_for(listen)
             self.factories.append(factory)
@@ -269,6 +271,7 @@ class ProxyService(MultiService):
             service._raiseSynchronously = True
             service.setName(f"listen {listen.endpoint}")
             service.setServiceParent(self)
+            self.listeners.append(service)
         TimerService(5.0, self.runtime.sweep_idle).setServiceParent(self)
         for monitor in self.runtime.monitors.values():
             monitor.setServiceParent(self)
@@ -298,6 +301,13 @@ class ProxyService(MultiService):
 
             factory = tls_server_factory(reactor, tls_profile, factory, http=listen.protocol == "http")
         return factory
+
+    def listening(self) -> Deferred[list[Any]]:
+        """
+        After C{startService}: a Deferred firing with the C{IListeningPort} of
+        every listener, in config order (useful with C{tcp:0} endpoints).
+        """
+        return gatherResults([svc._waitingForPort for svc in self.listeners], consumeErrors=True)
 
     @property
     def resource(self) -> HostRouter:
