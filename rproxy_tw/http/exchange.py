@@ -387,7 +387,8 @@ class ProxyExchange:
         if isinstance(reason, Failure) and reason.check(ConnectionDone):
             why = "connection closed by backend"
         if (
-            not conn.received
+            self.replayable
+            and not conn.received
             and conn.requests > 1
             and not self.bodyStarted
             and self.pending is None
@@ -481,6 +482,9 @@ class ProxyExchange:
                 return False
         if not self.pool.pick(self.info.client_ip, self.headers, self.tried):
             return False
+        if not replay_needed:
+            # Nothing reached the failed backend: trying another adds no load anywhere.
+            return True
         budget = self.settings.budget
         return budget is None or budget.withdraw()
 
