@@ -110,11 +110,13 @@ class ForwardingInfo:
     rarely changes host).
     """
 
-    __slots__ = ("client_ip", "proto", "trusted", "via", "_xff_ip", "_fwd_for", "_proto_b", "_via_value",
-                 "_last_host", "_last_element")
+    __slots__ = ("client_ip", "proto", "trusted", "via", "client_subject", "_xff_ip", "_fwd_for", "_proto_b",
+                 "_via_value", "_last_host", "_last_element")
 
-    def __init__(self, client_ip: str, proto: str, trusted: bool, via: bytes) -> None:
+    def __init__(self, client_ip: str, proto: str, trusted: bool, via: bytes, client_subject: str | None = None) -> None:
         self.client_ip = client_ip
+        self.client_subject = client_subject
+        """The verified TLS client certificate's subject, when the listener asks for one."""
         self.proto = proto
         self.trusted = trusted
         self.via = via
@@ -139,7 +141,10 @@ class ForwardingInfo:
 
 # What to do with each request header, by lower-cased name.
 _KEEP, _DROP, _UPGRADE, _CONNECTION, _XFF, _FWD, _XFPROTO, _XFHOST, _REALIP, _HOST, _VIA = range(11)
-_REQUEST_ACTIONS = {name: _DROP for name in HOP_BY_HOP | FRAMING}
+CLIENT_SUBJECT = b"X-Client-Cert-Subject"
+"""Carries the verified client certificate's subject to the origin; never taken from a client."""
+
+_REQUEST_ACTIONS = {name: _DROP for name in HOP_BY_HOP | FRAMING | {CLIENT_SUBJECT.lower()}}
 _REQUEST_ACTIONS.update(
     {
         b"upgrade": _UPGRADE,
@@ -255,6 +260,8 @@ def request_headers_for_origin(
     append((b"Forwarded", element if fwd is None else b", ".join([*fwd, element])))
     own_via = info._via_value if http_version == b"1.1" else http_version + b" " + info.via
     append((b"Via", own_via if via is None else b", ".join([*via, own_via])))
+    if info.client_subject is not None:
+        append((CLIENT_SUBJECT, info.client_subject.encode("utf-8", "replace")))
     if keep_upgrade and upgrade is not None:
         append(upgrade)
         append((b"Connection", b"upgrade"))

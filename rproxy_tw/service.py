@@ -263,13 +263,13 @@ class ProxyService(MultiService):
         self.runtime = ProxyRuntime(config, reactor, endpoint_for)
         self.factories: list[Any] = []
         self.listeners: list[StreamServerEndpointService] = []
-        for listen in config.listen:
+        for index, listen in enumerate(config.listen):
             factory = self._factory_for(listen)
             self.factories.append(factory)
             endpoint = serverFromString(reactor, listen.endpoint)
             service = StreamServerEndpointService(endpoint, factory)
             service._raiseSynchronously = True
-            service.setName(f"listen {listen.endpoint}")
+            service.setName(f"listen[{index}] {listen.endpoint}")
             service.setServiceParent(self)
             self.listeners.append(service)
         TimerService(5.0, self.runtime.sweep_idle).setServiceParent(self)

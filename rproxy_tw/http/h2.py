@@ -45,10 +45,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..headers import ForwardingInfo, is_trusted, trailers_for_client
+from ..headers import trailers_for_client
 from .exchange import IDownstream, ProxyExchange, RequestRejected
 from .flow import ReadGate
-from .server import LocalResponse
+from .server import LocalResponse, forwarding_info
 
 __all__ = ["ALPNSwitch", "H2ServerConnection", "H2Stream"]
 
@@ -360,7 +360,7 @@ class H2ServerConnection(Protocol):
         peer = transport.getPeer()
         ip = getattr(peer, "host", "") or "unknown"
         self.client_ip = ip
-        self.info = ForwardingInfo(ip, f.scheme, is_trusted(ip, f.trusted_proxies), f.via)
+        self.info = forwarding_info(f, transport, ip)
         limits = f.limits
         self.h2.local_settings = Settings(
             client=False,

@@ -144,7 +144,7 @@ class HTTPServerConnection(Protocol):
         peer = transport.getPeer()
         ip = getattr(peer, "host", "") or "unknown"
         self.client_ip = ip
-        self.info = ForwardingInfo(ip, f.scheme, is_trusted(ip, f.trusted_proxies), f.via)
+        self.info = forwarding_info(f, transport, ip)
         set_nodelay = getattr(transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             try:
@@ -420,16 +420,6 @@ class HTTPServerConnection(Protocol):
 
     # -- IDownstream ------------------------------------------------------------------------
 
-    def own_host(self) -> bytes:
-        """A Host for an HTTP/1.0 request that sent none: this listener's address."""
-        host = self.transport.getHost()
-        address = getattr(host, "host", None)
-        if not address:
-            return b"localhost"
-        if ":" in address:
-            address = f"[{address}]"
-        return f"{address}:{host.port}".encode("ascii")
-
     def writeInterim(self, status: int, reason: bytes, headers: Headers) -> None:
         if self.http_version_of_current() == b"1.0" or self.disconnected:
             return
@@ -537,6 +527,27 @@ class HTTPServerConnection(Protocol):
         tunnel.start(data, leftover)
 
 
+def own_host(transport: Any) -> bytes:
+    """A Host for a request that sent none (HTTP/1.0): this listener's address."""
+    host = transport.getHost()
+    address = getattr(host, "host", None)
+    if not address:
+        return b"localhost"
+    if ":" in address:
+        address = f"[{address}]"
+    return f"{address}:{host.port}".encode("ascii")
+
+
+def forwarding_info(factory: Any, transport: Any, ip: str) -> ForwardingInfo:
+    """What this client connection tells origins: address, scheme, trust, TLS client subject."""
+    subject = None
+    if factory.scheme == "https":
+        from ..tls import client_subject
+
+        subject = client_subject(transport)
+    return ForwardingInfo(ip, factory.scheme, is_trusted(ip, factory.trusted_proxies), factory.via, subject)
+
+
 def _tunnelled_upgrade(headers: Headers) -> bool:
     """Whether an Upgrade is one we tunnel: anything but h2c (HTTP/2 is ours to speak, over TLS)."""
     for name, value in headers:
@@ -570,9 +581,14 @@ class HTTPProxyFactory(Factory):
         self.server_header = server.server_header.encode("ascii")
         self.access_log: Callable[..., None] | None = runtime.access_log
 
-    def buildProtocol(self, addr: Any) -> HTTPServerConnection:
+    def buildProtocol(self, addr: Any) -> Any:
         conn = HTTPServerConnection(self)
         conn.factory = self
+        if self.scheme == "https":
+            # After the TLS handshake, ALPN decides: HTTP/2 or this HTTP/1.1 connection.
+            from .h2 import ALPNSwitch
+
+            return ALPNSwitch(self, conn)
         return conn
 
     def handle(
@@ -633,7 +649,7 @@ class HTTPProxyFactory(Factory):
         if upgrade and (body != "none" or not _tunnelled_upgrade(headers)):
             upgrade = False  # h2c, or a body: forwarded as a plain request without Upgrade
         if host is None:
-            headers = [*headers, (b"Host", conn.own_host())]
+            headers = [*headers, (b"Host", own_host(conn.transport))]
         exchange = ProxyExchange(
             conn,
             self.clock,
