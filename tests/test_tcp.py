@@ -956,14 +956,79 @@ def _server_tls(pki: dict[str, str]) -> Callable[[Any], Any]:
     return lambda factory: tls_server_factory(reactor, profile, factory, http=False)
 
 
-def _twisted_tls(pki: dict[str, str]) -> Callable[[Any], Any]:
-    """Wraps a factory in Twisted's own TLS (for TLS backends)."""
+def _twisted_tls(pki: dict[str, str], half_close: bool = False) -> Callable[[Any], Any]:
+    """Wraps a factory in Twisted's own TLS (for TLS backends), optionally one that half-closes."""
     from twisted.internet import ssl
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
+    from rproxy_tw.tcp.tls_halfclose import HalfCloseBufferingTLSTransport
+
     with open(pki["cert"], "rb") as c, open(pki["key"], "rb") as k:
         cert = ssl.PrivateCertificate.loadPEM(c.read() + k.read())
-    return lambda factory: TLSMemoryBIOFactory(cert.options(), False, factory)
+
+    def wrap(factory: Any) -> Any:
+        tls = TLSMemoryBIOFactory(cert.options(), False, factory)
+        if half_close:
+            tls.protocol = HalfCloseBufferingTLSTransport
+        return tls
+
+    return wrap
+
+
+def _tls_half_close_client(port: int, cafile: str, payload: bytes, close_notify: bool) -> bytes:
+    """
+    A TLS client (Python's ssl over a memory BIO, so that it can read after
+    closing): sends C{payload}, then C{close_notify} (if asked) and a TCP
+    FIN, then reads the answer to the end.
+    """
+    import ssl as pyssl
+
+    ctx = pyssl.create_default_context(cafile=cafile)
+    incoming, outgoing = pyssl.MemoryBIO(), pyssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD) as sock:
+        def flush() -> None:
+            data = outgoing.read()
+            if data:
+                sock.sendall(data)
+
+        def fill() -> None:
+            if incoming.eof:
+                raise AssertionError("the server closed without a TLS close")
+            data = sock.recv(65536)
+            if data:
+                incoming.write(data)
+            else:
+                incoming.write_eof()
+
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except pyssl.SSLWantReadError:
+                flush()
+                fill()
+        flush()
+        tls.write(payload)
+        flush()
+        if close_notify:
+            try:
+                tls.unwrap()
+            except pyssl.SSLWantReadError:
+                pass
+            flush()
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while True:
+            try:
+                data = tls.read(65536)
+                if not data:  # the server's close_notify
+                    return answer
+                answer += data
+            except pyssl.SSLWantReadError:
+                fill()
+            except (pyssl.SSLZeroReturnError, pyssl.SSLEOFError):
+                return answer
 
 
 @pytest.mark.skipif(not HAVE_TLS_MODULE, reason=NO_TLS_MODULE)
@@ -1003,19 +1068,44 @@ async def test_tls_front_backend_eof_reaches_the_client(env: Env, pki: dict[str,
     assert client.count == 200_000
 
 
+@pytest.mark.skipif(not HAVE_TLS_MODULE, reason=NO_TLS_MODULE)
+@pytest.mark.parametrize("close_notify", [True, False], ids=["close_notify+FIN", "bare FIN"])
+@pytest_twisted.ensureDeferred
+async def test_tls_front_half_close_still_gets_the_reply(env: Env, pki: dict[str, str], close_notify: bool) -> None:
+    """A TLS client that finishes sending (close_notify and/or FIN) still gets the answer sent after it."""
+    _, backend_port = env.server(ReplyAfterEOF)
+    factory, port = env.proxy([f"tcp:127.0.0.1:{backend_port}"], wrap=_server_tls(pki))
+    done = ended(factory)
+    payload = os.urandom(200_000)
+    reply = await deferToThread(_tls_half_close_client, port, pki["ca"], payload, close_notify)
+    assert reply == b"got %d bytes, sha256 %s\n" % (len(payload), hashlib.sha256(payload).hexdigest().encode())
+    await until(lambda: done, "the relay to finish")
+    assert done[0].ended == "client closed"
+
+
+@pytest.mark.skipif(not HAVE_TLS_MODULE, reason=NO_TLS_MODULE)
+@pytest_twisted.ensureDeferred
+async def test_tls_front_twisted_client_close_still_gets_the_reply(env: Env, pki: dict[str, str]) -> None:
+    """Twisted's TLS client sends close_notify on loseConnection() and reads on: it gets the answer."""
+    _, backend_port = env.server(ReplyAfterEOF)
+    _, port = env.proxy([f"tcp:127.0.0.1:{backend_port}"], wrap=_server_tls(pki))
+    client = await env.connect(port, tls=_client_tls(pki))
+    client.transport.write(b"question")
+    client.transport.loseConnection()
+    await client.until_closed()
+    assert bytes(client.buf) == b"got 8 bytes, sha256 %s\n" % hashlib.sha256(b"question").hexdigest().encode()
+
+
 @pytest_twisted.ensureDeferred
 async def test_tls_to_a_tls_backend(env: Env, pki: dict[str, str]) -> None:
     """TLS origination: a tls: backend endpoint, verified against the test CA."""
-    server, backend_port = env.server(ReplyAfterEOF, wrap=_twisted_tls(pki))
+    server, backend_port = env.server(ReplyAfterEOF, wrap=_twisted_tls(pki, half_close=True))
     backend = f"tls:127.0.0.1:{backend_port}:trustRoots={pki['trust_dir']}"
-    factory, port = env.proxy([backend])
+    _, port = env.proxy([backend])
     payload = os.urandom(100_000)
+    # The client's FIN goes to the backend as close_notify; the backend answers after it.
     reply = await deferToThread(_half_close_client, port, payload)
-    # Over TLS the EOF travels as close_notify, which ends the TLS connection
-    # in Twisted: the backend sees all the bytes but cannot answer after it.
-    await until(lambda: server.peers and server.peers[0].closed, "the backend to see the end")
-    print(f"\nreply after EOF over TLS to the backend: {reply!r}")
-    assert reply == b"" or reply.startswith(b"got 100000 bytes")
+    assert reply == b"got %d bytes, sha256 %s\n" % (len(payload), hashlib.sha256(payload).hexdigest().encode())
 
 
 @pytest_twisted.ensureDeferred
