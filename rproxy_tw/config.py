@@ -92,6 +92,12 @@ class ListenConfig:
     tls: str | None = None
     pool: str | None = None
     proxy_protocol: str = "off"
+    max_connections: int = 10000
+    """Connections open at once on this listener; more are closed at once (tcp listeners)."""
+    redirect_https: int | None = None
+    """On a plain http listener: answer every request with 308 to https on this port."""
+    hsts: str | None = None
+    """On a TLS http listener: the Strict-Transport-Security value sent with every response."""
 
 
 @frozen
@@ -103,6 +109,8 @@ class RouteConfig:
     cache: bool = False
     retry_non_idempotent: bool = False
     """Allow replaying POST and PATCH on another backend after a failure."""
+    hsts: str | None = None
+    """Strict-Transport-Security value for this route's responses over TLS."""
 
 
 @frozen
@@ -165,6 +173,11 @@ class PoolConfig:
     replay_buffer: int = 65536
     """Bytes of request body kept so that a failed request can be sent again."""
     passive: PassiveHealthConfig = PassiveHealthConfig()
+    ca: str | None = None
+    """CA bundle that tls: backends' certificates are verified against (else the system roots)."""
+    client_cert: str | None = None
+    """Certificate (and key, if no client_key) presented to tls: backends: mutual TLS."""
+    client_key: str | None = None
 
 
 @frozen
@@ -337,6 +350,10 @@ def _resolve_path(base: str, path: str) -> str:
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
 
 
+def _optional_path(base: str, path: str | None) -> str | None:
+    return None if path is None else _resolve_path(base, path)
+
+
 def _parse_server(r: _Reader | None) -> ServerConfig:
     if r is None:
         return ServerConfig()
@@ -379,6 +396,19 @@ def _parse_listen(source: str, raw: Any) -> tuple[ListenConfig, ...]:
         tls = r.get("tls", str, None)
         pool = r.get("pool", str, None)
         proxy_protocol = r.choice("proxy_protocol", ("off", "v1", "v2"), "off")
+        max_connections = r.integer("max_connections", 10000, minimum=1)
+        redirect = r.get("redirect_https", (bool, int), False)
+        if redirect is True:
+            redirect = 443
+        elif redirect is False:
+            redirect = None
+        elif not 1 <= redirect <= 65535:
+            raise r.error("redirect_https", f"must be true or a port number, not {redirect}")
+        hsts = r.get("hsts", str, None)
+        if redirect is not None and (protocol != "http" or tls is not None):
+            raise r.error("redirect_https", "only applies to a plain (no tls) http listener")
+        if hsts is not None and (protocol != "http" or tls is None):
+            raise r.error("hsts", "only applies to an http listener with tls")
         if protocol == "tcp" and pool is None:
             raise r.error("pool", "is required when protocol = \"tcp\"")
         if protocol == "http" and pool is not None:
@@ -386,7 +416,18 @@ def _parse_listen(source: str, raw: Any) -> tuple[ListenConfig, ...]:
         if protocol == "http" and proxy_protocol != "off":
             raise r.error("proxy_protocol", "only applies to protocol = \"tcp\"")
         r.finish()
-        out.append(ListenConfig(endpoint=endpoint, protocol=protocol, tls=tls, pool=pool, proxy_protocol=proxy_protocol))
+        out.append(
+            ListenConfig(
+                endpoint=endpoint,
+                protocol=protocol,
+                tls=tls,
+                pool=pool,
+                proxy_protocol=proxy_protocol,
+                max_connections=max_connections,
+                redirect_https=redirect,
+                hsts=hsts,
+            )
+        )
     return tuple(out)
 
 
@@ -447,6 +488,7 @@ def _parse_routes(source: str, raw: Any) -> tuple[RouteConfig, ...]:
         strip_prefix = r.get("strip_prefix", bool, False)
         cache = r.get("cache", bool, False)
         retry_non_idempotent = r.get("retry_non_idempotent", bool, False)
+        route_hsts = r.get("hsts", str, None)
         r.finish()
         if (host, path) in seen:
             raise r.error("path", f"duplicates route[{seen[(host, path)]}] (same host and path)")
@@ -459,6 +501,7 @@ def _parse_routes(source: str, raw: Any) -> tuple[RouteConfig, ...]:
                 strip_prefix=strip_prefix,
                 cache=cache,
                 retry_non_idempotent=retry_non_idempotent,
+                hsts=route_hsts,
             )
         )
     return tuple(out)
@@ -528,7 +571,7 @@ def _parse_health(r: _Reader) -> HealthConfig:
     )
 
 
-def _parse_pools(source: str, raw: Any) -> dict[str, PoolConfig]:
+def _parse_pools(source: str, raw: Any, base: str = ".") -> dict[str, PoolConfig]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -576,6 +619,9 @@ def _parse_pools(source: str, raw: Any) -> dict[str, PoolConfig]:
             retry_budget=budget,
             replay_buffer=r.integer("replay_buffer", 65536),
             passive=passive,
+            ca=_optional_path(base, r.get("ca", str, None)),
+            client_cert=_optional_path(base, r.get("client_cert", str, None)),
+            client_key=_optional_path(base, r.get("client_key", str, None)),
         )
         r.finish()
         out[name] = pool
@@ -641,7 +687,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
     listen = _parse_listen(source, data.get("listen"))
     tls = _parse_tls(source, base, data.get("tls"))
     routes = _parse_routes(source, data.get("route"))
-    pools = _parse_pools(source, data.get("pool"))
+    pools = _parse_pools(source, data.get("pool"), base)
     limits = _parse_limits(top.sub("limits"))
     demo = None
     dr = top.sub("demo_origin")

@@ -50,10 +50,9 @@ class ProxyRuntime:
     ) -> None:
         self.config = config
         self.reactor = reactor
-        if endpoint_for is None:
-            endpoint_for = lambda description: clientFromString(reactor, description)  # noqa: E731
         self.pools: dict[str, BackendPool] = {
-            name: BackendPool(pc, reactor, endpoint_for) for name, pc in config.pools.items()
+            name: BackendPool(pc, reactor, endpoint_for or _endpoint_factory(reactor, pc))
+            for name, pc in config.pools.items()
         }
         self.connectors: dict[str, UpstreamConnector] = {
             name: UpstreamConnector(reactor, pc.keepalive, pc.keepalive_timeout, pc.connect_timeout)
@@ -155,6 +154,30 @@ class ProxyRuntime:
                 exchange.requestBodyData(chunk)
             exchange.requestBodyEnd()
         return NOT_DONE_YET
+
+
+def _endpoint_factory(reactor: Any, pool: Any) -> Callable[[str], Any]:
+    """
+    Client endpoints for a pool's backends: endpoint strings as Twisted parses
+    them, except that C{tls:HOST:PORT} backends of a pool with C{ca} or
+    C{client_cert} verify against that CA file and present that certificate.
+    """
+    if pool.ca is None and pool.client_cert is None:
+        return lambda description: clientFromString(reactor, description)
+
+    def endpoint_for(description: str) -> Any:
+        parts = description.split(":")
+        if parts[0] != "tls" or len(parts) < 3:
+            return clientFromString(reactor, description)
+        from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+
+        from .tls import client_tls_options
+
+        host, port = parts[1], int(parts[2])
+        options = client_tls_options(host, pool.ca, pool.client_cert, pool.client_key)
+        return wrapClientTLS(options, HostnameEndpoint(reactor, host, port))
+
+    return endpoint_for
 
 
 class _NullGate:
@@ -288,7 +311,8 @@ class ProxyService(MultiService):
         reactor = self.reactor
         tls_profile = self.config.tls.get(listen.tls) if listen.tls else None
         if listen.protocol == "http":
-            factory: Any = HTTPProxyFactory(self.runtime, reactor, scheme="https" if tls_profile else "http")
+            factory: Any = HTTPProxyFactory(self.runtime, reactor, scheme="https" if tls_profile else "http",
+                                            listen=listen)
         else:
             try:
                 from .tcp.relay import TCPProxyFactory
@@ -308,6 +332,13 @@ class ProxyService(MultiService):
         every listener, in config order (useful with C{tcp:0} endpoints).
         """
         return gatherResults([svc._waitingForPort for svc in self.listeners], consumeErrors=True)
+
+    def reload_tls(self) -> None:
+        """Re-read every TLS listener's certificate and key files (on SIGHUP); bad files keep the old ones."""
+        for factory in self.factories:
+            reload = getattr(factory, "reload", None)
+            if reload is not None:
+                reload()
 
     @property
     def resource(self) -> HostRouter:

@@ -64,12 +64,53 @@ class Options(usage.Options):
                 sys.exit(1)
             raise usage.UsageError(str(e)) from None
         if self["check"]:
+            try:
+                _check_files(config)
+            except ConfigError as e:
+                sys.stderr.write(f"{e}\n")
+                sys.exit(1)
             sys.stdout.write(f"{config.source}: ok\n")
             sys.exit(0)
         self.proxy_config = config
 
 
+def _check_files(config: Any) -> None:
+    """Load what the config names (certificates, keys, CAs) without listening anywhere."""
+    from twisted.internet.task import Clock
+
+    from .tls import ServerTLSContexts, client_tls_options
+
+    for profile in config.tls.values():
+        ServerTLSContexts(Clock(), profile, watch_interval=None)
+    for pool in config.pools.values():
+        if pool.ca is not None or pool.client_cert is not None:
+            client_tls_options("localhost", pool.ca, pool.client_cert, pool.client_key)
+
+
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
-    return ProxyService(options.proxy_config, reactor)
+    try:
+        service = ProxyService(options.proxy_config, reactor)
+    except ConfigError as e:
+        # A certificate or key that cannot be used: one line, no traceback.
+        sys.stderr.write(f"{e}\n")
+        sys.exit(1)
+    _reload_on_hangup(reactor, service)
+    return service
+
+
+def _reload_on_hangup(reactor: Any, service: ProxyService) -> None:
+    """SIGHUP re-reads certificates and keys without dropping connections."""
+    import signal
+
+    if not hasattr(signal, "SIGHUP"):
+        return
+    previous = signal.getsignal(signal.SIGHUP)
+
+    def hangup(signum: int, frame: Any) -> None:
+        reactor.callFromThread(service.reload_tls)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGHUP, hangup)

@@ -141,6 +141,7 @@ class ProxyExchange:
         content_length: int | None,
         upgrade: bool = False,
         retry_non_idempotent: bool = False,
+        extra_response_headers: Headers = (),
     ) -> None:
         self.downstream = downstream
         self.clock = clock
@@ -166,6 +167,7 @@ class ProxyExchange:
         self._connecting: Any = None
         self._producer: GateProducer | None = None
         self._chunked_up = body == "chunked"
+        self.extra_response_headers = extra_response_headers
         self.body_limit = 0
         self.body_seen = 0
         self.replayable = (method in IDEMPOTENT or retry_non_idempotent) and not upgrade
@@ -339,6 +341,8 @@ class ProxyExchange:
         s = self.settings
         upgrade = status == 101 and self.upgrade
         out = response_headers_for_client(headers, s.via, s.server_header, b"1.1", keep_upgrade=upgrade)
+        if self.extra_response_headers:
+            out.extend(self.extra_response_headers)
         balancer = self.pool.balancer
         if getattr(balancer, "cookie_name", None) is not None and self.backend is not None:
             if balancer.needs_cookie(self.headers, self.backend):

@@ -38,6 +38,7 @@ REASONS = {
     204: b"No Content",
     304: b"Not Modified",
     400: b"Bad Request",
+    308: b"Permanent Redirect",
     404: b"Not Found",
     405: b"Method Not Allowed",
     408: b"Request Timeout",
@@ -565,9 +566,14 @@ class HTTPProxyFactory(Factory):
     protocol = HTTPServerConnection  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, runtime: Any, clock: IReactorTime, scheme: str = "http") -> None:
+    def __init__(self, runtime: Any, clock: IReactorTime, scheme: str = "http", listen: Any = None) -> None:
         self.clock = clock
         self.scheme = scheme
+        self.redirect_https: int | None = getattr(listen, "redirect_https", None)
+        hsts = getattr(listen, "hsts", None) if scheme == "https" else None
+        self.hsts: tuple[tuple[bytes, bytes], ...] = (
+            ((b"Strict-Transport-Security", hsts.encode("ascii")),) if hsts else ()
+        )
         self.connections: set[HTTPServerConnection] = set()
         self.set_runtime(runtime)
 
@@ -603,6 +609,8 @@ class HTTPProxyFactory(Factory):
     ) -> Any:
         """Turn a parsed request head into the exchange that will answer it."""
         runtime = self.runtime
+        if self.redirect_https is not None:
+            return self._redirect(conn, headers, url, keep_alive)
         body = "none"
         content_length = None
         host = None
@@ -664,6 +672,7 @@ class HTTPProxyFactory(Factory):
             content_length,
             upgrade=upgrade,
             retry_non_idempotent=resource.config.retry_non_idempotent,
+            extra_response_headers=self._extra_headers(resource),
         )
         exchange.content_length = content_length  # type: ignore[attr-defined]
         exchange.http_version = http_version  # type: ignore[attr-defined]
@@ -676,6 +685,31 @@ class HTTPProxyFactory(Factory):
         if max_body and body == "chunked":
             exchange.body_limit = max_body
         return exchange
+
+    def _extra_headers(self, route: ProxyRoute) -> tuple[tuple[bytes, bytes], ...]:
+        """Headers the listener or route adds to every response (HSTS over TLS)."""
+        if self.scheme == "https" and route.config.hsts:
+            return ((b"Strict-Transport-Security", route.config.hsts.encode("ascii")),)
+        return self.hsts
+
+    def _redirect(self, conn: Any, headers: Headers, url: bytes, keep_alive: bool) -> LocalResponse:
+        """A plain listener that sends everyone to https (308 keeps the method and body)."""
+        host = b""
+        for name, value in headers:
+            if name.lower() == b"host":
+                host = value
+                break
+        from ..routing import host_of
+
+        name = host_of(host)
+        if not name or b"/" in name or b"@" in name:
+            return self._refuse(conn, 400, "Bad Request: a Host header is needed for the https redirect", False)
+        port = self.redirect_https
+        authority = name if port == 443 else b"%s:%d" % (name, port)
+        target = url if url.startswith(b"/") else b"/"
+        location = b"https://" + authority + target
+        return LocalResponse(conn, 308, "Permanent Redirect: " + location.decode("latin-1"), close=not keep_alive,
+                             extra=((b"Location", location),))
 
     def _refuse(self, conn: HTTPServerConnection, status: int, message: str, keep_alive: bool) -> LocalResponse:
         return LocalResponse(conn, status, message, close=not keep_alive or status == 400)
