@@ -20,8 +20,9 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -639,7 +640,7 @@ async def test_dead_backend_fails_over_to_a_live_one(env: Env) -> None:
     for i in range(4):
         client = await env.connect(port)
         client.transport.write(b"ping %d" % i)
-        await until(lambda: bytes(client.buf) == b"ping %d" % i, "the echo through the live backend")
+        await until(lambda c=client, i=i: bytes(c.buf) == b"ping %d" % i, "the echo through the live backend")
         client.transport.loseConnection()
         await client.until_closed()
     dead_backend = factory.pool.backends[0]
@@ -753,7 +754,7 @@ async def test_stalled_reader_keeps_proxy_buffers_bounded(env: Env) -> None:
         p.connectionMade = made  # type: ignore[method-assign]
         return p
 
-    server, backend_port = env.server(make)
+    _, backend_port = env.server(make)
     factory, port = env.proxy([f"tcp:127.0.0.1:{backend_port}"])
     client = await env.connect(port, Peer(keep=False))
     client.transport.pauseProducing()
@@ -876,7 +877,7 @@ def test_client_gone_while_connecting_cancels_the_attempt() -> None:
     hanging = HangingEndpoint()
     factory, clock = memory_proxy({"tcp:10.0.0.9:1": hanging}, connect_timeout=5.0)
     done = ended(factory)
-    relay, client = memory_client(factory)
+    relay, _ = memory_client(factory)
     relay.connectionLost()
     assert done and done[0].ended == "client closed"
     assert factory.counters.connect_failures == 0 and not clock.getDelayedCalls()
@@ -893,7 +894,7 @@ def _make_pki(root: str) -> dict[str, str]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -1061,7 +1062,7 @@ async def test_tls_front_backend_eof_reaches_the_client(env: Env, pki: dict[str,
         p.connectionMade = lambda: (Peer.connectionMade(p), p.send_all(b"x" * 200_000))  # type: ignore[method-assign]
         return p
 
-    server, backend_port = env.server(make)
+    _, backend_port = env.server(make)
     _, port = env.proxy([f"tcp:127.0.0.1:{backend_port}"], wrap=_server_tls(pki))
     client = await env.connect(port, tls=_client_tls(pki))
     await client.until_closed()
@@ -1099,7 +1100,7 @@ async def test_tls_front_twisted_client_close_still_gets_the_reply(env: Env, pki
 @pytest_twisted.ensureDeferred
 async def test_tls_to_a_tls_backend(env: Env, pki: dict[str, str]) -> None:
     """TLS origination: a tls: backend endpoint, verified against the test CA."""
-    server, backend_port = env.server(ReplyAfterEOF, wrap=_twisted_tls(pki, half_close=True))
+    _, backend_port = env.server(ReplyAfterEOF, wrap=_twisted_tls(pki, half_close=True))
     backend = f"tls:127.0.0.1:{backend_port}:trustRoots={pki['trust_dir']}"
     _, port = env.proxy([backend])
     payload = os.urandom(100_000)

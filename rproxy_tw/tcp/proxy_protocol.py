@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TypeAlias
 
 from attrs import field, frozen
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -46,7 +47,7 @@ __all__ = [
     "PP2_CLIENT_CERT_SESS",
 ]
 
-Address = IPv4Address | IPv6Address | UNIXAddress
+Address: TypeAlias = IPv4Address | IPv6Address | UNIXAddress
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX = 107

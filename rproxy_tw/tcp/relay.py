@@ -32,7 +32,8 @@ negotiated).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.internet.abstract import FileDescriptor
@@ -46,7 +47,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ITransport,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -255,7 +256,7 @@ class _UpstreamProtocol(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.relay.upstreamLost(self, reason)
 
 
@@ -265,7 +266,7 @@ class _UpstreamFactory(Factory):
     def __init__(self, relay: TCPProxyServer) -> None:
         self.relay = relay
 
-    def buildProtocol(self, addr: IAddress) -> _UpstreamProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> _UpstreamProtocol:
         return _UpstreamProtocol(self.relay)
 
 
@@ -398,7 +399,7 @@ class TCPProxyServer(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.client_closed:
             return
         self.client_closed = True
@@ -670,7 +671,7 @@ class TCPProxyFactory(Factory):
         self.on_finished: Callable[[TCPProxyServer], None] | None = None
         """Called with each relay as it ends (tests, access logs)."""
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
         counters = self.counters
         if self.max_connections and counters.connections_active >= self.max_connections:
             counters.connections_rejected += 1
@@ -682,7 +683,7 @@ class TCPProxyFactory(Factory):
         self.connections.add(relay)
         return relay
 
-    def _logRejected(self, addr: IAddress) -> None:
+    def _logRejected(self, addr: IAddress | None) -> None:
         # One line a second at most: a flood must not become a log flood.
         self._rejected_unlogged += 1
         now = self.reactor.seconds()
