@@ -976,11 +976,12 @@ def _twisted_tls(pki: dict[str, str], half_close: bool = False) -> Callable[[Any
     return wrap
 
 
-def _tls_half_close_client(port: int, cafile: str, payload: bytes, close_notify: bool) -> bytes:
+def _tls_half_close_client(port: int, cafile: str, payload: bytes, close_notify: bool, prefix: bytes = b"") -> bytes:
     """
     A TLS client (Python's ssl over a memory BIO, so that it can read after
-    closing): sends C{payload}, then C{close_notify} (if asked) and a TCP
-    FIN, then reads the answer to the end.
+    closing): sends C{prefix} in the clear (a load balancer's PROXY header),
+    then C{payload} over TLS, then C{close_notify} (if asked) and a TCP FIN,
+    then reads the answer to the end.
     """
     import ssl as pyssl
 
@@ -988,6 +989,8 @@ def _tls_half_close_client(port: int, cafile: str, payload: bytes, close_notify:
     incoming, outgoing = pyssl.MemoryBIO(), pyssl.MemoryBIO()
     tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
     with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD) as sock:
+        sock.sendall(prefix)
+
         def flush() -> None:
             data = outgoing.read()
             if data:
@@ -1095,6 +1098,25 @@ async def test_tls_front_twisted_client_close_still_gets_the_reply(env: Env, pki
     client.transport.loseConnection()
     await client.until_closed()
     assert bytes(client.buf) == b"got 8 bytes, sha256 %s\n" % hashlib.sha256(b"question").hexdigest().encode()
+
+
+@pytest.mark.skipif(not HAVE_TLS_MODULE, reason=NO_TLS_MODULE)
+@pytest_twisted.ensureDeferred
+async def test_proxy_header_in_front_of_tls_and_v2_with_tls_behind(env: Env, pki: dict[str, str]) -> None:
+    """haproxy: wrapper, then TLS, then the relay: the backend learns the LB's client and the TLS facts."""
+    from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+
+    server, backend_port = env.server(HeaderBackend)
+    tls = _server_tls(pki)
+    _, port = env.proxy([f"tcp:127.0.0.1:{backend_port}"], listen=listen_config("v2"),
+                        wrap=lambda f: HAProxyWrappingFactory(tls(f)))
+    lb_header = build_v2(v6("2001:db8::7", 40000), v6("2001:db8::1", 6380))
+    reply = await deferToThread(_tls_half_close_client, port, pki["ca"], b"hi", True, lb_header)
+    assert reply == b"ok\nhi"
+    header = server.peers[0].header
+    assert header is not None and header.tls is not None
+    assert header.source == v6("2001:db8::7", 40000) and header.destination == v6("2001:db8::1", 6380)
+    assert header.tls.sni == "localhost" and header.tls.version in ("TLSv1.2", "TLSv1.3")
 
 
 @pytest_twisted.ensureDeferred
