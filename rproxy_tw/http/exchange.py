@@ -353,9 +353,6 @@ class ProxyExchange:
         self.downstream.writeHead(status, reason, out, content_length, has_body)
 
     def responseBody(self, data: bytes) -> None:
-        conn = self.conn
-        if conn is not None:
-            conn.arm(self.settings.idle_timeout)
         self.downstream.writeBody(data)
 
     def responseEnd(self, trailers: Headers) -> None:

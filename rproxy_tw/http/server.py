@@ -310,7 +310,9 @@ class HTTPServerConnection(Protocol):
             raise _Reject(505, "HTTP Version Not Supported")
         exchange = self.factory.handle(self, method, self._url, http_version, headers, keep_alive, parser.should_upgrade())
         self.parsing = exchange
-        self._rearm(self.factory.limits.idle_timeout)
+        if not exchange.requestComplete:
+            # A body follows: from now on the timer watches for it stalling.
+            self._rearm(self.factory.limits.idle_timeout)
         if self.current is None:
             self.current = exchange
             self._beginResponse(exchange)

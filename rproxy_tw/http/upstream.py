@@ -53,6 +53,8 @@ class UpstreamConnection(Protocol):
         self._keep_after_head = True
         self._upgrading = False
         self._timer: Any = None
+        self.last_read = 0.0
+        self._armed_for = 0.0
         self.tunnel: Any = None
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -104,6 +106,8 @@ class UpstreamConnection(Protocol):
         then silence mid-body) while busy, the keep-alive expiry while idle.
         One timer per connection, moved rather than re-created per request.
         """
+        self._armed_for = seconds
+        self.last_read = self.connector.clock.seconds()
         timer = self._timer
         if timer is not None and timer.active():
             timer.reset(seconds)
@@ -114,6 +118,12 @@ class UpstreamConnection(Protocol):
         self._timer = None
         ex = self.exchange
         if ex is not None:
+            left = self.last_read + self._armed_for - self.connector.clock.seconds()
+            if left > 0:
+                # Bytes came since the deadline was set: it counts from the last of them
+                # (checked here rather than moving the timer on every read).
+                self._timer = self.connector.clock.callLater(left, self._deadline)
+                return
             ex._timedOut()
         elif self.connected and self.tunnel is None:
             self.connector.forget(self)
@@ -147,6 +157,7 @@ class UpstreamConnection(Protocol):
             self.transport.abortConnection()
             return
         self.received = True
+        self.last_read = self.connector.clock.seconds()
         downstream = ex.downstream
         try:
             self.parser.feed_data(data)
