@@ -94,6 +94,8 @@ class ListenConfig:
     proxy_protocol: str = "off"
     max_connections: int = 10000
     """Connections open at once on this listener; more are closed at once (tcp listeners)."""
+    idle_timeout: float | None = None
+    """tcp listeners: seconds without a byte either way before both sides close (default: the pool's)."""
     redirect_https: int | None = None
     """On a plain http listener: answer every request with 308 to https on this port."""
     hsts: str | None = None
@@ -397,6 +399,11 @@ def _parse_listen(source: str, raw: Any) -> tuple[ListenConfig, ...]:
         pool = r.get("pool", str, None)
         proxy_protocol = r.choice("proxy_protocol", ("off", "v1", "v2"), "off")
         max_connections = r.integer("max_connections", 10000, minimum=1)
+        listen_idle = r.get("idle_timeout", (int, float), None)
+        if listen_idle is not None:
+            if protocol != "tcp":
+                raise r.error("idle_timeout", "only applies to protocol = \"tcp\" (http uses [limits] idle_timeout)")
+            listen_idle = r.number("idle_timeout", 0.0)
         redirect = r.get("redirect_https", (bool, int), False)
         if redirect is True:
             redirect = 443
@@ -424,6 +431,7 @@ def _parse_listen(source: str, raw: Any) -> tuple[ListenConfig, ...]:
                 pool=pool,
                 proxy_protocol=proxy_protocol,
                 max_connections=max_connections,
+                idle_timeout=listen_idle,
                 redirect_https=redirect,
                 hsts=hsts,
             )

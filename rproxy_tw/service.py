@@ -319,7 +319,8 @@ class ProxyService(MultiService):
             except ImportError:
                 raise ConfigError(self.config.source, "listen.protocol", "tcp listeners are not available yet") from None
             pool = self.runtime.pools[listen.pool]
-            factory = TCPProxyFactory(reactor, pool, listen, self.config.pools[listen.pool])
+            factory = TCPProxyFactory(reactor, pool, listen, self.config.pools[listen.pool],
+                                      passive=self.runtime.passive.get(listen.pool))
         if tls_profile is not None:
             from .tls import tls_server_factory
 
@@ -332,6 +333,24 @@ class ProxyService(MultiService):
         every listener, in config order (useful with C{tcp:0} endpoints).
         """
         return gatherResults([svc._waitingForPort for svc in self.listeners], consumeErrors=True)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop listening, then close the connections still open (an embedding app expects a clean stop)."""
+        d = super().stopService()
+
+        def close_connections(result: Any) -> Any:
+            for factory in self.factories:
+                inner = getattr(factory, "wrappedFactory", factory)
+                abort = getattr(inner, "abortAll", None)
+                if abort is not None:
+                    abort()
+                for conn in list(getattr(inner, "connections", ())):
+                    transport = getattr(conn, "transport", None)
+                    if transport is not None:
+                        transport.loseConnection()
+            return result
+
+        return d.addBoth(close_connections)
 
     def reload_tls(self) -> None:
         """Re-read every TLS listener's certificate and key files (on SIGHUP); bad files keep the old ones."""
