@@ -48,7 +48,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime,
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import Interface, implementer
@@ -108,6 +108,16 @@ class TCPProbe:
             protocol.transport.loseConnection()
 
         return d.addCallback(connected)
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    """A probe every few seconds must not log "Starting factory" twice each time."""
+
+    noisy = False
+
+
+class _QuietPool(HTTPConnectionPool):
+    _factory = _QuietFactory
 
 
 @implementer(IAgentEndpointFactory)
@@ -255,7 +265,7 @@ class HTTPProbe:
         self._needle = config.expect_body.encode("utf-8") if config.expect_body else None
 
     def _agent_client(self, endpoint: IStreamClientEndpoint | None) -> HTTPClient:
-        pool = HTTPConnectionPool(self._reactor, persistent=False)
+        pool = _QuietPool(self._reactor, persistent=False)
         if endpoint is None:
             agent = Agent(self._reactor, pool=pool)
         else:
@@ -265,17 +275,17 @@ class HTTPProbe:
     def target(self, backend: Backend) -> tuple[Any, str]:
         """The client to use and the URL to ask for C{backend}."""
         parsed = _host_port(backend.config.endpoint)
-        if parsed is not None and parsed[0] == "tcp":
-            if self._client is None:
-                self._client = self._agent_client(None)
+        if parsed is not None and parsed[0] == "tcp" and self._client is not None:
             _, host, port = parsed
             return self._client, URL(scheme="http", host=host, port=port).to_text() + self.config.path
+        # Through the backend's own endpoint: a refused tcp: port fails at once
+        # (a hostname lookup path would add 0.3 s), and tls:/unix: keep their options.
         client = self._endpoint_clients.get(backend)
         if client is None:
             client = self._endpoint_clients[backend] = self._endpoint_client(backend.endpoint)
         if parsed is not None:
-            _, host, port = parsed
-            base = URL(scheme="https", host=host, port=port)
+            kind, host, port = parsed
+            base = URL(scheme="http" if kind == "tcp" else "https", host=host, port=port)
         else:
             base = URL(scheme="http", host=self.config.host or "localhost")
         return client, base.to_text() + self.config.path
@@ -517,7 +527,9 @@ class HealthMonitor(Service):
             backend.active_down = True
             self.slow_start.cancel(backend)
             self.pool.mark_down(backend, why)
-        else:
+        elif not backend.active_down:
+            # Failures short of `fall` are worth a line; a backend already down is not
+            # re-announced every interval.
             self._log.debug(
                 "health check of backend {backend} of pool {pool} failed ({failures} in a row): {why}",
                 backend=backend.name,
