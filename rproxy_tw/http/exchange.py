@@ -219,12 +219,15 @@ class ProxyExchange:
             return
         backend = self.backend
         why = failure.getErrorMessage() or failure.type.__name__
-        self._log.warn(
-            "connect to backend {backend} of pool {pool} failed: {why}",
-            backend=backend.name if backend else "?",
-            pool=self.pool.name,
-            why=why,
-        )
+        if backend is not None and self._mayWarn(backend):
+            self._log.warn(
+                "connect to backend {backend} of pool {pool} failed: {why} ({more} more not logged)",
+                backend=backend.name,
+                pool=self.pool.name,
+                why=why,
+                more=backend.unwarned,
+            )
+            backend.unwarned = 0
         if backend is not None:
             backend.last_error = why
             backend.failures += 1
@@ -462,6 +465,15 @@ class ProxyExchange:
             self._detach(conn)
             conn.abort()
         self._giveUp(504, "Gateway Timeout: the backend did not answer in time")
+
+    def _mayWarn(self, backend: Backend) -> bool:
+        """At most one warning a second per backend: an outage must not flood the log."""
+        now = self.clock.seconds()
+        if now - backend.last_warned >= 1.0:
+            backend.last_warned = now
+            return True
+        backend.unwarned += 1
+        return False
 
     def _report(self, backend: Backend, kind: str) -> None:
         passive = self.settings.passive

@@ -52,6 +52,10 @@ class Backend:
     """The weight balancers use (lower than C{config.weight} during slow start)."""
     current_weight: float = 0.0
     """Smooth weighted round robin's running score."""
+    last_warned: float = -1e9
+    """When a failure of this backend was last logged (failures are logged at most once a second)."""
+    unwarned: int = 0
+    """Failures since then that were not logged."""
     idle: list = attrs.field(factory=list)
     """Idle keep-alive connections to this backend, most recently used last."""
     active_down: bool = False
