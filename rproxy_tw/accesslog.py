@@ -81,7 +81,7 @@ class AccessLog:
                 host = value
         status = getattr(exchange, "status", 0) or 0
         backend = getattr(getattr(exchange, "backend", None), "name", None)
-        started = getattr(exchange, "started", None)
+        started = getattr(exchange, "started_at", None)
         if self.json:
             line = json.dumps(
                 {

@@ -617,15 +617,15 @@ class HTTPProxyFactory(Factory):
         content_length = None
         host = None
         for name, value in headers:
-            lname = name.lower()
-            if lname == b"host":
+            size = len(name)
+            if size == 4 and name.lower() == b"host":
                 if host is not None:
                     return self._refuse(conn, 400, "Bad Request: more than one Host header", keep_alive)
                 host = value
-            elif lname == b"content-length":
+            elif size == 14 and name.lower() == b"content-length":
                 content_length = int(value)
                 body = "length"
-            elif lname == b"transfer-encoding":
+            elif size == 17 and name.lower() == b"transfer-encoding":
                 if value.strip().lower() != b"chunked":
                     return self._refuse(conn, 501, "Not Implemented: transfer coding other than chunked", False)
                 body = "chunked"
@@ -681,7 +681,8 @@ class HTTPProxyFactory(Factory):
         exchange.keep_alive = keep_alive  # type: ignore[attr-defined]
         exchange.request_line = (method, url, http_version)  # type: ignore[attr-defined]
         exchange.request_headers = headers  # type: ignore[attr-defined]
-        exchange.started = self.clock.seconds()  # type: ignore[attr-defined]
+        if self.access_log is not None:
+            exchange.started_at = self.clock.seconds()  # type: ignore[attr-defined]
         if not keep_alive:
             conn.keep_alive = False
         if max_body and body == "chunked":

@@ -217,10 +217,11 @@ class UpstreamConnection(Protocol):
         content_length = None
         chunked = False
         for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"content-length":
+            # Compare lengths first: most headers are neither, and this runs per response.
+            size = len(name)
+            if size == 14 and name.lower() == b"content-length":
                 content_length = int(value)
-            elif lname == b"transfer-encoding":
+            elif size == 17 and name.lower() == b"transfer-encoding":
                 chunked = True
         if chunked:
             content_length = None
