@@ -145,6 +145,9 @@ CLIENT_SUBJECT = b"X-Client-Cert-Subject"
 """Carries the verified client certificate's subject to the origin; never taken from a client."""
 
 _REQUEST_ACTIONS = {name: _DROP for name in HOP_BY_HOP | FRAMING | {CLIENT_SUBJECT.lower()}}
+_SPOOFABLE = FORWARDING | {CLIENT_SUBJECT.lower()}
+"""Headers the proxy vouches for: their C{_} spellings (which CGI and WSGI read as the same
+name) are dropped too, as nginx ignores underscored names by default."""
 _REQUEST_ACTIONS.update(
     {
         b"upgrade": _UPGRADE,
@@ -212,7 +215,7 @@ def request_headers_for_origin(
         lname = name.lower()
         action = actions.get(lname, _KEEP)
         if action == _KEEP:
-            if lname[:6] != b"proxy-":
+            if lname[:6] != b"proxy-" and (b"_" not in lname or lname.replace(b"_", b"-") not in _SPOOFABLE):
                 append(header)
         elif action == _HOST:
             host = header[1]

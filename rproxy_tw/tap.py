@@ -80,8 +80,12 @@ def _check_files(config: Any) -> None:
 
     from .tls import ServerTLSContexts, client_tls_options
 
+    import time
+
+    clock = Clock()
+    clock.advance(time.time())  # certificate validity is judged against today, not the epoch
     for profile in config.tls.values():
-        ServerTLSContexts(Clock(), profile, watch_interval=None)
+        ServerTLSContexts(clock, profile, watch_interval=None)
     for pool in config.pools.values():
         if pool.ca is not None or pool.client_cert is not None:
             client_tls_options("localhost", pool.ca, pool.client_cert, pool.client_key)

@@ -880,9 +880,7 @@ def open_sockets() -> int:
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
 @pytest.mark.parametrize("tls", [
     False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, reason="proxy bug: a TLS connection the proxy closes after a response (Connection: close, "
-                            "HTTP/1.0) keeps its socket open forever; ulimit -n of them and the listener hits EMFILE")),
+    True,
 ], ids=["plain", "tls"])
 @pytest_twisted.ensureDeferred
 async def test_connections_closed_by_the_proxy_release_their_sockets(net: Net, certs: E2EPKI, tls: bool) -> None:

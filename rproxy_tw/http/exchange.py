@@ -537,7 +537,7 @@ class ProxyExchange:
         self._stopTimer()
         if not self.headSent:
             self.status = status
-        self.downstream.failResponse(status, message, extra)
+        self.downstream.failResponse(status, message, (*extra, *self.extra_response_headers))
         self._finish(False)
 
     def _stopTimer(self) -> None:

@@ -22,6 +22,7 @@ from twisted.internet import tcp
 __all__ = ["direct_writer"]
 
 _READ_SIZE = 256 * 1024
+_DISABLED = bool(__import__("os").environ.get("RPROXY_NO_DIRECT_WRITE"))
 
 
 def direct_writer(transport: Any, read_size: int | None = None) -> Callable[[bytes], None]:
@@ -33,7 +34,7 @@ def direct_writer(transport: Any, read_size: int | None = None) -> Callable[[byt
         transport (Twisted's default is 64 KiB; larger reads mean fewer turns
         of the reactor for large bodies).
     """
-    if type(transport) not in (tcp.Server, tcp.Client) or getattr(transport, "TLS", False):
+    if type(transport) not in (tcp.Server, tcp.Client) or getattr(transport, "TLS", False) or _DISABLED:
         return transport.write
     if read_size:
         transport.bufferSize = read_size

@@ -74,6 +74,10 @@ def error_response(status: int, message: str, close: bool, extra: Headers = (), 
     return head + b"\r\n" + body
 
 
+CLOSE_GRACE = 5.0
+"""Seconds a closing connection may take to finish its close before it is cut."""
+
+
 class LocalResponse:
     """An answer made by the proxy itself (errors, 404, 421...)."""
 
@@ -117,6 +121,7 @@ class HTTPServerConnection(Protocol):
         self.keep_alive = True
         self.tunnel: Any = None
         self.disconnected = False
+        self.closing = False
         self.in_head = False
         self._head_bytes = 0
         self._url = b""
@@ -177,6 +182,22 @@ class HTTPServerConnection(Protocol):
         self.queue.clear()
         self.current = self.parsing = None
 
+    def _close(self) -> None:
+        """
+        Close after what was written.  Reading goes on (and is discarded):
+        a TLS close waits for the peer's close_notify, which a paused
+        transport would never read.  A peer that never finishes closing is
+        cut after a few seconds.
+        """
+        self.closing = True
+        self.parser = None  # type: ignore[assignment]
+        self.transport.loseConnection()
+        self.factory.clock.callLater(CLOSE_GRACE, self._forceClose)
+
+    def _forceClose(self) -> None:
+        if not self.disconnected:
+            self.transport.abortConnection()
+
     def _notConnected(self, data: bytes) -> None:
         raise RuntimeError("write before connectionMade")
 
@@ -186,7 +207,7 @@ class HTTPServerConnection(Protocol):
             return
         if self.current is None and not self.in_head and self.parsing is None:
             # Idle keep-alive connection: close quietly, as nginx does.
-            self.transport.loseConnection()
+            self._close()
         elif self.in_head:
             self._reject(408, "Request Timeout: the request head took too long")
         else:
@@ -264,7 +285,6 @@ class HTTPServerConnection(Protocol):
             self.current = None
         self.parsing = None
         response = LocalResponse(self, status, message, close=True)
-        self.gate.pause("rejected")
         if self.current is None:
             self.current = response
             response.start()
@@ -352,8 +372,7 @@ class HTTPServerConnection(Protocol):
         if self.disconnected:
             return
         if self._close_after or not self.keep_alive:
-            self.transport.loseConnection()
-            self.gate.pause("closing")
+            self._close()
             return
         if self.queue:
             nxt = self.queue.popleft()
@@ -499,6 +518,9 @@ class HTTPServerConnection(Protocol):
         self.writeLocal(status, message, self._close_after or self._upgrade_pending, extra)
 
     def writeLocal(self, status: int, message: str, close: bool, extra: Headers = ()) -> None:
+        hsts = self.factory.hsts
+        if hsts and not any(name == b"Strict-Transport-Security" for name, _ in extra):
+            extra = (*extra, *hsts)
         if close:
             self._close_after = True
         if self.disconnected:
@@ -709,7 +731,16 @@ class HTTPProxyFactory(Factory):
             return self._refuse(conn, 400, "Bad Request: a Host header is needed for the https redirect", False)
         port = self.redirect_https
         authority = name if port == 443 else b"%s:%d" % (name, port)
-        target = url if url.startswith(b"/") else b"/"
+        if url.startswith(b"/"):
+            target = url
+        else:
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                parsed = None
+            target = (parsed.path or b"/") if parsed is not None else b"/"
+            if parsed is not None and parsed.query:
+                target += b"?" + parsed.query
         location = b"https://" + authority + target
         return LocalResponse(conn, 308, "Permanent Redirect: " + location.decode("latin-1"), close=not keep_alive,
                              extra=((b"Location", location),))
