@@ -126,6 +126,17 @@ class ProxyExchange:
 
     _log = Logger()
 
+    # One is made per request: slots make that cheaper, and catch misspelt attributes.
+    __slots__ = (
+        "downstream", "clock", "pool", "connector", "settings", "method", "headers", "info", "body",
+        "upgrade", "conn", "backend", "pending", "requestComplete", "requestSent", "bodyStarted",
+        "headSent", "finished", "status", "tried", "attempts", "_connecting", "_producer", "_chunked_up",
+        "extra_response_headers", "body_limit", "body_seen", "replayable", "replay", "replay_bytes", "head",
+        # Set by the front end that made the exchange (for its own use and the access log).
+        "content_length", "http_version", "keep_alive", "request_line", "request_headers", "started_at",
+        "__weakref__",
+    )
+
     def __init__(
         self,
         downstream: Any,
