@@ -111,7 +111,7 @@ class ForwardingInfo:
     """
 
     __slots__ = ("client_ip", "proto", "trusted", "via", "client_subject", "_xff_ip", "_fwd_for", "_proto_b",
-                 "_via_value", "_last_host", "_last_element")
+                 "_via_value", "_last_host", "_last_element", "_suffix_host", "_suffix")
 
     def __init__(self, client_ip: str, proto: str, trusted: bool, via: bytes, client_subject: str | None = None) -> None:
         self.client_ip = client_ip
@@ -126,6 +126,26 @@ class ForwardingInfo:
         self._via_value = b"1.1 " + via
         self._last_host: bytes | None = None
         self._last_element = b""
+        self._suffix_host: bytes | None = None
+        self._suffix: bytes | None = None
+
+    def added_lines(self, host: bytes | None) -> bytes:
+        """
+        The header lines this hop adds for a request that brought no
+        forwarding headers of its own, serialized once per host (no final CRLF).
+        """
+        if self._suffix is not None and host == self._suffix_host:
+            return self._suffix
+        added = [(b"X-Forwarded-For", self._xff_ip), (b"X-Forwarded-Proto", self._proto_b)]
+        if host is not None:
+            added.append((b"X-Forwarded-Host", host))
+        added.append((b"Forwarded", self.forwarded_element(host)))
+        added.append((b"Via", self._via_value))
+        if self.client_subject is not None:
+            added.append((CLIENT_SUBJECT, self.client_subject.encode("utf-8", "replace")))
+        self._suffix_host = host
+        self._suffix = b"\r\n".join([b": ".join(header) for header in added])
+        return self._suffix
 
     def forwarded_element(self, host: bytes | None) -> bytes:
         """This hop's RFC 7239 element: C{for=...;proto=...;host=...}."""
@@ -318,6 +338,66 @@ def response_headers_for_client(
         append(upgrade)
         append((b"Connection", b"upgrade"))
     return out
+
+
+def request_head_block(headers: Headers, info: ForwardingInfo, keep_upgrade: bool = False) -> bytes:
+    """
+    C{serialize(request_headers_for_origin(headers, info, keep_upgrade=...))},
+    made in one pass for the common request (no forwarding, C{Via},
+    C{Upgrade} or C{Connection} options to merge); any other falls back to the
+    general rewrite.  Measured: header rewriting was a third of the proxy's
+    Python time per request.
+    """
+    parts: list[bytes] = []
+    append = parts.append
+    actions = _REQUEST_ACTIONS
+    host = None
+    for header in headers:
+        lname = header[0].lower()
+        action = actions.get(lname, _KEEP)
+        if action == _KEEP:
+            if lname[:6] != b"proxy-" and (b"_" not in lname or lname.replace(b"_", b"-") not in _SPOOFABLE):
+                append(b": ".join(header))
+        elif action == _HOST:
+            host = header[1]
+            append(b": ".join(header))
+        elif action == _DROP or (action == _CONNECTION and header[1].lower() in _PLAIN_CONNECTION):
+            pass
+        else:
+            return serialize(request_headers_for_origin(headers, info, b"1.1", keep_upgrade))
+    append(info.added_lines(host))
+    return b"\r\n".join(parts) + b"\r\n"
+
+
+def response_head_block(headers: Headers, added: bytes) -> bytes | None:
+    """
+    C{serialize(response_headers_for_client(...))} in one pass for the common
+    response, or None when the general rewrite is needed (C{Via},
+    C{Upgrade}, C{Connection} options).
+
+    @param added: this hop's own lines (C{Via}, C{Server}), serialized, no final CRLF.
+    """
+    parts: list[bytes] = []
+    append = parts.append
+    actions = _RESPONSE_ACTIONS
+    for header in headers:
+        action = actions.get(header[0].lower(), _KEEP)
+        if action == _KEEP:
+            append(b": ".join(header))
+        elif action == _DROP or (action == _CONNECTION and header[1].lower() in _PLAIN_CONNECTION):
+            pass
+        else:
+            return None
+    append(added)
+    return b"\r\n".join(parts) + b"\r\n"
+
+
+def response_added_lines(via: bytes, server_header: bytes, http_version: bytes = b"1.1") -> bytes:
+    """The lines L{response_headers_for_client} adds when the origin sent no C{Via}."""
+    lines = [b"Via: " + http_version + b" " + via]
+    if server_header:
+        lines.append(b"Server: " + server_header)
+    return b"\r\n".join(lines)
 
 
 def trailers_for_client(trailers: Headers) -> list[Header]:

@@ -197,6 +197,7 @@ class _WebRequestDownstream:
     """An exchange's response written to a twisted.web Request."""
 
     http_version = b"1.1"
+    wants_block = False
 
     def __init__(self, request: Any) -> None:
         self.request = request

@@ -325,3 +325,31 @@ def test_host_always_reaches_origin_unchanged_when_not_named_in_connection(heade
         return
     out = request_headers_for_origin(headers, info())
     assert values(out, b"host") == values(headers, b"host")
+
+
+# The one-pass serializers used on the hot path must say exactly what the general rewrite says.
+
+from rproxy_tw.headers import (  # noqa: E402
+    request_head_block,
+    response_added_lines,
+    response_head_block,
+    serialize,
+)
+
+
+@settings(derandomize=True, max_examples=400, deadline=None)
+@given(_headers, st.booleans(), st.booleans())
+def test_request_head_block_equals_general_rewrite(headers, trusted, upgrade):
+    info = ForwardingInfo("192.0.2.7", "https", trusted, b"rproxy")
+    expected = serialize(request_headers_for_origin(headers, info, b"1.1", keep_upgrade=upgrade))
+    assert request_head_block(headers, info, keep_upgrade=upgrade) == expected
+    # Twice: the per-connection cache of the added lines must not go stale.
+    assert request_head_block(headers, info, keep_upgrade=upgrade) == expected
+
+
+@settings(derandomize=True, max_examples=400, deadline=None)
+@given(_headers)
+def test_response_head_block_equals_general_rewrite_or_defers(headers):
+    block = response_head_block(headers, response_added_lines(b"rproxy", b"rproxy"))
+    if block is not None:
+        assert block == serialize(response_headers_for_client(headers, b"rproxy", b"rproxy"))

@@ -18,7 +18,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
-from ..headers import ForwardingInfo, request_headers_for_origin, response_headers_for_client, serialize
+from ..headers import (
+    ForwardingInfo,
+    request_head_block,
+    response_added_lines,
+    response_head_block,
+    response_headers_for_client,
+)
 from .flow import GateProducer
 from .upstream import BadResponse, ConnectTimeout, UpstreamConnection
 
@@ -37,6 +43,7 @@ class IDownstream(Interface):
     """Where an exchange's response goes and where its request body comes from."""
 
     gate = Attribute("The L{ReadGate} of the client's transport (pauses the request body).")
+    wants_block = Attribute("Whether L{writeHead} may be given the headers already serialized (bytes).")
     http_version = Attribute("The client's HTTP version, C{b'1.1'} or C{b'1.0'}.")
 
     def writeInterim(status: int, reason: bytes, headers: Headers) -> None:
@@ -89,6 +96,7 @@ class ExchangeSettings:
     __slots__ = (
         "via",
         "server_header",
+        "response_added",
         "response_timeout",
         "idle_timeout",
         "retries",
@@ -112,6 +120,7 @@ class ExchangeSettings:
     ):
         self.via = via
         self.server_header = server_header
+        self.response_added = response_added_lines(via, server_header)
         self.response_timeout = response_timeout
         self.idle_timeout = idle_timeout
         self.retries = retries
@@ -186,12 +195,12 @@ class ProxyExchange:
         self.replay_bytes = 0
         if settings.budget is not None:
             settings.budget.deposit()
-        out = request_headers_for_origin(headers, info, b"1.1", keep_upgrade=upgrade)
+        block = request_head_block(headers, info, keep_upgrade=upgrade)
         if body == "length":
-            out.append((b"Content-Length", b"%d" % content_length))
+            block += b"Content-Length: %d\r\n" % content_length
         elif body == "chunked":
-            out.append((b"Transfer-Encoding", b"chunked"))
-        self.head = b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, serialize(out))
+            block += b"Transfer-Encoding: chunked\r\n"
+        self.head = b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, block)
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -354,17 +363,28 @@ class ProxyExchange:
             conn.arm(self.settings.idle_timeout)
         s = self.settings
         upgrade = status == 101 and self.upgrade
-        out = response_headers_for_client(headers, s.via, s.server_header, b"1.1", keep_upgrade=upgrade)
-        if self.extra_response_headers:
-            out.extend(self.extra_response_headers)
-        balancer = self.pool.balancer
-        if getattr(balancer, "cookie_name", None) is not None and self.backend is not None:
-            if balancer.needs_cookie(self.headers, self.backend):
-                out.append((b"Set-Cookie", balancer.set_cookie_header(self.backend, secure=self.info.proto == "https")))
         has_body = not (self.method == b"HEAD" or status in (204, 304) or status < 200)
         if status == 204:
             content_length = None
-        self.downstream.writeHead(status, reason, out, content_length, has_body)
+        downstream = self.downstream
+        if (
+            downstream.wants_block
+            and not upgrade
+            and not self.extra_response_headers
+            and not self.pool.sticky
+        ):
+            block = response_head_block(headers, s.response_added)
+            if block is not None:
+                downstream.writeHead(status, reason, block, content_length, has_body)
+                return
+        out = response_headers_for_client(headers, s.via, s.server_header, b"1.1", keep_upgrade=upgrade)
+        if self.extra_response_headers:
+            out.extend(self.extra_response_headers)
+        if self.pool.sticky and self.backend is not None:
+            balancer = self.pool.balancer
+            if balancer.needs_cookie(self.headers, self.backend):
+                out.append((b"Set-Cookie", balancer.set_cookie_header(self.backend, secure=self.info.proto == "https")))
+        downstream.writeHead(status, reason, out, content_length, has_body)
 
     def responseBody(self, data: bytes) -> None:
         self.downstream.writeBody(data)

@@ -103,6 +103,7 @@ class H2Stream:
 
     http_version = b"2"
     keep_alive = True
+    wants_block = False
 
     def __init__(self, conn: H2ServerConnection, stream_id: int) -> None:
         self.conn = conn

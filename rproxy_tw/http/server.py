@@ -108,6 +108,8 @@ class LocalResponse:
 class HTTPServerConnection(Protocol):
     """One client connection speaking HTTP/1.1 (or 1.0) to the proxy."""
 
+    wants_block = True
+
     _log = Logger()
 
     def __init__(self, factory: HTTPProxyFactory) -> None:
@@ -454,7 +456,8 @@ class HTTPServerConnection(Protocol):
         if self.disconnected:
             return
         ex = self.current
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown")), serialize(headers)]
+        block = headers if type(headers) is bytes else serialize(headers)
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown")), block]
         if content_length is not None and (has_body or status != 204):
             parts.append(b"Content-Length: %d\r\n" % content_length)
         elif has_body:

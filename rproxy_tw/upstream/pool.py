@@ -156,6 +156,8 @@ class BackendPool:
             for bc in config.backends
         ]
         self.balancer = balancer_factory(config.balance)
+        self.sticky = getattr(self.balancer, "cookie_name", None) is not None
+        """Whether responses may need the balancer's Set-Cookie."""
 
     def candidates(self, exclude: Iterable[Backend] = ()) -> list[Backend]:
         """Backends in rotation: healthy primaries, or healthy backups when no primary is."""
