@@ -55,7 +55,8 @@ class ProxyRuntime:
             for name, pc in config.pools.items()
         }
         self.connectors: dict[str, UpstreamConnector] = {
-            name: UpstreamConnector(reactor, pc.keepalive, pc.keepalive_timeout, pc.connect_timeout)
+            name: UpstreamConnector(reactor, pc.keepalive, pc.keepalive_timeout, pc.connect_timeout,
+                                    span=min(pc.keepalive_timeout, pc.response_timeout, pc.idle_timeout))
             for name, pc in config.pools.items()
         }
         via = config.server.via.encode("ascii")

@@ -333,7 +333,7 @@ class ProxyExchange:
             self._producer = None
         self.requestSent = True
         if not self.headSent:
-            conn.arm(self.settings.response_timeout)
+            conn.sent_at = self.clock.seconds()  # the response is due from now
 
     # -- response ---------------------------------------------------------------------------
 
@@ -358,9 +358,6 @@ class ProxyExchange:
                 raise ResponseDiscarded()
         self.status = status
         self.headSent = True
-        conn = self.conn
-        if conn is not None:
-            conn.arm(self.settings.idle_timeout)
         s = self.settings
         upgrade = status == 101 and self.upgrade
         has_body = not (self.method == b"HEAD" or status in (204, 304) or status < 200)

@@ -130,6 +130,9 @@ class HTTPServerConnection(Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._timer: Any = None
+        self._since = 0.0
+        self._span = 1.0
+        self._idle_limit = 0.0
         self._leftover = b""
         # Response state of the current exchange.
         self._chunked = False
@@ -160,7 +163,11 @@ class HTTPServerConnection(Protocol):
             except OSError:
                 pass
         f.connections.add(self)
-        self._timer = f.clock.callLater(f.limits.header_timeout, self._timedOut)
+        self._span = min(f.limits.header_timeout, f.limits.idle_timeout)
+        self._since = f.clock.seconds()
+        # Until a first request, a silent connection may idle only header_timeout.
+        self._idle_limit = f.limits.header_timeout
+        self._timer = f.clock.callLater(self._span, self._timedOut)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.disconnected = True
@@ -204,25 +211,40 @@ class HTTPServerConnection(Protocol):
         raise RuntimeError("write before connectionMade")
 
     def _timedOut(self) -> None:
+        """
+        The connection's one timer fired: work out the deadline of the present
+        state from timestamps (requests move timestamps, never the timer) and
+        act on it, or wait again, never longer than the shortest timeout.
+        """
         self._timer = None
-        if self.disconnected:
+        if self.disconnected or self.tunnel is not None:
             return
-        if self.current is None and not self.in_head and self.parsing is None:
+        limits = self.factory.limits
+        clock = self.factory.clock
+        now = clock.seconds()
+        since = self._since
+        if self.in_head:
+            deadline, why = since + limits.header_timeout, "head"
+        elif self.parsing is not None and not self.parsing.requestComplete and not self.gate.paused:
+            deadline, why = since + limits.idle_timeout, "body"
+        elif self.current is None and self.parsing is None:
+            deadline, why = since + self._idle_limit, "idle"
+        else:
+            deadline, why = now + limits.idle_timeout, "busy"
+        if now < deadline:
+            self._timer = clock.callLater(min(deadline - now, self._span), self._timedOut)
+            return
+        if why == "idle":
             # Idle keep-alive connection: close quietly, as nginx does.
             self._close()
-        elif self.in_head:
+        elif why == "head":
             self._reject(408, "Request Timeout: the request head took too long")
         else:
-            self._rearm(self.factory.limits.idle_timeout)
-            if self.parsing is not None and not self.parsing.requestComplete and not self.gate.paused:
-                self._reject(408, "Request Timeout: the request body stalled")
+            self._reject(408, "Request Timeout: the request body stalled")
 
     def _rearm(self, seconds: float) -> None:
-        timer = self._timer
-        if timer is None:
-            self._timer = self.factory.clock.callLater(seconds, self._timedOut)
-        else:
-            timer.reset(seconds)
+        """A new phase starts now (head, body, idle): the timer finds its deadline when it fires."""
+        self._since = self.factory.clock.seconds()
 
     # -- input ------------------------------------------------------------------------------
 
@@ -301,8 +323,7 @@ class HTTPServerConnection(Protocol):
         self._url = b""
         self._headers = []
         self._header_bytes = 0
-        if self.current is None:
-            self._rearm(self.factory.limits.header_timeout)
+        self._rearm(self.factory.limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -384,6 +405,7 @@ class HTTPServerConnection(Protocol):
             self._beginResponse(nxt)
             nxt.start()
         elif self.parsing is None and self.tunnel is None:
+            self._idle_limit = self.factory.limits.idle_timeout
             self._rearm(self.factory.limits.idle_timeout)
 
     def _upgradeRequested(self, leftover: bytes) -> None:

@@ -54,7 +54,7 @@ class UpstreamConnection(Protocol):
         self._upgrading = False
         self._timer: Any = None
         self.last_read = 0.0
-        self._armed_for = 0.0
+        self.sent_at = 0.0
         self.tunnel: Any = None
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -68,6 +68,7 @@ class UpstreamConnection(Protocol):
         self.connected = True
         self.gate = ReadGate(self.transport)
         self.client_producer = GateProducer(self.gate, "client")
+        self._watch()
         """Registered on the client's transport while this connection answers it."""
         self.write = direct_writer(self.transport, read_size=256 * 1024)
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
@@ -100,32 +101,37 @@ class UpstreamConnection(Protocol):
             return
         ex.upstreamLost(self, reason)
 
-    def arm(self, seconds: float) -> None:
+    def _watch(self) -> None:
         """
-        Set this connection's one deadline: the exchange's (response head,
-        then silence mid-body) while busy, the keep-alive expiry while idle.
-        One timer per connection, moved rather than re-created per request.
+        Start this connection's one timer.  It never waits longer than the
+        shortest of the pool's timeouts, and on firing works out the deadline
+        of the present state (response head due, body silent, idle in the
+        pool) from timestamps: requests move timestamps, never the timer.
         """
-        self._armed_for = seconds
-        self.last_read = self.connector.clock.seconds()
-        timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(seconds)
-        else:
-            self._timer = self.connector.clock.callLater(seconds, self._deadline)
+        self._timer = self.connector.clock.callLater(self.connector.span, self._deadline)
 
     def _deadline(self) -> None:
         self._timer = None
+        if not self.connected or self.tunnel is not None:
+            return
+        clock = self.connector.clock
+        now = clock.seconds()
         ex = self.exchange
         if ex is not None:
-            left = self.last_read + self._armed_for - self.connector.clock.seconds()
-            if left > 0:
-                # Bytes came since the deadline was set: it counts from the last of them
-                # (checked here rather than moving the timer on every read).
-                self._timer = self.connector.clock.callLater(left, self._deadline)
-                return
+            settings = ex.settings
+            if ex.headSent:
+                deadline = self.last_read + settings.idle_timeout
+            else:
+                deadline = self.sent_at + settings.response_timeout
+        else:
+            deadline = self.idle_since + self.connector.keepalive_timeout
+        if now < deadline:
+            self._timer = clock.callLater(min(deadline - now, self.connector.span), self._deadline)
+            return
+        if ex is not None:
+            self._watch()
             ex._timedOut()
-        elif self.connected and self.tunnel is None:
+        else:
             self.connector.forget(self)
             self.transport.loseConnection()
 
@@ -145,6 +151,7 @@ class UpstreamConnection(Protocol):
         self.received = False
         self.no_body = no_body
         self.requests += 1
+        self.sent_at = self.connector.clock.seconds()
         self.write(head)
 
     def dataReceived(self, data: bytes) -> None:
@@ -279,11 +286,14 @@ class UpstreamConnector:
 
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, keepalive: int, keepalive_timeout: float, connect_timeout: float) -> None:
+    def __init__(self, clock: IReactorTime, keepalive: int, keepalive_timeout: float, connect_timeout: float,
+                 span: float | None = None) -> None:
         self.clock = clock
         self.keepalive = keepalive
         self.keepalive_timeout = keepalive_timeout
         self.connect_timeout = connect_timeout
+        self.span = span if span is not None else keepalive_timeout
+        """The longest a connection's timer waits: the pool's shortest timeout."""
 
     def idle(self, backend: Backend) -> UpstreamConnection | None:
         """A kept-alive connection to C{backend}, or None."""
@@ -325,7 +335,6 @@ class UpstreamConnector:
             gate.reasons.clear()
             conn.transport.resumeProducing()
         conn.idle_since = self.clock.seconds()
-        conn.arm(self.keepalive_timeout)
         conn.backend.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
