@@ -10,7 +10,8 @@ not take is left to Twisted's buffering (and so to its producer and
 backpressure machinery, which stays in charge).
 
 Used only for Twisted's own C{tcp.Connection} transports; any other transport
-(TLS, UNIX, test transports) gets its ordinary C{write}.
+(TLS, UNIX, test transports) gets its ordinary C{write}.  The environment
+variable C{RPROXY_NO_DIRECT_WRITE=1} turns it off, for A/B measurements.
 """
 
 from __future__ import annotations
