@@ -52,7 +52,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from ..http.fastwrite import direct_writer
 from ..http.flow import GateProducer, ReadGate
@@ -136,6 +136,35 @@ def _half_closeable(transport: Any) -> bool:
     while isinstance(t, ProtocolWrapper) and not isinstance(t, TLSMemoryBIOProtocol):
         t = t.transport
     return isinstance(t, FileDescriptor)
+
+
+def _pass_half_close(transport: Any) -> None:
+    """
+    Let the client's TCP FIN reach the relay as C{readConnectionLost} through
+    the pass-through wrappers under it (C{haproxy:}'s).  Twisted's socket
+    half-closes only for an C{IHalfCloseableProtocol}, which a
+    C{ProtocolWrapper} is not: the FIN ended the whole connection, and the
+    backend's answer still to come was dropped.  Such a wrapper now passes
+    the FIN on once its protocol half-closes (and the PROXY header is in).
+    """
+    t = transport
+    while isinstance(t, ProtocolWrapper):
+        if not isinstance(t, TLSMemoryBIOProtocol) and not IHalfCloseableProtocol.providedBy(t):
+            t.readConnectionLost = _forward_read_eof(t)
+            t.writeConnectionLost = lambda: None
+            alsoProvides(t, IHalfCloseableProtocol)
+        t = t.transport
+
+
+def _forward_read_eof(wrapper: Any) -> Callable[[], None]:
+    def readConnectionLost() -> None:
+        inner = wrapper.wrappedProtocol
+        if IHalfCloseableProtocol.providedBy(inner) and _waiting_proxy_header(wrapper) is None:
+            inner.readConnectionLost()
+        else:
+            wrapper.transport.loseConnection()  # as before: the FIN ends the connection
+
+    return readConnectionLost
 
 
 def _shutdown_write(transport: Any) -> None:
@@ -328,6 +357,8 @@ class TCPProxyServer(Protocol):
         self._armIdle(self.factory.idle_timeout)
         if isinstance(self.transport, TLSMemoryBIOProtocol):
             allow_half_close(self.transport)
+        _pass_half_close(self.transport)
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
             return  # handshakeCompleted() starts the relay
         wrapper = _waiting_proxy_header(self.transport)
         if wrapper is not None:
