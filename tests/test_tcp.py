@@ -1233,3 +1233,85 @@ def _can_connect(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+# Regression: with haproxy: in front, the client's FIN closed the whole connection (the
+# wrapper is not half-closeable), so an answer still to come was lost.  The client here
+# sends only after the backend's greeting came back, which made the loss certain.
+import ssl as _pyssl  # noqa: E402
+import time as _time  # noqa: E402
+
+
+def _delayed_tls_half_close_client(port, cafile, payload, prefix, delay):
+    ctx = _pyssl.create_default_context(cafile=cafile)
+    incoming, outgoing = _pyssl.MemoryBIO(), _pyssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD) as sock:
+        sock.sendall(prefix)
+        def flush():
+            data = outgoing.read()
+            if data:
+                sock.sendall(data)
+        def fill():
+            data = sock.recv(65536)
+            if data:
+                incoming.write(data)
+            else:
+                incoming.write_eof()
+        while True:
+            try:
+                tls.do_handshake(); break
+            except _pyssl.SSLWantReadError:
+                flush(); fill()
+        flush()
+        _time.sleep(delay)   # the backend's "ok\n" comes back before our payload goes
+        tls.write(payload); flush()
+        try:
+            tls.unwrap()
+        except _pyssl.SSLWantReadError:
+            pass
+        flush()
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while True:
+            try:
+                data = tls.read(65536)
+                if not data:
+                    return answer, "close_notify"
+                answer += data
+            except _pyssl.SSLWantReadError:
+                fill()
+            except (_pyssl.SSLZeroReturnError, _pyssl.SSLEOFError) as e:
+                return answer, type(e).__name__
+
+
+@pytest_twisted.ensureDeferred
+async def test_half_close_through_haproxy_wrapper_and_tls_when_data_comes_late(env: Env, pki: dict[str, str]) -> None:
+    """A FIN from the client must half-close through the haproxy: wrapper too (regression: the answer was lost)."""
+    from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+    server, backend_port = env.server(HeaderBackend)
+    tls = _server_tls(pki)
+    _, port = env.proxy([f"tcp:127.0.0.1:{backend_port}"], listen=listen_config("v2"),
+                        wrap=lambda f: HAProxyWrappingFactory(tls(f)))
+    lb_header = build_v2(v6("2001:db8::7", 40000), v6("2001:db8::1", 6380))
+    reply = await deferToThread(_delayed_tls_half_close_client, port, pki["ca"], b"hi", lb_header, 0.3)
+    assert reply[0] == b"ok\nhi"
+
+
+@pytest_twisted.ensureDeferred
+async def test_repro_no_haproxy(env, pki):
+    server, backend_port = env.server(HeaderBackend)
+    tls = _server_tls(pki)
+    _, port = env.proxy([f"tcp:127.0.0.1:{backend_port}"], listen=listen_config("v2"), wrap=tls)
+    reply = await deferToThread(_delayed_tls_half_close_client, port, pki["ca"], b"hi", b"", 0.3)
+    assert reply[0] == b"ok\nhi"
+
+
+@pytest_twisted.ensureDeferred
+async def test_repro_plain_haproxy(env):
+    from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+    from tests.test_tcp import ReplyAfterEOF, _half_close_client
+    server, backend_port = env.server(ReplyAfterEOF)
+    _, port = env.proxy([f"tcp:127.0.0.1:{backend_port}"], wrap=HAProxyWrappingFactory)
+    reply = await deferToThread(_half_close_client, port, b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 6380\r\nabc")
+    assert reply.startswith(b"got 3 bytes")
