@@ -327,10 +327,7 @@ class ProxyExchange:
         assert conn is not None
         if self._chunked_up:
             conn.write(b"0\r\n\r\n")
-        if self._producer is not None:
-            conn.transport.unregisterProducer()
-            self.downstream.gate.resume("upstream")
-            self._producer = None
+        self._dropBodyProducer(conn)
         self.requestSent = True
         if not self.headSent:
             conn.sent_at = self.clock.seconds()  # the response is due from now
@@ -394,13 +391,11 @@ class ProxyExchange:
             passive = self.settings.passive
             if passive is not None:
                 passive.report_success(backend)
-        self._stopTimer()
         self.downstream.finishBody(trailers)
         self._finish(True)
 
     def upstreamUpgraded(self, conn: UpstreamConnection, leftover: bytes) -> None:
         """The origin agreed to switch protocols: from now on, relay bytes."""
-        self._stopTimer()
         if not self.upgrade:
             self.upstreamBroken(conn, BadResponse("101 Switching Protocols without an Upgrade request"))
             return
@@ -531,7 +526,6 @@ class ProxyExchange:
 
     def _retryElsewhere(self, conn: UpstreamConnection | None) -> None:
         """Drop the failed attempt and send the request again to another backend."""
-        self._stopTimer()
         if conn is not None:
             self._detach(conn)
             conn.abort()
@@ -553,23 +547,23 @@ class ProxyExchange:
             self.conn = None
             conn.backend.inflight -= 1
             self.downstream.unregisterUpstream(conn)
-            if self._producer is not None:
-                if conn.connected:
-                    conn.transport.unregisterProducer()
-                self.downstream.gate.resume("upstream")
-                self._producer = None
+            self._dropBodyProducer(conn)
+
+    def _dropBodyProducer(self, conn: UpstreamConnection) -> None:
+        """The request body no longer flows to C{conn}: stop it pausing the client."""
+        if self._producer is not None:
+            if conn.connected:
+                conn.transport.unregisterProducer()
+            self.downstream.gate.resume("upstream")
+            self._producer = None
 
     def _giveUp(self, status: int, message: str, extra: Headers = ()) -> None:
         if self.finished:
             return
-        self._stopTimer()
         if not self.headSent:
             self.status = status
         self.downstream.failResponse(status, message, (*extra, *self.extra_response_headers))
         self._finish(False)
-
-    def _stopTimer(self) -> None:
-        """Deadlines live on the upstream connection: nothing to stop here."""
 
     def _finish(self, ok: bool, tunnel: bool = False) -> None:
         self.finished = True
@@ -579,11 +573,7 @@ class ProxyExchange:
             conn.backend.inflight -= 1
             if not tunnel:
                 self.downstream.unregisterUpstream(conn)
-            if self._producer is not None:
-                if conn.connected:
-                    conn.transport.unregisterProducer()
-                self.downstream.gate.resume("upstream")
-                self._producer = None
+            self._dropBodyProducer(conn)
             if not ok and not tunnel and conn.exchange is self:
                 conn.exchange = None
                 conn.abort()
@@ -597,7 +587,6 @@ class ProxyExchange:
         if self.finished:
             return
         self.finished = True
-        self._stopTimer()
         if self._connecting is not None:
             d, self._connecting = self._connecting, None
             d.cancel()

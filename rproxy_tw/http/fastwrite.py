@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from twisted.internet import tcp
 
-__all__ = ["direct_writer"]
+__all__ = ["direct_writer", "no_delay"]
 
 _READ_SIZE = 256 * 1024
 _DISABLED = bool(__import__("os").environ.get("RPROXY_NO_DIRECT_WRITE"))
@@ -65,3 +65,16 @@ def direct_writer(transport: Any, read_size: int | None = None) -> Callable[[byt
             fallback(data[sent:] if sent else data)
 
     return write
+
+
+def no_delay(transport: Any) -> None:
+    """
+    Turn Nagle off where the transport allows it: a proxy writes whole
+    heads and bodies and must not wait for an ACK before the next one.
+    """
+    set_nodelay = getattr(transport, "setTcpNoDelay", None)
+    if set_nodelay is not None:
+        try:
+            set_nodelay(True)
+        except OSError:
+            pass

@@ -47,6 +47,7 @@ from zope.interface import implementer
 
 from ..headers import trailers_for_client
 from .exchange import IDownstream, ProxyExchange, RequestRejected
+from .fastwrite import no_delay
 from .flow import ReadGate
 from .server import LocalResponse, forwarding_info
 
@@ -374,12 +375,7 @@ class H2ServerConnection(Protocol):
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         transport.registerProducer(self, True)
-        set_nodelay = getattr(transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            try:
-                set_nodelay(True)
-            except OSError:
-                pass
+        no_delay(transport)
         f.connections.add(self)
         self.transmit()
         self._idle()

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from ..headers import ForwardingInfo, is_trusted, serialize, trailers_for_client
 from ..routing import ProxyRoute
 from .exchange import ProxyExchange, RequestRejected as _Reject
-from .fastwrite import direct_writer
+from .fastwrite import direct_writer, no_delay
 from .flow import GateProducer, ReadGate
 
 __all__ = ["HTTPProxyFactory", "HTTPServerConnection", "LocalResponse"]
@@ -156,12 +156,7 @@ class HTTPServerConnection(Protocol):
         ip = getattr(peer, "host", "") or "unknown"
         self.client_ip = ip
         self.info = forwarding_info(f, transport, ip)
-        set_nodelay = getattr(transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            try:
-                set_nodelay(True)
-            except OSError:
-                pass
+        no_delay(transport)
         f.connections.add(self)
         self._span = min(f.limits.header_timeout, f.limits.idle_timeout)
         self._since = f.clock.seconds()

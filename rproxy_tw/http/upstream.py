@@ -18,7 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .fastwrite import direct_writer
+from .fastwrite import direct_writer, no_delay
 from .flow import GateProducer, ReadGate
 
 if TYPE_CHECKING:
@@ -71,12 +71,7 @@ class UpstreamConnection(Protocol):
         self._watch()
         """Registered on the client's transport while this connection answers it."""
         self.write = direct_writer(self.transport, read_size=256 * 1024)
-        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            try:
-                set_nodelay(True)
-            except OSError:
-                pass
+        no_delay(self.transport)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
