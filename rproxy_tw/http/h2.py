@@ -629,13 +629,17 @@ class ALPNSwitch(Protocol):
     def handshakeCompleted(self) -> None:
         if self.protocol is not None:
             return
+        if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+            # HTTP/2 speaks first (its SETTINGS preface): start it now.
+            self._start(H2ServerConnection(self.factory))
+        # HTTP/1.1 waits for its first bytes: many TLS connections (pre-connects,
+        # probes, handshake benchmarks) close without a request, and building the
+        # connection for them was measurable per-handshake latency.
+
+    def _start(self, protocol: Any) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
-            protocol: Any = H2ServerConnection(self.factory)
-        else:
-            protocol = self.http1
         self.http1 = None
         protocol.factory = self.factory
         self.protocol = protocol
@@ -643,7 +647,10 @@ class ALPNSwitch(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.protocol is None:
-            self.handshakeCompleted()
+            if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+                self._start(H2ServerConnection(self.factory))
+            else:
+                self._start(self.http1 if self.http1 is not None else self.factory.build_http1())
         self.protocol.dataReceived(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]

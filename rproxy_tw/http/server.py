@@ -632,13 +632,16 @@ class HTTPProxyFactory(Factory):
         self.access_log: Callable[..., None] | None = runtime.access_log
 
     def buildProtocol(self, addr: Any) -> Any:
-        conn = HTTPServerConnection(self)
-        conn.factory = self
         if self.scheme == "https":
-            # After the TLS handshake, ALPN decides: HTTP/2 or this HTTP/1.1 connection.
+            # After the TLS handshake, ALPN decides: HTTP/2 or an HTTP/1.1 connection.
             from .h2 import ALPNSwitch
 
-            return ALPNSwitch(self, conn)
+            return ALPNSwitch(self, None)
+        return self.build_http1()
+
+    def build_http1(self) -> HTTPServerConnection:
+        conn = HTTPServerConnection(self)
+        conn.factory = self
         return conn
 
     def handle(
