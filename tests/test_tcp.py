@@ -623,6 +623,8 @@ async def test_64_mib_each_way_intact(env: Env) -> None:
     await until(lambda: done, "the relay to finish")
     elapsed = time.monotonic() - started
     backend = server.peers[0]
+    # The relay has written everything; the backend (in this process) may still be reading it.
+    await until(lambda: backend.count >= BIG, "the backend to read the whole upload")
     assert (client.count, backend.count) == (BIG, BIG)
     assert client.sha.hexdigest() == hashlib.sha256(down).hexdigest()
     assert backend.sha.hexdigest() == hashlib.sha256(up).hexdigest()

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-__all__ = ["ReadGate", "GateProducer"]
+__all__ = ["ReadGate", "GateProducer", "ResponseFlow"]
 
 
 class ReadGate:
@@ -66,3 +66,43 @@ class GateProducer:
         self.gate.resume(self.reason)
         if self.on_stop is not None:
             self.on_stop()
+
+
+@implementer(IPushProducer)
+class ResponseFlow:
+    """
+    Registered once on a client connection's transport: when the client's
+    write buffer fills, whichever upstream connection is answering at the
+    time stops being read.  Registering a producer per request cost
+    measurably (most with TLS, whose transport wraps each one).
+    """
+
+    __slots__ = ("paused", "gate")
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.gate: ReadGate | None = None
+
+    def attach(self, gate: ReadGate) -> None:
+        """C{gate}'s connection now feeds the client."""
+        self.gate = gate
+        if self.paused:
+            gate.pause("client")
+
+    def detach(self, gate: ReadGate) -> None:
+        if self.gate is gate:
+            self.gate = None
+        gate.resume("client")
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if self.gate is not None:
+            self.gate.pause("client")
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.gate is not None:
+            self.gate.resume("client")
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()

@@ -77,10 +77,14 @@ class _Channel:
         self.write(b"".join(seq))
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
+        # The resource's own producer stands in for the connection's while it writes.
+        self.transport.unregisterProducer()
         self.transport.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
         self.transport.unregisterProducer()
+        if not self.conn.disconnected and not self.conn.closing:
+            self.transport.registerProducer(self.conn.flow, True)
 
     def requestDone(self, request: Any) -> None:
         self.exchange.finished = True

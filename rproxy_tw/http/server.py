@@ -25,7 +25,7 @@ from ..headers import ForwardingInfo, is_trusted, serialize, trailers_for_client
 from ..routing import ProxyRoute
 from .exchange import ProxyExchange, RequestRejected as _Reject
 from .fastwrite import direct_writer, no_delay
-from .flow import GateProducer, ReadGate
+from .flow import ReadGate, ResponseFlow
 
 __all__ = ["HTTPProxyFactory", "HTTPServerConnection", "LocalResponse"]
 
@@ -143,6 +143,7 @@ class HTTPServerConnection(Protocol):
         self._raw_body: Any = None
         self._raw_remaining = 0
         self._head: bytes | None = None
+        self.flow = ResponseFlow()
         self.write: Callable[[bytes], None] = self._notConnected
 
     # -- connection -------------------------------------------------------------------------
@@ -152,6 +153,7 @@ class HTTPServerConnection(Protocol):
         transport = self.transport
         self.gate = ReadGate(transport)
         self.write = direct_writer(transport)
+        transport.registerProducer(self.flow, True)
         peer = transport.getPeer()
         ip = getattr(peer, "host", "") or "unknown"
         self.client_ip = ip
@@ -195,6 +197,8 @@ class HTTPServerConnection(Protocol):
         """
         self.closing = True
         self.parser = None  # type: ignore[assignment]
+        # A TLS transport only starts its close once no producer is registered.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
         self.factory.clock.callLater(CLOSE_GRACE, self._forceClose)
 
@@ -550,14 +554,12 @@ class HTTPServerConnection(Protocol):
         self.write(body)
 
     def registerUpstream(self, conn: Any) -> None:
-        if not self.disconnected:
-            self.transport.registerProducer(conn.client_producer, True)
+        if conn.gate is not None:
+            self.flow.attach(conn.gate)
 
     def unregisterUpstream(self, conn: Any) -> None:
-        if not self.disconnected:
-            self.transport.unregisterProducer()
         if conn.gate is not None:
-            conn.gate.resume("client")
+            self.flow.detach(conn.gate)
 
     def startTunnel(self, conn: Any, leftover: bytes) -> None:
         from .tunnel import Tunnel

@@ -26,7 +26,7 @@ class Tunnel:
         client.tunnel = self
         upstream.tunnel = self
         client.gate.resume("pipeline")
-        client.transport.registerProducer(GateProducer(upstream.gate, "client"), True)
+        client.flow.attach(upstream.gate)
         upstream.transport.registerProducer(GateProducer(client.gate, "upstream"), True)
         client.flush()
         if from_upstream:
