@@ -107,57 +107,8 @@ REV=$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')
 WORK=$(mktemp -d /tmp/rproxy-tls-bench.XXXXXX)
 RUN_DIR=$RESULTS_DIR/tls-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RUN_DIR"
-declare -a STARTED=()    # every pid we started, for cleanup
-declare -A PID=() PORT=() STATE=() REASON=()
-LOAD_PID=""              # the wrk or s_time running now, if any
-
-cleanup() {
-    local pid children=() i alive
-    trap - EXIT INT TERM
-    [[ -z $LOAD_PID ]] || kill -TERM "$LOAD_PID" 2>/dev/null || true
-    for pid in "${STARTED[@]}"; do
-        # nginx masters have workers; remember them in case TERM is not enough.
-        children+=($(pgrep -P "$pid" 2>/dev/null || true))
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for ((i = 0; i < 50; i++)); do
-        alive=0
-        for pid in "${STARTED[@]}" "${children[@]}"; do
-            kill -0 "$pid" 2>/dev/null && alive=1
-        done
-        ((alive)) || break
-        sleep 0.1
-    done
-    for pid in "${STARTED[@]}" "${children[@]}"; do
-        kill -KILL "$pid" 2>/dev/null || true
-    done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# start NAME CPU CMD...: run CMD in the background pinned to CPU, output in
-# $RUN_DIR/NAME.log.
-start() {
-    local name=$1 cpu=$2
-    shift 2
-    taskset -c "$cpu" "$@" >"$RUN_DIR/$name.log" 2>&1 &
-    PID[$name]=$!
-    STARTED+=("$!")
-}
-
-alive() { kill -0 "${PID[$1]}" 2>/dev/null; }
-
-wait_listening() {
-    local name=$1 deadline=$((SECONDS + START_TIMEOUT))
-    while ((SECONDS < deadline)); do
-        alive "$name" || return 1
-        (exec 3<>"/dev/tcp/127.0.0.1/${PORT[$name]}") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    return 1
-}
+source "$BENCH_DIR/lib.sh"   # cleanup on exit, start, alive, wait_listening
+declare -A STATE=() REASON=()
 
 # check_fetch SCHEME PORT: /1k.bin comes back whole with a 200, over TLS
 # verified against our certificate for https.
