@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import ssl
 from typing import Any, Iterable, Sequence
 
 from cryptography import x509
@@ -50,6 +51,7 @@ __all__ = [
     "CLIENT_SUBJECT_HEADER",
     "INTERMEDIATE_CIPHERS",
     "ServerTLSContexts",
+    "StdlibTLSContexts",
     "TLSServerFactory",
     "client_subject",
     "client_tls_options",
@@ -97,6 +99,10 @@ _OPTIONS = (
     | SSL.OP_CIPHER_SERVER_PREFERENCE
 )
 """Belt and braces next to the minimum version: nothing older than TLS 1.2, ever."""
+
+_STDLIB_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+_STDLIB_OPTIONS = ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
 
 
 # ---------------------------------------------------------------------------
@@ -222,19 +228,21 @@ class _Generation:
     lookup over them.  Immutable once built: a reload builds a new one.
     """
 
-    def __init__(self, certificates: list[_Certificate], contexts: list[SSL.Context],
-                 exact: dict[str, SSL.Context], wildcard: dict[str, SSL.Context]) -> None:
+    def __init__(self, certificates: list[_Certificate], contexts: list[Any],
+                 exact: dict[str, Any], wildcard: dict[str, Any]) -> None:
         self.certificates = certificates
         self.contexts = contexts
         self.default = contexts[0]
         self.exact = exact
         self.wildcard = wildcard
 
-    def context_for(self, server_name: bytes | None) -> SSL.Context:
+    def context_for(self, server_name: bytes | str | None) -> Any:
         """The certificate context for a client's SNI name (exact, then C{*.} one label up, then the default)."""
         if not server_name:
             return self.default
-        name = server_name.decode("ascii", "replace").lower().rstrip(".")
+        if isinstance(server_name, bytes):
+            server_name = server_name.decode("ascii", "replace")
+        name = server_name.lower().rstrip(".")
         ctx = self.exact.get(name)
         if ctx is not None:
             return ctx
@@ -246,15 +254,19 @@ class _Generation:
         return self.default
 
     def select(self, connection: SSL.Connection) -> None:
-        """The SNI callback: OpenSSL calls it for every ClientHello, with or without a name."""
+        """The SNI callback (pyOpenSSL): OpenSSL calls it for every ClientHello, with or without a name."""
         connection.set_context(self.context_for(connection.get_servername()))
 
+    def select_stdlib(self, connection: ssl.SSLObject, server_name: str | None, front: ssl.SSLContext) -> None:
+        """The SNI callback (the standard library's C{ssl}): the same choice."""
+        connection.context = self.context_for(server_name)
 
-@implementer(IOpenSSLServerConnectionCreator)
-class ServerTLSContexts:
+
+class _ProfileContexts:
     """
     The TLS side of one listener: certificate contexts chosen by SNI, a front
     context holding the ticket keys, reload and rotation on the injected clock.
+    Subclasses build the contexts of one TLS library.
 
     @ivar generation: the certificate contexts new connections use.
     """
@@ -283,46 +295,20 @@ class ServerTLSContexts:
         self._stat = self._file_state(self._files())
         self.generation = self._build_generation()
         self._front = self._build_front(self.generation)
-        self._previous_front: SSL.Context | None = None
+        self._previous_front: Any = None
         self._rotator: LoopingCall | None = None
         self._watcher: LoopingCall | None = None
 
-    # -- IOpenSSLServerConnectionCreator ----------------------------------------------------
-
-    def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
-        return SSL.Connection(self._front, None)
-
     # -- building ---------------------------------------------------------------------------
 
-    def _base_context(self, front: bool = False) -> SSL.Context:
-        """
-        A context with the settings every context of the profile shares.
+    def _base_context(self, front: bool = False) -> Any:
+        raise NotImplementedError
 
-        @param front: for the front context, which OpenSSL reads the
-            versions, options and verify mode from, but whose CA store and
-            CA names it never uses (the certificate context's count after the
-            SNI switch), so a ticket rotation reads no file.
-        """
-        ctx = SSL.Context(SSL.TLS_METHOD)
-        ctx.set_min_proto_version(_VERSIONS[self.profile.min_version])
-        ctx.set_options(_OPTIONS)
-        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
-        ctx.set_cipher_list(INTERMEDIATE_CIPHERS.encode("ascii"))
-        # Same on every context, so that SSL_set_SSL_CTX keeps it and sessions resume.
-        ctx.set_session_id(_SESSION_ID_CONTEXT + b":" + self.profile.name.encode("utf-8")[:24])
-        ca = self.profile.client_ca
-        if ca is not None:
-            if not front:
-                try:
-                    ctx.load_verify_locations(ca.encode("utf-8"))
-                    ctx.load_client_ca(ca.encode("utf-8"))
-                except SSL.Error as e:
-                    raise ConfigError(ca, f"tls.{self.profile.name}.client_ca",
-                                      f"OpenSSL refused it: {_ssl_reason(e)}") from None
-            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
-        if self.alpn:
-            ctx.set_alpn_select_callback(self._select_alpn)
-        return ctx
+    def _install(self, ctx: Any, c: _Certificate) -> None:
+        raise NotImplementedError
+
+    def _build_front(self, generation: _Generation) -> Any:
+        raise NotImplementedError
 
     def _build_generation(self) -> _Generation:
         """Read every file of the profile.  @raise ConfigError: on the first unusable one."""
@@ -338,7 +324,7 @@ class ServerTLSContexts:
         groups: dict[frozenset[str], list[_Certificate]] = {}
         for c in certificates:
             groups.setdefault(frozenset(c.names), []).append(c)
-        by_group: dict[frozenset[str], SSL.Context] = {}
+        by_group: dict[frozenset[str], Any] = {}
         for names, members in groups.items():
             ctx = self._base_context()
             seen: set[str] = set()
@@ -353,8 +339,8 @@ class ServerTLSContexts:
                 self._install(ctx, c)
             by_group[names] = ctx
         contexts = [by_group[frozenset(c.names)] for c in certificates]
-        exact: dict[str, SSL.Context] = {}
-        wildcard: dict[str, SSL.Context] = {}
+        exact: dict[str, Any] = {}
+        wildcard: dict[str, Any] = {}
         for c in certificates:
             ctx = by_group[frozenset(c.names)]
             for name in c.names:
@@ -364,38 +350,6 @@ class ServerTLSContexts:
                     exact.setdefault(name, ctx)
         unique = list(dict.fromkeys(contexts))
         return _Generation(certificates, unique, exact, wildcard)
-
-    def _install(self, ctx: SSL.Context, c: _Certificate) -> None:
-        """
-        Put one certificate, its chain and key in C{ctx}.  The chain goes
-        with the certificate's own key-type slot, so an RSA and an ECDSA
-        certificate with different intermediates each send their own.
-        """
-        keyname = f"tls.{self.profile.name}.certificates[{c.index}].key"
-        try:
-            ctx.use_certificate_chain_file(c.cert_path.encode("utf-8"))
-            ctx.use_privatekey(c.key)
-            ctx.check_privatekey()
-        except SSL.Error as e:
-            raise ConfigError(c.key_path, keyname, f"OpenSSL refused the certificate or key: {_ssl_reason(e)}") from None
-
-    def _build_front(self, generation: _Generation) -> SSL.Context:
-        """
-        The context every connection starts on: fresh ticket keys, a fresh
-        session cache, and the SNI switch to C{generation}'s contexts.
-        """
-        ctx = self._base_context(front=True)
-        ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
-        ctx.set_timeout(int(self.ticket_rotation))
-        ctx.set_tlsext_servername_callback(generation.select)
-        return ctx
-
-    def _select_alpn(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
-        """Our preference order (the profile's), not the client's; no overlap means no ALPN, not a failure."""
-        for proto in self.alpn:
-            if proto in offered:
-                return proto
-        return SSL.NO_OVERLAPPING_PROTOCOLS
 
     # -- reload and rotation -----------------------------------------------------------------
 
@@ -428,7 +382,7 @@ class ServerTLSContexts:
         self.rotations += 1
         self._log.debug("tls profile {profile}: session ticket keys rotated", profile=self.profile.name)
 
-    def _swap_front(self, front: SSL.Context) -> None:
+    def _swap_front(self, front: Any) -> None:
         # The old front's Python callbacks must outlive handshakes that started on it.
         self._previous_front, self._front = self._front, front
 
@@ -487,6 +441,128 @@ class ServerTLSContexts:
         return [c.leaf for c in self.generation.certificates]
 
 
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLSContexts(_ProfileContexts):
+    """
+    The profile's contexts in pyOpenSSL, for Twisted's C{TLSMemoryBIOProtocol}:
+    raw TCP listeners (which need its TLS half-close) and origins' tests.
+    """
+
+    # -- IOpenSSLServerConnectionCreator ----------------------------------------------------
+
+    def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
+        return SSL.Connection(self._front, None)
+
+    def _base_context(self, front: bool = False) -> SSL.Context:
+        """
+        A context with the settings every context of the profile shares.
+
+        @param front: for the front context, which OpenSSL reads the
+            versions, options and verify mode from, but whose CA store and
+            CA names it never uses (the certificate context's count after the
+            SNI switch), so a ticket rotation reads no file.
+        """
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(_VERSIONS[self.profile.min_version])
+        ctx.set_options(_OPTIONS)
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        ctx.set_cipher_list(INTERMEDIATE_CIPHERS.encode("ascii"))
+        # Same on every context, so that SSL_set_SSL_CTX keeps it and sessions resume.
+        ctx.set_session_id(_SESSION_ID_CONTEXT + b":" + self.profile.name.encode("utf-8")[:24])
+        ca = self.profile.client_ca
+        if ca is not None:
+            if not front:
+                try:
+                    ctx.load_verify_locations(ca.encode("utf-8"))
+                    ctx.load_client_ca(ca.encode("utf-8"))
+                except SSL.Error as e:
+                    raise ConfigError(ca, f"tls.{self.profile.name}.client_ca",
+                                      f"OpenSSL refused it: {_ssl_reason(e)}") from None
+            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+        if self.alpn:
+            ctx.set_alpn_select_callback(self._select_alpn)
+        return ctx
+
+    def _install(self, ctx: SSL.Context, c: _Certificate) -> None:
+        """
+        Put one certificate, its chain and key in C{ctx}.  The chain goes
+        with the certificate's own key-type slot, so an RSA and an ECDSA
+        certificate with different intermediates each send their own.
+        """
+        keyname = f"tls.{self.profile.name}.certificates[{c.index}].key"
+        try:
+            ctx.use_certificate_chain_file(c.cert_path.encode("utf-8"))
+            ctx.use_privatekey(c.key)
+            ctx.check_privatekey()
+        except SSL.Error as e:
+            raise ConfigError(c.key_path, keyname, f"OpenSSL refused the certificate or key: {_ssl_reason(e)}") from None
+
+    def _build_front(self, generation: _Generation) -> SSL.Context:
+        """
+        The context every connection starts on: fresh ticket keys, a fresh
+        session cache, and the SNI switch to C{generation}'s contexts.
+        """
+        ctx = self._base_context(front=True)
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+        ctx.set_timeout(int(self.ticket_rotation))
+        ctx.set_tlsext_servername_callback(generation.select)
+        return ctx
+
+    def _select_alpn(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
+        """Our preference order (the profile's), not the client's; no overlap means no ALPN, not a failure."""
+        for proto in self.alpn:
+            if proto in offered:
+                return proto
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+class StdlibTLSContexts(_ProfileContexts):
+    """
+    The profile's contexts in the standard library's C{ssl} module, for
+    L{rproxy_tw.tls_transport}: HTTP listeners.  Same choices as
+    L{ServerTLSContexts}; the C{ssl} module sets compression off, a session
+    ID context shared by every context (so sessions resume across the SNI
+    switch) and released buffers by itself.  It cannot name the accepted
+    client CAs in the certificate request; clients send their certificate
+    regardless.
+    """
+
+    def wrap(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
+        """A server-side TLS connection over two memory buffers, starting on the front context."""
+        return self._front.wrap_bio(incoming, outgoing, server_side=True)
+
+    def _base_context(self, front: bool = False) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = _STDLIB_VERSIONS[self.profile.min_version]
+        ctx.options |= _STDLIB_OPTIONS
+        ctx.set_ciphers(INTERMEDIATE_CIPHERS)
+        ca = self.profile.client_ca
+        if ca is not None:
+            if not front:
+                try:
+                    ctx.load_verify_locations(ca)
+                except (ssl.SSLError, OSError) as e:
+                    raise ConfigError(ca, f"tls.{self.profile.name}.client_ca",
+                                      f"OpenSSL refused it: {getattr(e, 'reason', None) or e}") from None
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        if self.alpn:
+            # Server preference: the C{ssl} module selects in this list's order.
+            ctx.set_alpn_protocols([p.decode("ascii") for p in self.alpn])
+        return ctx
+
+    def _install(self, ctx: ssl.SSLContext, c: _Certificate) -> None:
+        keyname = f"tls.{self.profile.name}.certificates[{c.index}].key"
+        try:
+            ctx.load_cert_chain(c.cert_path, c.key_path)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(c.key_path, keyname,
+                              f"OpenSSL refused the certificate or key: {getattr(e, 'reason', None) or e}") from None
+
+    def _build_front(self, generation: _Generation) -> ssl.SSLContext:
+        ctx = self._base_context(front=True)
+        ctx.sni_callback = generation.select_stdlib
+        return ctx
+
+
 def _ssl_reason(error: SSL.Error) -> str:
     try:
         return "; ".join(str(item[-1]) for item in error.args[0]) or str(error)
@@ -525,14 +601,24 @@ class TLSServerFactory(TLSMemoryBIOFactory):
 
 
 def tls_server_factory(reactor: IReactorTime, profile: TLSProfile, factory: IProtocolFactory, http: bool = True,
-                       **options: Any) -> TLSServerFactory:
+                       **options: Any) -> Any:
     """
     Wrap a listener's C{factory} in TLS with C{profile}.
 
+    HTTP listeners get L{rproxy_tw.tls_transport} (the standard library's
+    C{ssl}, from C: kept-alive TLS requests/s 16k -> see bench/README.md);
+    raw TCP listeners get Twisted's C{TLSMemoryBIOProtocol} over pyOpenSSL,
+    for its TLS half-close.  C{RPROXY_TLS_PYOPENSSL=1} puts HTTP listeners on
+    the pyOpenSSL path too, for A/B measurements.
+
     @param http: an HTTP listener (ALPN offered) rather than raw TCP.
-    @param options: C{ticket_rotation}, C{watch_interval} of L{ServerTLSContexts}.
+    @param options: C{ticket_rotation}, C{watch_interval} of the contexts.
     @raise ConfigError: if a certificate, key or CA file cannot be used.
     """
+    if http and not os.environ.get("RPROXY_TLS_PYOPENSSL"):
+        from .tls_transport import StdlibTLSServerFactory
+
+        return StdlibTLSServerFactory(StdlibTLSContexts(reactor, profile, http=True, **options), factory, reactor)
     tls = TLSServerFactory(ServerTLSContexts(reactor, profile, http=http, **options), factory, reactor)
     if http:
         # Twisted's default TLS transport holds small writes for a reactor turn to
@@ -559,6 +645,10 @@ def client_subject(transport: Any) -> str | None:
     the handshake when one does not verify, so a certificate here is a
     verified one.  Call after the handshake (when request bytes arrived).
     """
+    der = getattr(transport, "peer_certificate_der", None)
+    if der is not None:
+        raw = der()
+        return None if raw is None else x509.load_der_x509_certificate(raw).subject.rfc4514_string()
     get = getattr(transport, "getPeerCertificate", None)
     if get is None:
         return None
