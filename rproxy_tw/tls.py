@@ -521,9 +521,11 @@ class StdlibTLSContexts(_ProfileContexts):
     L{rproxy_tw.tls_transport}: HTTP listeners.  Same choices as
     L{ServerTLSContexts}; the C{ssl} module sets compression off, a session
     ID context shared by every context (so sessions resume across the SNI
-    switch) and released buffers by itself.  It cannot name the accepted
-    client CAs in the certificate request; clients send their certificate
-    regardless.
+    switch) and released buffers by itself.
+
+    Not for profiles with C{client_ca}: the C{ssl} module cannot name the
+    accepted CAs in its certificate request, which browsers use to pick a
+    client certificate, so mutual-TLS listeners stay on L{ServerTLSContexts}.
     """
 
     def wrap(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
@@ -535,15 +537,8 @@ class StdlibTLSContexts(_ProfileContexts):
         ctx.minimum_version = _STDLIB_VERSIONS[self.profile.min_version]
         ctx.options |= _STDLIB_OPTIONS
         ctx.set_ciphers(INTERMEDIATE_CIPHERS)
-        ca = self.profile.client_ca
-        if ca is not None:
-            if not front:
-                try:
-                    ctx.load_verify_locations(ca)
-                except (ssl.SSLError, OSError) as e:
-                    raise ConfigError(ca, f"tls.{self.profile.name}.client_ca",
-                                      f"OpenSSL refused it: {getattr(e, 'reason', None) or e}") from None
-            ctx.verify_mode = ssl.CERT_REQUIRED
+        if self.profile.client_ca is not None:
+            raise ValueError("mutual TLS profiles use ServerTLSContexts")
         if self.alpn:
             # Server preference: the C{ssl} module selects in this list's order.
             ctx.set_alpn_protocols([p.decode("ascii") for p in self.alpn])
@@ -606,16 +601,17 @@ def tls_server_factory(reactor: IReactorTime, profile: TLSProfile, factory: IPro
     Wrap a listener's C{factory} in TLS with C{profile}.
 
     HTTP listeners get L{rproxy_tw.tls_transport} (the standard library's
-    C{ssl}, from C: kept-alive TLS requests/s 16k -> see bench/README.md);
-    raw TCP listeners get Twisted's C{TLSMemoryBIOProtocol} over pyOpenSSL,
-    for its TLS half-close.  C{RPROXY_TLS_PYOPENSSL=1} puts HTTP listeners on
-    the pyOpenSSL path too, for A/B measurements.
+    C{ssl}, from C: a sixth more kept-alive requests/s, bench/README.md).
+    Twisted's C{TLSMemoryBIOProtocol} over pyOpenSSL serves raw TCP listeners
+    (for its TLS half-close) and mutual-TLS profiles (pyOpenSSL can name the
+    accepted client CAs).  C{RPROXY_TLS_PYOPENSSL=1} puts every listener on
+    that path, for A/B measurements.
 
     @param http: an HTTP listener (ALPN offered) rather than raw TCP.
     @param options: C{ticket_rotation}, C{watch_interval} of the contexts.
     @raise ConfigError: if a certificate, key or CA file cannot be used.
     """
-    if http and not os.environ.get("RPROXY_TLS_PYOPENSSL"):
+    if http and profile.client_ca is None and not os.environ.get("RPROXY_TLS_PYOPENSSL"):
         from .tls_transport import StdlibTLSServerFactory
 
         return StdlibTLSServerFactory(StdlibTLSContexts(reactor, profile, http=True, **options), factory, reactor)
@@ -645,10 +641,6 @@ def client_subject(transport: Any) -> str | None:
     the handshake when one does not verify, so a certificate here is a
     verified one.  Call after the handshake (when request bytes arrived).
     """
-    der = getattr(transport, "peer_certificate_der", None)
-    if der is not None:
-        raw = der()
-        return None if raw is None else x509.load_der_x509_certificate(raw).subject.rfc4514_string()
     get = getattr(transport, "getPeerCertificate", None)
     if get is None:
         return None

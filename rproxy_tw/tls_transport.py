@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .http.fastwrite import direct_writer, no_delay
+from .http.fastwrite import direct_writer
 
 __all__ = ["LINGER", "TLSServerConnection", "StdlibTLSServerFactory"]
 
@@ -93,7 +93,8 @@ class TLSServerConnection(Protocol):
     def connectionMade(self) -> None:
         self._tls = self.factory.contexts.wrap(self._incoming, self._outgoing)
         self._send = direct_writer(self.transport)
-        no_delay(self.transport)
+        # No TCP_NODELAY here: each handshake flight is one write, and the
+        # HTTP/1.1 and HTTP/2 connections set it (through us) when they start.
         self.wrappedProtocol.makeConnection(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -230,20 +231,9 @@ class TLSServerConnection(Protocol):
     def getHost(self) -> Any:
         return self.transport.getHost()
 
-    def getPeerCertificate(self) -> Any:
-        """The client's certificate as pyOpenSSL's C{X509} (C{ISSLTransport}), or C{None}."""
-        der = self.peer_certificate_der()
-        if der is None:
-            return None
-        from OpenSSL import crypto
-
-        return crypto.load_certificate(crypto.FILETYPE_ASN1, der)
-
-    def peer_certificate_der(self) -> bytes | None:
-        """The client's certificate (DER), verified: only profiles with C{client_ca} ask for one."""
-        if self._tls is None or not self._handshaken:
-            return None
-        return self._tls.getpeercert(binary_form=True)
+    def getPeerCertificate(self) -> None:
+        """No client certificates here: mutual-TLS listeners use pyOpenSSL (L{rproxy_tw.tls})."""
+        return None
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         self.transport.registerProducer(producer, streaming)

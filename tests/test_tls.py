@@ -365,6 +365,27 @@ def test_mutual_tls(pki: PKI) -> None:
     assert "UNKNOWN_CA" in str(mallory) or "BAD_CERTIFICATE" in str(mallory), mallory
 
 
+def _s_client(port: int) -> str:
+    """What C{openssl s_client} prints for one handshake (runs in a thread)."""
+    done = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "www.example.test"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
+    return done.stdout
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+@pytest_twisted.inlineCallbacks
+def test_mutual_tls_names_the_accepted_ca(pki: PKI) -> None:
+    # Browsers offer only the client certificates whose issuer the server names.
+    port, _ = yield _listen(pki.profile("www-ec", client_ca=pki.client_ca_path))
+    try:
+        out = yield threads.deferToThread(_s_client, port.getHost().port)
+    finally:
+        yield port.stopListening()
+    names = out.split("Acceptable client certificate CA names", 1)
+    assert len(names) == 2, out
+    assert "rproxy client CA" in names[1].split("Requested Signature Algorithms", 1)[0], out
+
+
 @pytest_twisted.inlineCallbacks
 def test_sessions_resume_until_the_ticket_keys_rotate(pki: PKI) -> None:
     port, factory = yield _listen(pki.profile("www-ec", "api"))

@@ -1,0 +1,300 @@
+"""
+The TLS transport of HTTP listeners (L{rproxy_tw.tls_transport}), driven in
+memory: a client C{ssl.SSLObject} on one side, a C{StringTransport} under
+the server, a C{Clock} for time.  Real-socket behaviour is in test_tls*.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from rproxy_tw.config import CertificateConfig, TLSProfile
+from rproxy_tw.tls import StdlibTLSContexts
+from rproxy_tw.tls_transport import LINGER, StdlibTLSServerFactory
+
+
+@pytest.fixture(scope="module")
+def cert_files(tmp_path_factory: Any) -> tuple[str, str]:
+    d: Path = tmp_path_factory.mktemp("tlsmem")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "www.example.test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("www.example.test")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (d / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "k.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+    return str(d / "c.pem"), str(d / "k.pem")
+
+
+@implementer(IHandshakeListener)
+class Recorder(Protocol):
+    """What the wrapped (HTTP) protocol sees."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.handshakes = 0
+        self.lost: Any = None
+        self.pause_after_first = False
+
+    def handshakeCompleted(self) -> None:
+        self.handshakes += 1
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+        if self.pause_after_first:
+            self.transport.pauseProducing()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = reason
+
+
+class TCP(StringTransport):
+    """A StringTransport with TCP's write-side close."""
+
+    write_closed = False
+    aborted = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+
+class Pair:
+    """A server TLSServerConnection on a StringTransport, and an in-memory client."""
+
+    def __init__(self, cert_files: tuple[str, str], alpn: tuple[str, ...] = ("h2", "http/1.1"),
+                 client_alpn: list[str] | None = None, client_max: Any = None,
+                 client_ciphers: str | None = None) -> None:
+        self.clock = Clock()
+        self.clock.advance(datetime.datetime.now().timestamp())
+        profile = TLSProfile("t", (CertificateConfig(*cert_files),), alpn=alpn)
+        self.contexts = StdlibTLSContexts(self.clock, profile, watch_interval=None)
+        self.app = Recorder()
+        factory = StdlibTLSServerFactory(self.contexts, Factory.forProtocol(lambda: self.app), self.clock)
+        self.server = factory.buildProtocol(None)
+        self.tcp = TCP()
+        self.server.makeConnection(self.tcp)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        if client_alpn:
+            ctx.set_alpn_protocols(client_alpn)
+        if client_max is not None:
+            ctx.minimum_version = client_max
+            ctx.maximum_version = client_max
+        if client_ciphers is not None:
+            ctx.set_ciphers(client_ciphers)
+        self.cin, self.cout = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.client = ctx.wrap_bio(self.cin, self.cout, server_hostname="www.example.test")
+
+    def to_server(self) -> None:
+        data = self.cout.read()
+        if data:
+            self.server.dataReceived(data)
+
+    def to_client(self) -> None:
+        data = self.tcp.value()
+        self.tcp.clear()
+        if data:
+            self.cin.write(data)
+
+    def handshake(self) -> None:
+        for _ in range(6):
+            try:
+                self.client.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            self.to_server()
+            self.to_client()
+            if done:
+                return
+        raise AssertionError("no handshake")
+
+    def client_read(self) -> bytes:
+        """What the client can read now; C{self.closed} tells whether a close_notify came after it."""
+        out = []
+        self.closed = False
+        while True:
+            try:
+                chunk = self.client.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            if not chunk:  # the ssl module's way of saying close_notify
+                self.closed = True
+                break
+            out.append(chunk)
+        return b"".join(out)
+
+
+def test_bytes_both_ways_and_alpn(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files, client_alpn=["http/1.1", "h2"])
+    p.handshake()
+    assert p.app.handshakes == 1
+    assert p.server.negotiatedProtocol == b"h2", "the server's preference wins"
+    p.client.write(b"GET / HTTP/1.1\r\n\r\n")
+    p.to_server()
+    assert b"".join(p.app.received) == b"GET / HTTP/1.1\r\n\r\n"
+    p.app.transport.write(b"HTTP/1.1 200 OK\r\n")
+    p.app.transport.writeSequence([b"Content-Length: 0\r\n", b"\r\n"])
+    p.to_client()
+    assert p.client_read() == b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_no_common_alpn_is_no_alpn(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files, client_alpn=["spdy/3"])
+    p.handshake()
+    assert p.server.negotiatedProtocol is None
+
+
+def test_paused_reader_gets_nothing_until_it_resumes(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+    p.handshake()
+    p.app.pause_after_first = True
+    for part in (b"one", b"two", b"three"):
+        p.client.write(part)  # three TLS records in one TCP read
+    p.to_server()
+    assert p.app.received == [b"one"]
+    assert p.tcp.producerState == "paused"
+    p.app.pause_after_first = False
+    p.server.resumeProducing()
+    assert p.tcp.producerState == "producing"
+    assert p.app.received == [b"one"], "delivery waits for a later reactor turn"
+    p.clock.advance(0)
+    assert p.app.received == [b"one", b"two", b"three"]
+
+
+def test_producers_are_the_tcp_transports(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+    p.handshake()
+    producer = object()
+    p.app.transport.registerProducer(producer, True)
+    assert p.tcp.producer is producer and p.tcp.streaming
+    p.app.transport.unregisterProducer()
+    assert p.tcp.producer is None
+
+
+def test_close_sends_close_notify_and_lingers_then_cuts(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+    p.handshake()
+    p.app.transport.write(b"last words")
+    p.app.transport.loseConnection()
+    assert p.tcp.write_closed and not p.tcp.disconnecting, "reading goes on after the write side closes"
+    p.to_client()
+    assert p.client_read() == b"last words"
+    assert p.closed, "then the server's close_notify"
+    # The peer goes on sending: read and discarded, not delivered.
+    p.client.write(b"late")
+    p.to_server()
+    assert b"late" not in b"".join(p.app.received)
+    p.app.transport.write(b"after close")
+    assert p.tcp.value() == b"", "nothing is written after loseConnection"
+    p.clock.advance(LINGER)
+    assert p.tcp.aborted
+
+
+def test_peer_close_notify_is_answered_and_closes(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+    p.handshake()
+    p.client.write(b"bye")
+    try:
+        p.client.unwrap()
+    except ssl.SSLWantReadError:
+        pass
+    p.to_server()
+    assert p.app.received == [b"bye"]
+    assert p.tcp.disconnecting
+    p.to_client()
+    p.client.unwrap()  # the server's close_notify completes the client's shutdown
+    p.server.connectionLost(Failure(ConnectionDone()))
+    assert p.app.lost.check(ConnectionDone)
+    assert not p.clock.getDelayedCalls(), "no linger timer once the connection is gone"
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1:DeprecationWarning")
+def test_failed_handshake_sends_an_alert_and_reports_why(cert_files: tuple[str, str]) -> None:
+    # SECLEVEL=0 so that the client itself is willing to speak TLS 1.1.
+    p = Pair(cert_files, client_max=ssl.TLSVersion.TLSv1_1, client_ciphers="ALL:@SECLEVEL=0")
+    try:
+        p.client.do_handshake()
+    except (ssl.SSLWantReadError, ssl.SSLError):
+        pass
+    p.to_server()
+    assert p.tcp.disconnecting
+    assert p.tcp.value(), "the alert was written before the close"
+    p.to_client()
+    p.server.connectionLost(Failure(ConnectionDone()))
+    assert p.app.lost.check(ssl.SSLError)
+    assert "UNSUPPORTED_PROTOCOL" in str(p.app.lost.value)
+    with pytest.raises(ssl.SSLError, match="VERSION"):
+        p.client.do_handshake()
+    assert p.app.handshakes == 0 and p.app.received == []
+
+
+def test_garbage_instead_of_a_client_hello(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+    p.server.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert p.tcp.disconnecting
+    p.server.connectionLost(Failure(ConnectionDone()))
+    assert p.app.lost.check(ssl.SSLError)
+    assert p.app.received == []
+
+
+def test_request_in_the_same_segment_as_the_finished(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+    # Run the client's side until its Finished is queued, then add a request behind it.
+    try:
+        p.client.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    p.to_server()
+    p.to_client()
+    p.client.do_handshake()
+    p.client.write(b"GET /early HTTP/1.1\r\n\r\n")
+    p.to_server()  # Finished and the request, one read
+    assert p.app.handshakes == 1
+    assert b"".join(p.app.received) == b"GET /early HTTP/1.1\r\n\r\n"
+
+
+def test_which_listeners_get_this_transport(cert_files: tuple[str, str], monkeypatch: Any) -> None:
+    from rproxy_tw.tls import TLSServerFactory, tls_server_factory
+
+    clock = Clock()
+    clock.advance(datetime.datetime.now().timestamp())
+    plain = TLSProfile("t", (CertificateConfig(*cert_files),))
+    mutual = TLSProfile("m", (CertificateConfig(*cert_files),), client_ca=cert_files[0])
+    wrapped = Factory.forProtocol(Protocol)
+    assert isinstance(tls_server_factory(clock, plain, wrapped, watch_interval=None), StdlibTLSServerFactory)
+    # Raw TCP (half-close) and mutual TLS (CA names in the request) stay on pyOpenSSL.
+    assert isinstance(tls_server_factory(clock, plain, wrapped, http=False, watch_interval=None), TLSServerFactory)
+    assert isinstance(tls_server_factory(clock, mutual, wrapped, watch_interval=None), TLSServerFactory)
+    monkeypatch.setenv("RPROXY_TLS_PYOPENSSL", "1")
+    assert isinstance(tls_server_factory(clock, plain, wrapped, watch_interval=None), TLSServerFactory)
