@@ -9,6 +9,12 @@ intact and in order, the side that stalls holds the other side back (the
 sender is stopped by backpressure, not absorbed by the proxy), and the
 proxy's RSS grows by less than 64 MiB over its baseline after warm-up.
 
+Every test runs twice: through a plain HTTP listener ("plain"), and through
+a TLS listener ("tls": HTTP/1.1 over TLS between client and proxy, with a
+certificate the test makes; the origin stays plain HTTP).  Over TLS the body
+is 256 MiB (L{TLS_TOTAL}), still well above what the proxy and the kernel
+may hold, so that a proxy without backpressure cannot pass.
+
 Nothing here is decided by time.  The stall ends when the sender's byte count
 has stopped moving; deadlines only guard against a hang.
 
@@ -24,11 +30,14 @@ This file is also the origin: C{python test_http_memory.py origin} serves
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import random
 import re
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -44,6 +53,16 @@ GiB = 1024 * MiB
 
 TOTAL = 1 * GiB
 """The body size the requirement names."""
+
+TLS_TOTAL = 256 * MiB
+"""The body size through the TLS listener: smaller, to keep the suite fast,
+and still more than twice what the proxy and the kernel may hold (see
+L{hold_bound})."""
+
+TLS_SEND = 16 * 1024
+"""Most plaintext given to one C{SSLSocket.send} by the uploading client: one
+TLS record.  C{send} takes all it is given or blocks (OpenSSL without partial
+writes), so the client's byte count is exact to one record while stalled."""
 
 RSS_BOUND = 64 * MiB
 """The requirement: the proxy's RSS may grow by less than this."""
@@ -314,10 +333,39 @@ def origin(tmp_path: Path) -> Iterator[Origin]:
 
 
 class Proxy:
-    def __init__(self, proc: subprocess.Popen[Any], port: int, log: Path) -> None:
+    """
+    The proxy process, and how a client reaches it: plain TCP, or TLS
+    (C{client_tls}: a context that trusts only the test's certificate).
+    """
+
+    def __init__(self, proc: subprocess.Popen[Any], port: int, log: Path,
+                 client_tls: ssl.SSLContext | None) -> None:
         self.proc = proc
         self.port = port
         self.log = log
+        self.client_tls = client_tls
+        self.kind = "tls" if client_tls is not None else "plain"
+        self.total = TLS_TOTAL if client_tls is not None else TOTAL
+        """The body size the tests move through this listener."""
+
+    def connect(self) -> socket.socket:
+        """A client connection (over TLS for a TLS listener, handshake done, HTTP/1.1 by ALPN)."""
+        s = _connect(self.port)
+        if self.client_tls is None:
+            return s
+        try:
+            tls = self.client_tls.wrap_socket(s, server_hostname="localhost")
+        except BaseException:
+            s.close()
+            raise
+        assert tls.selected_alpn_protocol() == "http/1.1", tls.selected_alpn_protocol()
+        return tls
+
+    def sender(self, sock: socket.socket) -> Callable[[memoryview], int]:
+        """C{send} for L{send_pattern} on C{sock}: at most one TLS record a call over TLS."""
+        if self.client_tls is None:
+            return sock.send
+        return lambda view: sock.send(view[:TLS_SEND])
 
     def status(self) -> dict[str, int]:
         """VmRSS and VmHWM of the proxy process, in bytes."""
@@ -343,15 +391,77 @@ class Proxy:
             return False
 
 
-@pytest.fixture
-def proxy(origin: Origin, tmp_path: Path) -> Iterator[Proxy]:
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed EC P-256 certificate for localhost and 127.0.0.1: (cert, key) PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "proxy-cert.pem", folder / "proxy-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def _toml_string(value: object) -> str:
+    return json.dumps(str(value))  # a JSON string of a path is a TOML basic string
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "tls"])
+def proxy(request: pytest.FixtureRequest, origin: Origin, tmp_path: Path) -> Iterator[Proxy]:
     log = tmp_path / "proxy.log"
+    # For "tls": what `--listen tcp:0:interface=127.0.0.1 --backend ...` makes, with TLS on the listener.
+    config = [
+        '[server]\naccess_log = "off"\n',
+        '[[listen]]\nendpoint = "tcp:0:interface=127.0.0.1"\nprotocol = "http"\n',
+        '[[route]]\npath = "/"\npool = "default"\n',
+        f'[pool.default]\nbackends = [{_toml_string(f"tcp:127.0.0.1:{origin.port}")}]\n',
+    ]
+    client_tls = None
+    if request.param:
+        cert, key = make_certificate(tmp_path)
+        config[1] += 'tls = "t"\n'
+        config.append(f"[tls.t]\ncertificates = [{{ cert = {_toml_string(cert)}, key = {_toml_string(key)} }}]\n")
+        client_tls = ssl.create_default_context(cafile=str(cert))
+        client_tls.set_alpn_protocols(["http/1.1"])
+    if request.param:
+        config_file = tmp_path / "proxy.toml"
+        config_file.write_text("\n".join(config))
+        how = ["--config", str(config_file)]
+    else:
+        # The plain proxy keeps the command-line quick mode in the test.
+        how = ["--listen", "tcp:0:interface=127.0.0.1", "--backend", f"tcp:127.0.0.1:{origin.port}",
+               "--access-log", "off"]
     # `python -m twisted` is the `twist` runner: in the foreground, no pidfile,
     # and it works in whatever environment runs the tests.
     proc = subprocess.Popen(
         [sys.executable, "-m", "twisted", "--log-format", "text", "--log-file", str(log),
-         "rproxy", "--listen", "tcp:0:interface=127.0.0.1",
-         "--backend", f"tcp:127.0.0.1:{origin.port}", "--access-log", "off"],
+         "rproxy", *how],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )
 
@@ -361,7 +471,7 @@ def proxy(origin: Origin, tmp_path: Path) -> Iterator[Proxy]:
         return int(m.group(1)) if m else None
 
     try:
-        yield Proxy(proc, _wait(port, "the proxy to listen"), log)
+        yield Proxy(proc, _wait(port, "the proxy to listen"), log, client_tls)
     finally:
         _stop(proc)
 
@@ -384,9 +494,10 @@ def _connect(port: int) -> socket.socket:
     return s
 
 
-def download(port: int, size: int, before_reading: Callable[[], None] = lambda: None) -> tuple[dict[str, str], Checker]:
+def download(proxy: Proxy, size: int,
+             before_reading: Callable[[], None] = lambda: None) -> tuple[dict[str, str], Checker]:
     """GET /big through the proxy; C{before_reading} runs before the first byte is read."""
-    with _connect(port) as s:
+    with proxy.connect() as s:
         s.sendall(b"GET /big?size=%d HTTP/1.1\r\nHost: origin\r\n\r\n" % size)
         before_reading()
         rfile = s.makefile("rb")
@@ -403,10 +514,14 @@ def download(port: int, size: int, before_reading: Callable[[], None] = lambda: 
 class Uploader:
     """PUT /upload through the proxy, sending as fast as the proxy lets it (in a thread)."""
 
-    def __init__(self, port: int, size: int, chunked: bool, hold: bool) -> None:
+    def __init__(self, proxy: Proxy, size: int, chunked: bool, hold: bool) -> None:
         self.sent = 0
+        """Body bytes (plaintext) the client's socket has taken: over TLS, the
+        kernel holds them as records, a little larger, so this never overstates
+        what the proxy and the kernel hold."""
         self.error: BaseException | None = None
-        self.sock = _connect(port)
+        self.sock = proxy.connect()
+        self.send = proxy.sender(self.sock)
         framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % size
         self.sock.sendall(b"PUT /upload%s HTTP/1.1\r\nHost: origin\r\n%s\r\n\r\n"
                           % (b"?hold=1" if hold else b"", framing))
@@ -418,7 +533,7 @@ class Uploader:
 
     def _run(self, size: int, chunked: bool) -> None:
         try:
-            send_pattern(self.sock.send, size, self._progress, chunked)
+            send_pattern(self.send, size, self._progress, chunked)
         except BaseException as e:  # noqa: BLE001 - reported by result()
             self.error = e
 
@@ -432,8 +547,8 @@ class Uploader:
         return status, json.loads(body) if status == 200 else {"body": body}
 
 
-def upload(port: int, size: int, chunked: bool = False) -> tuple[int, dict[str, Any]]:
-    return Uploader(port, size, chunked, hold=False).result()
+def upload(proxy: Proxy, size: int, chunked: bool = False) -> tuple[int, dict[str, Any]]:
+    return Uploader(proxy, size, chunked, hold=False).result()
 
 
 def settled(count: Callable[[], int], what: str) -> int:
@@ -480,6 +595,11 @@ def kernel_slack() -> int:
     What the kernel may hold between the stalled end and the sender besides
     the proxy: the proxy's two sockets autotune up to the sysctl maxima; ours
     are pinned to L{OUR_SOCKET_BUFFER} (doubled by the kernel).
+
+    Over TLS the two buffers of the client's connection (ours and the
+    proxy's) hold records, a few dozen bytes per 16 KiB larger than the
+    plaintext, while the senders count plaintext: a byte of slack holds less
+    than a byte of body, so the bound is not loosened.
     """
     def most(name: str) -> int:
         return int(Path(f"/proc/sys/net/ipv4/{name}").read_text().split()[2])
@@ -487,11 +607,18 @@ def kernel_slack() -> int:
     return most("tcp_rmem") + most("tcp_wmem") + 2 * 2 * OUR_SOCKET_BUFFER
 
 
+def hold_bound(total: int) -> int:
+    """What a stalled transfer may have got out of its sender: the proxy's bound and the kernel's slack."""
+    bound = RSS_BOUND + kernel_slack()
+    assert bound < total, f"a {total / MiB:.0f} MiB body could not show a proxy without backpressure"
+    return bound
+
+
 def warm_up(proxy: Proxy) -> int:
     """Both directions once, then the baseline RSS."""
-    headers, checker = download(proxy.port, WARMUP)
+    headers, checker = download(proxy, WARMUP)
     assert checker.count == WARMUP and checker.first_bad is None
-    status, result = upload(proxy.port, WARMUP)
+    status, result = upload(proxy, WARMUP)
     assert (status, result) == (200, {"received": WARMUP, "first_bad": None})
     return proxy.rss()
 
@@ -519,11 +646,13 @@ def peak_rss(proxy: Proxy, sampler: Sampler, hwm_reset: bool) -> int:
 def test_download_to_stalled_client_streams_in_bounded_memory(
         proxy: Proxy, origin: Origin, record_property: Any) -> None:
     """
-    A client asks for 1 GiB and reads nothing: the origin is held back once
-    the buffers between are full.  Then the client reads it all at full
-    speed and gets every byte in order, and the proxy's RSS never grew by
-    64 MiB.
+    A client asks for 1 GiB (256 MiB over TLS) and reads nothing: the origin
+    is held back once the buffers between are full.  Then the client reads
+    it all at full speed and gets every byte in order, and the proxy's RSS
+    never grew by 64 MiB.
     """
+    total = proxy.total
+    bound = hold_bound(total)
     baseline = warm_up(proxy)
     hwm_reset = proxy.reset_peak()
     sent_before = origin.stats()["sent"]
@@ -534,14 +663,14 @@ def test_download_to_stalled_client_streams_in_bounded_memory(
         stall["rss"] = proxy.rss()
 
     with Sampler(proxy) as sampler:
-        headers, checker = download(proxy.port, TOTAL, before_reading=stalled)
+        headers, checker = download(proxy, total, before_reading=stalled)
     peak = peak_rss(proxy, sampler, hwm_reset)
-    line = report("download", baseline, peak, stall["sent"], stall["rss"], record_property)
+    line = report(f"{proxy.kind} download", baseline, peak, stall["sent"], stall["rss"], record_property)
 
-    assert headers["content-length"] == str(TOTAL)
-    assert checker.count == TOTAL
+    assert headers["content-length"] == str(total)
+    assert checker.count == total
     assert checker.first_bad is None, f"body differs from what the origin sent at byte {checker.first_bad}"
-    assert stall["sent"] < RSS_BOUND + kernel_slack(), f"the proxy kept reading from the origin: {line}"
+    assert stall["sent"] < bound, f"the proxy kept reading from the origin: {line}"
     assert peak - baseline < RSS_BOUND, line
 
 
@@ -549,27 +678,29 @@ def test_download_to_stalled_client_streams_in_bounded_memory(
 def test_upload_to_stalled_origin_streams_in_bounded_memory(
         proxy: Proxy, origin: Origin, record_property: Any, chunked: bool) -> None:
     """
-    A client sends 1 GiB as fast as it can to an origin that reads nothing
-    at first: the client is held back once the buffers between are full.
-    Then the origin reads it all and reports every byte received in order,
-    and the proxy's RSS never grew by 64 MiB.
+    A client sends 1 GiB (256 MiB over TLS) as fast as it can to an origin
+    that reads nothing at first: the client is held back once the buffers
+    between are full.  Then the origin reads it all and reports every byte
+    received in order, and the proxy's RSS never grew by 64 MiB.
     """
+    total = proxy.total
+    bound = hold_bound(total)
     baseline = warm_up(proxy)
     hwm_reset = proxy.reset_peak()
     with Sampler(proxy) as sampler:
-        uploader = Uploader(proxy.port, TOTAL, chunked=chunked, hold=True)
+        uploader = Uploader(proxy, total, chunked=chunked, hold=True)
         stalled = settled(lambda: uploader.sent, "the client's sending")
         rss_stalled = proxy.rss()
         assert origin.stats()["received"] == WARMUP, "the origin read while told to hold"
         origin.ask("POST", "/release")
         status, result = uploader.result()
     peak = peak_rss(proxy, sampler, hwm_reset)
-    line = report(f"upload ({'chunked' if chunked else 'content-length'})", baseline, peak, stalled,
+    line = report(f"{proxy.kind} upload ({'chunked' if chunked else 'content-length'})", baseline, peak, stalled,
                   rss_stalled, record_property)
 
     assert status == 200, result
-    assert result == {"received": TOTAL, "first_bad": None}
-    assert stalled < RSS_BOUND + kernel_slack(), f"the proxy kept reading from the client: {line}"
+    assert result == {"received": total, "first_bad": None}
+    assert stalled < bound, f"the proxy kept reading from the client: {line}"
     assert peak - baseline < RSS_BOUND, line
 
 
