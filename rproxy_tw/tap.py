@@ -78,14 +78,17 @@ def _check_files(config: Any) -> None:
     """Load what the config names (certificates, keys, CAs) without listening anywhere."""
     from twisted.internet.task import Clock
 
-    from .tls import ServerTLSContexts, client_tls_options
+    from .tls import ServerTLSContexts, StdlibTLSContexts, client_tls_options
 
     import time
 
     clock = Clock()
     clock.advance(time.time())  # certificate validity is judged against today, not the epoch
     for profile in config.tls.values():
+        # Both TLS libraries a profile may be served with (see tls_server_factory).
         ServerTLSContexts(clock, profile, watch_interval=None)
+        if profile.client_ca is None:
+            StdlibTLSContexts(clock, profile, watch_interval=None)
     for pool in config.pools.values():
         if pool.ca is not None or pool.client_cert is not None:
             client_tls_options("localhost", pool.ca, pool.client_cert, pool.client_key)
