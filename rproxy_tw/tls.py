@@ -54,6 +54,7 @@ __all__ = [
     "StdlibTLSContexts",
     "TLSServerFactory",
     "client_subject",
+    "close_waits_for_peer",
     "client_tls_options",
     "negotiated_protocol",
     "tls_server_factory",
@@ -631,6 +632,15 @@ def tls_server_factory(reactor: IReactorTime, profile: TLSProfile, factory: IPro
 def negotiated_protocol(transport: Any) -> bytes | None:
     """The ALPN protocol of a TLS transport (C{b"h2"}, C{b"http/1.1"}), or C{None}."""
     return getattr(transport, "negotiatedProtocol", None)
+
+
+def close_waits_for_peer(transport: Any) -> bool:
+    """
+    Whether C{transport.loseConnection()} waits for the peer's close_notify
+    (Twisted's TLS does; plain TCP and L{rproxy_tw.tls_transport} end by
+    themselves once what was written is sent).
+    """
+    return isinstance(transport, TLSMemoryBIOProtocol)
 
 
 def client_subject(transport: Any) -> str | None:

@@ -16,11 +16,14 @@ transport (for the HTTP protocol it wraps).  What it does about the edges:
   - writing and producers: a write is encrypted at once and sent; producers
     are registered with the TCP transport, whose buffer holds the ciphertext,
     so backpressure is the TCP transport's own.
-  - closing: C{loseConnection} sends C{close_notify}, shuts the write side,
-    and keeps reading (and discarding) until the peer closes or
-    C{LINGER} seconds pass, so a client still sending is not answered with
-    a reset that could destroy the response (nginx's lingering close).  A
-    peer's C{close_notify} is answered with ours and the connection closed.
+  - closing: C{loseConnection} sends C{close_notify}, and the TCP transport
+    shuts the write side once everything written has gone to the kernel.
+    From then on the connection reads (and discards) until the peer closes,
+    or for C{LINGER} seconds, then closes in order: a client still sending
+    is not answered with a reset that could destroy the response's tail
+    (nginx's lingering close), and a slow reader is never cut while the
+    response is still on its way (the linger starts only after it left).
+    A peer's C{close_notify} is answered with ours and the connection closed.
   - a failed handshake sends OpenSSL's alert, then closes; the wrapped
     protocol's C{connectionLost} gets the C{ssl.SSLError}.
 
@@ -33,7 +36,9 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
     IHandshakeListener,
     IProtocolFactory,
     IPushProducer,
@@ -51,14 +56,14 @@ from .http.fastwrite import direct_writer
 __all__ = ["LINGER", "TLSServerConnection", "StdlibTLSServerFactory"]
 
 LINGER = 5.0
-"""Seconds a closing connection keeps reading for the peer's close before it is cut."""
+"""Seconds a closing connection keeps reading for the peer's close, once all it wrote was sent."""
 
 _READ_SIZE = 256 * 1024
 
 _log = Logger()
 
 
-@implementer(ITCPTransport, ISSLTransport, IPushProducer)
+@implementer(ITCPTransport, ISSLTransport, IPushProducer, IHalfCloseableProtocol)
 class TLSServerConnection(Protocol):
     """
     One server-side TLS connection: the TCP transport's protocol, and the
@@ -87,6 +92,7 @@ class TLSServerConnection(Protocol):
         self._closed_by_peer = False
         self._failure: Failure | None = None
         self._linger: Any = None
+        self._told_lost = False
 
     # -- the TCP connection's protocol ---------------------------------------------------------
 
@@ -111,7 +117,33 @@ class TLSServerConnection(Protocol):
             if call is not None and call.active():
                 call.cancel()
         self._linger = self._resume_call = None
-        self.wrappedProtocol.connectionLost(self._failure or reason)
+        self._tell_lost(self._failure or reason)
+
+    def _tell_lost(self, reason: Failure) -> None:
+        if not self._told_lost:
+            self._told_lost = True
+            self.wrappedProtocol.connectionLost(reason)
+
+    def readConnectionLost(self) -> None:
+        """
+        The peer's FIN, without a close_notify (after one, we are already
+        closing).  Nothing more will come: the wrapped protocol learns now
+        (a plain TCP connection would be lost at this point too), and what
+        is already written is sent before the socket closes.
+        """
+        if not self.disconnecting:
+            self.disconnecting = True
+            self._tell_lost(Failure(ConnectionDone("the peer closed its side")))
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """Our FIN went out after everything written: linger for the peer's close, then close in order."""
+        if self._linger is None and not self.disconnected:
+            self._linger = self.factory.clock.callLater(LINGER, self._lingered)
+
+    def _lingered(self) -> None:
+        self._linger = None
+        self.transport.loseConnection()
 
     def _handshake(self) -> bool:
         """Go on with the handshake.  @return: whether it is over and the connection open."""
@@ -217,9 +249,8 @@ class TLSServerConnection(Protocol):
         lose_write = getattr(self.transport, "loseWriteConnection", None)
         if lose_write is None:
             self.transport.loseConnection()
-            return
-        lose_write()
-        self._linger = self.factory.clock.callLater(LINGER, self.abortConnection)
+        else:
+            lose_write()  # then writeConnectionLost, once the buffer is sent
 
     def abortConnection(self) -> None:
         self.disconnecting = True

@@ -18,6 +18,7 @@ import shutil
 import socket
 import ssl
 import sys
+import time
 from typing import Any, Callable
 
 import h2.config
@@ -914,3 +915,69 @@ async def test_connections_closed_by_the_proxy_release_their_sockets(net: Net, c
         await closing_request(i)
     # A short guard: the sockets are gone within a few reactor turns, or never.
     await until(lambda: open_sockets() <= before, "the proxy to close its side of 20 connections", timeout=5.0)
+
+
+def _slow_read(port: int, ca: str | None, size: int) -> tuple[bytes, str | None]:
+    """
+    Runs in a thread: a reader with a small receive buffer that asks for a
+    response with C{Connection: close} and takes 4 KiB every 20 ms.  Returns
+    what it read and how the connection ended (C{None}: a clean end).
+    """
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+    raw.settimeout(30)
+    raw.connect(("127.0.0.1", port))
+    sock: Any = raw
+    if ca is not None:
+        ctx = ssl.create_default_context(cafile=ca)
+        ctx.set_alpn_protocols(["http/1.1"])
+        sock = ctx.wrap_socket(raw, server_hostname=HOST)
+    sock.sendall(b"GET /big HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % HOST.encode())
+    got = bytearray()
+    ending = None
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                break
+            got += data
+            time.sleep(0.02)
+    except (OSError, ssl.SSLError) as e:
+        ending = repr(e)
+    finally:
+        sock.close()
+    return bytes(got), ending
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest_twisted.ensureDeferred
+async def test_a_slow_reader_gets_the_whole_response_before_the_close(
+        net: Net, certs: E2EPKI, tls: bool, monkeypatch: Any) -> None:
+    """
+    The proxy has written the whole response and closes (C{Connection:
+    close}) while the reader is still far behind.  Neither the close's
+    backstop nor the TLS linger may cut the connection before the tail is
+    delivered: the timers are made short here (0.2 s), and the reader needs
+    about a second more.
+    """
+    import rproxy_tw.http.server as server_module
+    import rproxy_tw.tls_transport as tls_transport
+
+    monkeypatch.setattr(server_module, "CLOSE_GRACE", 0.2)
+    monkeypatch.setattr(tls_transport, "LINGER", 0.2)
+    body = hashlib.sha256(b"tail").digest() * (384 * 1024 // 32)  # 384 KiB
+    origin = await net.origin(handler=lambda req: req.respond(200, body, [(b"Content-Type", b"application/octet-stream")]))
+    listen: dict[str, Any] = {"endpoint": "tcp:0:interface=127.0.0.1"}
+    if tls:
+        listen["tls"] = "main"
+    svc, ports = await start(net, config(
+        listen=[listen],
+        routes=[{"path": "/", "pool": "web"}],
+        pools={"web": {"backends": [origin.backend]}},
+        tls={"main": {"certificates": [cert_entry(certs, "www-ec")]}},
+    ))
+    got, ending = await threads.deferToThread(_slow_read, ports[0], certs.ca_path if tls else None, len(body))
+    assert ending is None, ending
+    head, _, received = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert len(received) == len(body) and received == body

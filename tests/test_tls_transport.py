@@ -56,6 +56,7 @@ class Recorder(Protocol):
         self.received: list[bytes] = []
         self.handshakes = 0
         self.lost: Any = None
+        self.losses = 0
         self.pause_after_first = False
 
     def handshakeCompleted(self) -> None:
@@ -68,6 +69,7 @@ class Recorder(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost = reason
+        self.losses += 1
 
 
 class TCP(StringTransport):
@@ -202,7 +204,7 @@ def test_producers_are_the_tcp_transports(cert_files: tuple[str, str]) -> None:
     assert p.tcp.producer is None
 
 
-def test_close_sends_close_notify_and_lingers_then_cuts(cert_files: tuple[str, str]) -> None:
+def test_close_sends_close_notify_and_lingers_once_all_is_sent(cert_files: tuple[str, str]) -> None:
     p = Pair(cert_files)
     p.handshake()
     p.app.transport.write(b"last words")
@@ -217,8 +219,43 @@ def test_close_sends_close_notify_and_lingers_then_cuts(cert_files: tuple[str, s
     assert b"late" not in b"".join(p.app.received)
     p.app.transport.write(b"after close")
     assert p.tcp.value() == b"", "nothing is written after loseConnection"
-    p.clock.advance(LINGER)
-    assert p.tcp.aborted
+    # However slow the reader, nothing is cut while the TCP transport is still sending.
+    p.clock.advance(LINGER * 10)
+    assert not p.tcp.disconnecting and not p.tcp.aborted
+    p.server.writeConnectionLost()  # the TCP transport sent everything, then its FIN
+    p.clock.advance(LINGER - 0.1)
+    assert not p.tcp.disconnecting
+    p.clock.advance(0.1)
+    assert p.tcp.disconnecting and not p.tcp.aborted, "an orderly close: the kernel still delivers the tail"
+    assert p.app.lost is None, "the wrapped protocol learns when the socket is gone"
+    p.server.connectionLost(Failure(ConnectionDone()))
+    assert p.app.lost.check(ConnectionDone)
+
+
+def test_peer_fin_ends_a_lingering_close_at_once(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+    p.handshake()
+    p.app.transport.loseConnection()
+    p.server.writeConnectionLost()
+    p.server.readConnectionLost()
+    assert p.tcp.disconnecting
+    p.server.connectionLost(Failure(ConnectionDone()))
+    assert not p.clock.getDelayedCalls()
+    assert p.app.lost.check(ConnectionDone)
+
+
+def test_peer_fin_while_open_tells_the_wrapped_protocol_at_once(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+    p.handshake()
+    p.app.transport.write(b"partial")
+    p.server.readConnectionLost()  # a FIN with no close_notify
+    assert p.app.lost is not None and p.app.lost.check(ConnectionDone)
+    assert p.tcp.disconnecting, "what was written is still sent, then the socket closes"
+    p.app.transport.write(b"more")
+    p.to_client()
+    assert p.client_read() == b"partial"
+    p.server.connectionLost(Failure(ConnectionDone()))
+    assert p.app.losses == 1, "told once"
 
 
 def test_peer_close_notify_is_answered_and_closes(cert_files: tuple[str, str]) -> None:

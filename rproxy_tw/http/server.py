@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from ..headers import ForwardingInfo, is_trusted, serialize, trailers_for_client
 from ..routing import ProxyRoute
+from ..tls import close_waits_for_peer
 from .exchange import ProxyExchange, RequestRejected as _Reject
 from .fastwrite import direct_writer, no_delay
 from .flow import ReadGate, ResponseFlow
@@ -75,7 +76,7 @@ def error_response(status: int, message: str, close: bool, extra: Headers = (), 
 
 
 CLOSE_GRACE = 5.0
-"""Seconds a closing connection may take to finish its close before it is cut."""
+"""Seconds a closing connection on Twisted's TLS may wait for the peer's close_notify before it is cut."""
 
 
 class LocalResponse:
@@ -192,15 +193,23 @@ class HTTPServerConnection(Protocol):
         """
         Close after what was written.  Reading goes on (and is discarded):
         a TLS close waits for the peer's close_notify, which a paused
-        transport would never read.  A peer that never finishes closing is
-        cut after a few seconds.
+        transport would never read.
+
+        A backstop cuts a close that never ends: after C{idle_timeout} for
+        plain TCP and the C{ssl} TLS transport (their close ends by itself
+        once the response is sent, so only a reader that stopped reading
+        meets it; a slow one must not lose the response's tail), after
+        C{CLOSE_GRACE} for Twisted's TLS, whose close waits for the peer's
+        close_notify, which many clients never send.
         """
         self.closing = True
         self.parser = None  # type: ignore[assignment]
         # A TLS transport only starts its close once no producer is registered.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
-        self.factory.clock.callLater(CLOSE_GRACE, self._forceClose)
+        limits = self.factory.limits
+        grace = CLOSE_GRACE if close_waits_for_peer(self.transport) else max(CLOSE_GRACE, limits.idle_timeout)
+        self.factory.clock.callLater(grace, self._forceClose)
 
     def _forceClose(self) -> None:
         if not self.disconnected:
