@@ -83,6 +83,8 @@ class ServerConfig:
     """The pseudonym put in C{Via}; never a version."""
     server_header: str = "rproxy"
     """Replaces the origin's C{Server} header; empty removes it."""
+    log_level: str = "info"
+    """The least severe of the proxy's own log events written (the access log is apart)."""
 
 
 @frozen
@@ -372,6 +374,7 @@ def _parse_server(r: _Reader | None) -> ServerConfig:
             raise r.error(f"trusted_proxies[{i}]", f"not an IP network: {e}") from None
     via = r.get("via", str, "rproxy")
     server_header = r.get("server_header", str, "rproxy")
+    log_level = r.choice("log_level", ("debug", "info", "warn", "error", "critical"), "info")
     r.finish()
     return ServerConfig(
         access_log=access_log,
@@ -379,6 +382,7 @@ def _parse_server(r: _Reader | None) -> ServerConfig:
         trusted_proxies=tuple(trusted),
         via=via,
         server_header=server_header,
+        log_level=log_level,
     )
 
 

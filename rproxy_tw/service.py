@@ -30,6 +30,7 @@ from .http.exchange import ExchangeSettings, IDownstream, ProxyExchange
 from .http.local import LocalResourceExchange
 from .http.server import HTTPProxyFactory
 from .http.upstream import UpstreamConnector
+from .logs import observer as log_observer, set_level as set_log_level
 from .routing import HostRouter, ProxyRoute, build_router
 from .upstream.health import HealthMonitor, PassiveConfig, PassiveHealth, monitor_for
 from .upstream.pool import BackendPool
@@ -279,12 +280,13 @@ class ProxyService(MultiService):
     L{resource} in the application's own C{Site}.
     """
 
-    _log = Logger()
+    _log = Logger(observer=log_observer)
 
     def __init__(self, config: ProxyConfig, reactor: Any, endpoint_for: Callable[[str], Any] | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
+        set_log_level(config.server.log_level)
         self.runtime = ProxyRuntime(config, reactor, endpoint_for)
         self.factories: list[Any] = []
         self.listeners: list[StreamServerEndpointService] = []

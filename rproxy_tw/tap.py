@@ -28,6 +28,8 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "Configuration file (TOML)."],
         ["access-log", None, None, 'Access log target: "-" (stdout), a path, or "off". Overrides the config.'],
+        ["log-level", None, None, "The least severe of the proxy's own log events written: debug, info (the "
+         "default), warn, error or critical. Overrides the config."],
     ]
     optFlags = [["check", None, "Validate the configuration and exit (0 when usable, 1 with the error)."]]
 
@@ -54,10 +56,16 @@ class Options(usage.Options):
                 config = quick_config(self["listen"], self["backend"])
             else:
                 raise usage.UsageError("give --config FILE, or at least one --backend ENDPOINT")
-            if self["access-log"] is not None:
-                import attrs
+            import attrs
 
+            if self["access-log"] is not None:
                 config = attrs.evolve(config, server=attrs.evolve(config.server, access_log=self["access-log"]))
+            if self["log-level"] is not None:
+                from .logs import LEVELS
+
+                if self["log-level"] not in LEVELS:
+                    raise usage.UsageError(f"--log-level must be one of {', '.join(LEVELS)}, not {self['log-level']!r}")
+                config = attrs.evolve(config, server=attrs.evolve(config.server, log_level=self["log-level"]))
         except ConfigError as e:
             if self["check"]:
                 sys.stderr.write(f"{e}\n")

@@ -46,6 +46,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from .config import ConfigError, TLSProfile
+from .logs import observer as log_observer
 
 __all__ = [
     "CLIENT_SUBJECT_HEADER",
@@ -272,7 +273,7 @@ class _ProfileContexts:
     @ivar generation: the certificate contexts new connections use.
     """
 
-    _log = Logger()
+    _log = Logger(observer=log_observer)
 
     def __init__(self, clock: IReactorTime, profile: TLSProfile, http: bool = True,
                  ticket_rotation: float = TICKET_ROTATION, watch_interval: float | None = WATCH_INTERVAL) -> None:

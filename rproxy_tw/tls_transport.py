@@ -52,6 +52,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .http.fastwrite import direct_writer
+from .logs import observer as log_observer
 
 __all__ = ["LINGER", "TLSServerConnection", "StdlibTLSServerFactory"]
 
@@ -60,7 +61,7 @@ LINGER = 5.0
 
 _READ_SIZE = 256 * 1024
 
-_log = Logger()
+_log = Logger(observer=log_observer)
 
 
 @implementer(ITCPTransport, ISSLTransport, IPushProducer, IHalfCloseableProtocol)

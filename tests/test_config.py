@@ -101,6 +101,7 @@ CASES = {
     "bad trusted proxy": (BASE + '[server]\ntrusted_proxies = ["10.0.0.0/8", "not-an-ip"]\n',
                           "server.trusted_proxies[1]", "not an IP network"),
     "bad log format": (BASE + '[server]\naccess_log_format = "xml"\n', "server.access_log_format", "'xml'"),
+    "bad log level": (BASE + '[server]\nlog_level = "verbose"\n', "server.log_level", "'verbose'"),
     "limit too small": (BASE + "[limits]\nmax_headers = 0\n", "limits.max_headers", "at least 1"),
     "listen not an array": ('listen = "tcp:8080"\n' + BASE.replace('[[listen]]\nendpoint = "tcp:8080"\n', ""),
                             "listen", "array"),
@@ -286,3 +287,45 @@ def test_plugin_help_from_any_folder(tmp_path):
     result = run(TWISTD + ["rproxy", "--help"], tmp_path)
     assert result.returncode == 0
     assert "--config" in result.stdout and "--listen" in result.stdout and "--backend" in result.stdout
+
+
+def test_log_level_filters_the_proxys_own_events():
+    from twisted.logger import Logger, globalLogPublisher
+
+    from rproxy_tw.logs import observer, set_level
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    log = Logger(namespace="rproxy_tw.test", observer=observer)
+    try:
+        assert parse_config({"route": [{"pool": "p"}], "pool": {"p": {"backends": ["tcp:127.0.0.1:1"]}}}).server.log_level == "info"
+        set_level("info")
+        log.debug("probe result {n}", n=1)
+        log.info("backend up")
+        set_level("debug")
+        log.debug("probe result {n}", n=2)
+        set_level("error")
+        log.warn("backend down")
+    finally:
+        set_level("info")
+        globalLogPublisher.removeObserver(seen.append)
+    texts = [e["log_format"] for e in seen if e.get("log_namespace") == "rproxy_tw.test"]
+    assert texts == ["backend up", "probe result {n}"]
+    assert [e["n"] for e in seen if e.get("log_format") == "probe result {n}"] == [2]
+
+
+def test_log_level_option_overrides_the_config(tmp_path):
+    from twisted.python import usage
+
+    from rproxy_tw.tap import Options
+
+    path = tmp_path / "p.toml"
+    path.write_text(BASE + '[server]\nlog_level = "warn"\n')
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    assert options.proxy_config.server.log_level == "warn"
+    options = Options()
+    options.parseOptions(["--config", str(path), "--log-level", "debug"])
+    assert options.proxy_config.server.log_level == "debug"
+    with pytest.raises(usage.UsageError, match="--log-level"):
+        Options().parseOptions(["--config", str(path), "--log-level", "loud"])

@@ -25,6 +25,7 @@ from ..headers import (
     response_head_block,
     response_headers_for_client,
 )
+from ..logs import observer as log_observer
 from .flow import GateProducer
 from .upstream import BadResponse, ConnectTimeout, UpstreamConnection
 
@@ -133,7 +134,7 @@ class ExchangeSettings:
 class ProxyExchange:
     """A request being proxied to one pool."""
 
-    _log = Logger()
+    _log = Logger(observer=log_observer)
 
     # One is made per request: slots make that cheaper, and catch misspelt attributes.
     __slots__ = (

@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..headers import trailers_for_client
+from ..logs import observer as log_observer
 from .exchange import IDownstream, ProxyExchange, RequestRejected
 from .fastwrite import no_delay
 from .flow import ReadGate
@@ -340,7 +341,7 @@ def _h2_fields(headers: Headers) -> list[tuple[bytes, bytes]]:
 class H2ServerConnection(Protocol):
     """One client connection speaking HTTP/2 (after ALPN chose C{h2})."""
 
-    _log = Logger()
+    _log = Logger(observer=log_observer)
 
     def __init__(self, factory: Any) -> None:
         self.factory = factory

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..headers import ForwardingInfo, is_trusted, serialize, trailers_for_client
+from ..logs import observer as log_observer
 from ..routing import ProxyRoute
 from ..tls import close_waits_for_peer
 from .exchange import ProxyExchange, RequestRejected as _Reject
@@ -111,7 +112,7 @@ class HTTPServerConnection(Protocol):
 
     wants_block = True
 
-    _log = Logger()
+    _log = Logger(observer=log_observer)
 
     def __init__(self, factory: HTTPProxyFactory) -> None:
         self.factory = factory

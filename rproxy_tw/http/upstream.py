@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..logs import observer as log_observer
 from .fastwrite import direct_writer, no_delay
 from .flow import GateProducer, ReadGate
 
@@ -279,7 +280,7 @@ class UpstreamConnector:
     idle connections per backend, each for at most C{keepalive_timeout}.
     """
 
-    _log = Logger()
+    _log = Logger(observer=log_observer)
 
     def __init__(self, clock: IReactorTime, keepalive: int, keepalive_timeout: float, connect_timeout: float,
                  span: float | None = None) -> None:

@@ -56,6 +56,7 @@ from zope.interface import alsoProvides, implementer
 
 from ..http.fastwrite import direct_writer
 from ..http.flow import GateProducer, ReadGate
+from ..logs import observer as log_observer
 from . import proxy_protocol
 from .proxy_protocol import TLSInfo
 from .tls_halfclose import allow_half_close
@@ -313,7 +314,7 @@ class TCPProxyServer(Protocol):
     many bytes each way, which directions are finished, and why it ended.
     """
 
-    _log = Logger()
+    _log = Logger(observer=log_observer)
 
     def __init__(self, factory: TCPProxyFactory) -> None:
         self.factory = factory
@@ -677,7 +678,7 @@ class TCPProxyFactory(Factory):
         C{report_failure(backend, kind)}) fed with connect results.
     """
 
-    _log = Logger()
+    _log = Logger(observer=log_observer)
     noisy = False
 
     def __init__(self, reactor: Any, pool: Any, listen: Any, pool_config: Any, passive: Any = None) -> None:

@@ -54,6 +54,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import Interface, implementer
 
 from ..config import HealthConfig
+from ..logs import observer as log_observer
 from .pool import Backend, BackendPool
 
 __all__ = [
@@ -431,7 +432,7 @@ class HealthMonitor(Service):
     @param random: the jitter's source; inject a seeded C{random.Random} in tests.
     """
 
-    _log = Logger()
+    _log = Logger(observer=log_observer)
 
     JITTER = 0.1
     """Each interval is stretched or shrunk by up to this share."""
@@ -623,7 +624,7 @@ class PassiveHealth(Service):
         pool's C{health.slow_start} to match the active monitor).
     """
 
-    _log = Logger()
+    _log = Logger(observer=log_observer)
 
     def __init__(
         self,

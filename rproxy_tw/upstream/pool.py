@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
 from ..config import BackendConfig, PoolConfig
+from ..logs import observer as log_observer
 
 __all__ = ["Backend", "BackendPool", "IBackendPool", "IBalancer", "RoundRobinBalancer"]
 
@@ -138,7 +139,7 @@ def default_balancer_factory(rule: str) -> IBalancer:
 class BackendPool:
     """The backends of one C{[pool.NAME]} and the rule that chooses among them."""
 
-    _log = Logger()
+    _log = Logger(observer=log_observer)
 
     def __init__(
         self,
