@@ -393,3 +393,44 @@ def test_local_error_pages_are_plain_and_short():
         assert resp.one(b"content-type").startswith(b"text/plain")
         assert len(resp.body) < 200
     assert h.pending_connects() == 0
+
+
+# ---------------------------------------------------------------------------
+# HTTP/2's close: GOAWAY on idle, and a backstop for a peer that stops reading
+
+
+class _AbortRecorder(StringTransport):
+    aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+
+def test_http2_close_is_cut_when_the_peer_never_reads() -> None:
+    import h2.config
+    import h2.connection
+
+    from rproxy_tw.http.h2 import H2ServerConnection
+
+    h = Harness()
+    idle = h.config.limits.idle_timeout
+    conn = H2ServerConnection(h.factory)
+    conn.factory = h.factory
+    transport = _AbortRecorder(peerAddress=IPv4Address("TCP", CLIENT_IP, 40000), lenient=True)
+    conn.makeConnection(transport)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    conn.dataReceived(client.data_to_send())
+    take(transport)
+    h.reactor.advance(idle)  # no stream for idle_timeout: GOAWAY, then close
+    events = client.receive_data(take(transport))
+    assert any(type(e).__name__ == "ConnectionTerminated" for e in events), events
+    assert transport.disconnecting and not transport.aborted
+    # The peer reads nothing more, so the close never completes: cut it.
+    h.reactor.advance(idle - 0.5)
+    assert not transport.aborted
+    h.reactor.advance(0.5)
+    assert transport.aborted
+    conn.connectionLost(Failure(ConnectionDone()))
+    assert not h.reactor.getDelayedCalls()

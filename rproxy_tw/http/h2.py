@@ -354,6 +354,8 @@ class H2ServerConnection(Protocol):
         self.requests = 0
         self.resets = 0
         self._timer: Any = None
+        self._close_timer: Any = None
+        self.closing = False
 
     # -- connection -------------------------------------------------------------------------
 
@@ -385,6 +387,9 @@ class H2ServerConnection(Protocol):
         self.disconnected = True
         self.factory.connections.discard(self)
         self._stopTimer()
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
+        self._close_timer = None
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.cancelled()
@@ -407,12 +412,23 @@ class H2ServerConnection(Protocol):
             self._close()
 
     def _close(self) -> None:
-        """Send what h2 has queued (a GOAWAY), then close once it is written."""
+        """
+        Send what h2 has queued (a GOAWAY), then close once it is written.
+        A peer that stops reading would hold the close open for good: it is
+        cut after C{idle_timeout}, as HTTP/1.1's close is.
+        """
         self.transmit()
-        if not self.disconnected:
+        if not self.disconnected and not self.closing:
+            self.closing = True
             # TLS waits for a registered producer to go before it shuts down.
             self.transport.unregisterProducer()
             self.transport.loseConnection()
+            self._close_timer = self.factory.clock.callLater(self.factory.limits.idle_timeout, self._forceClose)
+
+    def _forceClose(self) -> None:
+        self._close_timer = None
+        if not self.disconnected:
+            self.transport.abortConnection()
 
     def transmit(self) -> None:
         data = self.h2.data_to_send()
