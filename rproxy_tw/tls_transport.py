@@ -250,8 +250,12 @@ class TLSServerConnection(Protocol):
         lose_write = getattr(self.transport, "loseWriteConnection", None)
         if lose_write is None:
             self.transport.loseConnection()
-        else:
-            lose_write()  # then writeConnectionLost, once the buffer is sent
+            return
+        lose_write()  # then writeConnectionLost, once the buffer is sent
+        if self._paused:
+            # Read on, to see the peer's close (what arrives is discarded).
+            self._paused = False
+            self.transport.resumeProducing()
 
     def abortConnection(self) -> None:
         self.disconnecting = True

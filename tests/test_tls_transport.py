@@ -335,3 +335,15 @@ def test_which_listeners_get_this_transport(cert_files: tuple[str, str], monkeyp
     assert isinstance(tls_server_factory(clock, mutual, wrapped, watch_interval=None), TLSServerFactory)
     monkeypatch.setenv("RPROXY_TLS_PYOPENSSL", "1")
     assert isinstance(tls_server_factory(clock, plain, wrapped, watch_interval=None), TLSServerFactory)
+
+
+def test_a_paused_connection_reads_again_once_it_closes(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+    p.handshake()
+    p.app.transport.pauseProducing()
+    assert p.tcp.producerState == "paused"
+    p.app.transport.loseConnection()
+    assert p.tcp.producerState == "producing", "the linger must see the peer's close"
+    p.client.write(b"ignored")
+    p.to_server()
+    assert p.app.received == []
