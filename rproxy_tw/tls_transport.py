@@ -57,7 +57,18 @@ from .logs import observer as log_observer
 __all__ = ["LINGER", "TLSServerConnection", "StdlibTLSServerFactory"]
 
 LINGER = 5.0
-"""Seconds a closing connection keeps reading for the peer's close, once all it wrote was sent."""
+"""
+Seconds a closing connection keeps reading for the peer's close, once all it
+wrote was sent; also how long what was written may take to drain once the
+peer has closed or TLS failed.
+"""
+
+CLOSE_TIMEOUT = 60.0
+"""
+Seconds an orderly close may take in all (the response's tail to a slow
+reader, then the linger) before it is cut: a peer that stopped reading would
+otherwise hold it open for good (nginx's C{send_timeout} is the same 60).
+"""
 
 _READ_SIZE = 256 * 1024
 
@@ -93,13 +104,15 @@ class TLSServerConnection(Protocol):
         self._closed_by_peer = False
         self._failure: Failure | None = None
         self._linger: Any = None
+        self._backstop: Any = None
+        self._direct: Any = None
         self._told_lost = False
 
     # -- the TCP connection's protocol ---------------------------------------------------------
 
     def connectionMade(self) -> None:
         self._tls = self.factory.contexts.wrap(self._incoming, self._outgoing)
-        self._send = direct_writer(self.transport)
+        self._send = self._direct = direct_writer(self.transport)
         # No TCP_NODELAY here: each handshake flight is one write, and the
         # HTTP/1.1 and HTTP/2 connections set it (through us) when they start.
         self.wrappedProtocol.makeConnection(self)
@@ -114,10 +127,10 @@ class TLSServerConnection(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.disconnected = True
         self.disconnecting = True
-        for call in (self._linger, self._resume_call):
+        for call in (self._linger, self._backstop, self._resume_call):
             if call is not None and call.active():
                 call.cancel()
-        self._linger = self._resume_call = None
+        self._linger = self._backstop = self._resume_call = None
         self._tell_lost(self._failure or reason)
 
     def _tell_lost(self, reason: Failure) -> None:
@@ -127,15 +140,49 @@ class TLSServerConnection(Protocol):
 
     def readConnectionLost(self) -> None:
         """
-        The peer's FIN, without a close_notify (after one, we are already
-        closing).  Nothing more will come: the wrapped protocol learns now
-        (a plain TCP connection would be lost at this point too), and what
-        is already written is sent before the socket closes.
+        The peer's FIN: after our close, both directions are done; else it
+        came without a close_notify, and the connection is over (as a plain
+        TCP connection's would be).  Every byte before it was delivered:
+        reading resumes only once what was buffered is.
         """
-        if not self.disconnecting:
-            self.disconnecting = True
-            self._tell_lost(Failure(ConnectionDone("the peer closed its side")))
+        if self.disconnecting:
+            self.transport.loseConnection()
+        else:
+            self._end(Failure(ConnectionDone("the peer closed its side")))
+
+    def _end(self, reason: Failure) -> None:
+        """
+        The connection is over for the wrapped protocol: it is told now (its
+        producer unregistered, so nothing more is pulled from an origin),
+        what was written is sent, then the socket closes; a drain that does
+        not end within C{LINGER} seconds is cut.
+        """
+        self.disconnecting = True
+        self._early = []
+        self._unregister_tcp_producer()
+        self._tell_lost(reason)
         self.transport.loseConnection()
+        self._cut_after(LINGER)
+
+    def _unregister_tcp_producer(self) -> None:
+        if getattr(self.transport, "producer", None) is not None:
+            self.transport.unregisterProducer()
+        self._send = self._direct
+
+    def _cut_after(self, seconds: float) -> None:
+        """Abort the connection if it is still open in C{seconds} (or earlier, if already set so)."""
+        clock = self.factory.clock
+        when = clock.seconds() + seconds
+        if self._backstop is not None and self._backstop.active():
+            if self._backstop.getTime() <= when:
+                return
+            self._backstop.cancel()
+        self._backstop = clock.callLater(seconds, self._cut)
+
+    def _cut(self) -> None:
+        self._backstop = None
+        if not self.disconnected:
+            self.transport.abortConnection()
 
     def writeConnectionLost(self) -> None:
         """Our FIN went out after everything written: linger for the peer's close, then close in order."""
@@ -161,12 +208,12 @@ class TLSServerConnection(Protocol):
         if alpn is not None:
             self.negotiatedProtocol = alpn.encode("ascii")
         self._flush()
-        listener = IHandshakeListener(self.wrappedProtocol, None)
-        if listener is not None:
-            listener.handshakeCompleted()
         if self._early:
             early, self._early = b"".join(self._early), []
             self.write(early)
+        listener = IHandshakeListener(self.wrappedProtocol, None)
+        if listener is not None:
+            listener.handshakeCompleted()
         return not self.disconnecting
 
     def _deliver(self) -> None:
@@ -182,6 +229,10 @@ class TLSServerConnection(Protocol):
                     data = read(_READ_SIZE)
                 except ssl.SSLWantReadError:
                     break
+                except ssl.SSLZeroReturnError:
+                    # The peer's close_notify after ours (the ssl module
+                    # returns b"" only when the peer closed first).
+                    data = b""
                 except ssl.SSLError as e:
                     self._fail(e)
                     return
@@ -205,15 +256,17 @@ class TLSServerConnection(Protocol):
         _log.debug("tls: {peer}: {error}", peer=self.transport.getPeer(), error=error)
         self._failure = Failure(error)
         self._flush()
-        self.disconnecting = True
-        self.transport.loseConnection()
+        self._end(self._failure)
 
     def _peer_closed(self) -> None:
-        """The peer's close_notify: answer it and close once what was written is sent."""
+        """The peer's close_notify: answer it; the connection is over."""
         self._closed_by_peer = True
+        if self.disconnecting:
+            # Our close is under way and now both sides are done.
+            self.transport.loseConnection()
+            return
         self._close_notify()
-        self.disconnecting = True
-        self.transport.loseConnection()
+        self._end(Failure(ConnectionDone("the peer sent close_notify")))
 
     def _close_notify(self) -> None:
         try:
@@ -247,6 +300,10 @@ class TLSServerConnection(Protocol):
         self._early = []
         if self._handshaken:
             self._close_notify()
+        # Nothing written from now on is sent, so a producer has nothing to do
+        # (and a paused one would keep Twisted from shutting the write side).
+        self._unregister_tcp_producer()
+        self._cut_after(CLOSE_TIMEOUT)
         lose_write = getattr(self.transport, "loseWriteConnection", None)
         if lose_write is None:
             self.transport.loseConnection()
@@ -272,9 +329,14 @@ class TLSServerConnection(Protocol):
         return None
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if not streaming:
+            # A pull producer is asked for more when Twisted's buffer empties,
+            # which it only sees if the writes go through that buffer.
+            self._send = self.transport.write
         self.transport.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
+        self._send = self._direct
         self.transport.unregisterProducer()
 
     # Reading is ours to pause: decrypted bytes wait in the SSLObject.
@@ -286,16 +348,22 @@ class TLSServerConnection(Protocol):
         if not self._paused:
             return
         self._paused = False
-        self.transport.resumeProducing()
-        if self._handshaken and self._resume_call is None and (self._tls.pending() or self._incoming.pending):
-            # Not from inside the caller's stack: a plain TCP transport would
-            # deliver on a later reactor turn too.
-            self._resume_call = self.factory.clock.callLater(0, self._resumed)
+        if self._handshaken and (self._tls.pending() or self._incoming.pending):
+            # What is buffered goes first, and not from inside the caller's
+            # stack (a plain TCP transport delivers on a later reactor turn
+            # too); reading resumes after it, so a FIN cannot overtake it.
+            if self._resume_call is None:
+                self._resume_call = self.factory.clock.callLater(0, self._resumed)
+        else:
+            self.transport.resumeProducing()
 
     def _resumed(self) -> None:
         self._resume_call = None
-        if not self.disconnected:
-            self._deliver()
+        if self.disconnected:
+            return
+        self._deliver()
+        if not self._paused and not self.disconnected:
+            self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
         self.abortConnection()

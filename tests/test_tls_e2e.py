@@ -981,3 +981,169 @@ async def test_a_slow_reader_gets_the_whole_response_before_the_close(
     head, _, received = got.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert len(received) == len(body) and received == body
+
+
+def _fetch_closing(port: int, ca: str | None, target: bytes) -> tuple[bytes, str | None]:
+    """Runs in a thread: one GET with C{Connection: close}; the whole reply and how it ended."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock: Any = raw
+    if ca is not None:
+        ctx = ssl.create_default_context(cafile=ca)
+        ctx.set_alpn_protocols(["http/1.1"])
+        sock = ctx.wrap_socket(raw, server_hostname=HOST)
+    sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (target, HOST.encode()))
+    got = bytearray()
+    ending = None
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            got += data
+    except (OSError, ssl.SSLError) as e:  # a stall shows as a timeout
+        ending = repr(e)
+    finally:
+        sock.close()
+    return bytes(got), ending
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest_twisted.ensureDeferred
+async def test_an_apps_static_file_mounted_in_the_proxy_downloads_whole(
+        net: Net, certs: E2EPKI, tls: bool, tmp_path: Any) -> None:
+    """
+    twisted.web's C{File} is a pull producer (C{registerProducer(p, False)}):
+    it is asked for each next piece when the transport's buffer empties.
+    Writes sent straight to the socket never let Twisted see that, and the
+    download stopped after the first 64 KiB.
+    """
+    from twisted.web.static import File
+
+    content = hashlib.shake_256(b"static").digest(3 * 1024 * 1024)
+    (tmp_path / "big.bin").write_bytes(content)
+    listen: dict[str, Any] = {"endpoint": "tcp:0:interface=127.0.0.1"}
+    if tls:
+        listen["tls"] = "main"
+    svc = ProxyService(parse_config(config(
+        listen=[listen],
+        routes=[{"path": "/", "pool": "web"}],
+        pools={"web": {"backends": ["tcp:127.0.0.1:9"]}},
+        tls={"main": {"certificates": [cert_entry(certs, "www-ec")]}},
+    ), source="test.toml"), reactor)
+    svc.mount("/files", File(str(tmp_path)))
+    svc.startService()
+    net.services.append(svc)
+    (port,) = await svc.listening()
+    got, ending = await threads.deferToThread(_fetch_closing, port.getHost().port,
+                                              certs.ca_path if tls else None, b"/files/big.bin")
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert ending is None, (ending, len(body))
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert len(body) == len(content) and body == content
+
+
+def _leave_mid_response(port: int, ca: str, how: str, hold: float) -> int:
+    """
+    Runs in a thread: over TLS, GET an endless response, read a little, then
+    leave (close_notify, or a FIN without one) and keep the socket open
+    without reading for C{hold} seconds.  Returns the bytes read.
+    """
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(10)
+    raw.connect(("127.0.0.1", port))
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.set_alpn_protocols(["http/1.1"])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=HOST)
+
+    def push() -> None:
+        if outgoing.pending:
+            raw.sendall(outgoing.read())
+
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            push()
+            incoming.write(raw.recv(65536))
+    push()
+    tls.write(b"GET /endless HTTP/1.1\r\nHost: %s\r\n\r\n" % HOST.encode())
+    push()
+    got = 0
+    while got < 65536:
+        incoming.write(raw.recv(65536))
+        try:
+            while True:
+                got += len(tls.read(65536))
+        except ssl.SSLWantReadError:
+            pass
+    time.sleep(0.5)  # reading nothing: the proxy's buffer towards us fills, its producer pauses
+    if how == "close_notify":
+        try:
+            tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        push()
+    else:
+        raw.shutdown(socket.SHUT_WR)
+    time.sleep(hold)
+    raw.close()
+    return got
+
+
+@pytest.mark.parametrize("how", ["close_notify", "fin"])
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_mid_response_stops_the_origin_stream(
+        net: Net, certs: E2EPKI, how: str, monkeypatch: Any) -> None:
+    """
+    The client leaves while the proxy's buffer towards it is full (its
+    producer paused).  The exchange must end at once, stopping the pull from
+    the origin, and the proxy's socket must close even though the client
+    reads nothing more: before, the close waited on the paused producer, the
+    origin was read (and its bytes dropped) for as long as it sent, and the
+    socket stayed open.
+    """
+    import rproxy_tw.tls_transport as tls_transport
+    from twisted.internet.task import LoopingCall, deferLater
+
+    monkeypatch.setattr(tls_transport, "LINGER", 0.5)
+
+    loops: list[LoopingCall] = []
+
+    def endless(req: OriginRequest) -> None:
+        req.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+        def more() -> None:
+            if req.conn.closed:
+                loop.stop()
+            else:
+                req.conn.transport.write(b"10000\r\n" + b"z" * 65536 + b"\r\n")
+
+        loop = LoopingCall(more)
+        loops.append(loop)
+        loop.start(0.01)
+
+    origin = await net.origin(handler=endless)
+    svc, ports = await start(net, config(
+        listen=[{"endpoint": "tcp:0:interface=127.0.0.1", "tls": "main"}],
+        routes=[{"path": "/", "pool": "web"}],
+        pools={"web": {"backends": [origin.backend]}},
+        tls={"main": {"certificates": [cert_entry(certs, "www-ec")]}},
+    ))
+    before = open_sockets()
+    client = threads.deferToThread(_leave_mid_response, ports[0], certs.ca_path, how, 3.0)
+    try:
+        await until(lambda: origin.connections and origin.connections[0].received, "the request to reach the origin")
+        await deferLater(reactor, 0.5, lambda: None)  # the client stops reading, then leaves
+        await until(lambda: origin.connections[0].closed, "the proxy to drop the origin's stream", timeout=3.0)
+        # The client still holds its socket (one of this process's), reading
+        # nothing: the proxy's end of the connection is cut all the same.
+        await until(lambda: open_sockets() <= before + 1, "the proxy to close its socket", timeout=3.0)
+    finally:
+        for loop in loops:
+            if loop.running:
+                loop.stop()
+        got = await client
+    assert got >= 65536

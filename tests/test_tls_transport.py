@@ -188,10 +188,28 @@ def test_paused_reader_gets_nothing_until_it_resumes(cert_files: tuple[str, str]
     assert p.tcp.producerState == "paused"
     p.app.pause_after_first = False
     p.server.resumeProducing()
-    assert p.tcp.producerState == "producing"
     assert p.app.received == [b"one"], "delivery waits for a later reactor turn"
+    assert p.tcp.producerState == "paused", "what is buffered goes before anything new (a FIN, say)"
     p.clock.advance(0)
     assert p.app.received == [b"one", b"two", b"three"]
+    assert p.tcp.producerState == "producing"
+
+
+def test_paused_again_while_delivering_what_was_buffered(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+    p.handshake()
+    p.app.pause_after_first = True
+    for part in (b"one", b"two", b"three"):
+        p.client.write(part)
+    p.to_server()
+    p.server.resumeProducing()
+    p.clock.advance(0)  # delivers "two", and the app pauses again
+    assert p.app.received == [b"one", b"two"]
+    assert p.tcp.producerState == "paused"
+    p.app.pause_after_first = False
+    p.server.resumeProducing()
+    p.clock.advance(0)
+    assert p.app.received == [b"one", b"two", b"three"] and p.tcp.producerState == "producing"
 
 
 def test_producers_are_the_tcp_transports(cert_files: tuple[str, str]) -> None:
@@ -347,3 +365,104 @@ def test_a_paused_connection_reads_again_once_it_closes(cert_files: tuple[str, s
     p.client.write(b"ignored")
     p.to_server()
     assert p.app.received == []
+
+
+class PausedProducer:
+    """A streaming producer the TCP transport has paused (its buffer is full)."""
+
+    def __init__(self) -> None:
+        self.resumed = 0
+        self.stopped = 0
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+
+    def stopProducing(self) -> None:
+        self.stopped += 1
+
+
+@pytest.mark.parametrize("how", ["close_notify", "fin"])
+def test_the_peer_leaving_mid_response_ends_it_at_once(cert_files: tuple[str, str], how: str) -> None:
+    p = Pair(cert_files)
+    p.handshake()
+    producer = PausedProducer()
+    p.app.transport.registerProducer(producer, True)
+    p.app.transport.write(b"part of a long response")
+    if how == "close_notify":
+        try:
+            p.client.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        p.to_server()
+    else:
+        p.server.readConnectionLost()
+    # The wrapped protocol learns now (and so stops pulling from its origin),
+    # and its producer is gone, so Twisted's close is not held by it.
+    assert p.app.lost is not None and p.app.lost.check(ConnectionDone)
+    assert p.tcp.producer is None and p.tcp.disconnecting
+    # What was written still drains; if it cannot, the connection is cut.
+    p.clock.advance(LINGER)
+    assert p.tcp.aborted
+    p.server.connectionLost(Failure(ConnectionDone()))
+    assert p.app.losses == 1 and not p.clock.getDelayedCalls()
+
+
+def test_our_close_answered_by_the_peer_is_a_clean_end(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+    p.handshake()
+    p.app.transport.loseConnection()
+    p.to_client()
+    p.client_read()
+    assert p.closed
+    try:
+        p.client.unwrap()  # the client answers our close_notify with its own
+    except ssl.SSLError:
+        pass
+    p.to_server()
+    assert p.tcp.disconnecting
+    p.server.connectionLost(Failure(ConnectionDone()))
+    assert p.app.lost.check(ConnectionDone), p.app.lost
+
+
+def test_a_close_that_never_drains_is_cut(cert_files: tuple[str, str]) -> None:
+    from rproxy_tw.tls_transport import CLOSE_TIMEOUT
+
+    p = Pair(cert_files)
+    p.handshake()
+    p.app.transport.registerProducer(PausedProducer(), True)
+    p.app.transport.write(b"x" * 100)
+    p.app.transport.loseConnection()
+    assert p.tcp.producer is None, "a paused producer would hold Twisted's write-side close"
+    p.clock.advance(CLOSE_TIMEOUT - 1)
+    assert not p.tcp.aborted
+    p.clock.advance(1)
+    assert p.tcp.aborted
+
+
+def test_pull_producers_write_through_the_tcp_transports_buffer(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+    p.handshake()
+    written = []
+    p.tcp.write = written.append  # type: ignore[method-assign]
+    p.app.transport.registerProducer(PausedProducer(), False)
+    p.app.transport.write(b"pulled")
+    assert len(written) == 1, "Twisted asks a pull producer for more when its own buffer empties"
+    p.app.transport.unregisterProducer()
+    p.app.transport.write(b"pushed")
+    assert len(written) == 1, "otherwise straight to the socket"
+
+
+def test_writes_before_the_handshake_come_first(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+
+    def greet() -> None:
+        p.app.transport.write(b"second")
+
+    p.app.handshakeCompleted = greet  # type: ignore[method-assign]
+    p.app.transport.write(b"first ")
+    p.handshake()
+    p.to_client()
+    assert p.client_read() == b"first second"

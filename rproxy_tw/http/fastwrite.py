@@ -7,7 +7,9 @@ unregisters (another C{epoll_ctl}).  Profiling the proxy at 1 KiB requests
 showed those steps to be a third of all CPU time.  When nothing is buffered
 yet, sending at once is what nginx and HAProxy do; only what the kernel does
 not take is left to Twisted's buffering (and so to its producer and
-backpressure machinery, which stays in charge).
+backpressure machinery, which stays in charge).  While a pull (non-streaming)
+producer is registered every write goes through Twisted's buffer, since that
+is where Twisted learns to ask it for more.
 
 Used only for Twisted's own C{tcp.Connection} transports; any other transport
 (TLS, UNIX, test transports) gets its ordinary C{write}.  The environment
@@ -50,6 +52,9 @@ def direct_writer(transport: Any, read_size: int | None = None) -> Callable[[byt
             or not transport.connected
             or transport.disconnecting
             or getattr(transport, "TLS", False)
+            # A pull producer is asked for more when Twisted's buffer empties,
+            # which Twisted only sees if the write goes through that buffer.
+            or (transport.producer is not None and not transport.streamingProducer)
         ):
             fallback(data)
             return
