@@ -129,6 +129,19 @@ def start(net: Net, data: dict[str, Any]) -> Any:
     return svc, [p.getHost().port for p in ports]
 
 
+def start_one_route(net: Net, certs: E2EPKI, backend: str, tls: bool) -> Any:
+    """The proxy with one listener (TLS or not) and every request to C{backend}."""
+    listen: dict[str, Any] = {"endpoint": "tcp:0:interface=127.0.0.1"}
+    if tls:
+        listen["tls"] = "main"
+    return start(net, config(
+        listen=[listen],
+        routes=[{"path": "/", "pool": "web"}],
+        pools={"web": {"backends": [backend]}},
+        tls={"main": {"certificates": [cert_entry(certs, "www-ec")]}},
+    ))
+
+
 def client_options(certs: E2EPKI, server_name: str = HOST, cert: str | None = None) -> Any:
     """Client TLS that trusts only the test root, verifies C{server_name}, and may present C{cert}."""
     client = None
@@ -892,15 +905,7 @@ async def test_connections_closed_by_the_proxy_release_their_sockets(net: Net, c
     connection was already open).
     """
     origin = await net.origin()
-    listen: dict[str, Any] = {"endpoint": "tcp:0:interface=127.0.0.1"}
-    if tls:
-        listen["tls"] = "main"
-    svc, ports = await start(net, config(
-        listen=[listen],
-        routes=[{"path": "/", "pool": "web"}],
-        pools={"web": {"backends": [origin.backend]}},
-        tls={"main": {"certificates": [cert_entry(certs, "www-ec")]}},
-    ))
+    svc, ports = await start_one_route(net, certs, origin.backend, tls)
 
     async def closing_request(i: int) -> None:
         client = await (tls_client(net, ports[0], certs) if tls else net.client(ports[0]))
@@ -917,31 +922,34 @@ async def test_connections_closed_by_the_proxy_release_their_sockets(net: Net, c
     await until(lambda: open_sockets() <= before, "the proxy to close its side of 20 connections", timeout=5.0)
 
 
-def _slow_read(port: int, ca: str | None, size: int) -> tuple[bytes, str | None]:
+def _fetch_closing(port: int, ca: str | None, target: bytes, slow: bool = False) -> tuple[bytes, str | None]:
     """
-    Runs in a thread: a reader with a small receive buffer that asks for a
-    response with C{Connection: close} and takes 4 KiB every 20 ms.  Returns
-    what it read and how the connection ended (C{None}: a clean end).
+    Runs in a thread: one GET with C{Connection: close}; the whole reply and
+    how the connection ended (C{None}: a clean end; a stall shows as a
+    timeout).  A C{slow} reader has a small receive buffer and takes 4 KiB
+    every 20 ms.
     """
     raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
-    raw.settimeout(30)
+    if slow:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+    raw.settimeout(30 if slow else 10)
     raw.connect(("127.0.0.1", port))
     sock: Any = raw
     if ca is not None:
         ctx = ssl.create_default_context(cafile=ca)
         ctx.set_alpn_protocols(["http/1.1"])
         sock = ctx.wrap_socket(raw, server_hostname=HOST)
-    sock.sendall(b"GET /big HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % HOST.encode())
+    sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (target, HOST.encode()))
     got = bytearray()
     ending = None
     try:
         while True:
-            data = sock.recv(4096)
+            data = sock.recv(4096 if slow else 65536)
             if not data:
                 break
             got += data
-            time.sleep(0.02)
+            if slow:
+                time.sleep(0.02)
     except (OSError, ssl.SSLError) as e:
         ending = repr(e)
     finally:
@@ -967,44 +975,13 @@ async def test_a_slow_reader_gets_the_whole_response_before_the_close(
     monkeypatch.setattr(tls_transport, "LINGER", 0.2)
     body = hashlib.sha256(b"tail").digest() * (384 * 1024 // 32)  # 384 KiB
     origin = await net.origin(handler=lambda req: req.respond(200, body, [(b"Content-Type", b"application/octet-stream")]))
-    listen: dict[str, Any] = {"endpoint": "tcp:0:interface=127.0.0.1"}
-    if tls:
-        listen["tls"] = "main"
-    svc, ports = await start(net, config(
-        listen=[listen],
-        routes=[{"path": "/", "pool": "web"}],
-        pools={"web": {"backends": [origin.backend]}},
-        tls={"main": {"certificates": [cert_entry(certs, "www-ec")]}},
-    ))
-    got, ending = await threads.deferToThread(_slow_read, ports[0], certs.ca_path if tls else None, len(body))
+    svc, ports = await start_one_route(net, certs, origin.backend, tls)
+    got, ending = await threads.deferToThread(_fetch_closing, ports[0], certs.ca_path if tls else None, b"/big",
+                                              slow=True)
     assert ending is None, ending
     head, _, received = got.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert len(received) == len(body) and received == body
-
-
-def _fetch_closing(port: int, ca: str | None, target: bytes) -> tuple[bytes, str | None]:
-    """Runs in a thread: one GET with C{Connection: close}; the whole reply and how it ended."""
-    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock: Any = raw
-    if ca is not None:
-        ctx = ssl.create_default_context(cafile=ca)
-        ctx.set_alpn_protocols(["http/1.1"])
-        sock = ctx.wrap_socket(raw, server_hostname=HOST)
-    sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (target, HOST.encode()))
-    got = bytearray()
-    ending = None
-    try:
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            got += data
-    except (OSError, ssl.SSLError) as e:  # a stall shows as a timeout
-        ending = repr(e)
-    finally:
-        sock.close()
-    return bytes(got), ending
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
