@@ -434,3 +434,20 @@ def test_http2_close_is_cut_when_the_peer_never_reads() -> None:
     assert transport.aborted
     conn.connectionLost(Failure(ConnectionDone()))
     assert not h.reactor.getDelayedCalls()
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /x HTTP/1.1\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+    b"GET /x HTTP/1.1\r\n\r\nGET /y HTTP/1.1\r\nHost: a\r\n\r\n",
+], ids=["no host", "two hosts", "no host with a body", "no host then pipelined"])
+def test_a_request_refused_at_its_head_gets_one_400_and_the_close(raw: bytes) -> None:
+    h = Harness()
+    proto, transport = h.client()
+    proto.dataReceived(raw)
+    data = take(transport)
+    assert data.startswith(b"HTTP/1.1 400 "), data
+    assert data.count(b"HTTP/1.1 ") == 1, data
+    assert transport.disconnecting
+    assert h.pending_connects() == 0

@@ -326,7 +326,12 @@ class HTTPServerConnection(Protocol):
 
     # -- parser callbacks -------------------------------------------------------------------
 
+    # Once the connection closes (a request refused at its head, say), llhttp
+    # may still call back for the rest of what it was fed: those are ignored.
+
     def on_message_begin(self) -> None:
+        if self.closing:
+            return
         self.in_head = True
         self._head_bytes = 0
         self._url = b""
@@ -348,6 +353,8 @@ class HTTPServerConnection(Protocol):
             raise _Reject(431, "Request Header Fields Too Large")
 
     def on_headers_complete(self) -> None:
+        if self.closing:
+            return
         self.in_head = False
         parser = self.parser
         version = parser.get_http_version()
@@ -374,10 +381,14 @@ class HTTPServerConnection(Protocol):
             self.gate.pause("pipeline")
 
     def on_body(self, body: bytes) -> None:
+        if self.closing:
+            return
         self._rearm(self.factory.limits.idle_timeout)
         self.parsing.requestBodyData(body)
 
     def on_message_complete(self) -> None:
+        if self.closing:
+            return
         ex = self.parsing
         self.parsing = None
         if self.parser.should_upgrade():
