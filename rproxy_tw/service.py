@@ -145,6 +145,7 @@ class ProxyRuntime:
             info,
             "length" if has_body else "none",
             length,
+            http_version=request.clientproto.partition(b"/")[2] or b"1.1",
         )
         request.notifyFinish().addErrback(lambda _: exchange.cancel())
         exchange.start()

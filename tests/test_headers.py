@@ -338,13 +338,14 @@ from rproxy_tw.headers import (  # noqa: E402
 
 
 @settings(derandomize=True, max_examples=400, deadline=None)
-@given(_headers, st.booleans(), st.booleans())
-def test_request_head_block_equals_general_rewrite(headers, trusted, upgrade):
+@given(_headers, st.booleans(), st.booleans(), st.sampled_from([b"1.1", b"1.0", b"2"]))
+def test_request_head_block_equals_general_rewrite(headers, trusted, upgrade, version):
     info = ForwardingInfo("192.0.2.7", "https", trusted, b"rproxy")
-    expected = serialize(request_headers_for_origin(headers, info, b"1.1", keep_upgrade=upgrade))
-    assert request_head_block(headers, info, keep_upgrade=upgrade) == expected
+    expected = serialize(request_headers_for_origin(headers, info, version, keep_upgrade=upgrade))
+    assert request_head_block(headers, info, keep_upgrade=upgrade, http_version=version) == expected
     # Twice: the per-connection cache of the added lines must not go stale.
-    assert request_head_block(headers, info, keep_upgrade=upgrade) == expected
+    assert request_head_block(headers, info, keep_upgrade=upgrade, http_version=version) == expected
+    assert b"Via: %s rproxy\r\n" % version in expected or b", %s rproxy\r\n" % version in expected
 
 
 @settings(derandomize=True, max_examples=400, deadline=None)

@@ -451,3 +451,14 @@ def test_a_request_refused_at_its_head_gets_one_400_and_the_close(raw: bytes) ->
     assert data.count(b"HTTP/1.1 ") == 1, data
     assert transport.disconnecting
     assert h.pending_connects() == 0
+
+
+@pytest.mark.parametrize("version", [b"1.0", b"1.1"])
+def test_via_to_the_origin_names_the_clients_http_version(version: bytes) -> None:
+    h = Harness()
+    proto, transport = h.client()
+    proto.dataReceived(b"GET /x HTTP/%s\r\nHost: example.com\r\n\r\n" % version)
+    _origin, upstream = h.accept_origin()
+    head = upstream.value().split(b"\r\n\r\n")[0]
+    assert head.startswith(b"GET /x HTTP/1.1\r\n"), head
+    assert b"\r\nVia: %s rproxy" % version in head, head

@@ -236,6 +236,8 @@ def test_curl_http2_gets_the_origins_bytes(pki: PKI) -> None:
     assert origin.header(first, b"host") == [b"www.example.test:%d" % port]
     assert origin.header(first, b"x-forwarded-proto") == [b"https"]
     assert origin.header(first, b"x-test") == [b"1"]
+    # Via names the protocol the proxy received the request in (RFC 9110, 7.6.3).
+    assert origin.header(first, b"via") == [b"2 rproxy"]
     assert origin.header(origin.requests[1], b"content-length") == [b"100000"]
 
 

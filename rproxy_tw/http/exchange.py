@@ -163,8 +163,10 @@ class ProxyExchange:
         upgrade: bool = False,
         retry_non_idempotent: bool = False,
         extra_response_headers: Headers = (),
+        http_version: bytes = b"1.1",
     ) -> None:
         self.downstream = downstream
+        self.http_version = http_version
         self.clock = clock
         self.pool = pool
         self.connector = connector
@@ -196,7 +198,7 @@ class ProxyExchange:
         self.replay_bytes = 0
         if settings.budget is not None:
             settings.budget.deposit()
-        block = request_head_block(headers, info, keep_upgrade=upgrade)
+        block = request_head_block(headers, info, keep_upgrade=upgrade, http_version=http_version)
         if body == "length":
             block += b"Content-Length: %d\r\n" % content_length
         elif body == "chunked":

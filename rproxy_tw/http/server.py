@@ -743,9 +743,9 @@ class HTTPProxyFactory(Factory):
             upgrade=upgrade,
             retry_non_idempotent=resource.config.retry_non_idempotent,
             extra_response_headers=self._extra_headers(resource),
+            http_version=http_version,
         )
         exchange.content_length = content_length  # type: ignore[attr-defined]
-        exchange.http_version = http_version  # type: ignore[attr-defined]
         exchange.keep_alive = keep_alive  # type: ignore[attr-defined]
         exchange.request_line = (method, url, http_version)  # type: ignore[attr-defined]
         exchange.request_headers = headers  # type: ignore[attr-defined]
