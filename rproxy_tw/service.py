@@ -52,7 +52,7 @@ class ProxyRuntime:
         self.config = config
         self.reactor = reactor
         self.pools: dict[str, BackendPool] = {
-            name: BackendPool(pc, reactor, endpoint_for or _endpoint_factory(reactor, pc))
+            name: BackendPool(pc, reactor, endpoint_for or _endpoint_factory(reactor, pc, name))
             for name, pc in config.pools.items()
         }
         self.connectors: dict[str, UpstreamConnector] = {
@@ -159,7 +159,7 @@ class ProxyRuntime:
         return NOT_DONE_YET
 
 
-def _endpoint_factory(reactor: Any, pool: Any) -> Callable[[str], Any]:
+def _endpoint_factory(reactor: Any, pool: Any, name: str) -> Callable[[str], Any]:
     """
     Client endpoints for a pool's backends: endpoint strings as Twisted parses
     them, except that C{tls:HOST:PORT} backends of a pool with C{ca} or
@@ -177,7 +177,8 @@ def _endpoint_factory(reactor: Any, pool: Any) -> Callable[[str], Any]:
         from .tls import client_tls_options
 
         host, port = parts[1], int(parts[2])
-        options = client_tls_options(host, pool.ca, pool.client_cert, pool.client_key)
+        options = client_tls_options(host, pool.ca, pool.client_cert, pool.client_key, now=reactor.seconds(),
+                                     pool=name)
         return wrapClientTLS(options, HostnameEndpoint(reactor, host, port))
 
     return endpoint_for

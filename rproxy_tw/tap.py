@@ -97,9 +97,9 @@ def _check_files(config: Any) -> None:
         ServerTLSContexts(clock, profile, watch_interval=None)
         if profile.client_ca is None:
             StdlibTLSContexts(clock, profile, watch_interval=None)
-    for pool in config.pools.values():
+    for name, pool in config.pools.items():
         if pool.ca is not None or pool.client_cert is not None:
-            client_tls_options("localhost", pool.ca, pool.client_cert, pool.client_key)
+            client_tls_options("localhost", pool.ca, pool.client_cert, pool.client_key, now=clock.seconds(), pool=name)
 
 
 def makeService(options: Options) -> MultiService:

@@ -171,14 +171,20 @@ def _spki(public_key: Any) -> bytes:
 
 
 def _load_certificate(profile: str, index: int, cert_path: str, key_path: str, now: float,
-                      log: Logger) -> _Certificate:
+                      log: Logger, keys: tuple[str, str] | None = None, server: bool = True) -> _Certificate:
     """
     Read and check one certificate and its key.
 
+    @param keys: the config keys of the certificate and the key file, for
+        errors (default: those of C{[tls.PROFILE]}'s C{certificates[INDEX]}).
+    @param server: a server certificate, which must name a DNS name (a
+        client certificate need not).
     @raise ConfigError: naming the file and the config key, one line.
     """
-    prefix = f"tls.{profile}.certificates[{index}]"
-    certname, keyname = prefix + ".cert", prefix + ".key"
+    if keys is None:
+        prefix = f"tls.{profile}.certificates[{index}]"
+        keys = (prefix + ".cert", prefix + ".key")
+    certname, keyname = keys
     data = _read(cert_path, certname)
     try:
         certs = x509.load_pem_x509_certificates(data)
@@ -206,7 +212,7 @@ def _load_certificate(profile: str, index: int, cert_path: str, key_path: str, n
     if _spki(key.public_key()) != _spki(leaf.public_key()):
         raise ConfigError(key_path, keyname, f"the private key does not match the certificate in {cert_path}")
     names = _names(leaf)
-    if not names:
+    if not names and server:
         raise ConfigError(cert_path, certname, "the certificate names no DNS name (subjectAltName or CN)")
     return _Certificate(index, cert_path, key_path, leaf, chain, key, names, key_type)
 
@@ -667,7 +673,7 @@ def client_subject(transport: Any) -> str | None:
 
 
 def client_tls_options(hostname: str, ca_file: str | None = None, client_cert: str | None = None,
-                       client_key: str | None = None) -> Any:
+                       client_key: str | None = None, *, now: float, pool: str | None = None) -> Any:
     """
     Client TLS options for an origin: verify its certificate and C{hostname}
     (DNS name or IP address, with service-identity) against every CA in
@@ -678,26 +684,33 @@ def client_tls_options(hostname: str, ca_file: str | None = None, client_cert: s
     string does the same from a directory (one CA per C{.pem} file); this is
     for a CA bundle file.
 
+    @param now: the time (from the injected clock) a client certificate must
+        be valid at.
+    @param pool: the pool's name, for the config keys errors name
+        (C{pool.NAME.ca}, C{pool.NAME.client_cert}, C{pool.NAME.client_key}).
     @raise ConfigError: if a file cannot be used.
     """
     from twisted.internet import ssl
 
+    prefix = f"pool.{pool}." if pool is not None else ""
     trust: Any = None
     if ca_file is not None:
         try:
-            cas = x509.load_pem_x509_certificates(_read(ca_file, "ca"))
+            cas = x509.load_pem_x509_certificates(_read(ca_file, prefix + "ca"))
         except ValueError:
-            raise ConfigError(ca_file, "ca", "no PEM certificate in the file") from None
+            raise ConfigError(ca_file, prefix + "ca", "no PEM certificate in the file") from None
         trust = ssl.trustRootFromCertificates(
             [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in cas])
     client = None
     if client_cert is not None:
         key_path = client_key or client_cert
-        cert_pem = _read(client_cert, "certificate")
-        key_pem = cert_pem if key_path == client_cert else _read(key_path, "privateKey")
-        try:
-            client = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
-        except Exception as e:  # noqa: BLE001 - pyOpenSSL raises several kinds
-            raise ConfigError(client_cert, "certificate", f"cannot load the client certificate and key: {e}") from None
+        keys = (prefix + "client_cert", prefix + ("client_key" if client_key else "client_cert"))
+        # The same checks as a listener's certificate: readable, a key that
+        # matches, not expired (when a time is given), a usable key type.
+        checked = _load_certificate("", 0, client_cert, key_path, now, _ProfileContexts._log, keys=keys, server=False)
+        pem = checked.leaf.public_bytes(serialization.Encoding.PEM)
+        key_pem = checked.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption())
+        client = ssl.PrivateCertificate.loadPEM(pem + b"\n" + key_pem)
     return ssl.optionsForClientTLS(hostname, trustRoot=trust, clientCertificate=client)
 

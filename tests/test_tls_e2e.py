@@ -764,6 +764,37 @@ async def test_check_names_the_file_and_key_of_an_unusable_certificate(
     assert problem in lines[0], lines[0]
 
 
+@pytest.mark.parametrize("case", ["usable", "garbage ca", "key not matching", "expired client certificate"])
+@pytest_twisted.ensureDeferred
+async def test_check_names_the_pool_key_of_an_unusable_origin_tls_file(
+        certs: E2EPKI, tmp_path: Any, case: str) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    ca, cert, key = certs.ca_path, certs.path("alice.pem"), certs.path("alice.key")
+    expect = None
+    if case == "garbage ca":
+        ca = str(garbage)
+        expect = (ca, "pool.web.ca", "no PEM certificate")
+    elif case == "key not matching":
+        key = certs.path("other.key")
+        expect = (key, "pool.web.client_key", "does not match")
+    elif case == "expired client certificate":
+        cert, key = certs.path("expired.pem"), certs.path("expired.key")
+        expect = (cert, "pool.web.client_cert", "expired on")
+    path = tmp_path / "pool.toml"
+    path.write_text(CHECK_CONFIG.format(cert=certs.path("www-ec.pem"), key=certs.path("www-ec.key")).replace(
+        'backends = ["tcp:127.0.0.1:9"]',
+        f'backends = ["tls:127.0.0.1:9"]\nca = "{ca}"\nclient_cert = "{cert}"\nclient_key = "{key}"'))
+    out, err, code = await run_check(str(path))
+    if expect is None:
+        assert (code, err, out) == (0, b"", f"{path}: ok\n".encode())
+        return
+    bad, config_key, problem = expect
+    lines = err.decode().splitlines()
+    assert code == 1 and len(lines) == 1, err
+    assert lines[0].startswith(f"{bad}: {config_key}: ") and problem in lines[0], lines[0]
+
+
 # ---------------------------------------------------------------------------
 # (7) An origin that answers an upload early with 413 and closes
 
