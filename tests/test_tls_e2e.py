@@ -625,6 +625,7 @@ async def test_tls_to_origins_verified_against_the_pool_ca(net: Net, certs: E2EP
         status_code, body = codes[name]
         assert status_code == 502, (name, codes[name])
         assert b"origin secret" not in body, name
+        assert b"TLS with the backend failed" in body, (name, body)
     assert wrong_name.requests == [] and unknown_ca.requests == [], "a request went to an unverified origin"
     # The origin saw the proxy's client certificate.
     presented = [c.transport.getPeerCertificate() for c in mutual.connections if c.requests]

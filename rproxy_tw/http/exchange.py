@@ -440,7 +440,7 @@ class ProxyExchange:
             )
             self._retryElsewhere(conn)
             return
-        self._upstreamFailed(conn, why)
+        self._upstreamFailed(conn, why, _tls_refusal(reason))
 
     def upstreamBroken(self, conn: UpstreamConnection, why: BaseException) -> None:
         """The origin's response was malformed."""
@@ -451,7 +451,7 @@ class ProxyExchange:
             return
         self._upstreamFailed(conn, f"malformed response: {why}")
 
-    def _upstreamFailed(self, conn: UpstreamConnection, why: str) -> None:
+    def _upstreamFailed(self, conn: UpstreamConnection, why: str, tls_refused: bool = False) -> None:
         backend = conn.backend
         backend.last_error = why
         backend.failures += 1
@@ -464,7 +464,10 @@ class ProxyExchange:
         )
         self._detach(conn)
         conn.abort()
-        self._giveUp(502, "Bad Gateway: the backend's response was broken or cut short")
+        if tls_refused:
+            self._giveUp(502, "Bad Gateway: TLS with the backend failed (its certificate, name or TLS settings)")
+        else:
+            self._giveUp(502, "Bad Gateway: the backend's response was broken or cut short")
 
     def _timedOut(self) -> None:
         """The connection's deadline passed while this exchange held it."""
@@ -600,3 +603,15 @@ class ProxyExchange:
             if conn.exchange is self:
                 conn.exchange = None
             conn.abort()
+
+
+def _tls_refusal(reason: Failure | None) -> bool:
+    """Whether a lost origin connection is TLS refusing the origin (or the origin refusing us)."""
+    if reason is None:
+        return False
+    try:
+        from OpenSSL.SSL import Error as OpenSSLError
+        from service_identity import VerificationError
+    except ImportError:  # pragma: no cover - both come with the TLS dependencies
+        return False
+    return reason.check(OpenSSLError, VerificationError) is not None
