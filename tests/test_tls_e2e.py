@@ -129,16 +129,22 @@ def start(net: Net, data: dict[str, Any]) -> Any:
     return svc, [p.getHost().port for p in ports]
 
 
-def start_one_route(net: Net, certs: E2EPKI, backend: str, tls: bool) -> Any:
-    """The proxy with one listener (TLS or not) and every request to C{backend}."""
+def start_one_route(net: Net, certs: E2EPKI, backend: str, tls: Any) -> Any:
+    """
+    The proxy with one listener and every request to C{backend}; C{tls} is
+    false, true, or C{"mutual"} (clients need a certificate from the client CA).
+    """
     listen: dict[str, Any] = {"endpoint": "tcp:0:interface=127.0.0.1"}
+    profile: dict[str, Any] = {"certificates": [cert_entry(certs, "www-ec")]}
     if tls:
         listen["tls"] = "main"
+    if tls == "mutual":
+        profile["client_ca"] = certs.client_ca_path
     return start(net, config(
         listen=[listen],
         routes=[{"path": "/", "pool": "web"}],
         pools={"web": {"backends": [backend]}},
-        tls={"main": {"certificates": [cert_entry(certs, "www-ec")]}},
+        tls={"main": profile},
     ))
 
 
@@ -954,7 +960,8 @@ async def test_connections_closed_by_the_proxy_release_their_sockets(net: Net, c
     await until(lambda: open_sockets() <= before, "the proxy to close its side of 20 connections", timeout=5.0)
 
 
-def _fetch_closing(port: int, ca: str | None, target: bytes, slow: bool = False) -> tuple[bytes, str | None]:
+def _fetch_closing(port: int, ca: str | None, target: bytes, slow: bool = False,
+                   cert: tuple[str, str] | None = None) -> tuple[bytes, str | None]:
     """
     Runs in a thread: one GET with C{Connection: close}; the whole reply and
     how the connection ended (C{None}: a clean end; a stall shows as a
@@ -970,6 +977,8 @@ def _fetch_closing(port: int, ca: str | None, target: bytes, slow: bool = False)
     if ca is not None:
         ctx = ssl.create_default_context(cafile=ca)
         ctx.set_alpn_protocols(["http/1.1"])
+        if cert is not None:
+            ctx.load_cert_chain(*cert)
         sock = ctx.wrap_socket(raw, server_hostname=HOST)
     sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (target, HOST.encode()))
     got = bytearray()
@@ -989,10 +998,10 @@ def _fetch_closing(port: int, ca: str | None, target: bytes, slow: bool = False)
     return bytes(got), ending
 
 
-@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("tls", [False, True, "mutual"], ids=["plain", "tls", "mutual-tls"])
 @pytest_twisted.ensureDeferred
 async def test_a_slow_reader_gets_the_whole_response_before_the_close(
-        net: Net, certs: E2EPKI, tls: bool, monkeypatch: Any) -> None:
+        net: Net, certs: E2EPKI, tls: Any, monkeypatch: Any) -> None:
     """
     The proxy has written the whole response and closes (C{Connection:
     close}) while the reader is still far behind.  Neither the close's
@@ -1008,8 +1017,9 @@ async def test_a_slow_reader_gets_the_whole_response_before_the_close(
     body = hashlib.sha256(b"tail").digest() * (384 * 1024 // 32)  # 384 KiB
     origin = await net.origin(handler=lambda req: req.respond(200, body, [(b"Content-Type", b"application/octet-stream")]))
     svc, ports = await start_one_route(net, certs, origin.backend, tls)
+    alice = (certs.path("alice.pem"), certs.path("alice.key")) if tls == "mutual" else None
     got, ending = await threads.deferToThread(_fetch_closing, ports[0], certs.ca_path if tls else None, b"/big",
-                                              slow=True)
+                                              slow=True, cert=alice)
     assert ending is None, ending
     head, _, received = got.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), head

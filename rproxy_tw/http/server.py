@@ -213,8 +213,19 @@ class HTTPServerConnection(Protocol):
         self.factory.clock.callLater(grace, self._forceClose)
 
     def _forceClose(self) -> None:
-        if not self.disconnected:
-            self.transport.abortConnection()
+        if self.disconnected:
+            return
+        transport = self.transport
+        tcp = getattr(transport, "transport", None)
+        if close_waits_for_peer(transport) and tcp is not None and not tcp.disconnecting:
+            # Twisted's TLS has sent its close_notify and waits for the peer's:
+            # stop waiting, but close the TCP connection in order, so that
+            # the response's tail still reaches a slow reader.
+            tcp.loseConnection()
+            limits = self.factory.limits
+            self.factory.clock.callLater(max(CLOSE_GRACE, limits.idle_timeout), self._forceClose)
+            return
+        transport.abortConnection()
 
     def _notConnected(self, data: bytes) -> None:
         raise RuntimeError("write before connectionMade")
