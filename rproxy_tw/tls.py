@@ -102,6 +102,8 @@ _OPTIONS = (
 )
 """Belt and braces next to the minimum version: nothing older than TLS 1.2, ever."""
 
+_log = Logger(observer=log_observer)
+
 _STDLIB_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 _STDLIB_OPTIONS = ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -170,20 +172,16 @@ def _spki(public_key: Any) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _load_certificate(profile: str, index: int, cert_path: str, key_path: str, now: float,
-                      log: Logger, keys: tuple[str, str] | None = None, server: bool = True) -> _Certificate:
+def _load_certificate(index: int, cert_path: str, key_path: str, now: float, log: Logger,
+                      keys: tuple[str, str], server: bool = True) -> _Certificate:
     """
     Read and check one certificate and its key.
 
-    @param keys: the config keys of the certificate and the key file, for
-        errors (default: those of C{[tls.PROFILE]}'s C{certificates[INDEX]}).
+    @param keys: the config keys of the certificate and the key file, for errors.
     @param server: a server certificate, which must name a DNS name (a
         client certificate need not).
     @raise ConfigError: naming the file and the config key, one line.
     """
-    if keys is None:
-        prefix = f"tls.{profile}.certificates[{index}]"
-        keys = (prefix + ".cert", prefix + ".key")
     certname, keyname = keys
     data = _read(cert_path, certname)
     try:
@@ -323,7 +321,8 @@ class _ProfileContexts:
         profile = self.profile
         now = self.clock.seconds()
         certificates = [
-            _load_certificate(profile.name, i, cc.cert, cc.key, now, self._log)
+            _load_certificate(i, cc.cert, cc.key, now, self._log,
+                              (f"tls.{profile.name}.certificates[{i}].cert", f"tls.{profile.name}.certificates[{i}].key"))
             for i, cc in enumerate(profile.certificates)
         ]
         if profile.client_ca is not None:
@@ -707,7 +706,7 @@ def client_tls_options(hostname: str, ca_file: str | None = None, client_cert: s
         keys = (prefix + "client_cert", prefix + ("client_key" if client_key else "client_cert"))
         # The same checks as a listener's certificate: readable, a key that
         # matches, not expired (when a time is given), a usable key type.
-        checked = _load_certificate("", 0, client_cert, key_path, now, _ProfileContexts._log, keys=keys, server=False)
+        checked = _load_certificate(0, client_cert, key_path, now, _log, keys, server=False)
         pem = checked.leaf.public_bytes(serialization.Encoding.PEM)
         key_pem = checked.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                             serialization.NoEncryption())

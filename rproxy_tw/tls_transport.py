@@ -101,7 +101,6 @@ class TLSServerConnection(Protocol):
         self._paused = False
         self._reading = False
         self._resume_call: Any = None
-        self._closed_by_peer = False
         self._failure: Failure | None = None
         self._linger: Any = None
         self._backstop: Any = None
@@ -260,7 +259,6 @@ class TLSServerConnection(Protocol):
 
     def _peer_closed(self) -> None:
         """The peer's close_notify: answer it; the connection is over."""
-        self._closed_by_peer = True
         if self.disconnecting:
             # Our close is under way and now both sides are done.
             self.transport.loseConnection()
