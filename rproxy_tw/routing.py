@@ -18,6 +18,8 @@ from twisted.web import resource
 from twisted.web.resource import IResource, Resource, getChildForRequest
 
 from .config import RouteConfig
+from .http.exchange import RequestRejected
+from .http.target import normalize_path
 
 __all__ = [
     "HostRouter",
@@ -138,7 +140,12 @@ class PathRouter(Resource):
         return self._route(request)
 
     def _route(self, request: Any) -> IResource:
-        rest = b"/" + b"/".join(request.postpath)
+        try:
+            # rproxy's own listeners hand over a normalised path already; a
+            # twisted.web Site (the embedded path) hands over what the client sent.
+            rest = normalize_path(b"/" + b"/".join(request.postpath))
+        except RequestRejected as e:
+            return ErrorPage(e.status, e.message)
         found = self.match(rest)
         if found is None:
             return NOT_FOUND

@@ -26,12 +26,13 @@ from zope.interface import implementer
 from .accesslog import make_access_log
 from .config import ConfigError, ProxyConfig, load_config
 from .headers import ForwardingInfo, is_trusted
-from .http.exchange import ExchangeSettings, IDownstream, ProxyExchange
+from .http.exchange import ExchangeSettings, IDownstream, ProxyExchange, RequestRejected
+from .http.target import parse_target
 from .http.local import LocalResourceExchange
 from .http.server import HTTPProxyFactory
 from .http.upstream import UpstreamConnector
 from .logs import observer as log_observer, set_level as set_log_level
-from .routing import HostRouter, ProxyRoute, build_router
+from .routing import ErrorPage, HostRouter, ProxyRoute, build_router
 from .upstream.health import HealthMonitor, PassiveConfig, PassiveHealth, monitor_for
 from .upstream.pool import BackendPool
 from .upstream.retry import RetryBudget
@@ -132,7 +133,11 @@ class ProxyRuntime:
             content.seek(0)
         has_body = length > 0 or request.requestHeaders.hasHeader(b"content-length") or \
             request.requestHeaders.hasHeader(b"transfer-encoding")
-        path, _, query = request.uri.partition(b"?")
+        try:
+            target = parse_target(request.method, request.uri)
+        except RequestRejected as e:
+            return ErrorPage(e.status, e.message).render(request)
+        path, query = target.path, target.query
         exchange = ProxyExchange(
             downstream,
             self.reactor,

@@ -50,7 +50,7 @@ from ..logs import observer as log_observer
 from .exchange import IDownstream, ProxyExchange, RequestRejected
 from .fastwrite import no_delay
 from .flow import ReadGate
-from .server import LocalResponse, forwarding_info
+from .server import LocalResponse, client_address, forwarding_info
 
 __all__ = ["ALPNSwitch", "H2ServerConnection", "H2Stream"]
 
@@ -362,8 +362,7 @@ class H2ServerConnection(Protocol):
     def connectionMade(self) -> None:
         f = self.factory
         transport = self.transport
-        peer = transport.getPeer()
-        ip = getattr(peer, "host", "") or "unknown"
+        ip = client_address(transport)
         self.client_ip = ip
         self.info = forwarding_info(f, transport, ip)
         limits = f.limits

@@ -28,6 +28,7 @@ from ..tls import close_waits_for_peer
 from .exchange import ProxyExchange, RequestRejected as _Reject
 from .fastwrite import direct_writer, no_delay
 from .flow import ReadGate, ResponseFlow
+from .target import RequestTarget, is_token, parse_target, valid_host
 
 __all__ = ["HTTPProxyFactory", "HTTPServerConnection", "LocalResponse"]
 
@@ -122,10 +123,11 @@ class HTTPServerConnection(Protocol):
         self.queue: collections.deque[Any] = collections.deque()
         self.gate: ReadGate | None = None
         self.http_version = b"1.1"
-        self.keep_alive = True
         self.tunnel: Any = None
         self.disconnected = False
         self.closing = False
+        self._input_done = False
+        """The last request was read (it asked to close): what follows is not processed."""
         self.in_head = False
         self._head_bytes = 0
         self._url = b""
@@ -147,6 +149,8 @@ class HTTPServerConnection(Protocol):
         self._head: bytes | None = None
         self.flow = ResponseFlow()
         self.write: Callable[[bytes], None] = self._notConnected
+        self.client_ip = "-"
+        self.info: ForwardingInfo | None = None
 
     # -- connection -------------------------------------------------------------------------
 
@@ -156,10 +160,6 @@ class HTTPServerConnection(Protocol):
         self.gate = ReadGate(transport)
         self.write = direct_writer(transport)
         transport.registerProducer(self.flow, True)
-        peer = transport.getPeer()
-        ip = getattr(peer, "host", "") or "unknown"
-        self.client_ip = ip
-        self.info = forwarding_info(f, transport, ip)
         no_delay(transport)
         f.connections.add(self)
         self._span = min(f.limits.header_timeout, f.limits.idle_timeout)
@@ -268,10 +268,22 @@ class HTTPServerConnection(Protocol):
 
     # -- input ------------------------------------------------------------------------------
 
+    def _identify(self) -> None:
+        """
+        Who the client is, read at its first bytes rather than at connect: on
+        a C{haproxy:} listener the PROXY header, parsed before those bytes
+        reach us, names the client, and C{getPeer()} only says so afterwards.
+        """
+        ip = client_address(self.transport)
+        self.client_ip = ip
+        self.info = forwarding_info(self.factory, self.transport, ip)
+
     def dataReceived(self, data: bytes) -> None:
         if self.tunnel is not None:
             self.tunnel.fromClient(data)
             return
+        if self.info is None:
+            self._identify()
         if self._raw_remaining:
             data = self._rawBodyData(data)
             if not data:
@@ -285,19 +297,13 @@ class HTTPServerConnection(Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             self._upgradeRequested(data[e.args[0] :])
-        except httptools.HttpParserCallbackError as e:
-            cause = e.__context__
-            if isinstance(cause, _Reject):
-                self._reject(cause.status, cause.message)
-            else:
-                self._log.failure("request handling failed", Failure(cause) if cause else None)
-                self._reject(500, "Internal Server Error")
-        except httptools.HttpParserInvalidMethodError:
-            self._reject(501, "Not Implemented: unknown request method")
-        except httptools.HttpParserInvalidURLError:
-            self._reject(400, "Bad Request: invalid request target")
         except httptools.HttpParserError as e:
-            self._reject(400, f"Bad Request: {e}")
+            if self._input_done:
+                # Bytes after a request that closes the connection: RFC 9112
+                # section 9.6 says they are not processed.
+                self.parser = None  # type: ignore[assignment]
+            else:
+                self._parseFailed(e)
         else:
             if self.in_head:
                 if self._head_bytes:
@@ -308,6 +314,22 @@ class HTTPServerConnection(Protocol):
                     self._head_bytes += len(data)
                 else:
                     self._head_bytes = 1
+
+    def _parseFailed(self, e: httptools.HttpParserError) -> None:
+        """The parser stopped on a request it cannot accept: answer it, in turn."""
+        if isinstance(e, httptools.HttpParserCallbackError):
+            cause = e.__context__
+            if isinstance(cause, _Reject):
+                self._reject(cause.status, cause.message)
+            else:
+                self._log.failure("request handling failed", Failure(cause) if cause else None)
+                self._reject(500, "Internal Server Error")
+        elif isinstance(e, httptools.HttpParserInvalidMethodError):
+            self._reject(501, "Not Implemented: unknown request method")
+        elif isinstance(e, httptools.HttpParserInvalidURLError):
+            self._reject(400, "Bad Request: invalid request target")
+        else:
+            self._reject(400, f"Bad Request: {e}")
 
     def _reject(self, status: int, message: str) -> None:
         """Answer a request we cannot parse or accept, in turn, then close."""
@@ -341,7 +363,7 @@ class HTTPServerConnection(Protocol):
     # may still call back for the rest of what it was fed: those are ignored.
 
     def on_message_begin(self) -> None:
-        if self.closing:
+        if self.closing or self._input_done:
             return
         self.in_head = True
         self._head_bytes = 0
@@ -364,7 +386,7 @@ class HTTPServerConnection(Protocol):
             raise _Reject(431, "Request Header Fields Too Large")
 
     def on_headers_complete(self) -> None:
-        if self.closing:
+        if self.closing or self._input_done:
             return
         self.in_head = False
         parser = self.parser
@@ -402,6 +424,9 @@ class HTTPServerConnection(Protocol):
             return
         ex = self.parsing
         self.parsing = None
+        if not self.parser.should_keep_alive():
+            # The last request this connection carries: it closes after its answer.
+            self._input_done = True
         if self.parser.should_upgrade():
             # llhttp stops here for Upgrade and CONNECT, before any body:
             # _upgradeRequested decides what the following bytes are.
@@ -425,7 +450,7 @@ class HTTPServerConnection(Protocol):
         self.current = None
         if self.disconnected:
             return
-        if self._close_after or not self.keep_alive:
+        if self._close_after:
             self._close()
             return
         if self.queue:
@@ -617,6 +642,11 @@ def own_host(transport: Any) -> bytes:
     return f"{address}:{host.port}".encode("ascii")
 
 
+def client_address(transport: Any) -> str:
+    """The client's IP address as C{getPeer()} gives it now, or C{"unknown"} (unix sockets)."""
+    return getattr(transport.getPeer(), "host", "") or "unknown"
+
+
 def forwarding_info(factory: Any, transport: Any, ip: str) -> ForwardingInfo:
     """What this client connection tells origins: address, scheme, trust, TLS client subject."""
     subject = None
@@ -690,8 +720,6 @@ class HTTPProxyFactory(Factory):
     ) -> Any:
         """Turn a parsed request head into the exchange that will answer it."""
         runtime = self.runtime
-        if self.redirect_https is not None:
-            return self._redirect(conn, headers, url, keep_alive)
         body = "none"
         content_length = None
         host = None
@@ -702,6 +730,10 @@ class HTTPProxyFactory(Factory):
                     return self._refuse(conn, 400, "Bad Request: more than one Host header", keep_alive)
                 host = value
             elif size == 14 and name.lower() == b"content-length":
+                # llhttp checks this on HTTP/1.1; HTTP/2 fields arrive unchecked.
+                value = value.strip()
+                if not value.isdigit() or (content_length is not None and int(value) != content_length):
+                    return self._refuse(conn, 400, "Bad Request: invalid Content-Length", False)
                 content_length = int(value)
                 body = "length"
             elif size == 17 and name.lower() == b"transfer-encoding":
@@ -712,21 +744,32 @@ class HTTPProxyFactory(Factory):
             content_length = None
         if host is None and http_version == b"1.1":
             return self._refuse(conn, 400, "Bad Request: missing Host header", keep_alive)
+        if host is not None and not valid_host(host):
+            return self._refuse(conn, 400, "Bad Request: invalid Host header", keep_alive)
+        if method == b"CONNECT":
+            return self._refuse(conn, 405, "Method Not Allowed: this is a reverse proxy", False)
+        if not is_token(method):
+            return self._refuse(conn, 400, "Bad Request: invalid request method", keep_alive)
+        try:
+            target = parse_target(method, url, absolute_allowed=http_version != b"2")
+        except _Reject as e:
+            return self._refuse(conn, e.status, e.message, keep_alive)
+        if target.authority is not None and target.authority != host:
+            # RFC 9112 section 3.2.2: the target's authority decides, and the
+            # origin is told that host, not the one in the Host header.
+            if host is None:
+                headers = [*headers, (b"Host", target.authority)]
+            else:
+                headers = [(b"Host", target.authority) if n.lower() == b"host" else (n, v) for n, v in headers]
+            host = target.authority
+        if self.redirect_https is not None:
+            return self._redirect(conn, host, target, keep_alive)
         max_body = self.limits.max_body_bytes
         if max_body and content_length is not None and content_length > max_body:
             return self._refuse(conn, 413, "Content Too Large", False)
-        if method == b"CONNECT":
-            return self._refuse(conn, 405, "Method Not Allowed: this is a reverse proxy", False)
-        path, _, query = url.partition(b"?")
-        asterisk = False
-        if not path.startswith(b"/"):
-            if url == b"*" and method == b"OPTIONS":
-                path = b"/"
-                asterisk = True
-            else:
-                parsed = httptools.parse_url(url)
-                path = parsed.path or b"/"
-                query = parsed.query or b""
+        asterisk = target.path == b"*"
+        path = b"/" if asterisk else target.path
+        query = target.query
         resource, depth = runtime.router.resolve(host, path)
         if not isinstance(resource, ProxyRoute):
             code = getattr(resource, "code", None)
@@ -762,8 +805,6 @@ class HTTPProxyFactory(Factory):
         exchange.request_headers = headers  # type: ignore[attr-defined]
         if self.access_log is not None:
             exchange.started_at = self.clock.seconds()  # type: ignore[attr-defined]
-        if not keep_alive:
-            conn.keep_alive = False
         if max_body and body == "chunked":
             exchange.body_limit = max_body
         return exchange
@@ -774,31 +815,18 @@ class HTTPProxyFactory(Factory):
             return ((b"Strict-Transport-Security", route.config.hsts.encode("ascii")),)
         return self.hsts
 
-    def _redirect(self, conn: Any, headers: Headers, url: bytes, keep_alive: bool) -> LocalResponse:
+    def _redirect(self, conn: Any, host: bytes | None, target: RequestTarget, keep_alive: bool) -> LocalResponse:
         """A plain listener that sends everyone to https (308 keeps the method and body)."""
-        host = b""
-        for name, value in headers:
-            if name.lower() == b"host":
-                host = value
-                break
         from ..routing import host_of
 
         name = host_of(host)
-        if not name or b"/" in name or b"@" in name:
+        if not name:
             return self._refuse(conn, 400, "Bad Request: a Host header is needed for the https redirect", False)
         port = self.redirect_https
         authority = name if port == 443 else b"%s:%d" % (name, port)
-        if url.startswith(b"/"):
-            target = url
-        else:
-            try:
-                parsed = httptools.parse_url(url)
-            except httptools.HttpParserInvalidURLError:
-                parsed = None
-            target = (parsed.path or b"/") if parsed is not None else b"/"
-            if parsed is not None and parsed.query:
-                target += b"?" + parsed.query
-        location = b"https://" + authority + target
+        location = b"https://" + authority + (b"/" if target.path == b"*" else target.path)
+        if target.query:
+            location += b"?" + target.query
         return LocalResponse(conn, 308, "Permanent Redirect: " + location.decode("latin-1"), close=not keep_alive,
                              extra=((b"Location", location),))
 
