@@ -288,3 +288,50 @@ def test_origin_response_is_unaffected_by_the_close_of_a_later_request(net) -> N
     first, second = client.responses([b"GET", b"GET"])
     assert (first.status, first.body) == (200, b"slow body")
     assert (second.status, second.body) == (200, b"b")
+
+
+# ---------------------------------------------------------------------------
+# The client address behind a PROXY header (haproxy: listeners)
+
+
+def _haproxy_config(backend: str, log: str, **pool: object) -> dict:
+    config = proxy_config(backend, server={"access_log": log, "trusted_proxies": ["127.0.0.1/32"]}, pool=pool)
+    config["listen"] = [{"endpoint": "haproxy:tcp:0:interface=127.0.0.1"}]
+    return config
+
+
+@inline
+def test_a_haproxy_listener_forwards_the_address_in_the_proxy_header(net, tmp_path) -> None:
+    origin = yield net.origin()
+    log = tmp_path / "access.log"
+    proxy = yield net.proxy(_haproxy_config(origin.backend, str(log)))
+    client = yield net.client(proxy.port)
+    # The load balancer in front (127.0.0.1, trusted) speaks for 203.0.113.7,
+    # whose own X-Forwarded-For claim is not to be believed.
+    client.send(b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n"
+                + request(b"GET", b"/who", headers=[(b"X-Forwarded-For", b"198.51.100.99")]))
+    [resp] = yield client.until_responses([b"GET"])
+    assert resp.status == 200
+    [got] = origin.requests
+    assert got.one(b"x-forwarded-for") == b"203.0.113.7"
+    assert got.one(b"forwarded").startswith(b"for=203.0.113.7;")
+    yield net.close()
+    assert log.read_text().startswith("203.0.113.7 - - [")
+
+
+@inline
+def test_a_haproxy_listener_balances_by_the_address_in_the_proxy_header(net) -> None:
+    first = yield net.origin()
+    second = yield net.origin()
+    config = _haproxy_config(first.backend, "off", balance="hash:client_ip")
+    config["pool"]["p"]["backends"].append(second.backend)
+    proxy = yield net.proxy(config)
+    seen = set()
+    for i in range(24):
+        client = yield net.client(proxy.port)
+        client.send(b"PROXY TCP4 203.0.113.%d 127.0.0.1 40000 80\r\n" % (i + 1) + request(b"GET", b"/"))
+        [resp] = yield client.until_responses([b"GET"])
+        assert resp.status == 200
+        seen.add(len(first.requests))
+    # Every client came from 127.0.0.1; only the PROXY header's addresses spread them over both backends.
+    assert first.requests and second.requests
