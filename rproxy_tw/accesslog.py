@@ -67,7 +67,12 @@ class AccessLog:
             self._stamp_second = second
         return self._stamp
 
-    def __call__(self, conn: Any, exchange: Any, body_bytes: int) -> None:
+    def __call__(self, conn: Any, exchange: Any, body_bytes: int, received_bytes: int | None = None) -> None:
+        """
+        One line for a finished request.  C{received_bytes} is given for a
+        tunnel (a WebSocket after its 101): the bytes the client sent
+        through it, next to C{body_bytes}, the bytes it received.
+        """
         now = self.clock.seconds()
         method, url, version = getattr(exchange, "request_line", (b"-", b"-", b"-"))
         referer = agent = host = None
@@ -83,23 +88,23 @@ class AccessLog:
         backend = getattr(getattr(exchange, "backend", None), "name", None)
         started = getattr(exchange, "started_at", None)
         if self.json:
-            line = json.dumps(
-                {
-                    "time": now,
-                    "client": conn.client_ip,
-                    "method": method.decode("latin-1"),
-                    "uri": url.decode("latin-1"),
-                    "protocol": "HTTP/" + version.decode("latin-1"),
-                    "host": host.decode("latin-1") if host else None,
-                    "status": status,
-                    "bytes": body_bytes,
-                    "referer": referer.decode("latin-1") if referer else None,
-                    "user_agent": agent.decode("latin-1") if agent else None,
-                    "backend": backend,
-                    "duration": round(now - started, 6) if started else None,
-                },
-                separators=(",", ":"),
-            )
+            fields = {
+                "time": now,
+                "client": conn.client_ip,
+                "method": method.decode("latin-1"),
+                "uri": url.decode("latin-1"),
+                "protocol": "HTTP/" + version.decode("latin-1"),
+                "host": host.decode("latin-1") if host else None,
+                "status": status,
+                "bytes": body_bytes,
+                "referer": referer.decode("latin-1") if referer else None,
+                "user_agent": agent.decode("latin-1") if agent else None,
+                "backend": backend,
+                "duration": round(now - started, 6) if started else None,
+            }
+            if received_bytes is not None:
+                fields["bytes_received"] = received_bytes
+            line = json.dumps(fields, separators=(",", ":"))
         else:
             line = '%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s"' % (
                 conn.client_ip,
@@ -112,6 +117,9 @@ class AccessLog:
                 _quote(referer),
                 _quote(agent),
             )
+            if received_bytes is not None:
+                # A tunnel: what the client sent and how long it stayed open, after the combined fields.
+                line += " tunnel_received=%d duration=%.3f" % (received_bytes, now - started if started else 0.0)
         self._log.info("{access_line}", access_line=line)
 
 

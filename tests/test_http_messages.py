@@ -558,3 +558,27 @@ def test_options_asterisk_forwarded_as_asterisk(net):
     assert resp.status == 200
     [got] = origin.requests
     assert got.target == b"*"
+
+
+@inline
+def test_websocket_access_log_line_is_written_when_the_tunnel_closes_with_both_sizes(net, tmp_path):
+    import json
+
+    log = tmp_path / "access.log"
+    origin = yield net.origin(_ws_origin_handler)
+    proxy = yield net.proxy(proxy_config(origin.backend, server={"access_log": str(log), "access_log_format": "json"}))
+    client = yield net.client(proxy.port)
+    client.send(WS_REQUEST)
+    yield _hello_or_origin_closed(client, origin)
+    yield until(lambda: b"hello-from-origin" in client.buf, "tunnel open")
+    assert log.read_text() == "", "the line was written at the 101, before the tunnel carried anything"
+    client.send(b"x" * 5000)
+    yield until(lambda: client.buf.count(b"x") >= 5000 or client.closed, "echo")
+    assert client.buf.count(b"x") >= 5000, client.buf[-300:]
+    client.transport.loseConnection()
+    yield until(lambda: log.read_text(), "the access log line")
+    [line] = [json.loads(x) for x in log.read_text().splitlines()]
+    assert line["status"] == 101
+    assert line["bytes_received"] == 5000
+    assert line["bytes"] >= 5000 + len(b"hello-from-origin")
+    assert line["duration"] is not None and line["duration"] >= 0

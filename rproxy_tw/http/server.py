@@ -144,6 +144,8 @@ class HTTPServerConnection(Protocol):
         self._body_bytes = 0
         self._upgrade_pending = False
         self._upgrade_exchange: Any = None
+        self._tunnelled: Any = None
+        """The exchange whose 101 started the tunnel now open, logged when the tunnel closes."""
         self._raw_body: Any = None
         self._raw_remaining = 0
         self._head: bytes | None = None
@@ -446,7 +448,11 @@ class HTTPServerConnection(Protocol):
     def exchangeDone(self, exchange: Any) -> None:
         if exchange is not self.current:
             return
-        self.factory.log_access(self, exchange, self._body_bytes)
+        if exchange.status == 101:
+            # A tunnel starts: its line is written when it closes, with its sizes and duration.
+            self._tunnelled = exchange
+        else:
+            self.factory.log_access(self, exchange, self._body_bytes)
         self.current = None
         if self.disconnected:
             return
@@ -617,6 +623,12 @@ class HTTPServerConnection(Protocol):
     def unregisterUpstream(self, conn: Any) -> None:
         if conn.gate is not None:
             self.flow.detach(conn.gate)
+
+    def tunnelClosed(self, tunnel: Any) -> None:
+        """The tunnel after a 101 ended: log its exchange with the bytes each way."""
+        exchange, self._tunnelled = self._tunnelled, None
+        if exchange is not None:
+            self.factory.log_access(self, exchange, tunnel.to_client, tunnel.from_client)
 
     def startTunnel(self, conn: Any, leftover: bytes) -> None:
         from .tunnel import Tunnel
@@ -833,7 +845,8 @@ class HTTPProxyFactory(Factory):
     def _refuse(self, conn: HTTPServerConnection, status: int, message: str, keep_alive: bool) -> LocalResponse:
         return LocalResponse(conn, status, message, close=not keep_alive or status == 400)
 
-    def log_access(self, conn: HTTPServerConnection, exchange: Any, body_bytes: int) -> None:
+    def log_access(self, conn: HTTPServerConnection, exchange: Any, body_bytes: int,
+                   received_bytes: int | None = None) -> None:
         access_log = self.access_log
         if access_log is not None:
-            access_log(conn, exchange, body_bytes)
+            access_log(conn, exchange, body_bytes, received_bytes)

@@ -20,6 +20,10 @@ class Tunnel:
         self.client = client
         self.upstream = upstream
         self.closed = False
+        self.from_client = 0
+        """Bytes the client sent through the tunnel."""
+        self.to_client = 0
+        """Bytes the origin sent through the tunnel."""
 
     def start(self, from_client: bytes, from_upstream: bytes) -> None:
         client, upstream = self.client, self.upstream
@@ -30,14 +34,16 @@ class Tunnel:
         upstream.transport.registerProducer(GateProducer(client.gate, "upstream"), True)
         client.flush()
         if from_upstream:
-            client.write(from_upstream)
+            self.fromUpstream(from_upstream)
         if from_client:
-            upstream.write(from_client)
+            self.fromClient(from_client)
 
     def fromClient(self, data: bytes) -> None:
+        self.from_client += len(data)
         self.upstream.write(data)
 
     def fromUpstream(self, data: bytes) -> None:
+        self.to_client += len(data)
         self.client.write(data)
 
     def peerLost(self, side: Any) -> None:
@@ -52,3 +58,4 @@ class Tunnel:
         except Exception:  # noqa: BLE001 - already gone
             pass
         other.transport.loseConnection()
+        self.client.tunnelClosed(self)
