@@ -169,3 +169,30 @@ def test_service_from_file(tmp_path):
     svc = service_from_file(str(path), reactor)
     assert isinstance(svc, ProxyService)
     assert svc.config.source == str(path)
+
+
+@inline
+def test_embedded_routes_match_the_normalised_path(net):
+    """Mounted in the application's Site, a route holds as on rproxy's own listeners: no walking out with '..'."""
+    api = yield net.origin()
+    rest = yield net.origin()
+    proxy = ProxyService(parse_config(proxy_config(
+        routes=[{"path": "/api/", "pool": "api"}, {"path": "/", "pool": "rest"}],
+        pools={"api": {"backends": [api.backend]}, "rest": {"backends": [rest.backend]}},
+    )), reactor)
+    root = Resource()
+    root.putChild(b"proxy", proxy.resource)
+    site = Site(root)
+    site.displayTracebacks = False
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    net.ports.append(port)
+    proxy.startService()
+    net.services.append(proxy)
+    client = yield net.client(port.getHost().port)
+    client.send(request(b"GET", b"/proxy/api/%2e%2e/x") + request(b"GET", b"/proxy/api/./v1/../users")
+                + request(b"GET", b"/proxy/../../etc/passwd"))
+    first, second, third = yield client.until_responses([b"GET", b"GET", b"GET"])
+    assert (first.status, second.status) == (200, 200)
+    assert [r.target for r in rest.requests] == [b"/x"]
+    assert [r.target for r in api.requests] == [b"/api/users"]
+    assert third.status in (400, 404)
