@@ -23,19 +23,26 @@ __all__ = [
     "valid_host",
 ]
 
-_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+# Character classes as bytes, checked with C{bytes.translate(None, allowed)}:
+# what is left over is what is not allowed, found at C speed on the hot path.
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _HEX = b"0123456789ABCDEFabcdef"
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_REG_NAME = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~%!$&'()*+,;=")
-_IP_LITERAL = frozenset(b"0123456789ABCDEFabcdef:.vV-_~!$&'()*+,;=")
-_DIGITS = frozenset(b"0123456789")
-_CONTROLS_AND_SPACE = frozenset(range(0x21)) | {0x7F}
+_UNRESERVED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
+_REG_NAME = _UNRESERVED + b"%!$&'()*+,;="
+_IP_LITERAL = _HEX + b":.vV-_~!$&'()*+,;="
+_DIGITS = b"0123456789"
+_CONTROLS_AND_SPACE = bytes(range(0x21)) + b"\x7f"
 _PERCENT_DECODED = {b"%%%02X" % c: bytes((c,)) for c in _UNRESERVED} | {b"%%%02x" % c: bytes((c,)) for c in _UNRESERVED}
+
+
+def _only(value: bytes, allowed: bytes) -> bool:
+    """Whether every byte of C{value} is one of C{allowed}."""
+    return not value.translate(None, allowed)
 
 
 def is_token(value: bytes) -> bool:
     """Whether C{value} is an RFC 9110 token (what a method must be)."""
-    return bool(value) and all(c in _TCHAR for c in value)
+    return bool(value) and _only(value, _TCHAR)
 
 
 def valid_host(value: bytes) -> bool:
@@ -50,18 +57,18 @@ def valid_host(value: bytes) -> bool:
         return False
     if value[:1] == b"[":
         end = value.find(b"]")
-        if end < 2 or not all(c in _IP_LITERAL for c in value[1:end]):
+        if end < 2 or not _only(value[1:end], _IP_LITERAL):
             return False
         rest = value[end + 1 :]
         if not rest:
             return True
-        return rest[:1] == b":" and all(c in _DIGITS for c in rest[1:]) and len(rest) <= 6
+        return rest[:1] == b":" and _only(rest[1:], _DIGITS) and len(rest) <= 6
     host, colon, port = value.rpartition(b":")
     if not colon:
         host, port = value, b""
-    elif not all(c in _DIGITS for c in port) or len(port) > 5:
+    elif not _only(port, _DIGITS) or len(port) > 5:
         return False
-    if not host or not all(c in _REG_NAME for c in host):
+    if not host or not _only(host, _REG_NAME):
         return False
     return b"%" not in host or _percent_ok(host)
 
@@ -153,7 +160,7 @@ def parse_target(method: bytes, target: bytes, absolute_allowed: bool = True) ->
     @raise RequestRejected: 400 for anything else, or for spaces and
         control characters anywhere in the target.
     """
-    if not target or any(c in _CONTROLS_AND_SPACE for c in target):
+    if not target or len(target.translate(None, _CONTROLS_AND_SPACE)) != len(target):
         raise RequestRejected(400, "Bad Request: invalid request target")
     hash_at = target.find(b"#")
     if hash_at != -1:
