@@ -59,7 +59,7 @@ def test_normalize_path(raw: bytes, normal: bytes) -> None:
 @pytest.mark.parametrize(
     "raw",
     [b"/..", b"/../x", b"/a/../../x", b"/%2e%2e/x", b"/./../x", b"/a/..;/b", b"/a/.;x/b", b"/%zz", b"/%2",
-     b"/a\\..\\b", b"x", b""],
+     b"/a\\..\\b", b"x", b"", b"/a%00b", b"/a/%00"],
 )
 def test_normalize_path_refuses(raw: bytes) -> None:
     with pytest.raises(RequestRejected) as e:
@@ -335,3 +335,16 @@ def test_a_haproxy_listener_balances_by_the_address_in_the_proxy_header(net) -> 
         seen.add(len(first.requests))
     # Every client came from 127.0.0.1; only the PROXY header's addresses spread them over both backends.
     assert first.requests and second.requests
+
+
+@inline
+def test_a_refused_head_gets_one_answer_even_when_the_parser_objects_next(net) -> None:
+    """501 for an unknown transfer coding, then nothing more: llhttp's own error on the same bytes is not a second answer."""
+    origin = yield net.origin()
+    proxy = yield net.proxy(proxy_config(origin.backend))
+    client = yield net.client(proxy.port)
+    client.send(request(b"GET", b"/", headers=[(b"Transfer-Encoding", b"xchunked")]))
+    yield client.until_closed()
+    assert client.buf.count(b"HTTP/1.1 ") == 1, client.buf
+    assert client.buf.startswith(b"HTTP/1.1 501 ")
+    assert origin.requests == []

@@ -300,6 +300,8 @@ class HTTPServerConnection(Protocol):
         except httptools.HttpParserUpgrade as e:
             self._upgradeRequested(data[e.args[0] :])
         except httptools.HttpParserError as e:
+            if self.closing:
+                return  # already answered (a refusal at the head), and closing
             if self._input_done:
                 # Bytes after a request that closes the connection: RFC 9112
                 # section 9.6 says they are not processed.

@@ -94,8 +94,8 @@ def normalize_path(path: bytes) -> bytes:
 
     @raise RequestRejected: 400 for a path that is not origin-form, that
         has a broken escape, or whose dot segments climb above the root
-        (C{/..}), and for C{..;x} segments, which some origins read as
-        C{..}.
+        (e.g. C{/..}), for C{..;x} segments, which some origins read as
+        C{..}, and for C{%00}.
     """
     if path[:1] != b"/":
         raise RequestRejected(400, "Bad Request: the request target must start with '/'")
@@ -135,6 +135,9 @@ def _decode_unreserved(path: bytes) -> bytes:
         escape = part[:2]
         if len(escape) != 2 or escape[0] not in _HEX or escape[1] not in _HEX:
             raise RequestRejected(400, "Bad Request: broken percent-encoding in the request path")
+        if escape == b"00":
+            # A NUL cuts a path short in many origins' file and string handling.
+            raise RequestRejected(400, "Bad Request: %00 in the request path")
         plain = _PERCENT_DECODED.get(b"%" + escape)
         out.append((plain if plain is not None else b"%" + escape.upper()) + part[2:])
     return b"".join(out)
