@@ -57,7 +57,8 @@ class ProxyRuntime:
         }
         self.connectors: dict[str, UpstreamConnector] = {
             name: UpstreamConnector(reactor, pc.keepalive, pc.keepalive_timeout, pc.connect_timeout,
-                                    span=min(pc.keepalive_timeout, pc.response_timeout, pc.idle_timeout))
+                                    span=min(pc.keepalive_timeout, pc.response_timeout, pc.idle_timeout),
+                                    limits=config.limits)
             for name, pc in config.pools.items()
         }
         via = config.server.via.encode("ascii")
