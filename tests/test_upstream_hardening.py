@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import h2.errors
+import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
 from twisted.internet.interfaces import IPullProducer
+from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from rproxy_tw.config import LimitsConfig
@@ -32,6 +34,15 @@ FLOOD = 32 * 1024 * 1024
 
 SOCKET_SLACK = 8 * 1024 * 1024
 """What kernel buffers and the reads in flight may take beyond the bound before the cut reaches the origin."""
+
+
+@pytest.fixture
+def logged() -> Any:
+    """The text of every log event while the test runs."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield lambda: [formatEvent(e) for e in events]
+    globalLogPublisher.removeObserver(events.append)
 
 
 def assert_plain_502(resp: Any, no_traceback: Any) -> None:
@@ -56,7 +67,7 @@ def _flooding_origin(start: bytes, floods: list[FloodProducer], block: bytes = b
 
 
 @inline
-def test_endless_origin_header_line_is_cut_with_502(net, no_traceback):
+def test_endless_origin_header_line_is_cut_with_502(net, no_traceback, logged):
     """Status line, then one header line that never ends: 502 at once, and the proxy stops reading."""
     floods: list[FloodProducer] = []
     origin = yield net.origin(_flooding_origin(b"HTTP/1.1 200 OK\r\nX-Endless: ", floods))
@@ -72,6 +83,7 @@ def test_endless_origin_header_line_is_cut_with_502(net, no_traceback):
     # Passive health counts it against the backend (one failure ejects, here).
     backend = proxy.service.runtime.pools["p"].backends[0]
     assert not backend.healthy
+    assert any("response head over" in line for line in logged()), logged()
 
 
 @inline
@@ -207,7 +219,7 @@ def _resetting_origin(head: bytes, clean: bool = False, chunked: bool = False) -
 
 
 @inline
-def test_close_delimited_response_reset_mid_body_is_cut_for_http11(net):
+def test_close_delimited_response_reset_mid_body_is_cut_for_http11(net, logged):
     """curl through HTTP/1.1: a reset close-delimited body is an error (exit 18), not a complete 200."""
     origin = yield net.origin(_resetting_origin(response(200, length=False)))
     proxy = yield net.proxy(proxy_config(origin.backend))
@@ -221,6 +233,7 @@ def test_close_delimited_response_reset_mid_body_is_cut_for_http11(net):
     [resp] = client.responses([b"GET"])
     assert resp.status == 200 and resp.chunked and not resp.complete
     assert b"0\r\n\r\n" not in bytes(client.buf)
+    assert any("failed during GET request" in line for line in logged()), logged()
 
 
 @inline

@@ -221,7 +221,8 @@ class UpstreamConnection(Protocol):
             if passive is not None:
                 passive.report_failure(self.backend, "reset")
         if isinstance(why, ResponseHeadTooLarge):
-            self._log.warn("backend {backend} sent a {why}: connection closed", backend=self.backend.name, why=why)
+            self._log.warn("backend {backend} of pool {pool} sent a {why}: stopped reading it",
+                           backend=self.backend.name, pool=ex.pool.name, why=why)
         ex.upstreamBroken(self, why)
 
     # -- parser callbacks -------------------------------------------------------------------
