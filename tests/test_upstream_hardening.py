@@ -20,6 +20,7 @@ from zope.interface import implementer
 from rproxy_tw.config import LimitsConfig
 
 from .conftest import FloodProducer, chunk, curl, proxy_config, request, response, until
+from .test_http_server import Harness, one_response, take
 from .test_tls import PKI, pki  # noqa: F401 - pki is a fixture
 from .test_tls_h2 import _H2Client, _Origin, _Req, _running, _status, _stop
 
@@ -86,6 +87,24 @@ def test_endless_origin_header_line_is_cut_with_502(net, no_traceback, logged):
     assert any("response head over" in line for line in logged()), logged()
 
 
+def test_origin_head_read_stops_at_the_bound():
+    """Without sockets: the bytes read of an endless header line before the cut are the bound plus one read."""
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(request())
+    up, origin = h.accept_origin()
+    read = 0
+    piece = b"a" * 1024
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+    while not origin.disconnected and read < 10 * HEAD_BOUND:
+        up.dataReceived(piece)
+        read += len(piece)
+    assert origin.disconnected, "the proxy never stopped reading"
+    assert read <= HEAD_BOUND + len(piece), read
+    resp = one_response(take(client))
+    assert resp.status == 502
+
+
 @inline
 def test_endless_status_line_is_cut_with_502(net, no_traceback):
     floods: list[FloodProducer] = []
@@ -149,6 +168,22 @@ def test_endless_trailer_line_cuts_the_response(net):
     [resp] = client.responses([b"GET"])
     assert resp.status == 200 and not resp.complete
     assert resp.body == b"hello"
+    yield until(lambda: origin.connections[0].closed, "the origin's connection to close")
+    assert floods[0].written <= HEAD_BOUND + SOCKET_SLACK
+
+
+@inline
+def test_endless_chunk_extension_cuts_the_response(net):
+    """A chunk-size line that never ends (an endless extension) is bounded like a head line."""
+    floods: list[FloodProducer] = []
+    start = response(200, length=False, headers=[(b"Transfer-Encoding", b"chunked")]) + chunk(b"hello") + b"5;x="
+    origin = yield net.origin(_flooding_origin(start, floods))
+    proxy = yield net.proxy(proxy_config(origin.backend))
+    client = yield net.client(proxy.port)
+    client.send(request())
+    yield client.until_closed()
+    [resp] = client.responses([b"GET"])
+    assert resp.status == 200 and not resp.complete and resp.body == b"hello"
     yield until(lambda: origin.connections[0].closed, "the origin's connection to close")
     assert floods[0].written <= HEAD_BOUND + SOCKET_SLACK
 

@@ -70,8 +70,9 @@ class UpstreamConnection(Protocol):
         self._trailers: list[tuple[bytes, bytes]] | None = None
         self._interim = False
         self._close_delimited = False
-        # A head or trailer section is being read: its bytes are counted, as
-        # llhttp hands over a header line only once it is whole.
+        # A head, chunk-size line or trailer section is being read: its bytes
+        # are counted, as llhttp hands over a header line only once it is whole
+        # (and a chunk extension never).
         self._in_head = False
         self._head_bytes = 0
         self._header_bytes = 0
@@ -201,7 +202,7 @@ class UpstreamConnection(Protocol):
                 if self._head_bytes:
                     self._head_bytes += len(data)
                     if self._head_bytes > self.connector.max_head_bytes:
-                        section = "response head" if self._trailers is None else "trailer section"
+                        section = "response head" if self._trailers is None else "chunk line or trailer section"
                         self._fail(ResponseHeadTooLarge(f"{section} over {self.connector.max_head_bytes} bytes"))
                 else:
                     self._head_bytes = 1
@@ -257,7 +258,9 @@ class UpstreamConnection(Protocol):
         self._head_bytes = 0
 
     def on_chunk_complete(self) -> None:
-        self._in_head = False
+        # The next chunk-size line follows (or the message ends).
+        self._in_head = True
+        self._head_bytes = 0
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -287,6 +290,10 @@ class UpstreamConnection(Protocol):
             content_length = None
         framed = chunked or content_length is not None
         self._close_delimited = body_allowed and not framed
+        if chunked and body_allowed:
+            # The first chunk-size line is bounded as the head was.
+            self._in_head = True
+            self._head_bytes = 0
         ex.responseHead(status, self._reason, self._headers, content_length, chunked)
         if self.no_body and status >= 200:
             self._keep_after_head = parser.should_keep_alive()
