@@ -29,7 +29,7 @@ from .headers import ForwardingInfo, is_trusted
 from .http.exchange import ExchangeSettings, IDownstream, ProxyExchange, RequestRejected
 from .http.target import parse_target
 from .http.local import LocalResourceExchange
-from .http.server import HTTPProxyFactory
+from .http.server import HTTPProxyFactory, http_date
 from .http.upstream import UpstreamConnector
 from .logs import observer as log_observer, set_level as set_log_level
 from .routing import ErrorPage, HostRouter, ProxyRoute, build_router
@@ -58,7 +58,8 @@ class ProxyRuntime:
         }
         self.connectors: dict[str, UpstreamConnector] = {
             name: UpstreamConnector(reactor, pc.keepalive, pc.keepalive_timeout, pc.connect_timeout,
-                                    span=min(pc.keepalive_timeout, pc.response_timeout, pc.idle_timeout))
+                                    span=min(pc.keepalive_timeout, pc.response_timeout, pc.idle_timeout),
+                                    limits=config.limits)
             for name, pc in config.pools.items()
         }
         via = config.server.via.encode("ascii")
@@ -118,7 +119,7 @@ class ProxyRuntime:
         C{request.content}).  Slower than rproxy's own listeners, but the same
         routing, headers, pools and failure answers.
         """
-        downstream = _WebRequestDownstream(request)
+        downstream = _WebRequestDownstream(request, self.reactor)
         raw_headers = [(n, v) for n, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
         peer = request.getClientAddress()
         ip = getattr(peer, "host", "unknown")
@@ -208,8 +209,9 @@ class _WebRequestDownstream:
     http_version = b"1.1"
     wants_block = False
 
-    def __init__(self, request: Any) -> None:
+    def __init__(self, request: Any, clock: Any) -> None:
         self.request = request
+        self.clock = clock
         self.gate = _NullGate()
         self.gone = False
         request.notifyFinish().addBoth(self._finished)
@@ -225,9 +227,14 @@ class _WebRequestDownstream:
             return
         request = self.request
         request.setResponseCode(status, reason or None)
-        request.responseHeaders.removeHeader(b"server")
+        response_headers = request.responseHeaders
+        response_headers.removeHeader(b"server")
+        # twisted.web set a Date of its own: one Date only, the origin's when it sent one (RFC 9110 6.6.1).
+        response_headers.removeHeader(b"date")
         for name, value in headers:
-            request.responseHeaders.addRawHeader(name, value)
+            response_headers.addRawHeader(name, value)
+        if not response_headers.hasHeader(b"date"):
+            response_headers.setRawHeaders(b"date", [http_date(self.clock)])
         if content_length is not None:
             request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % content_length])
 
@@ -255,6 +262,7 @@ class _WebRequestDownstream:
             request.unregisterProducer()
         request.setResponseCode(status)
         request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
+        request.responseHeaders.setRawHeaders(b"date", [http_date(self.clock)])
         for name, value in extra:
             request.responseHeaders.addRawHeader(name, value)
         request.write((message + "\n").encode("utf-8"))

@@ -50,7 +50,7 @@ from ..logs import observer as log_observer
 from .exchange import IDownstream, ProxyExchange, RequestRejected
 from .fastwrite import no_delay
 from .flow import ReadGate
-from .server import LocalResponse, client_address, forwarding_info
+from .server import LocalResponse, client_address, forwarding_info, http_date
 
 __all__ = ["ALPNSwitch", "H2ServerConnection", "H2Stream"]
 
@@ -281,7 +281,7 @@ class H2Stream:
             return
         body = (message + "\n").encode("utf-8")
         fields = [(b":status", b"%d" % status), (b"content-type", b"text/plain; charset=utf-8"),
-                  (b"content-length", b"%d" % len(body))]
+                  (b"content-length", b"%d" % len(body)), (b"date", http_date(self.factory.clock))]
         server = self.factory.server_header
         if server:
             fields.append((b"server", server))

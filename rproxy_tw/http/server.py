@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
 
 from ..headers import ForwardingInfo, is_trusted, serialize, trailers_for_client
 from ..logs import observer as log_observer
@@ -30,7 +31,7 @@ from .fastwrite import direct_writer, no_delay
 from .flow import ReadGate, ResponseFlow
 from .target import RequestTarget, is_token, parse_target, valid_host
 
-__all__ = ["HTTPProxyFactory", "HTTPServerConnection", "LocalResponse"]
+__all__ = ["HTTPProxyFactory", "HTTPServerConnection", "LocalResponse", "http_date"]
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -58,17 +59,39 @@ REASONS = {
 }
 
 
+_date_cache: list[Any] = [None, b""]
+"""The second last formatted by L{http_date}, and its IMF-fixdate."""
+
+
+def http_date(clock: IReactorTime) -> bytes:
+    """
+    The C{Date} of a response the proxy makes itself (RFC 9110 6.6.1), as
+    IMF-fixdate, from the injected clock: formatted once a second, not per
+    response.
+    """
+    second = int(clock.seconds())
+    cache = _date_cache
+    if cache[0] != second:
+        cache[1] = datetimeToString(second)
+        cache[0] = second
+    return cache[1]
+
+
 def error_body(status: int, message: str) -> bytes:
     return (message + "\n").encode("utf-8")
 
 
-def error_response(status: int, message: str, close: bool, extra: Headers = (), server: bytes = b"rproxy") -> bytes:
+def error_response(status: int, message: str, close: bool, extra: Headers = (), server: bytes = b"rproxy",
+                   date: bytes = b"") -> bytes:
+    """A whole plain-text answer made by the proxy; C{date} is L{http_date} (none when empty)."""
     body = error_body(status, message)
     head = b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % (
         status,
         REASONS.get(status, b"Error"),
         len(body),
     )
+    if date:
+        head += b"Date: " + date + b"\r\n"
     if server:
         head += b"Server: " + server + b"\r\n"
     head += serialize(extra)
@@ -614,7 +637,8 @@ class HTTPServerConnection(Protocol):
             self._close_after = True
         if self.disconnected:
             return
-        body = error_response(status, message, self._close_after, extra, self.factory.server_header)
+        body = error_response(status, message, self._close_after, extra, self.factory.server_header,
+                              http_date(self.factory.clock))
         self._body_bytes += len(error_body(status, message))
         self.write(body)
 

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import httptools
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..config import LimitsConfig
 from ..logs import observer as log_observer
 from .fastwrite import direct_writer, no_delay
 from .flow import GateProducer, ReadGate
@@ -26,11 +28,15 @@ if TYPE_CHECKING:
     from ..upstream.pool import Backend
     from .exchange import ProxyExchange
 
-__all__ = ["UpstreamConnection", "UpstreamConnector", "BadResponse"]
+__all__ = ["UpstreamConnection", "UpstreamConnector", "BadResponse", "ResponseHeadTooLarge"]
 
 
 class BadResponse(Exception):
     """The origin's response could not be parsed."""
+
+
+class ResponseHeadTooLarge(BadResponse):
+    """The origin's response head (or trailer section) is over the bounds of C{[limits]}."""
 
 
 class _NoBody(Exception):
@@ -39,6 +45,8 @@ class _NoBody(Exception):
 
 class UpstreamConnection(Protocol):
     """The client side of one HTTP/1.1 connection to a backend."""
+
+    _log = Logger(observer=log_observer)
 
     def __init__(self, backend: Backend, connector: UpstreamConnector) -> None:
         self.backend = backend
@@ -62,6 +70,12 @@ class UpstreamConnection(Protocol):
         self._trailers: list[tuple[bytes, bytes]] | None = None
         self._interim = False
         self._close_delimited = False
+        # A head, chunk-size line or trailer section is being read: its bytes
+        # are counted, as llhttp hands over a header line only once it is whole
+        # (and a chunk extension never).
+        self._in_head = False
+        self._head_bytes = 0
+        self._header_bytes = 0
 
     # -- connection life --------------------------------------------------------------------
 
@@ -91,10 +105,12 @@ class UpstreamConnection(Protocol):
             return
         self.exchange = None
         if self._close_delimited:
-            # The end of the connection is the end of this response's body.
             self._close_delimited = False
-            ex.responseEnd(self._trailers or ())
-            return
+            if reason is None or reason.check(ConnectionDone):
+                # A clean close is the end of this response's body.
+                ex.responseEnd(self._trailers or ())
+                return
+            # A reset (or a TLS error) is not: the body was cut short.
         ex.upstreamLost(self, reason)
 
     def _watch(self) -> None:
@@ -178,15 +194,37 @@ class UpstreamConnection(Protocol):
                 self._fail(e.__context__ or e)
         except httptools.HttpParserError as e:
             self._fail(BadResponse(str(e)))
+        else:
+            if self._in_head:
+                # A section still open after this read: bound it by the bytes
+                # read, since an endless line gives no callback to check.
+                # The read that opened it is not counted (it may hold a body).
+                if self._head_bytes:
+                    self._head_bytes += len(data)
+                    if self._head_bytes > self.connector.max_head_bytes:
+                        section = "response head" if self._trailers is None else "chunk line or trailer section"
+                        self._fail(ResponseHeadTooLarge(f"{section} over {self.connector.max_head_bytes} bytes"))
+                else:
+                    self._head_bytes = 1
         downstream.flush()
 
     def _fail(self, why: BaseException) -> None:
         ex = self.exchange
         self.exchange = None
         self._close_delimited = False
+        self._in_head = False
         self.transport.abortConnection()
-        if ex is not None:
-            ex.upstreamBroken(self, why)
+        if ex is None:
+            return
+        if isinstance(why, BadResponse):
+            # The origin's fault: it counts against the backend, as a reset does.
+            passive = ex.settings.passive
+            if passive is not None:
+                passive.report_failure(self.backend, "reset")
+        if isinstance(why, ResponseHeadTooLarge):
+            self._log.warn("backend {backend} of pool {pool} sent a {why}: stopped reading it",
+                           backend=self.backend.name, pool=ex.pool.name, why=why)
+        ex.upstreamBroken(self, why)
 
     # -- parser callbacks -------------------------------------------------------------------
 
@@ -194,17 +232,39 @@ class UpstreamConnection(Protocol):
         self._reason = b""
         self._headers = []
         self._trailers = None
+        self._in_head = True
+        self._head_bytes = 0
+        self._header_bytes = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
+        if len(self._reason) > self.connector.max_status_line:
+            raise ResponseHeadTooLarge(f"status line over {self.connector.max_status_line} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._trailers is not None:
-            self._trailers.append((name, value))
-        else:
-            self._headers.append((name, value))
+        fields = self._trailers if self._trailers is not None else self._headers
+        fields.append((name, value))
+        self._header_bytes += len(name) + len(value) + 4
+        connector = self.connector
+        if len(fields) > connector.max_headers or self._header_bytes > connector.max_header_bytes:
+            section = "response head" if fields is self._headers else "trailer section"
+            raise ResponseHeadTooLarge(
+                f"{section} over {connector.max_headers} fields or {connector.max_header_bytes} bytes"
+            )
+
+    def on_chunk_header(self) -> None:
+        # Either a chunk's data follows, or (after the last chunk) the trailer section.
+        self._in_head = True
+        self._head_bytes = 0
+
+    def on_chunk_complete(self) -> None:
+        # The next chunk-size line follows (or the message ends).
+        self._in_head = True
+        self._head_bytes = 0
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._header_bytes = 0
         parser = self.parser
         status = parser.get_status_code()
         ex = self.exchange
@@ -230,15 +290,21 @@ class UpstreamConnection(Protocol):
             content_length = None
         framed = chunked or content_length is not None
         self._close_delimited = body_allowed and not framed
+        if chunked and body_allowed:
+            # The first chunk-size line is bounded as the head was.
+            self._in_head = True
+            self._head_bytes = 0
         ex.responseHead(status, self._reason, self._headers, content_length, chunked)
         if self.no_body and status >= 200:
             self._keep_after_head = parser.should_keep_alive()
             raise _NoBody()
 
     def on_body(self, body: bytes) -> None:
+        self._in_head = False
         self.exchange.responseBody(body)  # type: ignore[union-attr]
 
     def on_message_complete(self) -> None:
+        self._in_head = False
         if self._interim:
             self._interim = False
             return
@@ -283,13 +349,22 @@ class UpstreamConnector:
     _log = Logger(observer=log_observer)
 
     def __init__(self, clock: IReactorTime, keepalive: int, keepalive_timeout: float, connect_timeout: float,
-                 span: float | None = None) -> None:
+                 span: float | None = None, limits: LimitsConfig | None = None) -> None:
         self.clock = clock
         self.keepalive = keepalive
         self.keepalive_timeout = keepalive_timeout
         self.connect_timeout = connect_timeout
         self.span = span if span is not None else keepalive_timeout
         """The longest a connection's timer waits: the pool's shortest timeout."""
+        # An origin's response head is bounded as a client's request head is,
+        # by C{[limits]} (their defaults when none is given).
+        if limits is None:
+            limits = LimitsConfig()
+        self.max_status_line: int = limits.max_request_line
+        self.max_header_bytes: int = limits.max_header_bytes
+        self.max_headers: int = limits.max_headers
+        self.max_head_bytes = self.max_status_line + self.max_header_bytes + 1024
+        """The most bytes a response head or trailer section may take, line breaks and all."""
 
     def idle(self, backend: Backend) -> UpstreamConnection | None:
         """A kept-alive connection to C{backend}, or None."""
