@@ -120,7 +120,7 @@ class ListenConfig:
     pool: str | None = None
     proxy_protocol: str = "off"
     max_connections: int = DEFAULT_MAX_CONNECTIONS
-    """Connections open at once on this listener; more are closed at once."""
+    """Connections open at once on this listener; more are closed at once (0: no limit)."""
     idle_timeout: float = TCP_IDLE_TIMEOUT
     """tcp listeners: seconds without a byte either way before both sides close (0: never)."""
     redirect_https: int | None = None
@@ -524,7 +524,7 @@ def _parse_listen(source: str, raw: Any) -> tuple[ListenConfig, ...]:
         tls = r.get("tls", str, None)
         pool = r.get("pool", str, None)
         proxy_protocol = r.choice("proxy_protocol", ("off", "v1", "v2"), "off")
-        max_connections = r.integer("max_connections", DEFAULT_MAX_CONNECTIONS, minimum=1)
+        max_connections = r.integer("max_connections", DEFAULT_MAX_CONNECTIONS)
         optional: dict[str, Any] = {}
         if "idle_timeout" in r.table:
             if protocol != "tcp":

@@ -46,7 +46,7 @@ class ConnectionLimit:
 
     def full(self, addr: Any) -> Protocol | None:
         """At the limit: the protocol that closes this connection at once (the rejection is counted)."""
-        if self.active < self.limit:
+        if self.active < self.limit or not self.limit:  # 0: no limit
             return None
         self.rejected += 1
         self._unlogged += 1

@@ -104,6 +104,8 @@ def _check_files(config: Any) -> None:
     clock = Clock()
     clock.advance(time.time())  # certificate validity is judged against today, not the epoch
     for profile in config.tls.values():
+        if not profile.certificates:
+            continue  # an ACME profile: nothing on disk yet (not_enforced_warnings says so)
         # Both TLS libraries a profile may be served with (see tls_server_factory).
         ServerTLSContexts(clock, profile, watch_interval=None)
         if profile.client_ca is None:

@@ -67,6 +67,18 @@ def test_http_max_connections_closes_connections_over_the_limit(net):
     assert resp.status == 200 and origin.requests[-1].target == b"/new"
 
 
+def test_max_connections_zero_is_no_limit():
+    from twisted.internet.task import Clock
+
+    from rproxy_tw.connection_limit import ConnectionLimit
+
+    config = parse_config({"listen": [{"endpoint": "tcp:8080", "max_connections": 0}], "route": [{"pool": "p"}],
+                           "pool": {"p": {"backends": ["tcp:127.0.0.1:1"]}}})
+    limit = ConnectionLimit(Clock(), "tcp:8080", config.listen[0].max_connections)
+    limit.active = 10**6
+    assert limit.full(None) is None
+
+
 # ---------------------------------------------------------------------------
 # Clients on a unix socket have no address
 
