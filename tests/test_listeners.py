@@ -184,3 +184,22 @@ def test_version_is_rproxys(tmp_path, runner):
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"rproxy_tw {version('rproxy_tw')} (Twisted {twisted.version.short()})\n"
+
+
+# ---------------------------------------------------------------------------
+# idle_timeout = 0 on a pool: an HTTP response may pause for as long as it likes
+
+
+def test_pool_idle_timeout_zero_lets_a_quiet_response_stream():
+    from .test_http_server import Harness, request as raw_request, response
+
+    h = Harness(pool={"idle_timeout": 0})
+    proto, client = h.client()
+    proto.dataReceived(raw_request())
+    up, origin = h.accept_origin()
+    up.dataReceived(response(200, length=False, headers=[(b"Content-Length", b"6")]) + b"abc")
+    for _ in range(24):
+        h.reactor.advance(3600)  # a day of silence from the origin, in hours
+    assert not client.disconnecting and not origin.disconnecting
+    up.dataReceived(b"def")
+    assert client.value().endswith(b"abcdef")
