@@ -10,13 +10,21 @@ Embedding::
     proxy.mount("/status", my_resource)                 # and ours can serve yours
 """
 
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("rproxy_tw")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
 from .config import ConfigError, ProxyConfig, load_config, parse_config, quick_config
 from .routing import HostRouter, ProxyRoute
-from .service import ProxyRuntime, ProxyService, service_from_file
+from .service import ListenError, ProxyRuntime, ProxyService, service_from_file
 
 __all__ = [
     "ConfigError",
     "HostRouter",
+    "ListenError",
     "ProxyConfig",
     "ProxyRoute",
     "ProxyRuntime",
@@ -25,4 +33,5 @@ __all__ = [
     "parse_config",
     "quick_config",
     "service_from_file",
+    "__version__",
 ]

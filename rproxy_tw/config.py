@@ -10,6 +10,7 @@ it is.  The keys follow C{shared/config-contract.toml}; see docs/config.md.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import tomllib
 from typing import Any, Callable, Mapping, Sequence
@@ -29,7 +30,14 @@ __all__ = [
     "BackendConfig",
     "HealthConfig",
     "LimitsConfig",
+    "AdminConfig",
+    "AcmeConfig",
+    "RateLimitConfig",
+    "WafConfig",
+    "CacheConfig",
+    "ClusterConfig",
     "load_config",
+    "not_enforced_warnings",
     "parse_config",
     "quick_config",
 ]
@@ -38,6 +46,17 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 BALANCE_RULES = ("round_robin", "least_conn", "random2")
 BALANCE_PREFIXES = ("hash:client_ip", "hash:header:", "cookie:")
+
+DEFAULT_MAX_CONNECTIONS = 10000
+"""Connections open at once on one listener, unless it sets C{max_connections}."""
+
+TCP_IDLE_TIMEOUT = 3600.0
+"""
+Seconds a raw TCP relay may carry no byte either way before both sides are
+closed, unless the listener sets C{idle_timeout}.  Long, as HAProxy users set
+C{timeout tunnel}: a quiet Redis C{SUBSCRIBE} or an idle database session is
+normal traffic, and an HTTP-sized timeout would cut it without a word.
+"""
 
 
 class ConfigError(Exception):
@@ -72,6 +91,8 @@ class TLSProfile:
     alpn: tuple[str, ...] = ("h2", "http/1.1")
     client_ca: str | None = None
     """Optional CA file: when set, clients must present a certificate it signed."""
+    acme: bool | tuple[str, ...] = False
+    """Names to get certificates for from the C{[acme]} CA (C{True}: the routes' host names); not enforced yet."""
 
 
 @frozen
@@ -85,6 +106,10 @@ class ServerConfig:
     """Replaces the origin's C{Server} header; empty removes it."""
     log_level: str = "info"
     """The least severe of the proxy's own log events written (the access log is apart)."""
+    workers: int | str = 1
+    """Reactor processes sharing the listeners (C{"auto"}: one per core); only 1 is enforced yet."""
+    shutdown_timeout: float | None = None
+    """Seconds SIGTERM waits for work in flight; L{None} when the config does not say (not enforced yet)."""
 
 
 @frozen
@@ -94,10 +119,10 @@ class ListenConfig:
     tls: str | None = None
     pool: str | None = None
     proxy_protocol: str = "off"
-    max_connections: int = 10000
-    """Connections open at once on this listener; more are closed at once (tcp listeners)."""
-    idle_timeout: float | None = None
-    """tcp listeners: seconds without a byte either way before both sides close (default: the pool's)."""
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    """Connections open at once on this listener; more are closed at once (0: no limit)."""
+    idle_timeout: float = TCP_IDLE_TIMEOUT
+    """tcp listeners: seconds without a byte either way before both sides close (0: never)."""
     redirect_https: int | None = None
     """On a plain http listener: answer every request with 308 to https on this port."""
     hsts: str | None = None
@@ -163,7 +188,7 @@ class PoolConfig:
     response_timeout: float = 60.0
     """Seconds from the request being sent to the response head (then 504)."""
     idle_timeout: float = 60.0
-    """Seconds without a byte from the backend while a response streams."""
+    """Seconds without a byte from the backend while a response streams; C{math.inf} (written 0) for none."""
     keepalive: int = 128
     """Idle connections kept open per backend for reuse."""
     keepalive_timeout: float = 60.0
@@ -203,6 +228,69 @@ class DemoOriginConfig:
 
 
 @frozen
+class AdminConfig:
+    """C{[admin]}: status page, JSON API and metrics (not served yet)."""
+
+    endpoint: str | None = None
+    token: str = ""
+
+
+@frozen
+class AcmeConfig:
+    """C{[acme]}: automatic certificates from an RFC 8555 CA (not built yet)."""
+
+    directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    email: str = ""
+    storage: str = "acme"
+    """Folder for the account key and certificates (resolved against the config's folder)."""
+    ca: str | None = None
+    challenges: tuple[str, ...] = ("http-01", "tls-alpn-01")
+
+
+@frozen
+class RateLimitConfig:
+    """C{[rate_limit]}: a token bucket per client key (not enforced yet)."""
+
+    requests: int = 100
+    per: float = 1.0
+    burst: int = 0
+    key: str = "client_ip"
+    store: str = "memory"
+    on_store_error: str = "allow"
+
+
+@frozen
+class WafConfig:
+    """C{[waf]}: request filtering (not enforced yet)."""
+
+    mode: str = "block"
+    rules: str = "default"
+    """C{"default"} (the bundled rules), or the path of a rule file."""
+    deny: tuple[IPNetwork, ...] = ()
+    allow: tuple[IPNetwork, ...] = ()
+
+
+@frozen
+class CacheConfig:
+    """C{[cache]}: the shared HTTP cache (not built yet)."""
+
+    max_bytes: int = 268435456
+    max_object_bytes: int = 10485760
+    compress: tuple[str, ...] = ()
+    store: str = "memory"
+    path: str | None = None
+    max_disk_bytes: int = 0
+
+
+@frozen
+class ClusterConfig:
+    """C{[cluster]}: state shared through Redis across proxies (not built yet)."""
+
+    redis: str
+    key_prefix: str = "rproxy:"
+
+
+@frozen
 class ProxyConfig:
     source: str = "<config>"
     server: ServerConfig = ServerConfig()
@@ -214,7 +302,11 @@ class ProxyConfig:
     limits: LimitsConfig = LimitsConfig()
     demo_origin: DemoOriginConfig | None = None
     deferred_sections: Mapping[str, Any] = field(factory=dict)
-    """Contract sections accepted but served by later capabilities (cache, waf...)."""
+    """
+    Contract sections accepted, validated and not enforced yet, by name
+    (C{"admin"}: L{AdminConfig}, C{"acme"}, C{"rate_limit"}, C{"waf"},
+    C{"cache"}, C{"cluster"}); L{not_enforced_warnings} names them.
+    """
 
 
 # ---------------------------------------------------------------------------
@@ -274,6 +366,35 @@ class _Reader:
         if value not in choices:
             raise self.error(name, f"must be one of {', '.join(map(repr, choices))}, not {value!r}")
         return str(value)
+
+    def timeout(self, name: str, default: float) -> float:
+        """Seconds, where 0 means no timeout at all: given back as C{math.inf}, which any deadline sum keeps."""
+        value = self.number(name, default)
+        return math.inf if value == 0 else value
+
+    def strings(self, name: str, default: Sequence[str], choices: Sequence[str] | None = None) -> tuple[str, ...]:
+        """A list of strings (from C{choices}, when given), each at most once."""
+        values = self.get(name, list, list(default))
+        for i, value in enumerate(values):
+            if not isinstance(value, str):
+                raise self.error(f"{name}[{i}]", f"must be a string, not {_kind(value)}")
+            if choices is not None and value not in choices:
+                raise self.error(f"{name}[{i}]", f"must be one of {', '.join(map(repr, choices))}, not {value!r}")
+            if value in values[:i]:
+                raise self.error(f"{name}[{i}]", f"repeats {value!r}")
+        return tuple(values)
+
+    def networks(self, name: str) -> tuple[IPNetwork, ...]:
+        """A list of CIDRs (a bare address is a /32 or /128)."""
+        out = []
+        for i, item in enumerate(self.get(name, list, [])):
+            if not isinstance(item, str):
+                raise self.error(f"{name}[{i}]", f"must be a string CIDR, not {_kind(item)}")
+            try:
+                out.append(ipaddress.ip_network(item, strict=False))
+            except ValueError as e:
+                raise self.error(f"{name}[{i}]", f"not an IP network: {e}") from None
+        return tuple(out)
 
     def sub(self, name: str) -> "_Reader | None":
         self.used.add(name)
@@ -363,26 +484,27 @@ def _parse_server(r: _Reader | None) -> ServerConfig:
         return ServerConfig()
     access_log = r.get("access_log", str, "-")
     fmt = r.choice("access_log_format", ("combined", "json"), "combined")
-    trusted = []
-    raw = r.get("trusted_proxies", list, [])
-    for i, item in enumerate(raw):
-        if not isinstance(item, str):
-            raise r.error(f"trusted_proxies[{i}]", f"must be a string CIDR, not {_kind(item)}")
-        try:
-            trusted.append(ipaddress.ip_network(item, strict=False))
-        except ValueError as e:
-            raise r.error(f"trusted_proxies[{i}]", f"not an IP network: {e}") from None
+    trusted = r.networks("trusted_proxies")
     via = r.get("via", str, "rproxy")
     server_header = r.get("server_header", str, "rproxy")
     log_level = r.choice("log_level", ("debug", "info", "warn", "error", "critical"), "info")
+    optional: dict[str, Any] = {}
+    if "workers" in r.table:
+        workers = r.get("workers", (int, str), None)
+        if workers != "auto" and not (isinstance(workers, int) and workers >= 1):
+            raise r.error("workers", f"must be a positive integer or \"auto\", not {workers!r}")
+        optional["workers"] = workers
+    if "shutdown_timeout" in r.table:
+        optional["shutdown_timeout"] = r.number("shutdown_timeout", 0.0)
     r.finish()
     return ServerConfig(
         access_log=access_log,
         access_log_format=fmt,
-        trusted_proxies=tuple(trusted),
+        trusted_proxies=trusted,
         via=via,
         server_header=server_header,
         log_level=log_level,
+        **optional,
     )
 
 
@@ -402,12 +524,12 @@ def _parse_listen(source: str, raw: Any) -> tuple[ListenConfig, ...]:
         tls = r.get("tls", str, None)
         pool = r.get("pool", str, None)
         proxy_protocol = r.choice("proxy_protocol", ("off", "v1", "v2"), "off")
-        max_connections = r.integer("max_connections", 10000, minimum=1)
-        listen_idle = r.get("idle_timeout", (int, float), None)
-        if listen_idle is not None:
+        max_connections = r.integer("max_connections", DEFAULT_MAX_CONNECTIONS)
+        optional: dict[str, Any] = {}
+        if "idle_timeout" in r.table:
             if protocol != "tcp":
                 raise r.error("idle_timeout", "only applies to protocol = \"tcp\" (http uses [limits] idle_timeout)")
-            listen_idle = r.number("idle_timeout", 0.0)
+            optional["idle_timeout"] = r.timeout("idle_timeout", 0.0)
         redirect = r.get("redirect_https", (bool, int), False)
         if redirect is True:
             redirect = 443
@@ -435,9 +557,9 @@ def _parse_listen(source: str, raw: Any) -> tuple[ListenConfig, ...]:
                 pool=pool,
                 proxy_protocol=proxy_protocol,
                 max_connections=max_connections,
-                idle_timeout=listen_idle,
                 redirect_https=redirect,
                 hsts=hsts,
+                **optional,
             )
         )
     return tuple(out)
@@ -451,8 +573,11 @@ def _parse_tls(source: str, base: str, raw: Any) -> dict[str, TLSProfile]:
     out = {}
     for name, table in raw.items():
         r = _Reader(source, f"tls.{name}", table)
-        certs_raw = r.required("certificates", list)
-        if not certs_raw:
+        acme = _parse_acme_names(r)
+        certs_raw = r.get("certificates", list, None) if acme else r.required("certificates", list)
+        if certs_raw is None:
+            certs_raw = []
+        elif not certs_raw:
             raise r.error("certificates", "needs at least one { cert = ..., key = ... }")
         certs = []
         for i, c in enumerate(certs_raw):
@@ -474,8 +599,24 @@ def _parse_tls(source: str, base: str, raw: Any) -> dict[str, TLSProfile]:
             min_version=min_version,
             alpn=tuple(alpn_raw),
             client_ca=_resolve_path(base, client_ca) if client_ca else None,
+            acme=acme,
         )
     return out
+
+
+def _parse_acme_names(r: _Reader) -> bool | tuple[str, ...]:
+    """C{[tls.NAME] acme}: C{true} (the routes' host names) or the host names to get certificates for."""
+    acme = r.get("acme", (bool, list), False)
+    if isinstance(acme, bool):
+        return acme
+    if not acme:
+        raise r.error("acme", "needs at least one host name (or true)")
+    names = r.strings("acme", ())
+    for i, host in enumerate(names):
+        problem = _host_pattern_problem(host.lower().rstrip("."))
+        if problem or host.startswith("*"):
+            raise r.error(f"acme[{i}]", f"{host!r} is not a host name (ACME http-01 and tls-alpn-01 give no wildcards)")
+    return tuple(h.lower().rstrip(".") for h in names)
 
 
 def _parse_routes(source: str, raw: Any) -> tuple[RouteConfig, ...]:
@@ -623,7 +764,7 @@ def _parse_pools(source: str, raw: Any, base: str = ".") -> dict[str, PoolConfig
             health=health,
             connect_timeout=r.number("connect_timeout", 5.0, positive=True),
             response_timeout=r.number("response_timeout", 60.0, positive=True),
-            idle_timeout=r.number("idle_timeout", 60.0, positive=True),
+            idle_timeout=r.timeout("idle_timeout", 60.0),
             keepalive=r.integer("keepalive", 128),
             keepalive_timeout=r.number("keepalive_timeout", 60.0, positive=True),
             retries=r.integer("retries", 2),
@@ -671,7 +812,197 @@ def _parse_limits(r: _Reader | None) -> LimitsConfig:
     return limits
 
 
-_DEFERRED_SECTIONS = ("rate_limit", "waf", "cache", "cluster")
+def _default(cls: type, name: str) -> Any:
+    """The default of attribute C{name} of the attrs class C{cls}: the one place it is written."""
+    return attrs.fields_dict(cls)[name].default
+
+
+def _parse_admin(r: _Reader) -> AdminConfig:
+    endpoint = r.get("endpoint", str, None)
+    if endpoint is not None:
+        problem = _endpoint_problem(endpoint, server=True)
+        if problem:
+            raise r.error("endpoint", problem)
+    admin = AdminConfig(endpoint=endpoint, token=r.get("token", str, _default(AdminConfig, "token")))
+    r.finish()
+    return admin
+
+
+def _parse_acme(r: _Reader, base: str) -> AcmeConfig:
+    directory = r.get("directory", str, _default(AcmeConfig, "directory"))
+    from urllib.parse import urlsplit
+
+    url = urlsplit(directory)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise r.error("directory", f"must be an http(s) URL of an ACME directory, not {directory!r}")
+    ca = r.get("ca", str, "")
+    acme = AcmeConfig(
+        directory=directory,
+        email=r.get("email", str, _default(AcmeConfig, "email")),
+        storage=_resolve_path(base, r.get("storage", str, _default(AcmeConfig, "storage"))),
+        ca=_resolve_path(base, ca) if ca else None,
+        challenges=r.strings("challenges", _default(AcmeConfig, "challenges"), ("http-01", "tls-alpn-01")),
+    )
+    if not acme.challenges:
+        raise r.error("challenges", "needs at least one of 'http-01', 'tls-alpn-01'")
+    r.finish()
+    return acme
+
+
+def _parse_rate_limit(r: _Reader) -> RateLimitConfig:
+    key = r.get("key", str, _default(RateLimitConfig, "key"))
+    if key != "client_ip" and not (key.startswith("header:") and _is_token(key[7:])):
+        raise r.error("key", f"must be \"client_ip\" or \"header:NAME\", not {key!r}")
+    config = RateLimitConfig(
+        requests=r.integer("requests", _default(RateLimitConfig, "requests"), minimum=1),
+        per=r.number("per", _default(RateLimitConfig, "per"), positive=True),
+        burst=r.integer("burst", _default(RateLimitConfig, "burst")),
+        key=key,
+        store=r.choice("store", ("memory", "redis"), _default(RateLimitConfig, "store")),
+        on_store_error=r.choice("on_store_error", ("allow", "deny"), _default(RateLimitConfig, "on_store_error")),
+    )
+    r.finish()
+    return config
+
+
+def _is_token(name: str) -> bool:
+    """An RFC 9110 field name."""
+    return bool(name) and all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in name)
+
+
+def _parse_waf(r: _Reader, base: str) -> WafConfig:
+    rules = r.get("rules", str, _default(WafConfig, "rules"))
+    if not rules:
+        raise r.error("rules", "must be \"default\" or the path of a rule file")
+    config = WafConfig(
+        mode=r.choice("mode", ("off", "detect", "block"), _default(WafConfig, "mode")),
+        rules=rules if rules == "default" else _resolve_path(base, rules),
+        deny=r.networks("deny"),
+        allow=r.networks("allow"),
+    )
+    r.finish()
+    return config
+
+
+def _parse_cache(r: _Reader, base: str) -> CacheConfig:
+    path = r.get("path", str, None)
+    config = CacheConfig(
+        max_bytes=r.integer("max_bytes", _default(CacheConfig, "max_bytes")),
+        max_object_bytes=r.integer("max_object_bytes", _default(CacheConfig, "max_object_bytes")),
+        compress=r.strings("compress", _default(CacheConfig, "compress"), ("gzip", "br")),
+        store=r.choice("store", ("memory", "disk", "redis"), _default(CacheConfig, "store")),
+        path=_optional_path(base, path),
+        max_disk_bytes=r.integer("max_disk_bytes", _default(CacheConfig, "max_disk_bytes")),
+    )
+    if config.store == "disk" and config.path is None:
+        raise r.error("path", "is required when store = \"disk\"")
+    r.finish()
+    return config
+
+
+def _parse_cluster(r: _Reader) -> ClusterConfig:
+    redis = r.required("redis", str)
+    problem = _endpoint_problem(redis, server=False)
+    if problem:
+        raise r.error("redis", problem)
+    config = ClusterConfig(redis=redis, key_prefix=r.get("key_prefix", str, _default(ClusterConfig, "key_prefix")))
+    r.finish()
+    return config
+
+
+# Contract sections whose capability has not landed: validated, kept, and named by not_enforced_warnings.
+_DEFERRED_PARSERS: dict[str, Callable[[_Reader, str], Any]] = {
+    "admin": lambda r, base: _parse_admin(r),
+    "acme": _parse_acme,
+    "rate_limit": lambda r, base: _parse_rate_limit(r),
+    "waf": _parse_waf,
+    "cache": _parse_cache,
+    "cluster": lambda r, base: _parse_cluster(r),
+}
+
+
+def not_enforced_warnings(config: ProxyConfig) -> list[str]:
+    """
+    One line for each section or key of C{config} that this version accepts
+    (it is in the configuration contract) but does not act on yet.  The
+    service start logs these and C{--check} prints them: the same list.
+    """
+    lines = [f"[{name}] is accepted but not enforced by this version" for name in config.deferred_sections]
+    server = config.server
+    if server.workers != 1:
+        lines.append(f"server.workers = {server.workers!r} is accepted but not enforced by this version "
+                     "(one process serves)")
+    if server.shutdown_timeout is not None:
+        lines.append("server.shutdown_timeout is accepted but not enforced by this version "
+                     "(a stop closes connections at once)")
+    for name, profile in config.tls.items():
+        if profile.acme:
+            lines.append(f"tls.{name}.acme is accepted but not enforced by this version"
+                         + ("" if profile.certificates else
+                            f" (a listener on [tls.{name}] will not start without certificates)"))
+    for i, route in enumerate(config.routes):
+        if route.cache:
+            lines.append(f"route[{i}].cache = true is accepted but not enforced by this version")
+    return lines
+
+
+def _bind_address(description: str) -> tuple[Any, ...] | None:
+    """
+    What a server endpoint binds, comparable between spellings
+    (C{tcp:8080} and C{tcp:port=8080}): C{("ip", host, port)},
+    C{("unix", path)}, C{("systemd", domain, index)}, or L{None} when unknown
+    (or port 0, which never collides).
+    """
+    from twisted.internet import endpoints
+
+    while description.startswith("haproxy:"):
+        description = description[len("haproxy:"):]
+    kind = description.split(":", 1)[0]
+    try:
+        parser, args, kwargs = endpoints._parseServer(description, None)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - refused elsewhere with its own message
+        return None
+    if parser in ("TCP", "SSL"):
+        port, host = int(args[0]), kwargs.get("interface", "") or "0.0.0.0"
+    elif kind == "tcp6":
+        port, host = int(args[0]), kwargs.get("interface", "::") or "::"
+    elif parser == "UNIX":
+        path = args[0]
+        return ("unix", path if path.startswith("\0") else os.path.abspath(path))
+    elif kind == "systemd":
+        return ("systemd", kwargs.get("domain"), kwargs.get("index"))
+    else:
+        return None
+    if port == 0:
+        return None
+    return ("ip", host, port)
+
+
+def _overlap(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether binding C{a} and C{b} at once fails: equal, or the same port with a wildcard address."""
+    if a == b:
+        return True
+    if a[0] != "ip" or b[0] != "ip" or a[2] != b[2]:
+        return False
+    hosts = {a[1], b[1]}
+    if "::" in hosts:
+        return True  # an IPv6 wildcard is dual-stack: it takes the IPv4 port too
+    if "0.0.0.0" in hosts:
+        return all(":" not in h for h in hosts)
+    return False
+
+
+def _refuse_overlapping_endpoints(source: str, named: list[tuple[str, str]]) -> None:
+    seen: list[tuple[str, str, tuple[Any, ...]]] = []
+    for key, description in named:
+        bound = _bind_address(description)
+        if bound is None:
+            continue
+        for other_key, other, other_bound in seen:
+            if _overlap(bound, other_bound):
+                raise ConfigError(source, key, f"{description!r} overlaps {other_key} {other!r} "
+                                  "(the same port or socket): only one of them could listen")
+        seen.append((key, description, bound))
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | None = None) -> ProxyConfig:
@@ -686,15 +1017,6 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
         base = os.path.dirname(os.path.abspath(source)) if source != "<config>" else os.getcwd()
     top = _Reader(source, "", dict(data))
     server = _parse_server(top.sub("server"))
-    admin = top.sub("admin")
-    admin_endpoint = None
-    if admin is not None:
-        admin_endpoint = admin.get("endpoint", str, None)
-        if admin_endpoint is not None:
-            problem = _endpoint_problem(admin_endpoint, server=True)
-            if problem:
-                raise admin.error("endpoint", problem)
-        admin.finish()
     top.used.update(("listen", "tls", "route", "pool"))
     listen = _parse_listen(source, data.get("listen"))
     tls = _parse_tls(source, base, data.get("tls"))
@@ -712,13 +1034,12 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
         dr.finish()
         demo = DemoOriginConfig(endpoint=endpoint, root=root)
     deferred = {}
-    for name in _DEFERRED_SECTIONS:
-        top.used.add(name)
-        if name in data:
-            if not isinstance(data[name], dict):
-                raise ConfigError(source, name, f"must be a table, not {_kind(data[name])}")
-            deferred[name] = data[name]
+    for name, parse in _DEFERRED_PARSERS.items():
+        section = top.sub(name)
+        if section is not None:
+            deferred[name] = parse(section, base)
     top.finish()
+    admin_endpoint = deferred["admin"].endpoint if "admin" in deferred else None
 
     # Cross references.
     for i, lc in enumerate(listen):
@@ -729,6 +1050,15 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
     for i, rc in enumerate(routes):
         if rc.pool not in pools:
             raise ConfigError(source, f"route[{i}].pool", f"names pool {rc.pool!r}, which has no [pool.{rc.pool}]")
+    endpoints = [(f"listen[{i}].endpoint", lc.endpoint) for i, lc in enumerate(listen)]
+    if demo is not None:
+        endpoints.append(("demo_origin.endpoint", demo.endpoint))
+    if admin_endpoint is not None:
+        endpoints.append(("admin.endpoint", admin_endpoint))
+    _refuse_overlapping_endpoints(source, endpoints)
+    for store_of in ("rate_limit", "cache"):
+        if getattr(deferred.get(store_of), "store", None) == "redis" and "cluster" not in deferred:
+            raise ConfigError(source, f"{store_of}.store", "\"redis\" needs a [cluster] section naming the Redis server")
     return ProxyConfig(
         source=source,
         server=server,

@@ -87,12 +87,17 @@ def is_trusted(ip: str, trusted: Iterable[ipaddress.IPv4Network | ipaddress.IPv6
     return any(addr.version == net.version and addr in net for net in trusted)
 
 
+def _unknown(ip: str) -> bool:
+    """Whether a client address is none at all (the listeners say "unknown" for a unix socket peer)."""
+    return not ip or ip == "unknown"
+
+
 def forwarded_node(ip: str) -> str:
     """An RFC 7239 node: IPv6 addresses are bracketed and quoted."""
+    if _unknown(ip):
+        return "unknown"
     if ":" in ip:
         return f'"[{ip}]"'
-    if not ip or ip == "unknown":
-        return "unknown"
     return ip
 
 
@@ -120,7 +125,9 @@ class ForwardingInfo:
         self.proto = proto
         self.trusted = trusted
         self.via = via
-        self._xff_ip = client_ip.encode("ascii", "replace")
+        # A client with no IP address (a unix socket peer) adds no X-Forwarded-For entry, whose
+        # readers expect addresses; Forwarded says for=unknown, as RFC 7239 section 6.3 provides.
+        self._xff_ip: bytes | None = None if _unknown(client_ip) else client_ip.encode("ascii", "replace")
         self._fwd_for = forwarded_node(client_ip)
         self._proto_b = proto.encode("ascii")
         self._via_value = b"1.1 " + via
@@ -136,7 +143,9 @@ class ForwardingInfo:
         """
         if self._suffix is not None and host == self._suffix_host:
             return self._suffix
-        added = [(b"X-Forwarded-For", self._xff_ip), (b"X-Forwarded-Proto", self._proto_b)]
+        added = [(b"X-Forwarded-Proto", self._proto_b)]
+        if self._xff_ip is not None:
+            added.insert(0, (b"X-Forwarded-For", self._xff_ip))
         if host is not None:
             added.append((b"X-Forwarded-Host", host))
         added.append((b"Forwarded", self.forwarded_element(host)))
@@ -273,7 +282,11 @@ def request_headers_for_origin(
         # Host is never dropped: "Connection: host" would send an HTTP/1.1 request without one.
         out = _drop_named(out, connection, keep_upgrade, _NEVER_NAMED)
         append = out.append
-    append((b"X-Forwarded-For", info._xff_ip if xff is None else b", ".join([*xff, info._xff_ip])))
+    own_ip = info._xff_ip
+    if own_ip is not None:
+        append((b"X-Forwarded-For", own_ip if xff is None else b", ".join([*xff, own_ip])))
+    elif xff is not None:
+        append((b"X-Forwarded-For", b", ".join(xff)))
     append((b"X-Forwarded-Proto", info._proto_b if xf_proto is None else xf_proto))
     if xf_host is not None:
         append((b"X-Forwarded-Host", xf_host))

@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
 from .accesslog import make_access_log
-from .config import ConfigError, ProxyConfig, load_config
+from .config import ConfigError, ProxyConfig, load_config, not_enforced_warnings
 from .headers import ForwardingInfo, is_trusted
 from .http.exchange import ExchangeSettings, IDownstream, ProxyExchange, RequestRejected
 from .http.target import parse_target
@@ -37,7 +37,7 @@ from .upstream.health import HealthMonitor, PassiveConfig, PassiveHealth, monito
 from .upstream.pool import BackendPool
 from .upstream.retry import RetryBudget
 
-__all__ = ["ProxyRuntime", "ProxyService", "service_from_file"]
+__all__ = ["ListenError", "ProxyRuntime", "ProxyService", "service_from_file"]
 
 
 class ProxyRuntime:
@@ -288,6 +288,36 @@ class _WebRequestDownstream:
         self.failResponse(502, "Bad Gateway: protocol upgrades are not proxied through an embedding Site")
 
 
+class ListenError(Exception):
+    """
+    A listener could not listen (port in use, no permission, no such
+    folder).  C{str()} is one line naming the listener and the reason:
+    C{listen[1] tcp:8080: cannot listen: Address already in use}.
+    """
+
+    # Public as rproxy_tw.ListenError; the short name also leaves room for the
+    # line in the 100 bytes twistd passes from a failed daemon to its parent.
+    __module__ = "rproxy_tw"
+
+
+class _Listener(StreamServerEndpointService):
+    """One C{[[listen]]}: a failure to listen is a L{ListenError} with one line, not a traceback."""
+
+    _log = Logger(observer=log_observer)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except Exception as e:  # noqa: BLE001 - whatever the endpoint raised, one line says it
+            error = getattr(e, "socketError", None) or e
+            why = getattr(error, "strerror", None) or str(error) or type(error).__name__
+            line = f"{self.name}: cannot listen: {why}"
+            # error, not critical: before logging starts Twisted copies critical events to stderr,
+            # where the twistd plugin writes the line itself.
+            self._log.error("{line}", line=line)
+            raise ListenError(line) from None
+
+
 class ProxyService(MultiService):
     """
     rproxy as an C{IService}: the listeners of a config, with their pools
@@ -306,10 +336,10 @@ class ProxyService(MultiService):
         self.factories: list[Any] = []
         self.listeners: list[StreamServerEndpointService] = []
         for index, listen in enumerate(config.listen):
-            factory = self._factory_for(listen)
+            factory = self._factory_for(listen, index)
             self.factories.append(factory)
             endpoint = serverFromString(reactor, listen.endpoint)
-            service = StreamServerEndpointService(endpoint, factory)
+            service = _Listener(endpoint, factory)
             service._raiseSynchronously = True
             service.setName(f"listen[{index}] {listen.endpoint}")
             service.setServiceParent(self)
@@ -323,12 +353,16 @@ class ProxyService(MultiService):
             from .demo import demo_origin_service
 
             demo_origin_service(reactor, config.demo_origin).setServiceParent(self)
-        for name in config.deferred_sections:
-            self._log.warn("[{section}] is accepted but not enforced by this version", section=name)
+        for line in not_enforced_warnings(config):
+            self._log.warn("{warning}", warning=line)
 
-    def _factory_for(self, listen: Any) -> Any:
+    def _factory_for(self, listen: Any, index: int = 0) -> Any:
         reactor = self.reactor
         tls_profile = self.config.tls.get(listen.tls) if listen.tls else None
+        if tls_profile is not None and not tls_profile.certificates:
+            raise ConfigError(self.config.source, f"listen[{index}].tls",
+                              f"{listen.endpoint!r} cannot start: [tls.{listen.tls}] has no certificates "
+                              "until ACME is built")
         if listen.protocol == "http":
             factory: Any = HTTPProxyFactory(self.runtime, reactor, scheme="https" if tls_profile else "http",
                                             listen=listen)

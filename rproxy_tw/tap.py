@@ -12,8 +12,8 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from .config import ConfigError, load_config, quick_config
-from .service import ProxyService
+from .config import ConfigError, load_config, not_enforced_warnings, quick_config
+from .service import ListenError, ProxyService
 
 __all__ = ["Options", "makeService"]
 
@@ -37,6 +37,15 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["backend"] = []
+
+    def opt_version(self) -> None:
+        """Display rproxy's version (and Twisted's) and exit."""
+        from twisted import version as twisted_version
+
+        from . import __version__
+
+        sys.stdout.write(f"rproxy_tw {__version__} (Twisted {twisted_version.short()})\n")
+        sys.exit(0)
 
     def opt_listen(self, endpoint: str) -> None:
         """Listen on this server endpoint string (default tcp:8080). Repeatable."""
@@ -77,6 +86,8 @@ class Options(usage.Options):
             except ConfigError as e:
                 sys.stderr.write(f"{e}\n")
                 sys.exit(1)
+            for line in not_enforced_warnings(config):
+                sys.stderr.write(f"{config.source}: warning: {line}\n")
             sys.stdout.write(f"{config.source}: ok\n")
             sys.exit(0)
         self.proxy_config = config
@@ -93,6 +104,8 @@ def _check_files(config: Any) -> None:
     clock = Clock()
     clock.advance(time.time())  # certificate validity is judged against today, not the epoch
     for profile in config.tls.values():
+        if not profile.certificates:
+            continue  # an ACME profile: nothing on disk yet (not_enforced_warnings says so)
         # Both TLS libraries a profile may be served with (see tls_server_factory).
         ServerTLSContexts(clock, profile, watch_interval=None)
         if profile.client_ca is None:
@@ -112,7 +125,28 @@ def makeService(options: Options) -> MultiService:
         sys.stderr.write(f"{e}\n")
         sys.exit(1)
     _reload_on_hangup(reactor, service)
+    _one_line_listen_errors()
     return service
+
+
+def _one_line_listen_errors() -> None:
+    """
+    A listener that cannot listen stops the start (twistd and twist let the
+    exception out; twistd also reports it to a daemon's parent): say it in its
+    one line on the real stderr, not as a traceback.  The service has logged
+    the same line already.
+    """
+    previous = sys.excepthook
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if isinstance(value, ListenError):
+            stream = sys.__stderr__ or sys.stderr
+            stream.write(f"{value}\n")
+            stream.flush()
+        else:
+            previous(kind, value, tb)
+
+    sys.excepthook = excepthook
 
 
 def _reload_on_hangup(reactor: Any, service: ProxyService) -> None:

@@ -109,6 +109,51 @@ CASES = {
                          "pool", "table"),
     "bad protocol": (BASE.replace('endpoint = "tcp:8080"', 'endpoint = "tcp:8080"\nprotocol = "gopher"'),
                      "listen[0].protocol", "'gopher'"),
+    # Two listeners that cannot both listen.
+    "same endpoint spelled twice": (BASE + '[[listen]]\nendpoint = "tcp:port=8080"\n', "listen[1].endpoint",
+                                    "'tcp:port=8080' overlaps listen[0].endpoint 'tcp:8080'"),
+    "all interfaces and one": (BASE + '[[listen]]\nendpoint = "tcp:8080:interface=127.0.0.1"\n',
+                               "listen[1].endpoint", "overlaps listen[0].endpoint"),
+    "ipv6 wildcard is dual-stack": (BASE + '[[listen]]\nendpoint = "tcp6:8080"\n', "listen[1].endpoint", "overlaps"),
+    "haproxy wrapper same port": (BASE + '[[listen]]\nendpoint = "haproxy:tcp:8080"\n', "listen[1].endpoint",
+                                  "overlaps"),
+    "admin on a listener's port": (BASE + '[admin]\nendpoint = "tcp:8080:interface=127.0.0.1"\n', "admin.endpoint",
+                                   "overlaps listen[0].endpoint"),
+    # Contract keys whose capability has not landed: validated all the same.
+    "cache unknown key": (BASE + "[cache]\nmax_size = 10\n", "cache.max_size", "not a known key"),
+    "cache negative size": (BASE + "[cache]\nmax_bytes = -1\n", "cache.max_bytes", "at least 0"),
+    "cache compress": (BASE + '[cache]\ncompress = ["zstd"]\n', "cache.compress[0]", "'zstd'"),
+    "cache store": (BASE + '[cache]\nstore = "tape"\n', "cache.store", "'tape'"),
+    "cache disk without path": (BASE + '[cache]\nstore = "disk"\n', "cache.path", "required"),
+    "cache redis without cluster": (BASE + '[cache]\nstore = "redis"\n', "cache.store", "[cluster]"),
+    "waf mode": (BASE + '[waf]\nmode = "strict"\n', "waf.mode", "'strict'"),
+    "waf deny": (BASE + '[waf]\ndeny = ["10.0.0.0/8", "ten"]\n', "waf.deny[1]", "not an IP network"),
+    "waf unknown key": (BASE + '[waf]\nrule = "default"\n', "waf.rule", "not a known key"),
+    "rate limit requests": (BASE + "[rate_limit]\nrequests = 0\n", "rate_limit.requests", "at least 1"),
+    "rate limit per": (BASE + "[rate_limit]\nper = 0\n", "rate_limit.per", "greater than 0"),
+    "rate limit key": (BASE + '[rate_limit]\nkey = "cookie:sid"\n', "rate_limit.key", "header:NAME"),
+    "rate limit store": (BASE + '[rate_limit]\nstore = "redis"\n', "rate_limit.store", "[cluster]"),
+    "rate limit on_store_error": (BASE + '[rate_limit]\non_store_error = "panic"\n', "rate_limit.on_store_error",
+                                  "'panic'"),
+    "cluster needs redis": (BASE + '[cluster]\nkey_prefix = "x:"\n', "cluster.redis", "required"),
+    "cluster redis endpoint": (BASE + '[cluster]\nredis = "127.0.0.1:6379"\n', "cluster.redis",
+                               "unknown endpoint type"),
+    "admin token": (BASE + "[admin]\ntoken = 5\n", "admin.token", "must be a string"),
+    "admin unknown key": (BASE + '[admin]\npassword = "x"\n', "admin.password", "not a known key"),
+    "acme directory": (BASE + '[acme]\ndirectory = "acme.example.com"\n', "acme.directory", "http(s) URL"),
+    "acme challenges": (BASE + '[acme]\nchallenges = ["dns-01"]\n', "acme.challenges[0]", "'dns-01'"),
+    "acme unknown key": (BASE + '[acme]\nemails = "a@b"\n', "acme.emails", "not a known key"),
+    "tls acme wildcard": (BASE + '[tls.auto]\nacme = ["*.example.com"]\n', "tls.auto.acme[0]", "wildcards"),
+    "tls acme not a list": (BASE + '[tls.auto]\nacme = "www.example.com"\n', "tls.auto.acme", "true or false or a list"),
+    "tls without certificates or acme": (BASE + "[tls.main]\nmin_version = \"1.2\"\n", "tls.main.certificates",
+                                         "required"),
+    "workers zero": (BASE + "[server]\nworkers = 0\n", "server.workers", "positive integer or \"auto\""),
+    "workers word": (BASE + '[server]\nworkers = "many"\n', "server.workers", "'many'"),
+    "shutdown timeout negative": (BASE + "[server]\nshutdown_timeout = -1\n", "server.shutdown_timeout",
+                                  "at least 0"),
+    "pool idle timeout negative": (BASE.replace('backends = ["tcp:127.0.0.1:8001"]',
+                                                'backends = ["tcp:127.0.0.1:8001"]\nidle_timeout = -1'),
+                                   "pool.web.idle_timeout", "at least 0"),
 }
 
 
@@ -329,3 +374,116 @@ def test_log_level_option_overrides_the_config(tmp_path):
     assert options.proxy_config.server.log_level == "debug"
     with pytest.raises(usage.UsageError, match="--log-level"):
         Options().parseOptions(["--config", str(path), "--log-level", "loud"])
+
+
+# ---------------------------------------------------------------------------
+# Accepted but not enforced: one warning each, the same at a start and with --check
+
+CONTRACT_WARNINGS = [
+    "[admin] is accepted but not enforced by this version",
+    "[acme] is accepted but not enforced by this version",
+    "[rate_limit] is accepted but not enforced by this version",
+    "[waf] is accepted but not enforced by this version",
+    "[cache] is accepted but not enforced by this version",
+    "[cluster] is accepted but not enforced by this version",
+    "server.shutdown_timeout is accepted but not enforced by this version (a stop closes connections at once)",
+    "tls.auto.acme is accepted but not enforced by this version "
+    "(a listener on [tls.auto] will not start without certificates)",
+    "route[1].cache = true is accepted but not enforced by this version",
+]
+
+
+def test_contract_not_enforced_parts_are_named_once_each():
+    from rproxy_tw.config import not_enforced_warnings
+
+    config = load_config(CONTRACT)
+    assert not_enforced_warnings(config) == CONTRACT_WARNINGS
+    assert config.server.workers == 1 and config.server.shutdown_timeout == 30.0
+    assert config.tls["auto"].acme == ("www.example.com", "example.com") and config.tls["auto"].certificates == ()
+    acme = config.deferred_sections["acme"]
+    assert acme.challenges == ("http-01", "tls-alpn-01") and acme.ca is None
+    assert config.deferred_sections["cache"].compress == ("gzip", "br")
+    assert config.deferred_sections["rate_limit"].burst == 200
+    assert config.deferred_sections["cluster"].redis == "tcp:127.0.0.1:6379"
+    assert config.deferred_sections["admin"].token == ""
+
+
+def test_a_config_without_them_has_no_warnings(tmp_path):
+    from rproxy_tw.config import not_enforced_warnings
+
+    assert not_enforced_warnings(load_config(write(tmp_path, BASE))) == []
+    assert not_enforced_warnings(load_config(write(tmp_path, BASE + "[server]\nworkers = 1\n"))) == []
+    assert not_enforced_warnings(load_config(write(tmp_path, BASE + '[server]\nworkers = "auto"\n'))) == [
+        "server.workers = 'auto' is accepted but not enforced by this version (one process serves)"]
+
+
+NOT_ENFORCED = BASE.replace('pool = "web"', 'pool = "web"\ncache = true') + """
+[admin]
+endpoint = "tcp:9901:interface=127.0.0.1"
+
+[cache]
+max_bytes = 1048576
+"""
+NOT_ENFORCED_WARNINGS = [
+    "[admin] is accepted but not enforced by this version",
+    "[cache] is accepted but not enforced by this version",
+    "route[0].cache = true is accepted but not enforced by this version",
+]
+
+
+def test_check_prints_the_warnings_a_start_logs(tmp_path):
+    path = write(tmp_path, NOT_ENFORCED)
+    result = run(TWISTD + ["rproxy", "--config", path, "--check"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{path}: ok\n"
+    assert result.stderr.splitlines() == [f"{path}: warning: {line}" for line in NOT_ENFORCED_WARNINGS]
+
+
+def test_service_start_logs_the_same_warnings(tmp_path):
+    from twisted.internet.task import Clock
+    from twisted.logger import globalLogPublisher
+
+    from rproxy_tw import ProxyService
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        ProxyService(load_config(write(tmp_path, NOT_ENFORCED)), Clock())
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    warnings = [e["warning"] for e in seen if e.get("log_format") == "{warning}"]
+    assert warnings == NOT_ENFORCED_WARNINGS
+
+
+def test_acme_profile_loads_but_a_listener_on_it_does_not_start(tmp_path):
+    from twisted.internet.task import Clock
+
+    from rproxy_tw import ProxyService
+
+    text = BASE + '[[listen]]\nendpoint = "tcp:8443"\ntls = "auto"\n\n[tls.auto]\nacme = ["www.example.com"]\n'
+    path = write(tmp_path, text)
+    config = load_config(path)
+    assert config.tls["auto"].certificates == ()
+    with pytest.raises(ConfigError) as info:
+        ProxyService(config, Clock())
+    assert str(info.value) == (f"{path}: listen[1].tls: 'tcp:8443' cannot start: "
+                               "[tls.auto] has no certificates until ACME is built")
+    result = run(TWISTD + ["rproxy", "--config", path, "--check"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "tls.auto.acme is accepted but not enforced" in result.stderr
+    result = run(TWISTD + ["-n", "rproxy", "--config", path], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [str(info.value)]
+
+
+def test_idle_timeout_zero_means_none():
+    import math
+
+    config = parse_config({
+        "listen": [{"endpoint": "tcp:6380", "protocol": "tcp", "pool": "p", "idle_timeout": 0}],
+        "pool": {"p": {"backends": ["tcp:127.0.0.1:6379"], "idle_timeout": 0}}})
+    assert config.pools["p"].idle_timeout == math.inf
+    assert config.listen[0].idle_timeout == math.inf
+    default = parse_config({"listen": [{"endpoint": "tcp:6380", "protocol": "tcp", "pool": "p"}],
+                            "pool": {"p": {"backends": ["tcp:127.0.0.1:6379"]}}})
+    assert default.listen[0].idle_timeout >= 3600, "raw TCP sessions may be quiet for long"

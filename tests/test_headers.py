@@ -233,6 +233,26 @@ def test_is_trusted(ip, nets, expected):
     assert is_trusted(ip, [ipaddress.ip_network(n) for n in nets]) is expected
 
 
+@pytest.mark.parametrize("trusted", [False, True])
+def test_unknown_client_gets_no_xff_entry_and_forwarded_for_unknown(trusted):
+    """A unix socket client has no address: no made-up X-Forwarded-For entry; Forwarded: for=unknown."""
+    from rproxy_tw.headers import request_head_block
+
+    plain = [(b"Host", b"example.com")]
+    chained = plain + [(b"X-Forwarded-For", b"198.51.100.9"), (b"Forwarded", b"for=198.51.100.9")]
+    for headers in (plain, chained):
+        for out in (request_headers_for_origin(headers, info("unknown", trusted)),
+                    _parse(request_head_block(headers, info("unknown", trusted)))):
+            expected_xff = [b"198.51.100.9"] if trusted and headers is chained else []
+            assert values(out, b"x-forwarded-for") == expected_xff
+            assert values(out, b"forwarded")[0].split(b", ")[-1] == b"for=unknown;proto=http;host=example.com"
+            assert values(out, b"x-forwarded-proto") == [b"http"]
+
+
+def _parse(block: bytes) -> list[tuple[bytes, bytes]]:
+    return [tuple(line.split(b": ", 1)) for line in block.split(b"\r\n") if line]  # type: ignore[misc]
+
+
 def test_forwarded_node():
     assert forwarded_node("192.0.2.1") == "192.0.2.1"
     assert forwarded_node("2001:db8::1") == '"[2001:db8::1]"'
@@ -338,9 +358,10 @@ from rproxy_tw.headers import (  # noqa: E402
 
 
 @settings(derandomize=True, max_examples=400, deadline=None)
-@given(_headers, st.booleans(), st.booleans(), st.sampled_from([b"1.1", b"1.0", b"2"]))
-def test_request_head_block_equals_general_rewrite(headers, trusted, upgrade, version):
-    info = ForwardingInfo("192.0.2.7", "https", trusted, b"rproxy")
+@given(_headers, st.booleans(), st.booleans(), st.sampled_from([b"1.1", b"1.0", b"2"]),
+       st.sampled_from(["192.0.2.7", "2001:db8::7", "unknown"]))
+def test_request_head_block_equals_general_rewrite(headers, trusted, upgrade, version, client_ip):
+    info = ForwardingInfo(client_ip, "https", trusted, b"rproxy")
     expected = serialize(request_headers_for_origin(headers, info, version, keep_upgrade=upgrade))
     assert request_head_block(headers, info, keep_upgrade=upgrade, http_version=version) == expected
     # Twice: the per-connection cache of the added lines must not go stale.

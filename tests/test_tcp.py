@@ -812,11 +812,11 @@ class MemoryEndpoint:
         return succeed(proto)
 
 
-def memory_proxy(endpoints: dict[str, Any], **pool: Any) -> tuple[TCPProxyFactory, Clock]:
+def memory_proxy(endpoints: dict[str, Any], listen: Any = None, **pool: Any) -> tuple[TCPProxyFactory, Clock]:
     clock = Clock()
     pool_config = PoolConfig(name="p", backends=tuple(BackendConfig(endpoint=e) for e in endpoints), **pool)
     backend_pool = BackendPool(pool_config, clock, endpoints.__getitem__)
-    return TCPProxyFactory(clock, backend_pool, listen_config(), pool_config), clock
+    return TCPProxyFactory(clock, backend_pool, listen or listen_config(), pool_config), clock
 
 
 def memory_client(factory: TCPProxyFactory) -> tuple[TCPProxyServer, StringTransport]:
@@ -849,7 +849,7 @@ def test_connect_timeout_fails_over() -> None:
 
 def test_idle_timeout_resets_on_traffic_then_closes() -> None:
     live = MemoryEndpoint()
-    factory, clock = memory_proxy({"tcp:10.0.0.2:6379": live}, idle_timeout=10.0)
+    factory, clock = memory_proxy({"tcp:10.0.0.2:6379": live}, listen_config(idle_timeout=10.0))
     done = ended(factory)
     relay, client = memory_client(factory)
     upstream = live.protocols[0]
@@ -867,12 +867,50 @@ def test_idle_timeout_resets_on_traffic_then_closes() -> None:
     assert factory.counters.idle_timeouts == 1 and factory.counters.connections_active == 0
 
 
-def test_idle_timeout_per_listener_overrides_the_pool() -> None:
+def test_idle_timeout_is_the_listeners_not_the_pools() -> None:
     pool_config = PoolConfig(name="p", backends=(BackendConfig("tcp:127.0.0.1:1"),), idle_timeout=60.0)
     pool = BackendPool(pool_config, Clock(), lambda d: None)
-    assert TCPProxyFactory(Clock(), pool, listen_config(), pool_config).idle_timeout == 60.0
+    assert TCPProxyFactory(Clock(), pool, listen_config(), pool_config).idle_timeout == 3600.0
     assert TCPProxyFactory(Clock(), pool, listen_config(idle_timeout=0), pool_config).idle_timeout == 0
     assert TCPProxyFactory(Clock(), pool, listen_config(), pool_config).max_connections == 10000
+
+
+def test_quiet_relay_outlives_an_http_sized_idle_timeout() -> None:
+    """
+    A Redis SUBSCRIBE or a database session may carry nothing for minutes:
+    by default a raw TCP relay idle for 61 s (and 59 min) stays open, while
+    a listener's explicit idle_timeout still closes it, and 0 never does.
+    """
+    for listen, open_after, closed_after in [
+        (parse_listen({}), [61.0, 3540.0], 3600.0),
+        (parse_listen({"idle_timeout": 30}), [29.0], 30.0),
+        (parse_listen({"idle_timeout": 0}), [61.0, 86400.0 * 30], None),
+    ]:
+        live = MemoryEndpoint()
+        factory, clock = memory_proxy({"tcp:10.0.0.2:6379": live}, listen)
+        relay, client = memory_client(factory)
+        upstream = live.protocols[0]
+        relay.dataReceived(b"SUBSCRIBE news\r\n")
+        elapsed = 0.0
+        for t in open_after:
+            clock.advance(t - elapsed)
+            elapsed = t
+            assert not client.disconnecting and not upstream.transport.disconnecting, (listen.idle_timeout, t)
+        if closed_after is not None:
+            clock.advance(closed_after - elapsed)
+            assert client.disconnecting and upstream.transport.disconnecting, listen.idle_timeout
+            assert relay.ended == f"idle for {closed_after:g}s"
+        else:
+            assert not clock.getDelayedCalls(), "no idle timer at all with idle_timeout = 0"
+
+
+def parse_listen(extra: dict[str, Any]) -> Any:
+    """A tcp listener's config as the TOML loader makes it."""
+    from rproxy_tw.config import parse_config
+
+    config = parse_config({"listen": [{"endpoint": "tcp:0", "protocol": "tcp", "pool": "p", **extra}],
+                           "pool": {"p": {"backends": ["tcp:10.0.0.2:6379"]}}})
+    return config.listen[0]
 
 
 def test_client_gone_while_connecting_cancels_the_attempt() -> None:

@@ -721,6 +721,12 @@ class HTTPProxyFactory(Factory):
             ((b"Strict-Transport-Security", hsts.encode("ascii")),) if hsts else ()
         )
         self.connections: set[HTTPServerConnection] = set()
+        from ..config import DEFAULT_MAX_CONNECTIONS
+        from ..connection_limit import ConnectionLimit
+
+        self.connection_limit = ConnectionLimit(clock, getattr(listen, "endpoint", "http"),
+                                                getattr(listen, "max_connections", DEFAULT_MAX_CONNECTIONS))
+        """C{max_connections}: TLS handshakes in progress count too."""
         self.set_runtime(runtime)
 
     def set_runtime(self, runtime: Any) -> None:
@@ -734,12 +740,15 @@ class HTTPProxyFactory(Factory):
         self.access_log: Callable[..., None] | None = runtime.access_log
 
     def buildProtocol(self, addr: Any) -> Any:
+        rejected = self.connection_limit.full(addr)
+        if rejected is not None:
+            return rejected
         if self.scheme == "https":
             # After the TLS handshake, ALPN decides: HTTP/2 or an HTTP/1.1 connection.
             from .h2 import ALPNSwitch
 
-            return ALPNSwitch(self, None)
-        return self.build_http1()
+            return self.connection_limit.track(ALPNSwitch(self, None))
+        return self.connection_limit.track(self.build_http1())
 
     def build_http1(self) -> HTTPServerConnection:
         conn = HTTPServerConnection(self)

@@ -35,6 +35,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import math
+
 import attrs
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred
@@ -54,6 +56,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
+from ..config import DEFAULT_MAX_CONNECTIONS, TCP_IDLE_TIMEOUT
 from ..http.fastwrite import direct_writer
 from ..http.flow import GateProducer, ReadGate
 from ..logs import observer as log_observer
@@ -63,7 +66,6 @@ from .tls_halfclose import allow_half_close
 
 __all__ = ["TCPCounters", "TCPProxyFactory", "TCPProxyServer", "tls_info_of"]
 
-DEFAULT_MAX_CONNECTIONS = 10000
 
 READ_SIZE = 256 * 1024
 """
@@ -185,6 +187,23 @@ def _unregister(transport: Any) -> None:
         pass
 
 
+def _keep_alive(transport: Any) -> None:
+    """
+    Turn on TCP keepalive under C{transport} (through TLS and C{haproxy:}
+    wrappers): a relay may idle for an hour, or for ever, and a peer that
+    vanished without a FIN is then found by the kernel, not kept.
+    """
+    t = transport
+    while isinstance(t, ProtocolWrapper):
+        t = t.transport
+    set_keep_alive = getattr(t, "setTcpKeepAlive", None)
+    if set_keep_alive is not None:
+        try:
+            set_keep_alive(1)
+        except OSError:  # not a TCP socket after all, or already closed
+            pass
+
+
 def _write_buffered(transport: Any) -> int:
     """Bytes written to C{transport} and not yet handed to the kernel (Twisted's buffers, TLS included)."""
     held = 0
@@ -274,6 +293,7 @@ class _UpstreamProtocol(Protocol):
         self.relay = relay
 
     def connectionMade(self) -> None:
+        _keep_alive(self.transport)
         if isinstance(self.transport, TLSMemoryBIOProtocol):
             allow_half_close(self.transport)
 
@@ -356,6 +376,7 @@ class TCPProxyServer(Protocol):
         self._write_client = direct_writer(self.transport, read_size=READ_SIZE)
         self.client = _describe(self.transport.getPeer())  # type: ignore[union-attr]
         self._armIdle(self.factory.idle_timeout)
+        _keep_alive(self.transport)
         if isinstance(self.transport, TLSMemoryBIOProtocol):
             allow_half_close(self.transport)
         _pass_half_close(self.transport)
@@ -635,7 +656,7 @@ class TCPProxyServer(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _armIdle(self, delay: float) -> None:
-        if delay > 0:
+        if 0 < delay < math.inf:  # 0 or math.inf: no idle timeout
             self._idle_call = self.clock.callLater(delay, self._idleCheck)
 
     def _idleCheck(self) -> None:
@@ -672,8 +693,9 @@ class TCPProxyFactory(Factory):
     @param pool: the listener's L{BackendPool} (an C{IBackendPool}).
     @param listen: the listener's config; C{proxy_protocol}, and
         C{max_connections} and C{idle_timeout} when the config has them.
-    @param pool_config: the pool's config: C{connect_timeout}, C{retries},
-        and C{idle_timeout} unless the listener sets its own.
+    @param pool_config: the pool's config: C{connect_timeout}, C{retries}.
+        Its C{idle_timeout} is HTTP's; a relay's is the listener's
+        (L{TCP_IDLE_TIMEOUT} by default), long enough for quiet sessions.
     @param passive: optional passive health (C{report_success(backend)},
         C{report_failure(backend, kind)}) fed with connect results.
     """
@@ -692,7 +714,8 @@ class TCPProxyFactory(Factory):
         max_connections = getattr(listen, "max_connections", DEFAULT_MAX_CONNECTIONS)
         self.max_connections: int = DEFAULT_MAX_CONNECTIONS if max_connections is None else int(max_connections)
         idle = getattr(listen, "idle_timeout", None)
-        self.idle_timeout: float = float(pool_config.idle_timeout if idle is None else idle)
+        self.idle_timeout: float = TCP_IDLE_TIMEOUT if idle is None else float(idle)
+        """Seconds a relay may move no byte before both sides close; 0 or C{math.inf}: never."""
         self.connect_timeout: float = float(pool_config.connect_timeout)
         self.retries: int = int(pool_config.retries)
         self.counters = TCPCounters()

@@ -1,0 +1,77 @@
+"""
+C{max_connections} for a listener whose protocols count themselves in no
+shared place (HTTP: a TLS handshake in progress is not yet an HTTP
+connection): count from C{buildProtocol} to C{connectionLost}, and close
+what is over the limit at once, as the TCP listener does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+
+from .logs import observer as log_observer
+
+__all__ = ["ConnectionLimit"]
+
+
+class _Rejected(Protocol):
+    """Stands in for a connection over the limit: closed at once, nothing read or written."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+
+class ConnectionLimit:
+    """
+    The open connections of one listener, against its C{max_connections}.
+
+    @ivar active: connections built and not yet lost.
+    @ivar rejected: connections closed at once because C{active} was at the limit.
+    """
+
+    _log = Logger(observer=log_observer)
+
+    def __init__(self, clock: IReactorTime, listener: str, limit: int) -> None:
+        self.clock = clock
+        self.listener = listener
+        self.limit = limit
+        self.active = 0
+        self.rejected = 0
+        self._logged_at: float | None = None
+        self._unlogged = 0
+
+    def full(self, addr: Any) -> Protocol | None:
+        """At the limit: the protocol that closes this connection at once (the rejection is counted)."""
+        if self.active < self.limit or not self.limit:  # 0: no limit
+            return None
+        self.rejected += 1
+        self._unlogged += 1
+        now = self.clock.seconds()
+        # One line a second at most: a flood must not become a log flood.
+        if self._logged_at is None or now - self._logged_at >= 1.0:
+            self._log.warn(
+                "listener {listener}: rejected {count} connection(s) (last from {client}): at max_connections {limit}",
+                listener=self.listener, count=self._unlogged, client=getattr(addr, "host", addr), limit=self.limit,
+            )
+            self._logged_at = now
+            self._unlogged = 0
+        return _Rejected()
+
+    def track(self, protocol: Any) -> Any:
+        """Count C{protocol} as open until its C{connectionLost}."""
+        self.active += 1
+        lost = protocol.connectionLost
+        counted = [True]
+
+        def connectionLost(reason: Any = None) -> None:
+            if counted:
+                counted.clear()
+                self.active -= 1
+            lost(reason)
+
+        protocol.connectionLost = connectionLost
+        return protocol
