@@ -637,6 +637,9 @@ def _parse_routes(source: str, raw: Any) -> tuple[RouteConfig, ...]:
         path = r.get("path", str, "/")
         if not path.startswith("/"):
             raise r.error("path", f"must start with '/', not {path!r}")
+        problem = _route_path_problem(path)
+        if problem:
+            raise r.error("path", problem)
         pool = r.required("pool", str)
         strip_prefix = r.get("strip_prefix", bool, False)
         cache = r.get("cache", bool, False)
@@ -658,6 +661,24 @@ def _parse_routes(source: str, raw: Any) -> tuple[RouteConfig, ...]:
             )
         )
     return tuple(out)
+
+
+def _route_path_problem(path: str) -> str | None:
+    """
+    Requests are routed on their normalised path (see rproxy_tw.http.target),
+    so a prefix that is not normalised itself could never match: say so.
+    """
+    from .http.exchange import RequestRejected
+    from .http.target import normalize_path
+
+    try:
+        raw = path.encode("utf-8")
+        normal = normalize_path(raw)
+    except RequestRejected as e:
+        return f"{path!r} is not a usable path prefix: {e.message.removeprefix('Bad Request: ')}"
+    if normal != raw:
+        return f"{path!r} is never requested as written: requests are matched normalised, as {normal.decode()!r}"
+    return None
 
 
 def _host_pattern_problem(host: str) -> str | None:

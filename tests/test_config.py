@@ -60,6 +60,10 @@ def assert_one_line(message: str, path: str, key: str, *fragments: str) -> None:
 
 CASES = {
     "bad type string": (BASE + "[server]\naccess_log = 5\n", "server.access_log", "must be a string", "integer"),
+    "route path with dot segments": (BASE.replace('path = "/"', 'path = "/api/../admin/"'), "route[0].path",
+                                     "matched normalised", "'/admin/'"),
+    "route path climbing above the root": (BASE.replace('path = "/"', 'path = "/../x"'), "route[0].path",
+                                           "climbs above the root"),
     "bad type number": (BASE.replace('backends = ["tcp:127.0.0.1:8001"]',
                                      'backends = ["tcp:127.0.0.1:8001"]\nconnect_timeout = "5s"'),
                         "pool.web.connect_timeout", "must be a number"),
