@@ -478,3 +478,30 @@ def test_http2_response_after_goaway_is_dropped_quietly(net: Any, pki: PKI) -> N
     assert not [line for line in text if "malformed" in line], text
     assert pool.backends[0].failures == 0
     assert _status(after) == 200 and bytes(after["body"]) == b"GET /after\n"
+
+
+# ---------------------------------------------------------------------------
+# The frame counter itself
+
+
+@pytest.mark.parametrize("step", [1, 7, 9, 10, 1000])
+def test_frame_count_does_not_depend_on_how_bytes_arrive(step: int) -> None:
+    """Frames split anywhere (inside a header, inside a payload) are counted once each."""
+    frames = (
+        _frame(_SETTINGS, 0, 0, b"\x00\x03\x00\x00\x00\x64")
+        + _frame(_PING, 0, 0, b"12345678")
+        + _frame(_HEADERS, 0x5, 1, b"h" * 20)
+        + _frame(_DATA, 0, 3, b"x" * 300)
+        + _frame(_DATA, 0x1, 3)  # the end of an upload: not counted
+        + _frame(_WINDOW_UPDATE, 0, 0, struct.pack(">I", 1))
+        + _frame(_DATA, 0, 3)  # empty, no END_STREAM: counted
+        + _frame(7, 0, 0, b"\x00" * 8)  # GOAWAY: not counted
+    )
+    data = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frames
+    conn = H2ServerConnection(factory=None)
+    for i in range(0, len(data), step):
+        conn._count(data[i : i + step])
+    # Counted as useless before h2 has seen them; HEADERS and DATA with
+    # payload are given back when h2's events show what they did.
+    assert conn.useless == 6
+    assert conn._skip == 0 and not conn._head

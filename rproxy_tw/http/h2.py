@@ -77,15 +77,16 @@ assert _WINDOW in CLIENT_STALLS  # a deadline passing while it holds is the clie
 CONTROL_ALLOWANCE = 10_000
 """
 Frames that cost us work and give the client nothing (PING, SETTINGS,
-WINDOW_UPDATE, PRIORITY, RST_STREAM, CONTINUATION, empty DATA without
-END_STREAM, unknown types) a connection may send beyond
-L{CONTROL_PER_USEFUL} per useful frame, before it is told ENHANCE_YOUR_CALM
-and disconnected (the CVE-2019-9512/9515 floods).  10000 PINGs is 170 kB.
+WINDOW_UPDATE, PRIORITY, RST_STREAM, CONTINUATION, DATA without payload or
+END_STREAM, HEADERS that open no request, unknown types) a connection may
+send beyond L{CONTROL_PER_USEFUL} per useful frame, before it is told
+ENHANCE_YOUR_CALM and disconnected (the CVE-2019-9512/9515 floods and
+their kin).  10000 PINGs is 170 kB.
 """
 
 CONTROL_PER_USEFUL = 2
 """
-Such frames allowed per useful one: a request's HEADERS, a DATA frame with
+Such frames allowed per useful one: HEADERS opening a request, DATA with
 payload either way (a client acknowledging each DATA frame we send, on the
 stream and on the connection, is two WINDOW_UPDATEs).
 """
@@ -102,8 +103,8 @@ past this bound the client is told ENHANCE_YOUR_CALM and disconnected
 _PREFACE = 24
 """Length of the client connection preface (RFC 9113 3.4), before the first frame."""
 
-# Frame types (RFC 9113 6) whose cost to us the flood accounting weighs.
-_DATA, _HEADERS, _GOAWAY = 0x0, 0x1, 0x7
+# Frame types and flags (RFC 9113 6) the flood accounting tells apart.
+_DATA, _GOAWAY = 0x0, 0x7
 _END_STREAM = 0x1
 
 
@@ -598,12 +599,15 @@ class H2ServerConnection(Protocol):
             return
         for event in events:
             if isinstance(event, DataReceived):
+                if event.data:
+                    self._useful()
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.data(event.data, event.flow_controlled_length)
                 else:
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
             elif isinstance(event, RequestReceived):
+                self._useful()
                 self._request(event.stream_id, event.headers, event.stream_ended is not None)
             elif isinstance(event, StreamEnded):
                 stream = self.streams.get(event.stream_id)
@@ -625,11 +629,17 @@ class H2ServerConnection(Protocol):
                 return
         self.transmit()
 
+    def _useful(self) -> None:
+        """A frame L{_count} counted as useless did something for the client."""
+        self.useless -= 1
+        self.useful += 1
+
     def _count(self, data: bytes) -> None:
         """
-        Weigh the frames in C{data} by their 9-byte headers (RFC 9113 4.1):
-        counted here, not from h2's events, because h2 answers or drops some
-        frames (those on closed streams, for one) without an event.
+        Count the frames in C{data} by their 9-byte headers (RFC 9113 4.1),
+        before h2 spends any work on them: from h2's events alone some would
+        go unseen (h2 answers or drops frames on closed streams, for one,
+        without an event).
         """
         n = len(data)
         pos = self._skip
@@ -637,7 +647,7 @@ class H2ServerConnection(Protocol):
             self._skip = pos - n
             return
         head = self._head
-        useful = useless = 0
+        useless = 0
         while pos < n:
             if head or n - pos < 9:
                 take = min(9 - len(head), n - pos)
@@ -653,14 +663,12 @@ class H2ServerConnection(Protocol):
             length = (frame[0] << 16) | (frame[1] << 8) | frame[2]
             kind = frame[3]
             pos += length
-            if kind == _HEADERS or (kind == _DATA and length):
-                useful += 1
-            elif kind == _DATA and frame[4] & _END_STREAM or kind == _GOAWAY:
-                pass
-            else:
-                useless += 1
+            if (kind == _DATA and not length and frame[4] & _END_STREAM) or kind == _GOAWAY:
+                continue  # the end of an upload, the end of the connection
+            # Useless until h2's events show a request opened, or DATA carried
+            # something (see dataReceived): that one is given back.
+            useless += 1
         self._skip = pos - n if pos > n else 0
-        self.useful += useful
         self.useless += useless
 
     def _resetFlood(self) -> bool:
