@@ -47,7 +47,7 @@ from zope.interface import implementer
 
 from ..headers import trailers_for_client
 from ..logs import observer as log_observer
-from .exchange import CLIENT_STALLS, IDownstream, ProxyExchange, RequestRejected
+from .exchange import IDownstream, ProxyExchange, RequestRejected
 from .fastwrite import no_delay
 from .flow import ReadGate
 from .server import LocalResponse, forwarding_info
@@ -71,8 +71,11 @@ RESET_ALLOWANCE = 2 * MAX_CONCURRENT_STREAMS
 """Client stream resets tolerated before the reset-to-request ratio is checked."""
 
 _WINDOW = "h2-window"
-"""The reason a stream's origin is paused while its send window is empty."""
-assert _WINDOW in CLIENT_STALLS  # a deadline passing while it holds is the client's stall
+"""
+The reason a stream's origin is paused while its send window is empty; one
+of the exchange's C{CLIENT_STALLS}: a deadline passing while it holds is the
+client's stall, not the backend's.
+"""
 
 CONTROL_ALLOWANCE = 10_000
 """
@@ -96,8 +99,8 @@ OUTPUT_BOUND = 1024 * 1024
 Bytes written for a client while its transport already holds a full buffer
 (it paused us: the client is not reading).  Reading from the client stops
 as soon as it pauses us, so only what was already received adds to it;
-past this bound the client is told ENHANCE_YOUR_CALM and disconnected
-(nginx cuts a client that does not read its answers after about 3 MiB).
+past this bound the client is told ENHANCE_YOUR_CALM and disconnected,
+as nginx cuts a client that floods it without reading the answers.
 """
 
 _PREFACE = 24
@@ -538,7 +541,7 @@ class H2ServerConnection(Protocol):
                 self.unsent += len(data)
                 if self.unsent > OUTPUT_BOUND and not self.closing:
                     self.transport.write(data)
-                    self._calm("does not read its answers ({unsent} bytes queued)".format(unsent=self.unsent))
+                    self._calm(f"does not read its answers ({self.unsent} bytes queued)")
                     return
             self.transport.write(data)
 
