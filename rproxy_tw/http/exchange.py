@@ -39,6 +39,14 @@ Headers = Sequence[tuple[bytes, bytes]]
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
+CLIENT_STALLS = frozenset({"client", "h2-window"})
+"""
+Reasons an origin connection's L{ReadGate} is paused that are the client's
+doing: its TCP buffer is full, or (HTTP/2) it grants the stream no window.
+A deadline that passes while one holds is the client's stall, never the
+backend's failure.
+"""
+
 
 class IDownstream(Interface):
     """Where an exchange's response goes and where its request body comes from."""
@@ -475,12 +483,10 @@ class ProxyExchange:
             return
         conn = self.conn
         why = "no response in time" if not self.headSent else "response stalled"
-        if conn is not None and self.headSent and conn.gate is not None and "client" in conn.gate.reasons:
+        gate = conn.gate if conn is not None else None
+        if self.headSent and gate is not None and not CLIENT_STALLS.isdisjoint(gate.reasons):
             # We stopped reading because the client stopped reading: not the backend's fault.
-            self._log.info("client {client} stopped reading; closing", client=self.info.client_ip)
-            self._detach(conn)
-            conn.abort()
-            self._giveUp(504, "Gateway Timeout")
+            self.clientStalled()
             return
         if conn is not None:
             conn.backend.last_error = why
@@ -494,6 +500,21 @@ class ProxyExchange:
             self._detach(conn)
             conn.abort()
         self._giveUp(504, "Gateway Timeout: the backend did not answer in time")
+
+    def clientStalled(self) -> None:
+        """
+        The client stopped taking the response (its TCP buffer, or its HTTP/2
+        window, stayed shut past a deadline): end it, and close the origin's
+        connection without reporting the backend to passive health.
+        """
+        if self.finished:
+            return
+        self._log.info("client {client} stopped reading; closing", client=self.info.client_ip)
+        conn = self.conn
+        if conn is not None:
+            self._detach(conn)
+            conn.abort()
+        self._giveUp(504, "Gateway Timeout")
 
     def _mayWarn(self, backend: Backend) -> bool:
         """At most one warning a second per backend: an outage must not flood the log."""

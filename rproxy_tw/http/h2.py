@@ -37,7 +37,7 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError, StreamClosedError
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
@@ -71,7 +71,44 @@ RESET_ALLOWANCE = 2 * MAX_CONCURRENT_STREAMS
 """Client stream resets tolerated before the reset-to-request ratio is checked."""
 
 _WINDOW = "h2-window"
-"""The reason a stream's origin is paused while its send window is empty."""
+"""
+The reason a stream's origin is paused while its send window is empty; one
+of the exchange's C{CLIENT_STALLS}: a deadline passing while it holds is the
+client's stall, not the backend's.
+"""
+
+CONTROL_ALLOWANCE = 10_000
+"""
+Frames that cost us work and give the client nothing (PING, SETTINGS,
+WINDOW_UPDATE, PRIORITY, RST_STREAM, CONTINUATION, DATA without payload or
+END_STREAM, HEADERS that open no request, unknown types) a connection may
+send beyond L{CONTROL_PER_USEFUL} per useful frame, before it is told
+ENHANCE_YOUR_CALM and disconnected (the CVE-2019-9512/9515 floods and
+their kin).  10000 PINGs is 170 kB.
+"""
+
+CONTROL_PER_USEFUL = 2
+"""
+Such frames allowed per useful one: HEADERS opening a request, DATA with
+payload either way (a client acknowledging each DATA frame we send, on the
+stream and on the connection, is two WINDOW_UPDATEs).
+"""
+
+OUTPUT_BOUND = 1024 * 1024
+"""
+Bytes written for a client while its transport already holds a full buffer
+(it paused us: the client is not reading).  Reading from the client stops
+as soon as it pauses us, so only what was already received adds to it;
+past this bound the client is told ENHANCE_YOUR_CALM and disconnected,
+as nginx cuts a client that floods it without reading the answers.
+"""
+
+_PREFACE = 24
+"""Length of the client connection preface (RFC 9113 3.4), before the first frame."""
+
+# Frame types and flags (RFC 9113 6) the flood accounting tells apart.
+_DATA, _GOAWAY = 0x0, 0x7
+_END_STREAM = 0x1
 
 
 class _StreamFlow:
@@ -127,10 +164,13 @@ class H2Stream:
         self.pending_end: list[tuple[bytes, bytes]] | None = None
         self.upstream_gate: ReadGate | None = None
         self.body_bytes = 0
+        self.sent_bytes = 0
+        self._stall_mark = 0
+        self._stall_timer: Any = None
 
     @property
     def disconnected(self) -> bool:
-        return self.reset or self.conn.disconnected
+        return self.reset or self.conn.disconnected or self.conn.closing
 
     # -- request side -----------------------------------------------------------------------
 
@@ -174,6 +214,49 @@ class H2Stream:
         self.pending.clear()
         self._release_upstream()
         self.conn.stream_done(self)
+
+    # -- a client that grants no window -----------------------------------------------------
+
+    def _watchStall(self) -> None:
+        """
+        The send window just shut: from now on, a whole C{idle_timeout}
+        without a byte sent on this stream is the client's stall.
+        """
+        if self._stall_timer is None:
+            self._stall_mark = self.sent_bytes
+            self._stall_timer = self.factory.clock.callLater(self.factory.limits.idle_timeout, self._stallCheck)
+
+    def _stallCheck(self) -> None:
+        self._stall_timer = None
+        if self.disconnected or self not in self.conn.blocked:
+            return
+        if self.sent_bytes != self._stall_mark:
+            self._watchStall()  # it moved: watch the next period
+            return
+        self._stalled()
+
+    def _stopStallTimer(self) -> None:
+        timer, self._stall_timer = self._stall_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _stalled(self) -> None:
+        """
+        The client left this stream's window shut for C{idle_timeout}:
+        reset the stream, and end its exchange as the client's stall (the
+        origin's connection is closed, the backend not blamed).
+        """
+        exchange = self.exchange
+        conn = self.conn
+        conn.reset_stream(self.stream_id, ErrorCodes.CANCEL)
+        self._abandon()
+        conn.transmit()
+        if isinstance(exchange, ProxyExchange) and not exchange.finished:
+            exchange.clientStalled()  # logs it, and ends the exchange (access log)
+        else:
+            conn._log.info("client {client} stopped reading: no window for HTTP/2 stream {stream} in {seconds}s; "
+                           "resetting it", client=self.client_ip, stream=self.stream_id,
+                           seconds=self.factory.limits.idle_timeout)
 
     # -- IDownstream ------------------------------------------------------------------------
 
@@ -235,6 +318,7 @@ class H2Stream:
                     if self.upstream_gate is not None:
                         self.upstream_gate.pause(_WINDOW)
                     conn.blocked.add(self)
+                    self._watchStall()
                     return
                 chunk = pending[0]
                 if len(chunk) <= window:
@@ -243,6 +327,8 @@ class H2Stream:
                     pending[0] = chunk[window:]
                     chunk = chunk[:window]
                 h2.send_data(sid, chunk)
+                self.sent_bytes += len(chunk)
+                conn.useful += 1
             conn.blocked.discard(self)
             if self.upstream_gate is not None:
                 self.upstream_gate.resume(_WINDOW)
@@ -254,7 +340,9 @@ class H2Stream:
                 else:
                     h2.end_stream(sid)
                 self._response_complete()
-        except StreamClosedError:
+        except ProtocolError:
+            # The stream or the connection closed under us (StreamClosedError
+            # is one): nothing more can go out on it.
             self.cancelled()
 
     def _response_complete(self) -> None:
@@ -356,6 +444,12 @@ class H2ServerConnection(Protocol):
         self._timer: Any = None
         self._close_timer: Any = None
         self.closing = False
+        self.useful = 0
+        self.useless = 0
+        self.calmed = False
+        self.unsent = 0
+        self._skip = _PREFACE
+        self._head = bytearray()
 
     # -- connection -------------------------------------------------------------------------
 
@@ -396,7 +490,7 @@ class H2ServerConnection(Protocol):
 
     def _idle(self) -> None:
         """No open stream: close after the idle timeout, as HTTP/1.1 keep-alive does."""
-        if self._timer is None and not self.disconnected:
+        if self._timer is None and not self.disconnected and not self.closing:
             self._timer = self.factory.clock.callLater(self.factory.limits.idle_timeout, self._timedOut)
 
     def _stopTimer(self) -> None:
@@ -415,10 +509,19 @@ class H2ServerConnection(Protocol):
         Send what h2 has queued (a GOAWAY), then close once it is written.
         A peer that stops reading would hold the close open for good: it is
         cut after C{idle_timeout}, as HTTP/1.1's close is.
+
+        h2 sends nothing more once the connection is closed, so the streams
+        still open end now: their exchanges are cancelled (an origin that
+        answers later finds its connection closed, and is not blamed).
         """
         self.transmit()
         if not self.disconnected and not self.closing:
             self.closing = True
+            self._stopTimer()
+            streams, self.streams = self.streams, {}
+            for stream in streams.values():
+                stream.cancelled()
+            self.blocked.clear()
             # TLS waits for a registered producer to go before it shuts down.
             self.transport.unregisterProducer()
             self.transport.loseConnection()
@@ -432,18 +535,47 @@ class H2ServerConnection(Protocol):
     def transmit(self) -> None:
         data = self.h2.data_to_send()
         if data and not self.disconnected:
+            if self.producer_paused:
+                # The client is not reading: what we write now waits in memory.
+                self.unsent += len(data)
+                if self.unsent > OUTPUT_BOUND and not self.closing:
+                    self.transport.write(data)
+                    self._calm(f"does not read its answers ({self.unsent} bytes queued)")
+                    return
             self.transport.write(data)
+
+    def _calm(self, why: str) -> None:
+        """Tell a client that costs us work for nothing ENHANCE_YOUR_CALM, and disconnect it."""
+        if self.calmed:
+            return
+        self.calmed = True
+        self._log.warn("HTTP/2 client {client} {why}: disconnecting", client=self.client_ip, why=why)
+        try:
+            self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+        except ProtocolError:
+            pass  # already closed: nothing more can be said
+        self._close()
 
     # -- IPushProducer: the client's TCP buffer ----------------------------------------------
 
     def pauseProducing(self) -> None:
+        """
+        The client's buffer is full: stop its origins, and stop reading it
+        (each frame it sends may need an answer that would only queue up).
+        """
         self.producer_paused = True
+        self.unsent = 0
+        if not self.closing:
+            self.transport.pauseProducing()
         for stream in self.streams.values():
             if stream.upstream_gate is not None:
                 stream.upstream_gate.pause("client")
 
     def resumeProducing(self) -> None:
         self.producer_paused = False
+        self.unsent = 0
+        if not self.closing and not self.disconnected:
+            self.transport.resumeProducing()
         for stream in list(self.streams.values()):
             if stream.upstream_gate is not None:
                 stream.upstream_gate.resume("client")
@@ -454,6 +586,12 @@ class H2ServerConnection(Protocol):
     # -- frames in --------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return  # a GOAWAY went out: what follows would only be answered with errors
+        self._count(data)
+        if self.useless > CONTROL_ALLOWANCE + CONTROL_PER_USEFUL * self.useful:
+            self._calm(f"sent {self.useless} frames that do nothing against {self.useful} useful ones")
+            return
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as e:
@@ -463,12 +601,15 @@ class H2ServerConnection(Protocol):
             return
         for event in events:
             if isinstance(event, DataReceived):
+                if event.data:
+                    self._useful()
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.data(event.data, event.flow_controlled_length)
                 else:
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
             elif isinstance(event, RequestReceived):
+                self._useful()
                 self._request(event.stream_id, event.headers, event.stream_ended is not None)
             elif isinstance(event, StreamEnded):
                 stream = self.streams.get(event.stream_id)
@@ -489,6 +630,48 @@ class H2ServerConnection(Protocol):
                 self._close()
                 return
         self.transmit()
+
+    def _useful(self) -> None:
+        """A frame L{_count} counted as useless did something for the client."""
+        self.useless -= 1
+        self.useful += 1
+
+    def _count(self, data: bytes) -> None:
+        """
+        Count the frames in C{data} by their 9-byte headers (RFC 9113 4.1),
+        before h2 spends any work on them: from h2's events alone some would
+        go unseen (h2 answers or drops frames on closed streams, for one,
+        without an event).
+        """
+        n = len(data)
+        pos = self._skip
+        if pos >= n:
+            self._skip = pos - n
+            return
+        head = self._head
+        useless = 0
+        while pos < n:
+            if head or n - pos < 9:
+                take = min(9 - len(head), n - pos)
+                head += data[pos : pos + take]
+                pos += take
+                if len(head) < 9:
+                    break
+                frame = bytes(head)
+                del head[:]
+            else:
+                frame = data[pos : pos + 9]
+                pos += 9
+            length = (frame[0] << 16) | (frame[1] << 8) | frame[2]
+            kind = frame[3]
+            pos += length
+            if (kind == _DATA and not length and frame[4] & _END_STREAM) or kind == _GOAWAY:
+                continue  # the end of an upload, the end of the connection
+            # Useless until h2's events show a request opened, or DATA carried
+            # something (see dataReceived): that one is given back.
+            useless += 1
+        self._skip = pos - n if pos > n else 0
+        self.useless += useless
 
     def _resetFlood(self) -> bool:
         """
@@ -515,8 +698,11 @@ class H2ServerConnection(Protocol):
                 stream.pump()
 
     def acknowledge(self, stream_id: int, size: int) -> None:
-        if size and not self.disconnected:
-            self.h2.acknowledge_received_data(size, stream_id)
+        if size and not self.disconnected and not self.closing:
+            try:
+                self.h2.acknowledge_received_data(size, stream_id)
+            except ProtocolError:
+                pass  # the stream or the connection is closed: no window to give
 
     def _request(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
         self._stopTimer()
@@ -597,7 +783,9 @@ class H2ServerConnection(Protocol):
     def send_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]], end: bool) -> None:
         try:
             self.h2.send_headers(stream_id, fields, end_stream=end)
-        except StreamClosedError:
+        except ProtocolError:
+            # The stream was reset, or the connection closed (after a GOAWAY):
+            # the response has nowhere to go.
             stream = self.streams.get(stream_id)
             if stream is not None:
                 stream.cancelled()
@@ -605,13 +793,14 @@ class H2ServerConnection(Protocol):
     def reset_stream(self, stream_id: int, code: ErrorCodes) -> None:
         try:
             self.h2.reset_stream(stream_id, code)
-        except StreamClosedError:
-            pass
+        except ProtocolError:
+            pass  # already closed, or the connection is: nothing to reset
 
     def stream_done(self, stream: H2Stream) -> None:
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
         self.blocked.discard(stream)
+        stream._stopStallTimer()
         self._maybeIdle()
 
     def _maybeIdle(self) -> None:
