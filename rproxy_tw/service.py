@@ -135,10 +135,9 @@ class ProxyRuntime:
         has_body = length > 0 or request.requestHeaders.hasHeader(b"content-length") or \
             request.requestHeaders.hasHeader(b"transfer-encoding")
         try:
-            target = parse_target(request.method, request.uri)
+            path, query, _ = parse_target(request.method, request.uri)
         except RequestRejected as e:
             return ErrorPage(e.status, e.message).render(request)
-        path, query = target.path, target.query
         exchange = ProxyExchange(
             downstream,
             self.reactor,

@@ -348,3 +348,17 @@ def test_a_refused_head_gets_one_answer_even_when_the_parser_objects_next(net) -
     assert client.buf.count(b"HTTP/1.1 ") == 1, client.buf
     assert client.buf.startswith(b"HTTP/1.1 501 ")
     assert origin.requests == []
+
+
+@settings(derandomize=True, max_examples=500, deadline=None)
+@given(st.lists(_piece, min_size=1, max_size=8), st.sampled_from(["", "?q=1", "?a/../b"]))
+def test_parse_target_path_is_normalize_path(pieces: list[str], query: str) -> None:
+    """parse_target repeats normalize_path's fast-path test inline: both must give the same path, or both refuse."""
+    raw = ("/" + "/".join(pieces)).encode()
+    try:
+        want = normalize_path(raw)
+    except RequestRejected:
+        with pytest.raises(RequestRejected):
+            parse_target(b"GET", raw + query.encode())
+        return
+    assert parse_target(b"GET", raw + query.encode()) == (want, query[1:].encode(), None)

@@ -142,6 +142,17 @@ def test_too_many_origin_headers_give_502(net, no_traceback):
 
 
 @inline
+def test_few_large_origin_headers_over_the_byte_bound_give_502(net, no_traceback):
+    """Few fields, but 30 KB of them in one write: the size bound holds, not only the count."""
+    origin = yield net.origin(lambda req: req.respond(200, b"ok", [(b"X-Big-%d" % i, b"v" * 3000) for i in range(10)]))
+    proxy = yield net.proxy(proxy_config(origin.backend))
+    client = yield net.client(proxy.port)
+    client.send(request())
+    [resp] = yield client.until_responses([b"GET"])
+    assert_plain_502(resp, no_traceback)
+
+
+@inline
 def test_large_origin_head_within_the_limits_is_passed(net):
     """A big but bounded head (90 fields, 14 KB of cookies and policies) goes through untouched."""
     headers = [(b"X-Field-%d" % i, b"v" * 150) for i in range(90)]

@@ -29,7 +29,7 @@ from ..tls import close_waits_for_peer
 from .exchange import ProxyExchange, RequestRejected as _Reject
 from .fastwrite import direct_writer, no_delay
 from .flow import ReadGate, ResponseFlow
-from .target import RequestTarget, is_token, parse_target, valid_host
+from .target import is_token, parse_target, valid_host
 
 __all__ = ["HTTPProxyFactory", "HTTPServerConnection", "LocalResponse", "http_date"]
 
@@ -695,6 +695,10 @@ def forwarding_info(factory: Any, transport: Any, ip: str) -> ForwardingInfo:
     return ForwardingInfo(ip, factory.scheme, is_trusted(ip, factory.trusted_proxies), factory.via, subject)
 
 
+_COMMON_METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE"))
+"""Methods known to be tokens, so that the token check runs only for others (HTTP/2 sends any bytes)."""
+
+
 def _tunnelled_upgrade(headers: Headers) -> bool:
     """Whether an Upgrade is one we tunnel: anything but h2c (HTTP/2 is ours to speak, over TLS)."""
     for name, value in headers:
@@ -721,6 +725,8 @@ class HTTPProxyFactory(Factory):
             ((b"Strict-Transport-Security", hsts.encode("ascii")),) if hsts else ()
         )
         self.connections: set[HTTPServerConnection] = set()
+        self._valid_hosts: set[bytes] = set()
+        """Host values already found valid: most requests repeat a few, so each is checked once (bounded)."""
         from ..config import DEFAULT_MAX_CONNECTIONS
         from ..connection_limit import ConnectionLimit
 
@@ -791,32 +797,36 @@ class HTTPProxyFactory(Factory):
             content_length = None
         if host is None and http_version == b"1.1":
             return self._refuse(conn, 400, "Bad Request: missing Host header", keep_alive)
-        if host is not None and not valid_host(host):
-            return self._refuse(conn, 400, "Bad Request: invalid Host header", keep_alive)
+        if host is not None and host not in self._valid_hosts:
+            if not valid_host(host):
+                return self._refuse(conn, 400, "Bad Request: invalid Host header", keep_alive)
+            if len(self._valid_hosts) >= 1024:
+                self._valid_hosts.clear()
+            self._valid_hosts.add(host)
         if method == b"CONNECT":
             return self._refuse(conn, 405, "Method Not Allowed: this is a reverse proxy", False)
-        if not is_token(method):
+        if method not in _COMMON_METHODS and not is_token(method):
             return self._refuse(conn, 400, "Bad Request: invalid request method", keep_alive)
         try:
-            target = parse_target(method, url, absolute_allowed=http_version != b"2")
+            path, query, authority = parse_target(method, url, absolute_allowed=http_version != b"2")
         except _Reject as e:
             return self._refuse(conn, e.status, e.message, keep_alive)
-        if target.authority is not None and target.authority != host:
+        if authority is not None and authority != host:
             # RFC 9112 section 3.2.2: the target's authority decides, and the
             # origin is told that host, not the one in the Host header.
             if host is None:
-                headers = [*headers, (b"Host", target.authority)]
+                headers = [*headers, (b"Host", authority)]
             else:
-                headers = [(b"Host", target.authority) if n.lower() == b"host" else (n, v) for n, v in headers]
-            host = target.authority
+                headers = [(b"Host", authority) if n.lower() == b"host" else (n, v) for n, v in headers]
+            host = authority
+        asterisk = path == b"*"
+        if asterisk:
+            path = b"/"
         if self.redirect_https is not None:
-            return self._redirect(conn, host, target, keep_alive)
+            return self._redirect(conn, host, path, query, keep_alive)
         max_body = self.limits.max_body_bytes
         if max_body and content_length is not None and content_length > max_body:
             return self._refuse(conn, 413, "Content Too Large", False)
-        asterisk = target.path == b"*"
-        path = b"/" if asterisk else target.path
-        query = target.query
         resource, depth = runtime.router.resolve(host, path)
         if not isinstance(resource, ProxyRoute):
             code = getattr(resource, "code", None)
@@ -862,7 +872,7 @@ class HTTPProxyFactory(Factory):
             return ((b"Strict-Transport-Security", route.config.hsts.encode("ascii")),)
         return self.hsts
 
-    def _redirect(self, conn: Any, host: bytes | None, target: RequestTarget, keep_alive: bool) -> LocalResponse:
+    def _redirect(self, conn: Any, host: bytes | None, path: bytes, query: bytes, keep_alive: bool) -> LocalResponse:
         """A plain listener that sends everyone to https (308 keeps the method and body)."""
         from ..routing import host_of
 
@@ -871,9 +881,9 @@ class HTTPProxyFactory(Factory):
             return self._refuse(conn, 400, "Bad Request: a Host header is needed for the https redirect", False)
         port = self.redirect_https
         authority = name if port == 443 else b"%s:%d" % (name, port)
-        location = b"https://" + authority + (b"/" if target.path == b"*" else target.path)
-        if target.query:
-            location += b"?" + target.query
+        location = b"https://" + authority + path
+        if query:
+            location += b"?" + query
         return LocalResponse(conn, 308, "Permanent Redirect: " + location.decode("latin-1"), close=not keep_alive,
                              extra=((b"Location", location),))
 

@@ -11,8 +11,6 @@ method, target and host through these functions before routing.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from .exchange import RequestRejected
 
 __all__ = [
@@ -99,7 +97,9 @@ def normalize_path(path: bytes) -> bytes:
     """
     if path[:1] != b"/":
         raise RequestRejected(400, "Bad Request: the request target must start with '/'")
-    if b"%" not in path and b"/." not in path and b"//" not in path and b"\\" not in path:
+    # Single bytes are tested as integers and pairs with find(): both are
+    # several times faster than `bytes in bytes`, and this runs per request.
+    if 0x25 not in path and 0x5C not in path and path.find(b"/.") == -1 and path.find(b"//") == -1:
         return path  # nothing to normalise: the common case
     if b"%" in path:
         path = _decode_unreserved(path)
@@ -143,15 +143,14 @@ def _decode_unreserved(path: bytes) -> bytes:
     return b"".join(out)
 
 
-class RequestTarget(NamedTuple):
-    """A request target as routing and the origin need it."""
-
-    path: bytes
-    """Normalised: see L{normalize_path}.  C{b"*"} for C{OPTIONS *}."""
-    query: bytes
-    """Without the C{?}; empty when there is none."""
-    authority: bytes | None
-    """The host of an absolute-form target, which outranks C{Host} (RFC 9112 section 3.2.2)."""
+RequestTarget = tuple[bytes, bytes, "bytes | None"]
+"""
+A request target as routing and the origin need it: C{(path, query, authority)}.
+The path is normalised (see L{normalize_path}), or C{b"*"} for C{OPTIONS *};
+the query has no C{?} and is empty when there is none; the authority is the
+host of an absolute-form target, which outranks C{Host} (RFC 9112 section
+3.2.2), else None.  A plain tuple: it is made for every request.
+"""
 
 
 def parse_target(method: bytes, target: bytes, absolute_allowed: bool = True) -> RequestTarget:
@@ -165,13 +164,21 @@ def parse_target(method: bytes, target: bytes, absolute_allowed: bool = True) ->
     """
     if not target or len(target.translate(None, _CONTROLS_AND_SPACE)) != len(target):
         raise RequestRejected(400, "Bad Request: invalid request target")
+    path, _, query = target.partition(b"?")
+    if path[:1] == b"/" and 0x23 not in target:  # "#"
+        # Origin-form without a fragment: nearly every request.  The test of
+        # normalize_path's fast path is repeated here to save two calls per
+        # request; test_parse_target_path_is_normalize_path holds them equal.
+        if 0x25 in path or 0x5C in path or path.find(b"/.") != -1 or path.find(b"//") != -1:
+            path = normalize_path(path)
+        return path, query, None
     hash_at = target.find(b"#")
     if hash_at != -1:
         target = target[:hash_at]
     if target == b"*":
         if method != b"OPTIONS":
             raise RequestRejected(400, "Bad Request: '*' is a target for OPTIONS only")
-        return RequestTarget(b"*", b"", None)
+        return b"*", b"", None
     authority = None
     if target[:1] != b"/":
         if not absolute_allowed:
@@ -191,4 +198,4 @@ def parse_target(method: bytes, target: bytes, absolute_allowed: bool = True) ->
         if target[:1] != b"/":
             target = b"/" + target
     path, _, query = target.partition(b"?")
-    return RequestTarget(normalize_path(path), query, authority)
+    return normalize_path(path), query, authority

@@ -70,12 +70,13 @@ class UpstreamConnection(Protocol):
         self._trailers: list[tuple[bytes, bytes]] | None = None
         self._interim = False
         self._close_delimited = False
+        self._read_size = 0
+        """The size of the read being parsed."""
         # A head, chunk-size line or trailer section is being read: its bytes
         # are counted, as llhttp hands over a header line only once it is whole
         # (and a chunk extension never).
         self._in_head = False
         self._head_bytes = 0
-        self._header_bytes = 0
 
     # -- connection life --------------------------------------------------------------------
 
@@ -177,6 +178,7 @@ class UpstreamConnection(Protocol):
             return
         self.received = True
         self.last_read = self.connector.clock.seconds()
+        self._read_size = len(data)
         downstream = ex.downstream
         try:
             self.parser.feed_data(data)
@@ -234,7 +236,6 @@ class UpstreamConnection(Protocol):
         self._trailers = None
         self._in_head = True
         self._head_bytes = 0
-        self._header_bytes = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
@@ -242,12 +243,19 @@ class UpstreamConnection(Protocol):
             raise ResponseHeadTooLarge(f"status line over {self.connector.max_status_line} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        fields = self._trailers if self._trailers is not None else self._headers
-        fields.append((name, value))
-        self._header_bytes += len(name) + len(value) + 4
+        # Only appended here (this runs for every field of every response):
+        # the bytes of a section are bounded per read in dataReceived, and
+        # its field count and size are checked once it is complete.
+        if self._trailers is None:
+            self._headers.append((name, value))
+        else:
+            self._trailers.append((name, value))
+            self._checkFields(self._trailers, "trailer section")
+
+    def _checkFields(self, fields: list[tuple[bytes, bytes]], section: str) -> None:
         connector = self.connector
-        if len(fields) > connector.max_headers or self._header_bytes > connector.max_header_bytes:
-            section = "response head" if fields is self._headers else "trailer section"
+        if len(fields) > connector.max_headers or \
+                sum(len(n) + len(v) + 4 for n, v in fields) > connector.max_header_bytes:
             raise ResponseHeadTooLarge(
                 f"{section} over {connector.max_headers} fields or {connector.max_header_bytes} bytes"
             )
@@ -264,7 +272,11 @@ class UpstreamConnection(Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._header_bytes = 0
+        if self._head_bytes or self._read_size > self.connector.max_header_bytes or \
+                len(self._headers) > self.connector.max_headers:
+            # A head that could be over the bound (read in several pieces, or
+            # from one large read): add up its size.  Small ones cannot be.
+            self._checkFields(self._headers, "response head")
         parser = self.parser
         status = parser.get_status_code()
         ex = self.exchange
