@@ -362,3 +362,16 @@ def test_parse_target_path_is_normalize_path(pieces: list[str], query: str) -> N
             parse_target(b"GET", raw + query.encode())
         return
     assert parse_target(b"GET", raw + query.encode()) == (want, query[1:].encode(), None)
+
+
+@pytest.mark.parametrize("byte", [0x00, 0x01, 0x09, 0x0B, 0x7F, 0x80, 0xFF])
+@inline
+def test_controls_and_high_bytes_in_an_http11_target_are_a_400(net, byte: int) -> None:
+    """parse_target trusts llhttp to refuse these on HTTP/1.1 (characters_checked): this holds it to that."""
+    origin = yield net.origin()
+    proxy = yield net.proxy(proxy_config(origin.backend))
+    client = yield net.client(proxy.port)
+    client.send(request(b"GET", b"/a" + bytes([byte]) + b"b"))
+    yield client.until_closed()
+    assert client.buf.startswith(b"HTTP/1.1 400 "), client.buf[:80]
+    assert origin.requests == []

@@ -808,7 +808,8 @@ class HTTPProxyFactory(Factory):
         if method not in _COMMON_METHODS and not is_token(method):
             return self._refuse(conn, 400, "Bad Request: invalid request method", keep_alive)
         try:
-            path, query, authority = parse_target(method, url, absolute_allowed=http_version != b"2")
+            http1 = http_version != b"2"
+            path, query, authority = parse_target(method, url, absolute_allowed=http1, characters_checked=http1)
         except _Reject as e:
             return self._refuse(conn, e.status, e.message, keep_alive)
         if authority is not None and authority != host:

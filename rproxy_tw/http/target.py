@@ -153,16 +153,19 @@ host of an absolute-form target, which outranks C{Host} (RFC 9112 section
 """
 
 
-def parse_target(method: bytes, target: bytes, absolute_allowed: bool = True) -> RequestTarget:
+def parse_target(method: bytes, target: bytes, absolute_allowed: bool = True,
+                 characters_checked: bool = False) -> RequestTarget:
     """
     Read a request target: origin-form, absolute-form (HTTP/1.1 only:
     HTTP/2 sends its authority in C{:authority}), or C{*} for C{OPTIONS}.
     A fragment is dropped: it never belongs in a request.
 
+    @param characters_checked: the parser already refused spaces, controls
+        and bytes above 0x7E in the target (llhttp does, for HTTP/1.1).
     @raise RequestRejected: 400 for anything else, or for spaces and
         control characters anywhere in the target.
     """
-    if not target or len(target.translate(None, _CONTROLS_AND_SPACE)) != len(target):
+    if not target or (not characters_checked and len(target.translate(None, _CONTROLS_AND_SPACE)) != len(target)):
         raise RequestRejected(400, "Bad Request: invalid request target")
     path, _, query = target.partition(b"?")
     if path[:1] == b"/" and 0x23 not in target:  # "#"
