@@ -16,6 +16,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
 from zope.interface import implementer
 
+from .events import IEventObserver, RequestFinished
+
 __all__ = ["AccessLog", "AccessLogFileObserver", "make_access_log"]
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -42,8 +44,9 @@ class AccessLogFileObserver:
             self.stream.flush()
 
 
+@implementer(IEventObserver)
 class AccessLog:
-    """Formats and emits one access event per finished request."""
+    """Formats and emits one line per finished request: an observer of the proxy's events."""
 
     def __init__(self, clock: IReactorTime, fmt: str, observer: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.clock = clock
@@ -67,55 +70,46 @@ class AccessLog:
             self._stamp_second = second
         return self._stamp
 
-    def __call__(self, conn: Any, exchange: Any, body_bytes: int, received_bytes: int | None = None) -> None:
-        """
-        One line for a finished request.  C{received_bytes} is given for a
-        tunnel (a WebSocket after its 101): the bytes the client sent
-        through it, next to C{body_bytes}, the bytes it received.
-        """
-        now = self.clock.seconds()
-        method, url, version = getattr(exchange, "request_line", (b"-", b"-", b"-"))
-        referer = agent = host = None
-        for name, value in getattr(exchange, "request_headers", ()):
-            lname = name.lower()
-            if lname == b"referer":
-                referer = value
-            elif lname == b"user-agent":
-                agent = value
-            elif lname == b"host":
-                host = value
-        status = getattr(exchange, "status", 0) or 0
-        backend = getattr(getattr(exchange, "backend", None), "name", None)
-        started = getattr(exchange, "started_at", None)
+    def observe(self, event: Any) -> None:
+        """One line for each finished request (a tunnel's when it closes, with the bytes each way)."""
+        if not isinstance(event, RequestFinished):
+            return
+        now = event.finished
+        started = event.started
+        version = event.http_version.decode("latin-1")
+        received_bytes = event.bytes_received
         if self.json:
             fields = {
                 "time": now,
-                "client": conn.client_ip,
-                "method": method.decode("latin-1"),
-                "uri": url.decode("latin-1"),
-                "protocol": "HTTP/" + version.decode("latin-1"),
-                "host": host.decode("latin-1") if host else None,
-                "status": status,
-                "bytes": body_bytes,
-                "referer": referer.decode("latin-1") if referer else None,
-                "user_agent": agent.decode("latin-1") if agent else None,
-                "backend": backend,
+                "client": event.client,
+                "method": event.method.decode("latin-1"),
+                "uri": event.target.decode("latin-1"),
+                "protocol": "HTTP/" + version,
+                "host": event.host.decode("latin-1") if event.host else None,
+                "status": event.status,
+                "bytes": event.bytes_sent,
+                "referer": event.referer.decode("latin-1") if event.referer else None,
+                "user_agent": event.user_agent.decode("latin-1") if event.user_agent else None,
+                "route": event.route,
+                "backend": event.backend,
                 "duration": round(now - started, 6) if started else None,
             }
+            if event.request_id is not None:
+                fields["request_id"] = event.request_id.decode("latin-1")
             if received_bytes is not None:
                 fields["bytes_received"] = received_bytes
             line = json.dumps(fields, separators=(",", ":"))
         else:
             line = '%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s"' % (
-                conn.client_ip,
+                event.client,
                 self._timestamp(now),
-                _quote(method),
-                _quote(url),
-                version.decode("latin-1"),
-                status,
-                body_bytes,
-                _quote(referer),
-                _quote(agent),
+                _quote(event.method),
+                _quote(event.target),
+                version,
+                event.status,
+                event.bytes_sent,
+                _quote(event.referer),
+                _quote(event.user_agent),
             )
             if received_bytes is not None:
                 # A tunnel: what the client sent and how long it stayed open, after the combined fields.

@@ -140,6 +140,37 @@ class RouteConfig:
     """Allow replaying POST and PATCH on another backend after a failure."""
     hsts: str | None = None
     """Strict-Transport-Security value for this route's responses over TLS."""
+    request_headers: HeaderRulesConfig = field(factory=lambda: HeaderRulesConfig())
+    """Rules applied to the request before it goes to the origin."""
+    response_headers: HeaderRulesConfig = field(factory=lambda: HeaderRulesConfig())
+    """Rules applied to the response (the proxy's own answers included) before it goes to the client."""
+    error_pages: Mapping[int, ErrorPageConfig] = field(factory=dict)
+    """This route's pages for the proxy's own 4xx/5xx answers (over the global C{[error_pages]})."""
+
+
+@frozen
+class HeaderRulesConfig:
+    """C{{ set = {{NAME = VALUE}}, add = {{NAME = VALUE}}, remove = [NAME] }}; values may use $client_ip, $request_id, $route, $host, $scheme."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@frozen
+class ErrorPageConfig:
+    """A page served instead of the proxy's own plain-text answer for one status."""
+
+    path: str
+    content_type: str
+    body: bytes
+
+
+ERROR_PAGE_MAX_BYTES = 1024 * 1024
+"""Error pages are read whole at load: a bound keeps a wrong path (a log file, a disk image) from being read."""
+
+_PAGE_TYPES = {".html": "text/html; charset=utf-8", ".htm": "text/html; charset=utf-8",
+               ".txt": "text/plain; charset=utf-8", ".json": "application/json"}
 
 
 @frozen
@@ -301,6 +332,8 @@ class ProxyConfig:
     pools: Mapping[str, PoolConfig] = field(factory=dict)
     limits: LimitsConfig = LimitsConfig()
     demo_origin: DemoOriginConfig | None = None
+    error_pages: Mapping[int, ErrorPageConfig] = field(factory=dict)
+    """Pages for the proxy's own 4xx/5xx answers, by status (C{[error_pages]})."""
     deferred_sections: Mapping[str, Any] = field(factory=dict)
     """
     Contract sections accepted, validated and not enforced yet, by name
@@ -619,7 +652,7 @@ def _parse_acme_names(r: _Reader) -> bool | tuple[str, ...]:
     return tuple(h.lower().rstrip(".") for h in names)
 
 
-def _parse_routes(source: str, raw: Any) -> tuple[RouteConfig, ...]:
+def _parse_routes(source: str, raw: Any, base: str = ".") -> tuple[RouteConfig, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -645,6 +678,10 @@ def _parse_routes(source: str, raw: Any) -> tuple[RouteConfig, ...]:
         cache = r.get("cache", bool, False)
         retry_non_idempotent = r.get("retry_non_idempotent", bool, False)
         route_hsts = r.get("hsts", str, None)
+        request_headers = _parse_header_rules(r.sub("request_headers"))
+        response_headers = _parse_header_rules(r.sub("response_headers"))
+        pages_reader = r.sub("error_pages")
+        pages = _parse_error_pages(pages_reader, base) if pages_reader is not None else {}
         r.finish()
         if (host, path) in seen:
             raise r.error("path", f"duplicates route[{seen[(host, path)]}] (same host and path)")
@@ -658,9 +695,83 @@ def _parse_routes(source: str, raw: Any) -> tuple[RouteConfig, ...]:
                 cache=cache,
                 retry_non_idempotent=retry_non_idempotent,
                 hsts=route_hsts,
+                request_headers=request_headers,
+                response_headers=response_headers,
+                error_pages=pages,
             )
         )
     return tuple(out)
+
+
+_HEADER_NAME_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_NEVER_RULED = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer",
+                          "keep-alive", "proxy-connection"})
+"""Framing and routing headers belong to the proxy: a rule on them would break the message, so it is refused."""
+
+
+def _parse_header_rules(r: _Reader | None) -> HeaderRulesConfig:
+    if r is None:
+        return HeaderRulesConfig()
+    from .pipeline import HeaderValue
+
+    def name_problem(name: str) -> str | None:
+        if not name or not set(name) <= _HEADER_NAME_CHARS:
+            return f"{name!r} is not a header name"
+        if name.lower() in _NEVER_RULED:
+            return f"{name!r} is set by the proxy itself (framing and routing) and cannot be ruled"
+        return None
+
+    def table(key: str) -> tuple[tuple[str, str], ...]:
+        raw = r.get(key, dict, {})
+        out = []
+        for name, value in raw.items():
+            problem = name_problem(name)
+            if problem:
+                raise r.error(f"{key}.{name}", problem)
+            if not isinstance(value, str):
+                raise r.error(f"{key}.{name}", f"must be a string, not {_kind(value)}")
+            if any(c in value for c in "\r\n\0"):
+                raise r.error(f"{key}.{name}", "must not contain line breaks or NUL")
+            try:
+                value.encode("latin-1")
+                HeaderValue.parse(value)
+            except (UnicodeEncodeError, ValueError) as e:
+                raise r.error(f"{key}.{name}", str(e)) from None
+            out.append((name, value))
+        return tuple(out)
+
+    set_ = table("set")
+    add = table("add")
+    remove = r.get("remove", list, [])
+    for i, name in enumerate(remove):
+        problem = name_problem(name) if isinstance(name, str) else f"must be a header name, not {_kind(name)}"
+        if problem:
+            raise r.error(f"remove[{i}]", problem)
+    r.finish()
+    return HeaderRulesConfig(set=set_, add=add, remove=tuple(remove))
+
+
+def _parse_error_pages(r: _Reader, base: str) -> dict[int, ErrorPageConfig]:
+    """C{{ "502" = "pages/502.html", ... }}: read once here, so a missing page is a config error, not a 500 later."""
+    pages = {}
+    for key in list(r.table):
+        if not key.isdigit() or not 400 <= int(key) <= 599:
+            r.used.add(key)
+            raise r.error(key, "must be a 4xx or 5xx status code")
+        path = _resolve_path(base, r.get(key, str, ""))
+        extension = os.path.splitext(path)[1].lower()
+        if extension not in _PAGE_TYPES:
+            raise r.error(key, f"{path!r}: the page must be .html, .htm, .txt or .json (its type is taken from that)")
+        try:
+            with open(path, "rb") as f:
+                body = f.read(ERROR_PAGE_MAX_BYTES + 1)
+        except OSError as e:
+            raise r.error(key, f"cannot read {path!r}: {e.strerror or e}") from None
+        if len(body) > ERROR_PAGE_MAX_BYTES:
+            raise r.error(key, f"{path!r} is over {ERROR_PAGE_MAX_BYTES} bytes")
+        pages[int(key)] = ErrorPageConfig(path=path, content_type=_PAGE_TYPES[extension], body=body)
+    r.finish()
+    return pages
 
 
 def _route_path_problem(path: str) -> str | None:
@@ -1041,9 +1152,11 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
     top.used.update(("listen", "tls", "route", "pool"))
     listen = _parse_listen(source, data.get("listen"))
     tls = _parse_tls(source, base, data.get("tls"))
-    routes = _parse_routes(source, data.get("route"))
+    routes = _parse_routes(source, data.get("route"), base)
     pools = _parse_pools(source, data.get("pool"), base)
     limits = _parse_limits(top.sub("limits"))
+    pages_reader = top.sub("error_pages")
+    error_pages = _parse_error_pages(pages_reader, base) if pages_reader is not None else {}
     demo = None
     dr = top.sub("demo_origin")
     if dr is not None:
@@ -1091,6 +1204,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
         limits=limits,
         demo_origin=demo,
         deferred_sections=deferred,
+        error_pages=error_pages,
     )
 
 

@@ -86,6 +86,8 @@ class ProxyRoute(Resource):
         self.prefix = config.path.encode("utf-8")
         self.strip_prefix = config.strip_prefix
         self.render_handler = render_handler
+        self.plan: Any = None
+        """The L{rproxy_tw.pipeline.RoutePlan} the runtime that built this route prepared for it."""
 
     def upstream_target(self, raw_path: bytes, depth: int, query: bytes = b"") -> bytes:
         """

@@ -27,11 +27,13 @@ from .accesslog import make_access_log
 from .config import ConfigError, ProxyConfig, load_config, not_enforced_warnings
 from .headers import ForwardingInfo, is_trusted
 from .http.exchange import ExchangeSettings, IDownstream, ProxyExchange, RequestRejected
-from .http.target import parse_target
+from .http.request import read_request_head
 from .http.local import LocalResourceExchange
 from .http.server import HTTPProxyFactory, http_date
 from .http.upstream import UpstreamConnector
 from .logs import observer as log_observer, set_level as set_log_level
+from .events import EventBus, request_finished
+from .pipeline import FilterChain, HeaderRules, RoutePlan, StickyCookie, header_rule_set
 from .routing import ErrorPage, HostRouter, ProxyRoute, build_router
 from .upstream.health import HealthMonitor, PassiveConfig, PassiveHealth, monitor_for
 from .upstream.pool import BackendPool
@@ -92,19 +94,45 @@ class ProxyRuntime:
             for name, pc in config.pools.items()
         }
         self.router: HostRouter = build_router(config.routes, self.render_route)
+        for route in self.router.routes():
+            if isinstance(route, ProxyRoute):
+                route.plan = self._plan(route)
         self.site = Site(self.router)
         self.site.displayTracebacks = False
+        self.events = EventBus()
+        """What happened (requests, tunnels...): the access log observes it, and so can an application."""
         if access_log == "config":
             access_log = make_access_log(reactor, config.server.access_log, config.server.access_log_format)
         self.access_log = access_log
+        if access_log is not None:
+            self.events.subscribe(access_log)
+
+    def _plan(self, route: ProxyRoute) -> RoutePlan:
+        """What an exchange on C{route} needs, found once: its pool's objects and its own filters."""
+        rc = route.config
+        pool = self.pools[rc.pool]
+        rules = HeaderRules(header_rule_set(rc.request_headers), header_rule_set(rc.response_headers))
+        request_filters: tuple[Any, ...] = (rules,) if rules.request else ()
+        response_filters: tuple[Any, ...] = (StickyCookie(pool.balancer),) if pool.sticky else ()
+        if rules.response:
+            response_filters += (rules,)
+        return RoutePlan(
+            route=route,
+            name=f"{rc.host or '*'}{rc.path}",
+            pool=pool,
+            connector=self.connectors[rc.pool],
+            settings=self.exchange_settings[rc.pool],
+            chain=FilterChain(request_filters, response_filters),
+            retry_non_idempotent=rc.retry_non_idempotent,
+            error_pages={**self.config.error_pages, **rc.error_pages},
+        )
 
     def mount(self, path: str, resource: IResource, host: str | None = None) -> None:
         """Serve an application's own resource at C{path} (for C{host}, or any)."""
         self.router.mount(path, resource, host)
 
-    def local_exchange(self, conn: Any, resource: Any, method: bytes, url: bytes, version: bytes,
-                       headers: list[tuple[bytes, bytes]], keep_alive: bool) -> LocalResourceExchange:
-        return LocalResourceExchange(conn, self.site, method, url, version, headers, keep_alive)
+    def local_exchange(self, conn: Any, resource: Any, request: Any, started: float | None) -> LocalResourceExchange:
+        return LocalResourceExchange(conn, self.site, request, started)
 
     def sweep_idle(self) -> None:
         """Close kept-alive backend connections idle for too long."""
@@ -116,13 +144,16 @@ class ProxyRuntime:
     def render_route(self, route: ProxyRoute, request: Any) -> Any:
         """
         Proxy a request that twisted.web has already read (body spooled to
-        C{request.content}).  Slower than rproxy's own listeners, but the same
-        routing, headers, pools and failure answers.
+        C{request.content}).  Slower than rproxy's own listeners, but the
+        same request checks and limits (L{read_request_head}), routing,
+        filters, headers, pools, failure answers and events.
         """
-        downstream = _WebRequestDownstream(request, self.reactor)
+        started = self.reactor.seconds() if self.events.wanted else None
+        downstream = _WebRequestDownstream(request, self)
         raw_headers = [(n, v) for n, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
         peer = request.getClientAddress()
-        ip = getattr(peer, "host", "unknown")
+        ip = getattr(peer, "host", None) or "unknown"
+        downstream.client_ip = ip
         server = self.config.server
         info = ForwardingInfo(ip, "https" if request.isSecure() else "http", is_trusted(ip, server.trusted_proxies),
                               server.via.encode("ascii"))
@@ -132,29 +163,26 @@ class ProxyRuntime:
             content.seek(0, 2)
             length = content.tell()
             content.seek(0)
-        has_body = length > 0 or request.requestHeaders.hasHeader(b"content-length") or \
-            request.requestHeaders.hasHeader(b"transfer-encoding")
+        version = request.clientproto.partition(b"/")[2] or b"1.1"
         try:
-            path, query, _ = parse_target(request.method, request.uri)
+            head = read_request_head(request.method, request.uri, version, raw_headers, self.config.limits)
+            max_body = self.config.limits.max_body_bytes
+            if max_body and length > max_body:
+                raise RequestRejected(413, "Content Too Large")
         except RequestRejected as e:
             return ErrorPage(e.status, e.message).render(request)
-        exchange = ProxyExchange(
-            downstream,
-            self.reactor,
-            self.pools[route.pool_name],
-            self.connectors[route.pool_name],
-            self.exchange_settings[route.pool_name],
-            request.method,
-            route.upstream_target(path, len(request.prepath), query),
-            [(n, v) for n, v in raw_headers if n.lower() not in (b"content-length", b"transfer-encoding")],
-            info,
-            "length" if has_body else "none",
-            length,
-            http_version=request.clientproto.partition(b"/")[2] or b"1.1",
-        )
+        # twisted.web has read the body whole (and undone its chunking): it goes on with its length.
+        head.headers = [(n, v) for n, v in head.headers if n.lower() not in (b"content-length", b"transfer-encoding")]
+        head.body = "length" if length or head.body != "none" else "none"
+        head.content_length = length
+        head.body_limit = 0
+        head.route = route
+        head.mount_depth = len(request.prepath)
+        exchange = ProxyExchange(downstream, self.reactor, route.plan, head, info, route.plan.chain, started)
+        downstream.exchange = exchange
         request.notifyFinish().addErrback(lambda _: exchange.cancel())
         exchange.start()
-        if has_body and content is not None:
+        if head.body != "none" and content is not None:
             while not exchange.finished:
                 chunk = content.read(65536)
                 if not chunk:
@@ -208,15 +236,26 @@ class _WebRequestDownstream:
     http_version = b"1.1"
     wants_block = False
 
-    def __init__(self, request: Any, clock: Any) -> None:
+    def __init__(self, request: Any, runtime: ProxyRuntime) -> None:
         self.request = request
-        self.clock = clock
+        self.runtime = runtime
+        self.clock = runtime.reactor
         self.gate = _NullGate()
         self.gone = False
+        self.client_ip = "unknown"
+        self.body_bytes = 0
+        self.exchange: Any = None
+        """The exchange writing here, until its event is published."""
         request.notifyFinish().addBoth(self._finished)
 
-    def _finished(self, _: Any) -> None:
+    def _finished(self, result: Any) -> None:
         self.gone = True
+        exchange = self.exchange
+        if exchange is not None and not exchange.finished:
+            # The client went away before its answer was complete: 499, as on rproxy's own listeners.
+            if not exchange.headSent:
+                exchange.status = 499
+            self._published(exchange)
 
     def writeInterim(self, status: int, reason: bytes, headers: Any) -> None:
         pass
@@ -239,6 +278,7 @@ class _WebRequestDownstream:
 
     def writeBody(self, data: bytes) -> None:
         if not self.gone:
+            self.body_bytes += len(data)
             self.request.write(data)
 
     def flush(self) -> None:
@@ -250,7 +290,7 @@ class _WebRequestDownstream:
                 self.request.unregisterProducer()
             self.request.finish()
 
-    def failResponse(self, status: int, message: str, extra: Any = ()) -> None:
+    def failResponse(self, status: int, message: str, extra: Any = (), page: Any = None) -> None:
         if self.gone:
             return
         request = self.request
@@ -260,15 +300,26 @@ class _WebRequestDownstream:
         if request.producer is not None:
             request.unregisterProducer()
         request.setResponseCode(status)
-        request.responseHeaders.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
+        if page is not None:
+            content_type, body = page.content_type.encode("ascii"), page.body
+        else:
+            content_type, body = b"text/plain; charset=utf-8", (message + "\n").encode("utf-8")
+        request.responseHeaders.setRawHeaders(b"content-type", [content_type])
         request.responseHeaders.setRawHeaders(b"date", [http_date(self.clock)])
         for name, value in extra:
             request.responseHeaders.addRawHeader(name, value)
-        request.write((message + "\n").encode("utf-8"))
+        self.body_bytes += len(body)
+        request.write(body)
         request.finish()
 
     def exchangeDone(self, exchange: Any) -> None:
-        pass
+        self._published(exchange)
+
+    def _published(self, exchange: Any) -> None:
+        self.exchange = None
+        events = self.runtime.events
+        if events.wanted:
+            events.publish(request_finished(self.client_ip, exchange, self.body_bytes, self.clock.seconds()))
 
     def registerUpstream(self, conn: Any) -> None:
         from .http.flow import GateProducer

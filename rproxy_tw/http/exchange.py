@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, implementer
 
 from ..headers import (
     ForwardingInfo,
@@ -26,6 +27,7 @@ from ..headers import (
     response_headers_for_client,
 )
 from ..logs import observer as log_observer
+from .dates import http_date
 from .flow import GateProducer
 from .upstream import BadResponse, ConnectTimeout, UpstreamConnection
 
@@ -70,8 +72,12 @@ class IDownstream(Interface):
     def finishBody(trailers: Headers) -> None:
         """The response is complete."""
 
-    def failResponse(status: int, message: str, extra: Headers = ()) -> None:
-        """Answer with an error if nothing was written yet, else cut the connection."""
+    def failResponse(status: int, message: str, extra: Headers = (), page: Any = None) -> None:
+        """
+        Answer with an error if nothing was written yet, else cut the
+        connection.  C{page} is the route's error page for C{status}, if it
+        has one (an L{rproxy_tw.config.ErrorPageConfig}).
+        """
 
     def exchangeDone(exchange: Any) -> None:
         """The exchange is over (response finished or failed)."""
@@ -86,13 +92,50 @@ class IDownstream(Interface):
         """After a 101: relay raw bytes both ways."""
 
 
-class RequestRejected(Exception):
-    """Raised while reading a request: answer C{status} and close the connection."""
+class IExchange(Interface):
+    """
+    One request on a client connection, whoever answers it: the proxy's
+    exchange with an origin, the proxy itself (a refusal), or an
+    application's resource mounted in the proxy's tree.
+    """
 
-    def __init__(self, status: int, message: str) -> None:
+    request = Attribute("The L{rproxy_tw.http.request.ProxyRequest}, or None for a head that could not be read.")
+    status = Attribute("The status answered so far (0 before the head is sent).")
+    headSent = Attribute("Whether the response head has gone to the client.")
+    finished = Attribute("Whether the exchange is over.")
+    requestComplete = Attribute("Whether the whole request body has been read.")
+    keep_alive = Attribute("Whether the connection may carry another request after this one.")
+    http_version = Attribute("The client's HTTP version.")
+    started_at = Attribute("When the head was read (only kept while events are observed), or None.")
+    backend = Attribute("The backend that answered, or None.")
+    pool = Attribute("The pool of the route, or None.")
+    route_name = Attribute("The route's name for logs and events, or None.")
+
+    def start() -> None:
+        """Begin answering (in turn: pipelined requests wait for the ones before)."""
+
+    def requestBodyData(data: bytes) -> None:
+        """More of the request body.  @raise RequestRejected: over a limit."""
+
+    def requestBodyEnd() -> None:
+        """The request body is complete."""
+
+    def cancel() -> None:
+        """The client went away: stop, and free what the exchange holds."""
+
+
+class RequestRejected(Exception):
+    """
+    Raised while reading a request: answer C{status}, then close the
+    connection unless C{close} is false (the request was read whole, so the
+    next one can follow).
+    """
+
+    def __init__(self, status: int, message: str, close: bool = True) -> None:
         super().__init__(status, message)
         self.status = status
         self.message = message
+        self.close = close
 
 
 class ResponseDiscarded(Exception):
@@ -139,6 +182,7 @@ class ExchangeSettings:
         self.passive = passive
 
 
+@implementer(IExchange)
 class ProxyExchange:
     """A request being proxied to one pool."""
 
@@ -146,12 +190,11 @@ class ProxyExchange:
 
     # One is made per request: slots make that cheaper, and catch misspelt attributes.
     __slots__ = (
-        "downstream", "clock", "pool", "connector", "settings", "method", "headers", "info", "body",
+        "downstream", "clock", "plan", "pool", "connector", "settings", "request", "method", "info", "body",
         "upgrade", "conn", "backend", "pending", "requestComplete", "requestSent", "bodyStarted",
         "headSent", "finished", "status", "tried", "attempts", "_connecting", "_producer", "_chunked_up",
-        "extra_response_headers", "body_limit", "body_seen", "replayable", "replay", "replay_bytes", "head",
-        # Set by the front end that made the exchange (for its own use and the access log).
-        "content_length", "http_version", "keep_alive", "request_line", "request_headers", "started_at",
+        "body_limit", "body_seen", "replayable", "replay", "replay_bytes", "head", "http_version", "chain",
+        "started_at", "_waiting", "route_name",
         "__weakref__",
     )
 
@@ -159,31 +202,33 @@ class ProxyExchange:
         self,
         downstream: Any,
         clock: Any,
-        pool: BackendPool,
-        connector: UpstreamConnector,
-        settings: ExchangeSettings,
-        method: bytes,
-        target: bytes,
-        headers: Headers,
+        plan: Any,
+        request: Any,
         info: ForwardingInfo,
-        body: str,
-        content_length: int | None,
-        upgrade: bool = False,
-        retry_non_idempotent: bool = False,
-        extra_response_headers: Headers = (),
-        http_version: bytes = b"1.1",
+        chain: Any = None,
+        started_at: float | None = None,
     ) -> None:
-        self.downstream = downstream
-        self.http_version = http_version
+        """
+        @param plan: the route's L{rproxy_tw.pipeline.RoutePlan} (pool, connector, settings).
+        @param request: the L{rproxy_tw.http.request.ProxyRequest}; request
+            filters may still rewrite it, since it is serialised for the
+            origin only once they have all passed it.
+        @param chain: the route's L{rproxy_tw.pipeline.FilterChain} on this listener.
+        """
         self.clock = clock
-        self.pool = pool
-        self.connector = connector
-        self.settings = settings
-        self.method = method
-        self.headers = headers
+        self.plan = plan
+        self.pool = plan.pool
+        self.connector = plan.connector
+        self.settings = settings = plan.settings
+        self.route_name = plan.name
+        self.request = request
+        self.method = method = request.method
+        self.http_version = request.http_version
         self.info = info
-        self.body = body  # "none" | "length" | "chunked"
-        self.upgrade = upgrade
+        self.body = body = request.body  # "none" | "length" | "chunked"
+        self.upgrade = upgrade = request.upgrade
+        self.chain = chain
+        self.downstream = chain.wrap(self, downstream) if chain is not None and chain.response else downstream
         self.conn: UpstreamConnection | None = None
         self.backend: Backend | None = None
         self.pending: list[bytes] | None = None
@@ -198,25 +243,109 @@ class ProxyExchange:
         self._connecting: Any = None
         self._producer: GateProducer | None = None
         self._chunked_up = body == "chunked"
-        self.extra_response_headers = extra_response_headers
-        self.body_limit = 0
+        self._waiting: Any = None
+        self.body_limit = request.body_limit
         self.body_seen = 0
-        self.replayable = (method in IDEMPOTENT or retry_non_idempotent) and not upgrade
+        self.replayable = (method in IDEMPOTENT or plan.retry_non_idempotent) and not upgrade
         self.replay: list[bytes] | None = [] if self.replayable and body != "none" else None
         self.replay_bytes = 0
+        self.head = b""
+        self.started_at = started_at
         if settings.budget is not None:
             settings.budget.deposit()
-        block = request_head_block(headers, info, keep_upgrade=upgrade, http_version=http_version)
-        if body == "length":
-            block += b"Content-Length: %d\r\n" % content_length
-        elif body == "chunked":
-            block += b"Transfer-Encoding: chunked\r\n"
-        self.head = b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, block)
+
+    @property
+    def keep_alive(self) -> bool:
+        return self.request.keep_alive  # type: ignore[no-any-return]
 
     # -- starting ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        backend = self.pool.pick(self.info.client_ip, self.headers, self.tried)
+        """Run the route's request filters, then send the request to a backend."""
+        chain = self.chain
+        if chain is not None and chain.request:
+            self._filter(0)
+        else:
+            self._dispatch()
+
+    def _filter(self, index: int) -> None:
+        filters = self.chain.request
+        while index < len(filters):
+            result = filters[index].filterRequest(self.request, self)
+            index += 1
+            if result is None:
+                continue
+            if isinstance(result, Deferred):
+                self._await(result, index)
+            else:
+                self._answer(result)
+            return
+        self._dispatch()
+
+    def _await(self, waiting: Deferred[Any], index: int) -> None:
+        """A filter answers later: the client's body waits, and so does the filter, up to response_timeout."""
+        self._waiting = waiting
+        gate = self.downstream.gate
+        gate.pause("filter")
+        waiting.addTimeout(self.settings.response_timeout, self.clock)
+
+        def decided(result: Any) -> None:
+            self._waiting = None
+            gate.resume("filter")
+            if self.finished:
+                return
+            if result is None:
+                self._filter(index)
+            else:
+                self._answer(result)
+
+        def failed(failure: Failure) -> None:
+            self._waiting = None
+            gate.resume("filter")
+            if self.finished or failure.check(CancelledError):
+                return
+            self._log.failure("request filter failed for {method} {target}", failure,
+                              method=self.method.decode("latin-1"), target=self.request.target.decode("latin-1"))
+            self._giveUp(500, "Internal Server Error")
+
+        waiting.addCallbacks(decided, failed)
+
+    def _answer(self, answer: Any) -> None:
+        """A request filter answered for the origin (a refusal, a redirect, a cached response)."""
+        self.status = answer.status
+        self.headSent = True
+        has_body = self.method != b"HEAD" and answer.status not in (204, 304) and answer.status >= 200
+        headers = list(answer.headers)
+        server = self.settings.server_header
+        if server:
+            headers.append((b"Server", server))
+        headers.append((b"Date", http_date(self.clock)))
+        downstream = self.downstream
+        downstream.writeHead(answer.status, answer.reason, headers, len(answer.body), has_body)
+        if has_body and answer.body:
+            downstream.writeBody(answer.body)
+        downstream.finishBody(())
+        self._finish(True)
+
+    def _dispatch(self) -> None:
+        """Every filter passed the request: serialise it for the origin, then choose a backend."""
+        request = self.request
+        if request.asterisk:
+            target = b"*"
+        else:
+            target = self.plan.route.upstream_target(request.path, request.mount_depth, request.query)
+        block = request_head_block(request.headers, self.info, keep_upgrade=self.upgrade,
+                                   http_version=self.http_version)
+        body = self.body
+        if body == "length":
+            block += b"Content-Length: %d\r\n" % request.content_length
+        elif body == "chunked":
+            block += b"Transfer-Encoding: chunked\r\n"
+        self.head = b"%s %s HTTP/1.1\r\n%s\r\n" % (self.method, target, block)
+        self._pick()
+
+    def _pick(self) -> None:
+        backend = self.pool.pick(self.info.client_ip, self.request.headers, self.tried)
         if backend is None:
             if self.tried:
                 self._giveUp(502, "Bad Gateway: no backend could be reached")
@@ -265,7 +394,7 @@ class ProxyExchange:
             self._report(backend, "timeout" if failure.check(ConnectTimeout) else "connect")
         # Nothing was sent: any method may try another backend.
         if self._mayRetry(replay_needed=False):
-            self.start()
+            self._pick()
             return
         if failure.check(ConnectTimeout):
             self._giveUp(504, "Gateway Timeout: the backend did not accept the connection in time")
@@ -372,23 +501,12 @@ class ProxyExchange:
         if status == 204:
             content_length = None
         downstream = self.downstream
-        if (
-            downstream.wants_block
-            and not upgrade
-            and not self.extra_response_headers
-            and not self.pool.sticky
-        ):
+        if downstream.wants_block and not upgrade:
             block = response_head_block(headers, s.response_added)
             if block is not None:
                 downstream.writeHead(status, reason, block, content_length, has_body)
                 return
         out = response_headers_for_client(headers, s.via, s.server_header, b"1.1", keep_upgrade=upgrade)
-        if self.extra_response_headers:
-            out.extend(self.extra_response_headers)
-        if self.pool.sticky and self.backend is not None:
-            balancer = self.pool.balancer
-            if balancer.needs_cookie(self.headers, self.backend):
-                out.append((b"Set-Cookie", balancer.set_cookie_header(self.backend, secure=self.info.proto == "https")))
         downstream.writeHead(status, reason, out, content_length, has_body)
 
     def responseBody(self, data: bytes) -> None:
@@ -543,7 +661,7 @@ class ProxyExchange:
                 return False
             if self.body != "none" and self.replay is None:
                 return False
-        if not self.pool.pick(self.info.client_ip, self.headers, self.tried):
+        if not self.pool.pick(self.info.client_ip, self.request.headers, self.tried):
             return False
         if not replay_needed:
             # Nothing reached the failed backend: trying another adds no load anywhere.
@@ -565,7 +683,7 @@ class ProxyExchange:
             self.pending = list(replay)
             self.replay = []
             self.replay_bytes = 0
-        self.start()
+        self._pick()
 
     def _detach(self, conn: UpstreamConnection) -> None:
         if conn.exchange is self:
@@ -589,7 +707,7 @@ class ProxyExchange:
             return
         if not self.headSent:
             self.status = status
-        self.downstream.failResponse(status, message, (*extra, *self.extra_response_headers))
+        self.downstream.failResponse(status, message, extra, self.plan.error_pages.get(status))
         self._finish(False)
 
     def _finish(self, ok: bool, tunnel: bool = False) -> None:
@@ -617,6 +735,9 @@ class ProxyExchange:
         if self._connecting is not None:
             d, self._connecting = self._connecting, None
             d.cancel()
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.cancel()
         conn = self.conn
         if conn is not None:
             self.conn = None

@@ -196,7 +196,7 @@ class H2Stream:
         exchange = self.exchange
         if exchange is not None and not exchange.finished:
             exchange.cancel()
-        if exchange is not None and not getattr(exchange, "headSent", False):
+        if exchange is not None and not exchange.headSent:
             exchange.status = status
         self.failResponse(status, message)
         self.exchangeDone(exchange)
@@ -352,7 +352,7 @@ class H2Stream:
             self.reset = True
         self.conn.stream_done(self)
 
-    def failResponse(self, status: int, message: str, extra: Headers = ()) -> None:
+    def failResponse(self, status: int, message: str, extra: Headers = (), page: Any = None) -> None:
         if self.disconnected:
             return
         if self.head_sent:
@@ -361,14 +361,20 @@ class H2Stream:
             self._abandon()
             self.conn.transmit()
             return
-        self.writeLocal(status, message, False, extra)
+        self.writeLocal(status, message, False, extra, page)
 
-    def writeLocal(self, status: int, message: str, close: bool = False, extra: Headers = ()) -> None:
-        """A response made by the proxy itself (errors, refusals)."""
+    def writeLocal(self, status: int, message: str, close: bool = False, extra: Headers = (),
+                   page: Any = None) -> None:
+        """A response made by the proxy itself (errors, refusals), or its configured error page."""
         if self.disconnected:
             return
-        body = (message + "\n").encode("utf-8")
-        fields = [(b":status", b"%d" % status), (b"content-type", b"text/plain; charset=utf-8"),
+        if page is None:
+            page = self.factory.error_pages.get(status)
+        if page is not None:
+            body, content_type = page.body, page.content_type.encode("ascii")
+        else:
+            body, content_type = (message + "\n").encode("utf-8"), b"text/plain; charset=utf-8"
+        fields = [(b":status", b"%d" % status), (b"content-type", content_type),
                   (b"content-length", b"%d" % len(body)), (b"date", http_date(self.factory.clock))]
         server = self.factory.server_header
         if server:
@@ -381,7 +387,7 @@ class H2Stream:
 
     def exchangeDone(self, exchange: Any) -> None:
         if exchange is not None:
-            self.factory.log_access(self, exchange, self.body_bytes)
+            self.factory.exchange_finished(self, exchange, self.body_bytes)
         if exchange is self.exchange:
             self.exchange = None
 
@@ -710,13 +716,11 @@ class H2ServerConnection(Protocol):
         stream = H2Stream(self, stream_id)
         self.streams[stream_id] = stream
         stream.request_ended = ended
-        limits = self.factory.limits
         method = path = authority = None
         headers: list[tuple[bytes, bytes]] = []
         cookies: list[bytes] = []
         host = None
         length = False
-        size = 0
         for name, value in fields:
             if name[:1] == b":":
                 if name == b":method":
@@ -726,7 +730,6 @@ class H2ServerConnection(Protocol):
                 elif name == b":authority":
                     authority = value
                 continue
-            size += len(name) + len(value) + 4
             if name == b"cookie":
                 cookies.append(value)
             elif name == b"host":
@@ -735,10 +738,6 @@ class H2ServerConnection(Protocol):
                 if name == b"content-length":
                     length = True
                 headers.append((name, value))
-        if len(fields) > limits.max_headers or size > limits.max_header_bytes:
-            return self._answer(stream, 431, "Request Header Fields Too Large")
-        if path is not None and len(path) > limits.max_request_line:
-            return self._answer(stream, 414, "URI Too Long")
         if authority is not None and host is not None and host.lower() != authority.lower():
             return self._answer(stream, 400, "Bad Request: Host and :authority differ")
         host = authority if authority is not None else host
@@ -752,7 +751,9 @@ class H2ServerConnection(Protocol):
             # Length unknown until END_STREAM: the origin gets it chunked.
             head.append((b"transfer-encoding", b"chunked"))
         try:
-            exchange = self.factory.handle(stream, method or b"GET", path or b"/", b"2", head, True, False)
+            # Sizes (414, 431) and everything else are checked by the shared read_request_head.
+            exchange = self.factory.handle(stream, method or b"GET", path or b"/", b"2", head, True, False,
+                                           sizes_checked=False)
         except Exception:  # noqa: BLE001 - a bug must cost one stream, not the connection
             self._log.failure("HTTP/2 request handling failed")
             return self._answer(stream, 500, "Internal Server Error")

@@ -17,6 +17,9 @@ from typing import Any
 
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
+from zope.interface import implementer
+
+from .exchange import IExchange
 
 __all__ = ["LocalResourceExchange", "LOCAL_BODY_LIMIT"]
 
@@ -99,33 +102,34 @@ class _Channel:
         self.requestDone(None)
 
 
+@implementer(IExchange)
 class LocalResourceExchange:
     """A request answered by a twisted.web resource in the proxy's tree."""
 
-    def __init__(
-        self,
-        conn: Any,
-        site: Site,
-        method: bytes,
-        url: bytes,
-        http_version: bytes,
-        headers: list[tuple[bytes, bytes]],
-        keep_alive: bool,
-    ) -> None:
+    backend = None
+    pool = None
+    headSent = False
+
+    def __init__(self, conn: Any, site: Site, request: Any, started_at: float | None = None) -> None:
+        """
+        @param request: the L{rproxy_tw.http.request.ProxyRequest} the
+            listener read; twisted.web gets it as the client sent it.
+        """
         self.conn = conn
         self.site = site
-        self.method = method
-        self.url = url
-        self.http_version = http_version
-        self.keep_alive = keep_alive
-        self.request_line = (method, url, http_version)
-        self.request_headers = headers
+        self.request = request
+        self.method = request.method
+        self.url = request.target
+        self.http_version = request.http_version
+        self.keep_alive = request.keep_alive
+        self.started_at = started_at
+        self.route_name = None
         self.content = io.BytesIO()
         self.status = 0
         self.started = False
         self.finished = False
         self.requestComplete = False
-        self.request: Request | None = None
+        self.web_request: Request | None = None
 
     def start(self) -> None:
         self.started = True
@@ -141,13 +145,13 @@ class LocalResourceExchange:
 
     def requestBodyEnd(self) -> None:
         self.requestComplete = True
-        if self.started and self.request is None:
+        if self.started and self.web_request is None:
             self._render()
 
     def _render(self) -> None:
         request = Request(_Channel(self.conn, self, self.site))
-        self.request = request
-        for name, value in self.request_headers:
+        self.web_request = request
+        for name, value in self.request.headers:
             request.requestHeaders.addRawHeader(name, value)
         self.content.seek(0)
         request.content = self.content
@@ -157,7 +161,7 @@ class LocalResourceExchange:
         if self.finished:
             return
         self.finished = True
-        request = self.request
+        request = self.web_request
         if request is not None and not request.finished:
             request.connectionLost(_gone())
 

@@ -20,16 +20,19 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import datetimeToString
+from zope.interface import implementer
 
 from ..headers import ForwardingInfo, is_trusted, serialize, trailers_for_client
 from ..logs import observer as log_observer
-from ..routing import ProxyRoute
+from ..events import EventBus, request_finished
+from ..pipeline import EMPTY_CHAIN, FilterChain, ResponseHeaders
+from ..routing import ErrorPage, ProxyRoute
 from ..tls import close_waits_for_peer
-from .exchange import ProxyExchange, RequestRejected as _Reject
+from .exchange import IExchange, ProxyExchange, RequestRejected as _Reject
+from .dates import http_date
 from .fastwrite import direct_writer, no_delay
 from .flow import ReadGate, ResponseFlow
-from .target import is_token, parse_target, valid_host
+from .request import ProxyRequest, read_request_head
 
 __all__ = ["HTTPProxyFactory", "HTTPServerConnection", "LocalResponse", "http_date"]
 
@@ -59,35 +62,23 @@ REASONS = {
 }
 
 
-_date_cache: list[Any] = [None, b""]
-"""The second last formatted by L{http_date}, and its IMF-fixdate."""
-
-
-def http_date(clock: IReactorTime) -> bytes:
-    """
-    The C{Date} of a response the proxy makes itself (RFC 9110 6.6.1), as
-    IMF-fixdate, from the injected clock: formatted once a second, not per
-    response.
-    """
-    second = int(clock.seconds())
-    cache = _date_cache
-    if cache[0] != second:
-        cache[1] = datetimeToString(second)
-        cache[0] = second
-    return cache[1]
-
-
 def error_body(status: int, message: str) -> bytes:
     return (message + "\n").encode("utf-8")
 
 
 def error_response(status: int, message: str, close: bool, extra: Headers = (), server: bytes = b"rproxy",
-                   date: bytes = b"") -> bytes:
-    """A whole plain-text answer made by the proxy; C{date} is L{http_date} (none when empty)."""
-    body = error_body(status, message)
-    head = b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % (
+                   date: bytes = b"", page: Any = None) -> bytes:
+    """
+    A whole answer made by the proxy: plain text, or the configured error
+    C{page} (an L{rproxy_tw.config.ErrorPageConfig}).  C{date} is
+    L{http_date} (none when empty).
+    """
+    body, content_type = (page.body, page.content_type.encode("ascii")) if page is not None else \
+        (error_body(status, message), b"text/plain; charset=utf-8")
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
         status,
         REASONS.get(status, b"Error"),
+        content_type,
         len(body),
     )
     if date:
@@ -104,15 +95,29 @@ CLOSE_GRACE = 5.0
 """Seconds a closing connection on Twisted's TLS may wait for the peer's close_notify before it is cut."""
 
 
+@implementer(IExchange)
 class LocalResponse:
     """An answer made by the proxy itself (errors, 404, 421...)."""
 
-    def __init__(self, conn: HTTPServerConnection, status: int, message: str, close: bool = False, extra: Headers = ()):
+    backend = None
+    pool = None
+    route_name = None
+    headSent = False
+    http_version = b"1.1"
+
+    def __init__(self, conn: Any, status: int, message: str, close: bool = False, extra: Headers = (),
+                 request: Any = None, started_at: float | None = None):
         self.conn = conn
         self.status = status
         self.message = message
         self.close = close
+        self.keep_alive = not close
         self.extra = extra
+        self.request = request
+        """The L{ProxyRequest} when the head could be read (a 404 or 421), else None."""
+        if request is not None:
+            self.http_version = request.http_version
+        self.started_at = started_at
         self.finished = False
         self.requestComplete = False
 
@@ -206,9 +211,9 @@ class HTTPServerConnection(Protocol):
         if current is not None and not current.finished:
             # The client went away before its answer was complete: logged as
             # nginx does, 499 unless a status was already sent.
-            if not getattr(current, "status", 0) or not getattr(current, "headSent", True):
+            if not current.status or not current.headSent:
                 current.status = 499
-            self.factory.log_access(self, current, self._body_bytes)
+            self.factory.exchange_finished(self, current, self._body_bytes)
         for ex in (current, self.parsing, *self.queue):
             if ex is not None and not ex.finished:
                 ex.cancel()
@@ -370,7 +375,7 @@ class HTTPServerConnection(Protocol):
                 pass
             self.parsing.cancel()
         elif self.parsing is not None and self.parsing is self.current and not self.parsing.finished:
-            if getattr(self.parsing, "headSent", True):
+            if self.parsing.headSent:
                 self.current.cancel()
                 self.transport.abortConnection()
                 return
@@ -468,7 +473,7 @@ class HTTPServerConnection(Protocol):
         """Reset the response state for the exchange now at the head of the line."""
         self._chunked = False
         self._body_bytes = 0
-        self._close_after = not getattr(exchange, "keep_alive", True)
+        self._close_after = not exchange.keep_alive
 
     def exchangeDone(self, exchange: Any) -> None:
         if exchange is not self.current:
@@ -477,7 +482,7 @@ class HTTPServerConnection(Protocol):
             # A tunnel starts: its line is written when it closes, with its sizes and duration.
             self._tunnelled = exchange
         else:
-            self.factory.log_access(self, exchange, self._body_bytes)
+            self.factory.exchange_finished(self, exchange, self._body_bytes)
         self.current = None
         if self.disconnected:
             return
@@ -517,7 +522,7 @@ class HTTPServerConnection(Protocol):
                 self._reject(501, "Not Implemented: Upgrade with a chunked request body")
                 return
             self._raw_body = ex
-            self._raw_remaining = ex.content_length or 0
+            self._raw_remaining = ex.request.content_length or 0
         elif ex is not None:
             ex.requestBodyEnd()
         if self._raw_remaining == 0 and self._raw_body is not None:
@@ -559,7 +564,8 @@ class HTTPServerConnection(Protocol):
         self.write(b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason or REASONS.get(status, b""), serialize(headers)))
 
     def http_version_of_current(self) -> bytes:
-        return getattr(self.current, "http_version", b"1.1")
+        current = self.current
+        return current.http_version if current is not None else b"1.1"
 
     def writeHead(self, status: int, reason: bytes, headers: Headers, content_length: int | None, has_body: bool) -> None:
         if self.disconnected:
@@ -570,7 +576,7 @@ class HTTPServerConnection(Protocol):
         if content_length is not None and (has_body or status != 204):
             parts.append(b"Content-Length: %d\r\n" % content_length)
         elif has_body:
-            if getattr(ex, "http_version", b"1.1") == b"1.1":
+            if ex.http_version == b"1.1":
                 parts.append(b"Transfer-Encoding: chunked\r\n")
                 self._chunked = True
             else:
@@ -579,7 +585,7 @@ class HTTPServerConnection(Protocol):
             pass
         elif self._close_after:
             parts.append(b"Connection: close\r\n")
-        elif getattr(ex, "http_version", b"1.1") == b"1.0":
+        elif ex.http_version == b"1.0":
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
         # Held back until the first body bytes or the end of this read from
@@ -618,29 +624,36 @@ class HTTPServerConnection(Protocol):
         if self._upgrade_pending and isinstance(self.current, ProxyExchange) and self.current.upgrade:
             self._resumeAfterUpgradeRefused()
 
-    def failResponse(self, status: int, message: str, extra: Headers = ()) -> None:
+    def failResponse(self, status: int, message: str, extra: Headers = (), page: Any = None) -> None:
         ex = self.current
         self.flush()
-        if getattr(ex, "headSent", False):
+        if ex is not None and ex.headSent:
             # Too late for a status: cut the connection so the client sees truncation.
             self._close_after = True
             if not self.disconnected:
                 self.transport.abortConnection()
             return
-        self.writeLocal(status, message, self._close_after or self._upgrade_pending, extra)
+        self.writeLocal(status, message, self._close_after or self._upgrade_pending, extra, page)
 
-    def writeLocal(self, status: int, message: str, close: bool, extra: Headers = ()) -> None:
-        hsts = self.factory.hsts
+    def writeLocal(self, status: int, message: str, close: bool, extra: Headers = (), page: Any = None) -> None:
+        """
+        An answer of the proxy's own: C{page} is the route's error page for
+        it, if it has one, else the listener's global one is looked up.
+        """
+        factory = self.factory
+        hsts = factory.hsts
         if hsts and not any(name == b"Strict-Transport-Security" for name, _ in extra):
             extra = (*extra, *hsts)
         if close:
             self._close_after = True
         if self.disconnected:
             return
-        body = error_response(status, message, self._close_after, extra, self.factory.server_header,
-                              http_date(self.factory.clock))
-        self._body_bytes += len(error_body(status, message))
-        self.write(body)
+        if page is None:
+            page = factory.error_pages.get(status)
+        data = error_response(status, message, self._close_after, extra, factory.server_header,
+                              http_date(factory.clock), page)
+        self._body_bytes += len(page.body) if page is not None else len(error_body(status, message))
+        self.write(data)
 
     def registerUpstream(self, conn: Any) -> None:
         if conn.gate is not None:
@@ -654,7 +667,7 @@ class HTTPServerConnection(Protocol):
         """The tunnel after a 101 ended: log its exchange with the bytes each way."""
         exchange, self._tunnelled = self._tunnelled, None
         if exchange is not None:
-            self.factory.log_access(self, exchange, tunnel.to_client, tunnel.from_client)
+            self.factory.exchange_finished(self, exchange, tunnel.to_client, tunnel.from_client)
 
     def startTunnel(self, conn: Any, leftover: bytes) -> None:
         from .tunnel import Tunnel
@@ -695,10 +708,6 @@ def forwarding_info(factory: Any, transport: Any, ip: str) -> ForwardingInfo:
     return ForwardingInfo(ip, factory.scheme, is_trusted(ip, factory.trusted_proxies), factory.via, subject)
 
 
-_COMMON_METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE"))
-"""Methods known to be tokens, so that the token check runs only for others (HTTP/2 sends any bytes)."""
-
-
 def _tunnelled_upgrade(headers: Headers) -> bool:
     """Whether an Upgrade is one we tunnel: anything but h2c (HTTP/2 is ours to speak, over TLS)."""
     for name, value in headers:
@@ -725,8 +734,6 @@ class HTTPProxyFactory(Factory):
             ((b"Strict-Transport-Security", hsts.encode("ascii")),) if hsts else ()
         )
         self.connections: set[HTTPServerConnection] = set()
-        self._valid_hosts: set[bytes] = set()
-        """Host values already found valid: most requests repeat a few, so each is checked once (bounded)."""
         from ..config import DEFAULT_MAX_CONNECTIONS
         from ..connection_limit import ConnectionLimit
 
@@ -743,7 +750,10 @@ class HTTPProxyFactory(Factory):
         self.trusted_proxies = server.trusted_proxies
         self.via = server.via.encode("ascii")
         self.server_header = server.server_header.encode("ascii")
-        self.access_log: Callable[..., None] | None = runtime.access_log
+        self.events: EventBus = runtime.events
+        self.error_pages = runtime.config.error_pages
+        self._chains: dict[ProxyRoute, FilterChain] = {}
+        """Each route's filter chain on this listener, made on its first request."""
 
     def buildProtocol(self, addr: Any) -> Any:
         rejected = self.connection_limit.full(addr)
@@ -763,121 +773,61 @@ class HTTPProxyFactory(Factory):
 
     def handle(
         self,
-        conn: HTTPServerConnection,
+        conn: Any,
         method: bytes,
         url: bytes,
         http_version: bytes,
         headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
         upgrade: bool,
+        sizes_checked: bool = True,
     ) -> Any:
-        """Turn a parsed request head into the exchange that will answer it."""
+        """
+        Turn a parsed request head into the exchange that will answer it:
+        HTTP/1.1 and HTTP/2 both come through here, and the embedded path
+        reads its requests with the same L{read_request_head}.
+
+        @param sizes_checked: the front end bounded the head while reading it (HTTP/1.1).
+        """
         runtime = self.runtime
-        body = "none"
-        content_length = None
-        host = None
-        for name, value in headers:
-            size = len(name)
-            if size == 4 and name.lower() == b"host":
-                if host is not None:
-                    return self._refuse(conn, 400, "Bad Request: more than one Host header", keep_alive)
-                host = value
-            elif size == 14 and name.lower() == b"content-length":
-                # llhttp checks this on HTTP/1.1; HTTP/2 fields arrive unchecked.
-                value = value.strip()
-                if not value.isdigit() or (content_length is not None and int(value) != content_length):
-                    return self._refuse(conn, 400, "Bad Request: invalid Content-Length", False)
-                content_length = int(value)
-                body = "length"
-            elif size == 17 and name.lower() == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    return self._refuse(conn, 501, "Not Implemented: transfer coding other than chunked", False)
-                body = "chunked"
-        if body == "chunked":
-            content_length = None
-        if host is None and http_version == b"1.1":
-            return self._refuse(conn, 400, "Bad Request: missing Host header", keep_alive)
-        if host is not None and host not in self._valid_hosts:
-            if not valid_host(host):
-                return self._refuse(conn, 400, "Bad Request: invalid Host header", keep_alive)
-            if len(self._valid_hosts) >= 1024:
-                self._valid_hosts.clear()
-            self._valid_hosts.add(host)
-        if method == b"CONNECT":
-            return self._refuse(conn, 405, "Method Not Allowed: this is a reverse proxy", False)
-        if method not in _COMMON_METHODS and not is_token(method):
-            return self._refuse(conn, 400, "Bad Request: invalid request method", keep_alive)
+        started = self.clock.seconds() if self.events.wanted else None
         try:
-            http1 = http_version != b"2"
-            path, query, authority = parse_target(method, url, absolute_allowed=http1, characters_checked=http1)
+            request = read_request_head(method, url, http_version, headers, self.limits, keep_alive, sizes_checked)
         except _Reject as e:
-            return self._refuse(conn, e.status, e.message, keep_alive)
-        if authority is not None and authority != host:
-            # RFC 9112 section 3.2.2: the target's authority decides, and the
-            # origin is told that host, not the one in the Host header.
-            if host is None:
-                headers = [*headers, (b"Host", authority)]
-            else:
-                headers = [(b"Host", authority) if n.lower() == b"host" else (n, v) for n, v in headers]
-            host = authority
-        asterisk = path == b"*"
-        if asterisk:
-            path = b"/"
+            return self._refuse(conn, e.status, e.message, keep_alive and not e.close, started=started)
         if self.redirect_https is not None:
-            return self._redirect(conn, host, path, query, keep_alive)
-        max_body = self.limits.max_body_bytes
-        if max_body and content_length is not None and content_length > max_body:
-            return self._refuse(conn, 413, "Content Too Large", False)
-        resource, depth = runtime.router.resolve(host, path)
+            return self._redirect(conn, request, keep_alive)
+        resource, depth = runtime.router.resolve(request.host, request.path)
         if not isinstance(resource, ProxyRoute):
-            code = getattr(resource, "code", None)
-            if code is not None:
-                return self._refuse(conn, code, resource.message, keep_alive)
-            return runtime.local_exchange(conn, resource, method, url, http_version, headers, keep_alive)
-        if content_length == 0:
-            body = "length"
-        if upgrade and (body != "none" or not _tunnelled_upgrade(headers)):
+            if isinstance(resource, ErrorPage):
+                return self._refuse(conn, resource.code, resource.message, keep_alive, request, started)
+            return runtime.local_exchange(conn, resource, request, started)
+        if upgrade and (request.body != "none" or not _tunnelled_upgrade(headers)):
             upgrade = False  # h2c, or a body: forwarded as a plain request without Upgrade
-        if host is None:
-            headers = [*headers, (b"Host", own_host(conn.transport))]
-        exchange = ProxyExchange(
-            conn,
-            self.clock,
-            runtime.pools[resource.pool_name],
-            runtime.connectors[resource.pool_name],
-            runtime.exchange_settings[resource.pool_name],
-            method,
-            b"*" if asterisk else resource.upstream_target(path, depth, query),
-            headers,
-            conn.info,
-            body,
-            content_length,
-            upgrade=upgrade,
-            retry_non_idempotent=resource.config.retry_non_idempotent,
-            extra_response_headers=self._extra_headers(resource),
-            http_version=http_version,
-        )
-        exchange.content_length = content_length  # type: ignore[attr-defined]
-        exchange.keep_alive = keep_alive  # type: ignore[attr-defined]
-        exchange.request_line = (method, url, http_version)  # type: ignore[attr-defined]
-        exchange.request_headers = headers  # type: ignore[attr-defined]
-        if self.access_log is not None:
-            exchange.started_at = self.clock.seconds()  # type: ignore[attr-defined]
-        if max_body and body == "chunked":
-            exchange.body_limit = max_body
-        return exchange
+        request.upgrade = upgrade
+        request.route = resource
+        request.mount_depth = depth
+        if request.host is None:
+            request.headers = [*request.headers, (b"Host", own_host(conn.transport))]
+        chain = self._chains.get(resource)
+        if chain is None:
+            chain = self._chains[resource] = self._chain_for(resource)
+        return ProxyExchange(conn, self.clock, resource.plan, request, conn.info, chain, started)
 
-    def _extra_headers(self, route: ProxyRoute) -> tuple[tuple[bytes, bytes], ...]:
-        """Headers the listener or route adds to every response (HSTS over TLS)."""
+    def _chain_for(self, route: ProxyRoute) -> FilterChain:
+        """The route's filters, after this listener's own (HSTS over TLS: the route's value, else the listener's)."""
+        hsts = self.hsts
         if self.scheme == "https" and route.config.hsts:
-            return ((b"Strict-Transport-Security", route.config.hsts.encode("ascii")),)
-        return self.hsts
+            hsts = ((b"Strict-Transport-Security", route.config.hsts.encode("ascii")),)
+        listener = FilterChain(response=(ResponseHeaders(hsts),)) if hsts else EMPTY_CHAIN
+        return listener + route.plan.chain
 
-    def _redirect(self, conn: Any, host: bytes | None, path: bytes, query: bytes, keep_alive: bool) -> LocalResponse:
+    def _redirect(self, conn: Any, request: ProxyRequest, keep_alive: bool) -> LocalResponse:
         """A plain listener that sends everyone to https (308 keeps the method and body)."""
         from ..routing import host_of
 
-        name = host_of(host)
+        path, query = request.path, request.query
+        name = host_of(request.host)
         if not name:
             return self._refuse(conn, 400, "Bad Request: a Host header is needed for the https redirect", False)
         port = self.redirect_https
@@ -886,13 +836,20 @@ class HTTPProxyFactory(Factory):
         if query:
             location += b"?" + query
         return LocalResponse(conn, 308, "Permanent Redirect: " + location.decode("latin-1"), close=not keep_alive,
-                             extra=((b"Location", location),))
+                             extra=((b"Location", location),), request=request)
 
-    def _refuse(self, conn: HTTPServerConnection, status: int, message: str, keep_alive: bool) -> LocalResponse:
-        return LocalResponse(conn, status, message, close=not keep_alive or status == 400)
+    def _refuse(self, conn: Any, status: int, message: str, keep_alive: bool, request: ProxyRequest | None = None,
+                started: float | None = None) -> LocalResponse:
+        return LocalResponse(conn, status, message, close=not keep_alive or status == 400, request=request,
+                             started_at=started)
 
-    def log_access(self, conn: HTTPServerConnection, exchange: Any, body_bytes: int,
-                   received_bytes: int | None = None) -> None:
-        access_log = self.access_log
-        if access_log is not None:
-            access_log(conn, exchange, body_bytes, received_bytes)
+    def exchange_finished(self, conn: Any, exchange: Any, body_bytes: int, received_bytes: int | None = None) -> None:
+        """
+        An exchange on one of this listener's connections ended: tell the
+        observers (the access log, metrics).  Building the event costs, so
+        it is built only when someone listens.
+        """
+        events = self.events
+        if events.wanted:
+            events.publish(request_finished(conn.client_ip, exchange, body_bytes, self.clock.seconds(),
+                                            received_bytes))

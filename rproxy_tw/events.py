@@ -1,0 +1,204 @@
+"""
+What happened, as values: a request finished, a tunnel or a TCP session
+closed, a backend changed state, a TLS handshake failed, a reload was
+applied or refused.
+
+Why events rather than counters: the access log, and the metrics and
+status page to come, all want the same facts; each front end (HTTP/1.1,
+HTTP/2, the embedded path, raw TCP) publishes them once to an L{EventBus},
+and every observer sees the same thing whatever path the traffic took.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from .logs import observer as log_observer
+
+__all__ = [
+    "BackendStateChanged",
+    "EventBus",
+    "IEventObserver",
+    "ReloadApplied",
+    "ReloadRefused",
+    "RequestFinished",
+    "TCPSessionClosed",
+    "TLSHandshakeFailed",
+]
+
+
+class IEventObserver(Interface):
+    """Something that wants to hear what the proxy did (the access log, metrics)."""
+
+    def observe(event: Any) -> None:
+        """
+        One event (L{RequestFinished}, L{TCPSessionClosed}, ...).  Called on
+        the reactor thread; must not block, and must not raise (a failure is
+        logged and the other observers still hear the event).
+        """
+
+
+@attrs.frozen(slots=True)
+class RequestFinished:
+    """An HTTP exchange ended: answered, refused, failed, or, for a tunnel, closed."""
+
+    client: str
+    method: bytes
+    target: bytes
+    """As the client sent it."""
+    http_version: bytes
+    host: bytes | None
+    status: int
+    """What the client was answered; 499 when it left before its answer was complete."""
+    bytes_sent: int
+    """Body bytes sent to the client (for a tunnel: every byte the origin sent through it)."""
+    started: float | None
+    finished: float
+    route: str | None = None
+    pool: str | None = None
+    backend: str | None = None
+    referer: bytes | None = None
+    user_agent: bytes | None = None
+    bytes_received: int | None = None
+    """For a tunnel (a WebSocket after its 101): the bytes the client sent through it."""
+    tunnel: bool = False
+    request_id: bytes | None = None
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.started is None else self.finished - self.started
+
+
+@attrs.frozen(slots=True)
+class TCPSessionClosed:
+    """A raw TCP relay ended."""
+
+    listener: str
+    client: str
+    backend: str | None
+    bytes_from_client: int
+    bytes_to_client: int
+    started: float
+    finished: float
+    reason: str
+
+
+@attrs.frozen(slots=True)
+class BackendStateChanged:
+    """A backend entered or left rotation (health checks, outlier detection, drain)."""
+
+    pool: str
+    backend: str
+    in_rotation: bool
+    reason: str
+
+
+@attrs.frozen(slots=True)
+class TLSHandshakeFailed:
+    listener: str
+    client: str
+    reason: str
+
+
+@attrs.frozen(slots=True)
+class ReloadApplied:
+    source: str
+    summary: str
+
+
+@attrs.frozen(slots=True)
+class ReloadRefused:
+    source: str
+    error: str
+
+
+class EventBus:
+    """
+    Hands each event to every observer.  Front ends ask L{wanted} first, so
+    that with no observer (access log off, no metrics) no event is even
+    built on the per-request path.
+    """
+
+    _log = Logger(observer=log_observer)
+
+    def __init__(self) -> None:
+        self._observers: list[IEventObserver] = []
+        self.wanted = False
+
+    def subscribe(self, observer: IEventObserver) -> None:
+        self._observers.append(observer)
+        self.wanted = True
+
+    def unsubscribe(self, observer: IEventObserver) -> None:
+        try:
+            self._observers.remove(observer)
+        except ValueError:
+            pass
+        self.wanted = bool(self._observers)
+
+    def publish(self, event: Any) -> None:
+        for observer in self._observers:
+            try:
+                observer.observe(event)
+            except Exception:  # noqa: BLE001 - one bad observer must not stop the others or the request
+                self._log.failure("event observer {observer} failed on {event}", observer=observer, event=event)
+
+
+@implementer(IEventObserver)
+class EventRecorder:
+    """Keeps every event (for tests and for embedding applications that poll)."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def observe(self, event: Any) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+def request_finished(client: str, exchange: Any, bytes_sent: int, now: float,
+                     bytes_received: int | None = None) -> RequestFinished:
+    """
+    The event for an exchange that ended (any L{rproxy_tw.http.exchange.IExchange}:
+    proxied, answered by the proxy, or by an application's resource).
+    """
+    request = exchange.request
+    referer = agent = None
+    if request is not None:
+        for name, value in request.headers:
+            size = len(name)
+            if size == 10 and name.lower() == b"user-agent":
+                agent = value
+            elif size == 7 and name.lower() == b"referer":
+                referer = value
+        method, target, version, host = request.method, request.target, request.http_version, request.host
+        request_id = request.request_id
+    else:
+        method, target, version, host, request_id = b"-", b"-", b"1.1", None, None
+    backend = exchange.backend
+    pool = exchange.pool
+    return RequestFinished(
+        client=client,
+        method=method,
+        target=target,
+        http_version=version,
+        host=host,
+        status=exchange.status or 0,
+        bytes_sent=bytes_sent,
+        started=exchange.started_at,
+        finished=now,
+        route=exchange.route_name,
+        pool=pool.name if pool is not None else None,
+        backend=backend.name if backend is not None else None,
+        referer=referer,
+        user_agent=agent,
+        bytes_received=bytes_received,
+        tunnel=bytes_received is not None,
+        request_id=request_id,
+    )
