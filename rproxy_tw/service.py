@@ -19,6 +19,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
@@ -33,7 +34,15 @@ from .http.server import HTTPProxyFactory, http_date
 from .http.upstream import UpstreamConnector
 from .logs import observer as log_observer, set_level as set_log_level
 from .events import EventBus, request_finished
-from .pipeline import FilterChain, HeaderRules, RoutePlan, StickyCookie, header_rule_set
+from .pipeline import (
+    FilterChain,
+    HeaderRules,
+    IRequestFilter,
+    IResponseFilter,
+    RoutePlan,
+    StickyCookie,
+    header_rule_set,
+)
 from .routing import ErrorPage, HostRouter, ProxyRoute, build_router
 from .upstream.health import HealthMonitor, PassiveConfig, PassiveHealth, monitor_for
 from .upstream.pool import BackendPool
@@ -107,6 +116,21 @@ class ProxyRuntime:
         if access_log is not None:
             self.events.subscribe(access_log)
 
+    def add_filter(self, step: Any, host: str | None = None, path: str | None = None) -> None:
+        """Append C{step} to the filter chain of every route, or of the route with this host and path."""
+        added = FilterChain(
+            request=(step,) if IRequestFilter.providedBy(step) else (),
+            response=(step,) if IResponseFilter.providedBy(step) else (),
+        )
+        if not added:
+            raise TypeError(f"{step!r} provides neither IRequestFilter nor IResponseFilter")
+        for route in self.router.routes():
+            if not isinstance(route, ProxyRoute) or route.plan is None:
+                continue
+            if (host is not None and route.config.host != host) or (path is not None and route.config.path != path):
+                continue
+            route.plan = attrs.evolve(route.plan, chain=route.plan.chain + added)
+
     def _plan(self, route: ProxyRoute) -> RoutePlan:
         """What an exchange on C{route} needs, found once: its pool's objects and its own filters."""
         rc = route.config
@@ -177,7 +201,10 @@ class ProxyRuntime:
         head.content_length = length
         head.body_limit = 0
         head.route = route
-        head.mount_depth = len(request.prepath)
+        depth = len(request.prepath)
+        if depth:
+            # Filters and the origin see the path inside the proxy's tree, as on rproxy's own listeners.
+            head.path = b"/" + b"/".join(head.path[1:].split(b"/")[depth:])
         exchange = ProxyExchange(downstream, self.reactor, route.plan, head, info, route.plan.chain, started)
         downstream.exchange = exchange
         request.notifyFinish().addErrback(lambda _: exchange.cancel())
@@ -251,7 +278,7 @@ class _WebRequestDownstream:
     def _finished(self, result: Any) -> None:
         self.gone = True
         exchange = self.exchange
-        if exchange is not None and not exchange.finished:
+        if isinstance(result, Failure) and exchange is not None and not exchange.finished:
             # The client went away before its answer was complete: 499, as on rproxy's own listeners.
             if not exchange.headSent:
                 exchange.status = 499
@@ -470,6 +497,19 @@ class ProxyService(MultiService):
     def mount(self, path: str, resource: IResource, host: str | None = None) -> None:
         """Serve an application's own resource at C{path} on the proxy's listeners."""
         self.runtime.mount(path, resource, host)
+
+    def add_filter(self, step: Any, host: str | None = None, path: str | None = None) -> None:
+        """
+        Put an application's own filter in the pipeline of every route (or of
+        the routes with this C{host} and C{path}), after the route's own
+        filters: C{step} provides L{IRequestFilter}, L{IResponseFilter}, or both.
+        """
+        self.runtime.add_filter(step, host, path)
+        for factory in self.factories:
+            inner = getattr(factory, "wrappedFactory", factory)
+            forget = getattr(inner, "forget_chains", None)
+            if forget is not None:
+                forget()
 
     def pool(self, name: str) -> BackendPool:
         return self.runtime.pools[name]

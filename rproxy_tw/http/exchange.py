@@ -333,7 +333,7 @@ class ProxyExchange:
         if request.asterisk:
             target = b"*"
         else:
-            target = self.plan.route.upstream_target(request.path, request.mount_depth, request.query)
+            target = self.plan.route.upstream_target(request.path, 0, request.query)
         block = request_head_block(request.headers, self.info, keep_upgrade=self.upgrade,
                                    http_version=self.http_version)
         body = self.body

@@ -36,7 +36,7 @@ class ProxyRequest:
     """
 
     __slots__ = ("method", "target", "path", "query", "host", "headers", "http_version", "body", "content_length",
-                 "asterisk", "keep_alive", "upgrade", "route", "request_id", "body_limit", "mount_depth")
+                 "asterisk", "keep_alive", "upgrade", "route", "request_id", "body_limit")
 
     def __init__(self, method: bytes, target: bytes, path: bytes, query: bytes, host: bytes | None,
                  headers: list[tuple[bytes, bytes]], http_version: bytes, body: str, content_length: int | None,
@@ -64,8 +64,6 @@ class ProxyRequest:
         self.request_id: bytes | None = None
         self.body_limit = 0
         """The most body bytes a chunked request may send (C{[limits] max_body_bytes}; 0: no limit)."""
-        self.mount_depth = 0
-        """Path segments above the proxy's tree (when it is mounted in an application's Site)."""
 
 
 def read_request_head(

@@ -28,7 +28,7 @@ from ..events import EventBus, request_finished
 from ..pipeline import EMPTY_CHAIN, FilterChain, ResponseHeaders
 from ..routing import ErrorPage, ProxyRoute
 from ..tls import close_waits_for_peer
-from .exchange import IExchange, ProxyExchange, RequestRejected as _Reject
+from .exchange import IDownstream, IExchange, ProxyExchange, RequestRejected as _Reject
 from .dates import http_date
 from .fastwrite import direct_writer, no_delay
 from .flow import ReadGate, ResponseFlow
@@ -136,6 +136,7 @@ class LocalResponse:
         self.finished = True
 
 
+@implementer(IDownstream)
 class HTTPServerConnection(Protocol):
     """One client connection speaking HTTP/1.1 (or 1.0) to the proxy."""
 
@@ -797,7 +798,7 @@ class HTTPProxyFactory(Factory):
             return self._refuse(conn, e.status, e.message, keep_alive and not e.close, started=started)
         if self.redirect_https is not None:
             return self._redirect(conn, request, keep_alive)
-        resource, depth = runtime.router.resolve(request.host, request.path)
+        resource, _ = runtime.router.resolve(request.host, request.path)
         if not isinstance(resource, ProxyRoute):
             if isinstance(resource, ErrorPage):
                 return self._refuse(conn, resource.code, resource.message, keep_alive, request, started)
@@ -806,13 +807,16 @@ class HTTPProxyFactory(Factory):
             upgrade = False  # h2c, or a body: forwarded as a plain request without Upgrade
         request.upgrade = upgrade
         request.route = resource
-        request.mount_depth = depth
         if request.host is None:
             request.headers = [*request.headers, (b"Host", own_host(conn.transport))]
         chain = self._chains.get(resource)
         if chain is None:
             chain = self._chains[resource] = self._chain_for(resource)
         return ProxyExchange(conn, self.clock, resource.plan, request, conn.info, chain, started)
+
+    def forget_chains(self) -> None:
+        """Routes' filters changed (an application added one): chains are made anew on the next request."""
+        self._chains = {}
 
     def _chain_for(self, route: ProxyRoute) -> FilterChain:
         """The route's filters, after this listener's own (HSTS over TLS: the route's value, else the listener's)."""
