@@ -752,7 +752,8 @@ class H2ServerConnection(Protocol):
             # Length unknown until END_STREAM: the origin gets it chunked.
             head.append((b"transfer-encoding", b"chunked"))
         try:
-            exchange = self.factory.handle(stream, method or b"GET", path or b"/", b"2", head, True, False)
+            # h2 insists on :method and :path; an empty one is refused by handle().
+            exchange = self.factory.handle(stream, method or b"", path or b"", b"2", head, True, False)
         except Exception:  # noqa: BLE001 - a bug must cost one stream, not the connection
             self._log.failure("HTTP/2 request handling failed")
             return self._answer(stream, 500, "Internal Server Error")
