@@ -790,6 +790,9 @@ class HTTPProxyFactory(Factory):
                 content_length = int(value)
                 body = "length"
             elif size == 17 and name.lower() == b"transfer-encoding":
+                if http_version == b"1.0":
+                    # RFC 9112 section 6.1: such framing is faulty; nginx answers 400 too.
+                    return self._refuse(conn, 400, "Bad Request: Transfer-Encoding in an HTTP/1.0 request", False)
                 if value.strip().lower() != b"chunked":
                     return self._refuse(conn, 501, "Not Implemented: transfer coding other than chunked", False)
                 body = "chunked"
