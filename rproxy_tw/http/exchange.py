@@ -20,6 +20,7 @@ from zope.interface import Attribute, Interface
 
 from ..headers import (
     ForwardingInfo,
+    http_date,
     request_head_block,
     response_added_lines,
     response_head_block,
@@ -378,11 +379,12 @@ class ProxyExchange:
             and not self.extra_response_headers
             and not self.pool.sticky
         ):
-            block = response_head_block(headers, s.response_added)
+            block = response_head_block(headers, s.response_added, http_date(self.clock))
             if block is not None:
                 downstream.writeHead(status, reason, block, content_length, has_body)
                 return
-        out = response_headers_for_client(headers, s.via, s.server_header, b"1.1", keep_upgrade=upgrade)
+        out = response_headers_for_client(headers, s.via, s.server_header, b"1.1", keep_upgrade=upgrade,
+                                          date=http_date(self.clock))
         if self.extra_response_headers:
             out.extend(self.extra_response_headers)
         if self.pool.sticky and self.backend is not None:

@@ -20,9 +20,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import datetimeToString
 
-from ..headers import ForwardingInfo, is_trusted, serialize, trailers_for_client
+from ..headers import ForwardingInfo, http_date, is_trusted, serialize, trailers_for_client
 from ..logs import observer as log_observer
 from ..routing import ProxyRoute
 from ..tls import close_waits_for_peer
@@ -57,24 +56,6 @@ REASONS = {
     504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
 }
-
-
-_date_cache: list[Any] = [None, b""]
-"""The second last formatted by L{http_date}, and its IMF-fixdate."""
-
-
-def http_date(clock: IReactorTime) -> bytes:
-    """
-    The C{Date} of a response the proxy makes itself (RFC 9110 6.6.1), as
-    IMF-fixdate, from the injected clock: formatted once a second, not per
-    response.
-    """
-    second = int(clock.seconds())
-    cache = _date_cache
-    if cache[0] != second:
-        cache[1] = datetimeToString(second)
-        cache[0] = second
-    return cache[1]
 
 
 def error_body(status: int, message: str) -> bytes:
