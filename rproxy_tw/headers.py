@@ -10,7 +10,9 @@ case they arrived in; comparisons use the lower-cased name.
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
+
+from twisted.web.http import datetimeToString
 
 __all__ = [
     "HOP_BY_HOP",
@@ -169,7 +171,7 @@ class ForwardingInfo:
 
 
 # What to do with each request header, by lower-cased name.
-_KEEP, _DROP, _UPGRADE, _CONNECTION, _XFF, _FWD, _XFPROTO, _XFHOST, _REALIP, _HOST, _VIA = range(11)
+_KEEP, _DROP, _UPGRADE, _CONNECTION, _XFF, _FWD, _XFPROTO, _XFHOST, _REALIP, _HOST, _VIA, _DATE = range(12)
 CLIENT_SUBJECT = b"X-Client-Cert-Subject"
 """Carries the verified client certificate's subject to the origin; never taken from a client."""
 
@@ -191,7 +193,7 @@ _REQUEST_ACTIONS.update(
     }
 )
 _RESPONSE_ACTIONS = {name: _DROP for name in HOP_BY_HOP | FRAMING | MASKED_RESPONSE_HEADERS}
-_RESPONSE_ACTIONS.update({b"upgrade": _UPGRADE, b"connection": _CONNECTION, b"via": _VIA})
+_RESPONSE_ACTIONS.update({b"upgrade": _UPGRADE, b"connection": _CONNECTION, b"via": _VIA, b"date": _DATE})
 
 
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
@@ -304,19 +306,39 @@ def request_headers_for_origin(
     return out
 
 
+_date_cache: list[Any] = [None, b""]
+"""The second last formatted by L{http_date}, and its IMF-fixdate."""
+
+
+def http_date(clock: Any) -> bytes:
+    """
+    The C{Date} of a response the proxy makes itself (RFC 9110 6.6.1), as
+    IMF-fixdate, from the injected clock: formatted once a second, not per
+    response.
+    """
+    second = int(clock.seconds())
+    cache = _date_cache
+    if cache[0] != second:
+        cache[1] = datetimeToString(second)
+        cache[0] = second
+    return cache[1]
+
+
 def response_headers_for_client(
     headers: Headers,
     via: bytes,
     server_header: bytes,
     http_version: bytes = b"1.1",
     keep_upgrade: bool = False,
+    date: bytes = b"",
 ) -> list[Header]:
     """
     The headers to send to the client for an origin response.
 
     Drops hop-by-hop and framing headers and the headers that reveal the
     origin's software (C{Server}, C{X-Powered-By}...); adds C{Via} and our own
-    C{Server} (no version) unless C{server_header} is empty.
+    C{Server} (no version) unless C{server_header} is empty, and C{Date: date}
+    when the origin sent none (RFC 9110 section 6.6.1).
     """
     out: list[Header] = []
     append = out.append
@@ -324,6 +346,7 @@ def response_headers_for_client(
     via_values: list[bytes] | None = None
     connection: list[bytes] | None = None
     upgrade = None
+    dated = False
     for header in headers:
         action = actions.get(header[0].lower(), _KEEP)
         if action == _KEEP:
@@ -340,9 +363,15 @@ def response_headers_for_client(
             connection.append(header[1])
         elif action == _UPGRADE:
             upgrade = header
+        elif action == _DATE:
+            append(header)
+            dated = True
     if connection is not None:
         out = _drop_named(out, connection, keep_upgrade)
         append = out.append
+        dated = any(name.lower() == b"date" for name, _ in out)  # "Connection: date" may have dropped it
+    if date and not dated:
+        append((b"Date", date))
     own_via = http_version + b" " + via
     append((b"Via", own_via if via_values is None else b", ".join([*via_values, own_via])))
     if server_header:
@@ -388,13 +417,14 @@ def request_head_block(headers: Headers, info: ForwardingInfo, keep_upgrade: boo
     return b"\r\n".join(parts) + b"\r\n"
 
 
-def response_head_block(headers: Headers, added: bytes) -> bytes | None:
+def response_head_block(headers: Headers, added: bytes, date: bytes = b"") -> bytes | None:
     """
     C{serialize(response_headers_for_client(...))} in one pass for the common
     response, or None when the general rewrite is needed (C{Via},
     C{Upgrade}, C{Connection} options).
 
     @param added: this hop's own lines (C{Via}, C{Server}), serialized, no final CRLF.
+    @param date: the C{Date} value added when the origin sent none.
     """
     parts: list[bytes] = []
     append = parts.append
@@ -405,8 +435,13 @@ def response_head_block(headers: Headers, added: bytes) -> bytes | None:
             append(b": ".join(header))
         elif action == _DROP or (action == _CONNECTION and header[1].lower() in _PLAIN_CONNECTION):
             pass
+        elif action == _DATE:
+            append(b": ".join(header))
+            date = b""
         else:
             return None
+    if date:
+        append(b"Date: " + date)
     append(added)
     return b"\r\n".join(parts) + b"\r\n"
 

@@ -103,6 +103,19 @@ def test_proxied_response_keeps_the_origins_one_date():
     assert dates(resp.headers) == [ORIGIN_DATE]
 
 
+def test_proxied_response_gets_one_date_when_the_origin_sent_none():
+    """RFC 9110 6.6.1: a proxy forwarding an undated response adds the Date it received it (nginx does)."""
+    for extra in (b"", b"Connection: x-a\r\n", b"Connection: date\r\nDate: %s\r\n" % ORIGIN_DATE):
+        h = Harness()
+        h.reactor.advance(IMF_FIXDATE)
+        proto, client = h.client()
+        proto.dataReceived(request())
+        up, _origin = h.accept_origin()
+        up.dataReceived(b"HTTP/1.1 200 OK\r\n%sContent-Length: 2\r\n\r\nok" % extra)
+        resp = one_response(take(client))
+        assert dates(resp.headers) == [ORIGIN_DATE], (extra, resp.headers)
+
+
 @inline
 def test_real_listener_errors_carry_one_date(net):
     """404, 400 and 502 over a socket, as curl sees them."""

@@ -37,6 +37,8 @@ BAD_HEADS = {
     "path with a tab": [(b":method", b"GET"), (b":path", b"/a\tb")],
     "asterisk for GET": [(b":method", b"GET"), (b":path", b"*")],
     "path climbing above the root": [(b":method", b"GET"), (b":path", b"/../etc/passwd")],
+    "empty method": [(b":method", b""), (b":path", b"/echo")],
+    "path with bytes above 0x7E": [(b":method", b"GET"), (b":path", b"/echo\xc3\xa9")],
 }
 
 

@@ -350,6 +350,20 @@ def test_a_refused_head_gets_one_answer_even_when_the_parser_objects_next(net) -
     assert origin.requests == []
 
 
+@inline
+def test_transfer_encoding_in_an_http10_request_is_a_400_and_nothing_after_it_is_read(net) -> None:
+    """RFC 9112 section 6.1: HTTP/1.0 framing with Transfer-Encoding is faulty (nginx answers 400 too)."""
+    origin = yield net.origin()
+    proxy = yield net.proxy(proxy_config(origin.backend))
+    client = yield net.client(proxy.port)
+    client.send(b"POST /a HTTP/1.0\r\nHost: a.test\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"0\r\n\r\n" + request(b"GET", b"/smuggled", host=b"a.test"))
+    yield client.until_closed()
+    assert client.buf.count(b"HTTP/1.1 ") == 1, client.buf
+    assert client.buf.startswith(b"HTTP/1.1 400 ")
+    assert origin.requests == []
+
+
 @settings(derandomize=True, max_examples=500, deadline=None)
 @given(st.lists(_piece, min_size=1, max_size=8), st.sampled_from(["", "?q=1", "?a/../b"]))
 def test_parse_target_path_is_normalize_path(pieces: list[str], query: str) -> None:

@@ -21,13 +21,13 @@ from zope.interface import Attribute, Interface, implementer
 
 from ..headers import (
     ForwardingInfo,
+    http_date,
     request_head_block,
     response_added_lines,
     response_head_block,
     response_headers_for_client,
 )
 from ..logs import observer as log_observer
-from .dates import http_date
 from .flow import GateProducer
 from .upstream import BadResponse, ConnectTimeout, UpstreamConnection
 
@@ -502,11 +502,12 @@ class ProxyExchange:
             content_length = None
         downstream = self.downstream
         if downstream.wants_block and not upgrade:
-            block = response_head_block(headers, s.response_added)
+            block = response_head_block(headers, s.response_added, http_date(self.clock))
             if block is not None:
                 downstream.writeHead(status, reason, block, content_length, has_body)
                 return
-        out = response_headers_for_client(headers, s.via, s.server_header, b"1.1", keep_upgrade=upgrade)
+        out = response_headers_for_client(headers, s.via, s.server_header, b"1.1", keep_upgrade=upgrade,
+                                          date=http_date(self.clock))
         downstream.writeHead(status, reason, out, content_length, has_body)
 
     def responseBody(self, data: bytes) -> None:

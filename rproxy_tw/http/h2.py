@@ -751,8 +751,9 @@ class H2ServerConnection(Protocol):
             # Length unknown until END_STREAM: the origin gets it chunked.
             head.append((b"transfer-encoding", b"chunked"))
         try:
-            # Sizes (414, 431) and everything else are checked by the shared read_request_head.
-            exchange = self.factory.handle(stream, method or b"GET", path or b"/", b"2", head, True, False,
+            # h2 insists on :method and :path; an empty one is refused by read_request_head, which
+            # also checks the sizes (414, 431) and everything else, as for HTTP/1.1.
+            exchange = self.factory.handle(stream, method or b"", path or b"", b"2", head, True, False,
                                            sizes_checked=False)
         except Exception:  # noqa: BLE001 - a bug must cost one stream, not the connection
             self._log.failure("HTTP/2 request handling failed")

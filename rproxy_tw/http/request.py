@@ -113,6 +113,9 @@ def read_request_head(
             content_length = int(value)
             body = "length"
         elif size == 17 and name.lower() == b"transfer-encoding":
+            if http_version == b"1.0":
+                # RFC 9112 section 6.1: such framing is faulty; nginx answers 400 too.
+                raise RequestRejected(400, "Bad Request: Transfer-Encoding in an HTTP/1.0 request")
             if value.strip().lower() != b"chunked":
                 raise RequestRejected(501, "Not Implemented: transfer coding other than chunked")
             body = "chunked"

@@ -22,14 +22,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..headers import ForwardingInfo, is_trusted, serialize, trailers_for_client
+from ..headers import ForwardingInfo, http_date, is_trusted, serialize, trailers_for_client
 from ..logs import observer as log_observer
 from ..events import EventBus, request_finished
 from ..pipeline import EMPTY_CHAIN, FilterChain, ResponseHeaders
 from ..routing import ErrorPage, ProxyRoute
 from ..tls import close_waits_for_peer
 from .exchange import IDownstream, IExchange, ProxyExchange, RequestRejected as _Reject
-from .dates import http_date
 from .fastwrite import direct_writer, no_delay
 from .flow import ReadGate, ResponseFlow
 from .request import ProxyRequest, read_request_head

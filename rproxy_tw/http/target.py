@@ -29,7 +29,8 @@ _UNRESERVED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-.
 _REG_NAME = _UNRESERVED + b"%!$&'()*+,;="
 _IP_LITERAL = _HEX + b":.vV-_~!$&'()*+,;="
 _DIGITS = b"0123456789"
-_CONTROLS_AND_SPACE = bytes(range(0x21)) + b"\x7f"
+# ... and bytes above 0x7E, which no URI holds (llhttp refuses them on HTTP/1.1).
+_CONTROLS_AND_SPACE = bytes(range(0x21)) + bytes(range(0x7F, 0x100))
 _PERCENT_DECODED = {b"%%%02X" % c: bytes((c,)) for c in _UNRESERVED} | {b"%%%02x" % c: bytes((c,)) for c in _UNRESERVED}
 
 
