@@ -349,7 +349,7 @@ class _WebRequestDownstream:
             events.publish(request_finished(self.client_ip, exchange, self.body_bytes, self.clock.seconds()))
 
     def registerUpstream(self, conn: Any) -> None:
-        from .http.flow import GateProducer
+        from .transport.flow import GateProducer
 
         if not self.gone:
             self.request.registerProducer(GateProducer(conn.gate, "client"), True)

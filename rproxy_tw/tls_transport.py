@@ -51,7 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .http.fastwrite import direct_writer
+from .transport.fastwrite import direct_writer
 from .logs import observer as log_observer
 
 __all__ = ["LINGER", "TLSServerConnection", "StdlibTLSServerFactory"]

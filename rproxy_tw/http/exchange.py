@@ -28,7 +28,7 @@ from ..headers import (
     response_headers_for_client,
 )
 from ..logs import observer as log_observer
-from .flow import GateProducer
+from ..transport.flow import GateProducer
 from .upstream import BadResponse, ConnectTimeout, UpstreamConnection
 
 if TYPE_CHECKING:

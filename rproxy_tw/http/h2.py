@@ -48,8 +48,8 @@ from zope.interface import implementer
 from ..headers import trailers_for_client
 from ..logs import observer as log_observer
 from .exchange import IDownstream, ProxyExchange, RequestRejected
-from .fastwrite import no_delay
-from .flow import ReadGate
+from ..transport.fastwrite import no_delay
+from ..transport.flow import ReadGate
 from .server import LocalResponse, client_address, forwarding_info, http_date
 
 __all__ = ["ALPNSwitch", "H2ServerConnection", "H2Stream"]

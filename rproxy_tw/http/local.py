@@ -58,8 +58,8 @@ class _Channel:
         chunked = headers.hasHeader(b"Transfer-Encoding")
         length = headers.hasHeader(b"Content-Length")
         if not ex.keep_alive or (not chunked and not length and ex.method != b"HEAD" and int(code) not in (204, 304)):
-            self.conn._close_after = True
-        if self.conn._close_after:
+            self.conn.closeAfterResponse()
+        if self.conn.closesAfterResponse:
             headers.setRawHeaders(b"Connection", [b"close"])
         elif ex.http_version == b"1.0":
             headers.setRawHeaders(b"Connection", [b"keep-alive"])
@@ -69,12 +69,10 @@ class _Channel:
             for value in values:
                 seq.extend((name, b": ", value, b"\r\n"))
         seq.append(b"\r\n")
-        self.write(b"".join(seq))
+        self.conn.writeResponseHead(b"".join(seq))
 
     def write(self, data: bytes) -> None:
-        if not self.conn.disconnected:
-            self.conn._body_bytes += len(data)
-            self.conn.write(data)
+        self.conn.writeResponseBody(data)
 
     def writeSequence(self, seq: Any) -> None:
         self.write(b"".join(seq))
@@ -97,7 +95,6 @@ class _Channel:
         self.transport.loseConnection()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
-        self.conn._close_after = True
         self.conn.writeLocal(400, "Bad Request", True)
         self.requestDone(None)
 

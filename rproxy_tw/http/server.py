@@ -29,8 +29,8 @@ from ..pipeline import EMPTY_CHAIN, FilterChain, ResponseHeaders
 from ..routing import ErrorPage, ProxyRoute
 from ..tls import close_waits_for_peer
 from .exchange import IDownstream, IExchange, ProxyExchange, RequestRejected as _Reject
-from .fastwrite import direct_writer, no_delay
-from .flow import ReadGate, ResponseFlow
+from ..transport.fastwrite import direct_writer, no_delay
+from ..transport.flow import ReadGate, ResponseFlow
 from .request import ProxyRequest, read_request_head
 
 __all__ = ["HTTPProxyFactory", "HTTPServerConnection", "LocalResponse", "http_date"]
@@ -654,6 +654,26 @@ class HTTPServerConnection(Protocol):
                               http_date(factory.clock), page)
         self._body_bytes += len(page.body) if page is not None else len(error_body(status, message))
         self.write(data)
+
+    # -- for a twisted.web resource answering on this connection (http/local.py) -------------
+
+    def closeAfterResponse(self) -> None:
+        """The response being written ends the connection (its length is unknown, or the request asked)."""
+        self._close_after = True
+
+    @property
+    def closesAfterResponse(self) -> bool:
+        return self._close_after
+
+    def writeResponseHead(self, data: bytes) -> None:
+        """A response head already serialized (not counted in the access log's body bytes)."""
+        if not self.disconnected:
+            self.write(data)
+
+    def writeResponseBody(self, data: bytes) -> None:
+        if not self.disconnected:
+            self._body_bytes += len(data)
+            self.write(data)
 
     def registerUpstream(self, conn: Any) -> None:
         if conn.gate is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .flow import GateProducer
+from ..transport.flow import GateProducer
 
 __all__ = ["Tunnel"]
 

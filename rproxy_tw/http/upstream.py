@@ -21,8 +21,8 @@ from twisted.python.failure import Failure
 
 from ..config import LimitsConfig
 from ..logs import observer as log_observer
-from .fastwrite import direct_writer, no_delay
-from .flow import GateProducer, ReadGate
+from ..transport.fastwrite import direct_writer, no_delay
+from ..transport.flow import GateProducer, ReadGate
 
 if TYPE_CHECKING:
     from ..upstream.pool import Backend

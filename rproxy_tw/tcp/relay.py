@@ -57,8 +57,8 @@ from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
 from ..config import DEFAULT_MAX_CONNECTIONS, TCP_IDLE_TIMEOUT
-from ..http.fastwrite import direct_writer
-from ..http.flow import GateProducer, ReadGate
+from ..transport.fastwrite import direct_writer
+from ..transport.flow import GateProducer, ReadGate
 from ..logs import observer as log_observer
 from . import proxy_protocol
 from .proxy_protocol import TLSInfo
