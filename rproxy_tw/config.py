@@ -50,6 +50,9 @@ BALANCE_PREFIXES = ("hash:client_ip", "hash:header:", "cookie:")
 DEFAULT_MAX_CONNECTIONS = 10000
 """Connections open at once on one listener, unless it sets C{max_connections}."""
 
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+"""Seconds a graceful stop waits for work in flight, unless C{[server] shutdown_timeout} says."""
+
 TCP_IDLE_TIMEOUT = 3600.0
 """
 Seconds a raw TCP relay may carry no byte either way before both sides are
@@ -108,8 +111,8 @@ class ServerConfig:
     """The least severe of the proxy's own log events written (the access log is apart)."""
     workers: int | str = 1
     """Reactor processes sharing the listeners (C{"auto"}: one per core); only 1 is enforced yet."""
-    shutdown_timeout: float | None = None
-    """Seconds SIGTERM waits for work in flight; L{None} when the config does not say (not enforced yet)."""
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    """Seconds a graceful stop (SIGTERM) waits for requests, downloads and tunnels in flight before cutting them."""
 
 
 @frozen
@@ -1064,9 +1067,6 @@ def not_enforced_warnings(config: ProxyConfig) -> list[str]:
     if server.workers != 1:
         lines.append(f"server.workers = {server.workers!r} is accepted but not enforced by this version "
                      "(one process serves)")
-    if server.shutdown_timeout is not None:
-        lines.append("server.shutdown_timeout is accepted but not enforced by this version "
-                     "(a stop closes connections at once)")
     for name, profile in config.tls.items():
         if profile.acme:
             lines.append(f"tls.{name}.acme is accepted but not enforced by this version"

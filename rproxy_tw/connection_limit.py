@@ -7,7 +7,7 @@ what is over the limit at once, as the TCP listener does.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -30,7 +30,11 @@ class ConnectionLimit:
     The open connections of one listener, against its C{max_connections}.
 
     @ivar active: connections built and not yet lost.
+    @ivar open: those connections' protocols (a graceful stop drains them,
+        TLS handshakes in progress included).
     @ivar rejected: connections closed at once because C{active} was at the limit.
+    @ivar on_close: called after each counted connection is lost (a stop
+        waiting for the last one).
     """
 
     _log = Logger(observer=log_observer)
@@ -40,7 +44,9 @@ class ConnectionLimit:
         self.listener = listener
         self.limit = limit
         self.active = 0
+        self.open: set[Any] = set()
         self.rejected = 0
+        self.on_close: Callable[[], None] | None = None
         self._logged_at: float | None = None
         self._unlogged = 0
 
@@ -64,6 +70,7 @@ class ConnectionLimit:
     def track(self, protocol: Any) -> Any:
         """Count C{protocol} as open until its C{connectionLost}."""
         self.active += 1
+        self.open.add(protocol)
         lost = protocol.connectionLost
         counted = [True]
 
@@ -71,7 +78,10 @@ class ConnectionLimit:
             if counted:
                 counted.clear()
                 self.active -= 1
+                self.open.discard(protocol)
             lost(reason)
+            if self.on_close is not None:
+                self.on_close()
 
         protocol.connectionLost = connectionLost
         return protocol

@@ -18,9 +18,10 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
@@ -48,11 +49,22 @@ from .upstream.health import HealthMonitor, PassiveConfig, PassiveHealth, monito
 from .upstream.pool import BackendPool
 from .upstream.retry import RetryBudget
 
-__all__ = ["ListenError", "ProxyRuntime", "ProxyService", "service_from_file"]
+__all__ = ["ListenError", "ProxyRuntime", "ProxyService", "ReloadSummary", "service_from_file"]
 
 
 class ProxyRuntime:
-    """Everything one configuration gives: pools, connectors, routes, settings."""
+    """
+    Everything one configuration gives: pools, connectors, routes, settings.
+
+    A reload builds a new runtime from the new config and the one serving
+    (C{previous}): a backend that stays (same pool, same endpoint string, the
+    pool's TLS client settings unchanged) is the same L{Backend} object, with
+    its health, counters and idle connections; a pool whose health check is
+    unchanged keeps its monitor, one with passive health keeps it.  Nothing
+    of C{previous} changes until L{commit}, so a reload refused after this
+    leaves it serving as it was.  Exchanges in flight hold the pools,
+    connectors and settings they started with.
+    """
 
     def __init__(
         self,
@@ -60,13 +72,19 @@ class ProxyRuntime:
         reactor: Any,
         endpoint_for: Callable[[str], Any] | None = None,
         access_log: Any = "config",
+        previous: ProxyRuntime | None = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
-        self.pools: dict[str, BackendPool] = {
-            name: BackendPool(pc, reactor, endpoint_for or _endpoint_factory(reactor, pc, name))
-            for name, pc in config.pools.items()
-        }
+        self.endpoint_for = endpoint_for
+        old_pools = previous.pools if previous is not None else {}
+        self.pools: dict[str, BackendPool] = {}
+        for name, pc in config.pools.items():
+            old = old_pools.get(name)
+            reuse = {b.config.endpoint: b for b in old.backends} if old is not None and \
+                _same_endpoints(old.config, pc) else None
+            self.pools[name] = BackendPool(pc, reactor, endpoint_for or _endpoint_factory(reactor, pc, name),
+                                           reuse=reuse)
         self.connectors: dict[str, UpstreamConnector] = {
             name: UpstreamConnector(reactor, pc.keepalive, pc.keepalive_timeout, pc.connect_timeout,
                                     span=min(pc.keepalive_timeout, pc.response_timeout, pc.idle_timeout),
@@ -77,17 +95,28 @@ class ProxyRuntime:
         server_header = config.server.server_header.encode("ascii")
         self.passive: dict[str, PassiveHealth] = {}
         self.monitors: dict[str, HealthMonitor] = {}
+        self._adopt: list[Callable[[], None]] = []
+        """What L{commit} does to carried-over monitors and passive health."""
         for name, pc in config.pools.items():
+            pool = self.pools[name]
+            slow_start = pc.health.slow_start if pc.health else 0.0
             if pc.passive.enabled:
-                self.passive[name] = PassiveHealth(
-                    self.pools[name],
-                    reactor,
-                    PassiveConfig(**attrs.asdict(pc.passive, recurse=False)),
-                    slow_start=pc.health.slow_start if pc.health else 0.0,
-                )
-            monitor = monitor_for(self.pools[name], reactor)
-            if monitor is not None:
-                self.monitors[name] = monitor
+                passive_config = PassiveConfig(**attrs.asdict(pc.passive, recurse=False))
+                carried = previous.passive.get(name) if previous is not None else None
+                if carried is not None:
+                    self.passive[name] = carried
+                    self._adopt.append(lambda p=carried, pool=pool, c=passive_config, s=slow_start:
+                                       p.adopt(pool, c, s))
+                else:
+                    self.passive[name] = PassiveHealth(pool, reactor, passive_config, slow_start=slow_start)
+            old_monitor = previous.monitors.get(name) if previous is not None else None
+            if old_monitor is not None and old_monitor.config == pc.health:
+                self.monitors[name] = old_monitor
+                self._adopt.append(lambda m=old_monitor, pool=pool: m.adopt(pool))
+            else:
+                monitor = monitor_for(pool, reactor)
+                if monitor is not None:
+                    self.monitors[name] = monitor
         self.exchange_settings: dict[str, ExchangeSettings] = {
             name: ExchangeSettings(
                 via,
@@ -108,12 +137,21 @@ class ProxyRuntime:
                 route.plan = self._plan(route)
         self.site = Site(self.router)
         self.site.displayTracebacks = False
-        self.events = EventBus()
-        """What happened (requests, tunnels...): the access log observes it, and so can an application."""
+        self.events = previous.events if previous is not None else EventBus()
+        """
+        What happened (requests, tunnels...): the access log observes it, and
+        so can an application.  One bus for the service's whole life: its
+        observers stay subscribed across reloads.
+        """
         if access_log == "config":
-            access_log = make_access_log(reactor, config.server.access_log, config.server.access_log_format)
+            server, old_server = config.server, previous.config.server if previous is not None else None
+            if old_server is not None and (server.access_log, server.access_log_format) == \
+                    (old_server.access_log, old_server.access_log_format):
+                access_log = previous.access_log  # type: ignore[union-attr]
+            else:
+                access_log = make_access_log(reactor, server.access_log, server.access_log_format)
         self.access_log = access_log
-        if access_log is not None:
+        if previous is None and access_log is not None:
             self.events.subscribe(access_log)
 
     def add_filter(self, step: Any, host: str | None = None, path: str | None = None) -> None:
@@ -150,6 +188,33 @@ class ProxyRuntime:
             retry_non_idempotent=rc.retry_non_idempotent,
             error_pages={**self.config.error_pages, **rc.error_pages},
         )
+
+    def commit(self, previous: ProxyRuntime | None) -> None:
+        """
+        This runtime replaces C{previous}: reused backends take their new
+        settings, carried monitors and passive health watch the new pools,
+        and idle connections to backends that are gone are closed (requests
+        in flight to them finish).
+        """
+        for pool in self.pools.values():
+            pool.take_over()
+        adopt, self._adopt = self._adopt, []
+        for step in adopt:
+            step()
+        if previous is None:
+            return
+        if previous.access_log is not self.access_log:
+            if previous.access_log is not None:
+                self.events.unsubscribe(previous.access_log)
+            if self.access_log is not None:
+                self.events.subscribe(self.access_log)
+        kept = {b for pool in self.pools.values() for b in pool.backends}
+        for pool in previous.pools.values():
+            for backend in pool.backends:
+                if backend not in kept:
+                    for conn in list(backend.idle):
+                        conn.close()
+                    backend.idle.clear()
 
     def mount(self, path: str, resource: IResource, host: str | None = None) -> None:
         """Serve an application's own resource at C{path} (for C{host}, or any)."""
@@ -217,6 +282,11 @@ class ProxyRuntime:
                 exchange.requestBodyData(chunk)
             exchange.requestBodyEnd()
         return NOT_DONE_YET
+
+
+def _same_endpoints(old: Any, new: Any) -> bool:
+    """Whether a pool's backend endpoint objects stay valid: its TLS client settings are the same."""
+    return (old.ca, old.client_cert, old.client_key) == (new.ca, new.client_cert, new.client_key)
 
 
 def _endpoint_factory(reactor: Any, pool: Any, name: str) -> Callable[[str], Any]:
@@ -365,6 +435,25 @@ class _WebRequestDownstream:
         self.failResponse(502, "Bad Gateway: protocol upgrades are not proxied through an embedding Site")
 
 
+class _CurrentTree(Resource):
+    """
+    What an application mounts in its own C{Site}: the routes of the
+    configuration the service runs now.  A reload builds a new router; an
+    application's C{Site} keeps this one, which asks for the current router
+    on every request.
+    """
+
+    def __init__(self, service: ProxyService) -> None:
+        super().__init__()
+        self.service = service
+
+    def getChildWithDefault(self, path: bytes, request: Any) -> IResource:
+        return self.service.runtime.router.getChildWithDefault(path, request)  # type: ignore[no-any-return]
+
+    def render(self, request: Any) -> Any:
+        return self.service.runtime.router.render(request)
+
+
 class ListenError(Exception):
     """
     A listener could not listen (port in use, no permission, no such
@@ -381,18 +470,256 @@ class _Listener(StreamServerEndpointService):
     """One C{[[listen]]}: a failure to listen is a L{ListenError} with one line, not a traceback."""
 
     _log = Logger(observer=log_observer)
+    label = "listen"
+    """C{listen[INDEX] ENDPOINT}, for the error line (not a service name: a reload renumbers listeners)."""
 
     def privilegedStartService(self) -> None:
+        if self._waitingForPort is not None:
+            return  # a listener a reload added listens before it joins the service
         try:
             super().privilegedStartService()
         except Exception as e:  # noqa: BLE001 - whatever the endpoint raised, one line says it
             error = getattr(e, "socketError", None) or e
             why = getattr(error, "strerror", None) or str(error) or type(error).__name__
-            line = f"{self.name}: cannot listen: {why}"
+            line = f"{self.label}: cannot listen: {why}"
             # error, not critical: before logging starts Twisted copies critical events to stderr,
             # where the twistd plugin writes the line itself.
             self._log.error("{line}", line=line)
             raise ListenError(line) from None
+        self._waitingForPort.addCallback(self._listening)
+
+    _port: Any = None
+
+    def _listening(self, port: Any) -> Any:
+        # Kept here: whoever waits on _waitingForPort may take its result (an
+        # inlineCallbacks yield leaves None), and stopService must still find the port.
+        self._port = port
+        return port
+
+    def stopService(self) -> Deferred[None]:
+        port, self._port = self._port, None
+        d = super().stopService()
+        if port is None:
+            return d
+        return d.addCallback(lambda _: None if port.disconnecting else port.stopListening())
+
+
+class _ListenerFactory(Factory):
+    """
+    What a listening port builds connections with: the listener's current
+    factory, which a reload may replace while the port (and its socket) stays.
+    """
+
+    noisy = False
+
+    def __init__(self, current: Any) -> None:
+        self.current = current
+        self._started = False
+
+    def doStart(self) -> None:
+        self._started = True
+        self.current.doStart()
+
+    def doStop(self) -> None:
+        self._started = False
+        self.current.doStop()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.current.buildProtocol(addr)
+
+    def logPrefix(self) -> str:
+        return self.current.logPrefix()  # type: ignore[no-any-return]
+
+    def swap(self, factory: Any) -> None:
+        old, self.current = self.current, factory
+        if self._started:
+            factory.doStart()
+            old.doStop()
+
+
+@attrs.define(eq=False)
+class _Slot:
+    """One listener: its config, its factories (C{outer} is C{inner} or TLS around it) and its port's service."""
+
+    listen: Any
+    inner: Any
+    outer: Any
+    switch: _ListenerFactory
+    service: _Listener
+
+
+def _inner(factory: Any) -> Any:
+    return getattr(factory, "wrappedFactory", factory)
+
+
+def _open_connections(factory: Any) -> list[Any]:
+    """The connections of a listener's factory that a stop waits for: HTTP ones (TLS handshakes too), TCP relays."""
+    inner = _inner(factory)
+    limit = getattr(inner, "connection_limit", None)
+    if limit is not None:
+        return list(limit.open)
+    return list(getattr(inner, "connections", ()))
+
+
+def _drain(factory: Any) -> None:
+    """Ask each HTTP connection of C{factory} to close when its current work is done; tunnels and relays go on."""
+    for conn in _open_connections(factory):
+        drain = getattr(conn, "drain", None)
+        if drain is not None:
+            drain()
+
+
+def _cut(factory: Any, why: str) -> None:
+    """Close every connection of C{factory} now."""
+    inner = _inner(factory)
+    abort_all = getattr(inner, "abortAll", None)
+    if abort_all is not None:
+        abort_all(why)
+        return
+    for conn in _open_connections(factory):
+        transport = getattr(conn, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
+
+def _watch(factory: Any, callback: Callable[[], None] | None) -> None:
+    """Have C{callback} called whenever a connection of C{factory} ends."""
+    inner = _inner(factory)
+    limit = getattr(inner, "connection_limit", None)
+    if limit is not None:
+        limit.on_close = callback
+    elif hasattr(inner, "on_close"):
+        inner.on_close = callback
+
+
+class _GracefulStop:
+    """
+    Stopping without cutting work in flight: every HTTP connection is asked
+    to drain (idle ones close, busy ones after their response, HTTP/2 says
+    GOAWAY), tunnels and TCP sessions go on; when the last connection ends,
+    or C{timeout} seconds have passed, or L{cut} is called, C{done} fires,
+    what remains having been cut.
+    """
+
+    TICK = 0.5
+    """Seconds between asking again (a connection whose upgrade was refused is idle only later)."""
+
+    _log = Logger(observer=log_observer)
+
+    def __init__(self, clock: Any, factories: list[Any], timeout: float) -> None:
+        self.clock = clock
+        self.factories = factories
+        self.timeout = timeout
+        self.done: Deferred[None] = Deferred()
+        self.cut_connections = 0
+        """How many connections the deadline (or a second signal) cut."""
+        self.ended = False
+        """Every connection finished, or what remained was cut."""
+        self._deadline: Any = None
+        self._tick: Any = None
+
+    def open(self) -> int:
+        return sum(len(_open_connections(f)) for f in self.factories)
+
+    def start(self) -> Deferred[None]:
+        count = self.open()
+        if not count:
+            self.ended = True
+            self.done.callback(None)
+            return self.done
+        self._log.info("stopping: waiting up to {timeout}s for {count} connection(s) to finish their work",
+                       timeout=self.timeout, count=count)
+        for factory in self.factories:
+            _watch(factory, self._check)
+        self._deadline = self.clock.callLater(self.timeout, self.cut, f"shutdown_timeout {self.timeout:g}s passed")
+        self._again()
+        return self.done
+
+    def _again(self) -> None:
+        self._tick = None
+        for factory in self.factories:
+            _drain(factory)
+        if not self._check():
+            self._tick = self.clock.callLater(self.TICK, self._again)
+
+    def _check(self) -> bool:
+        if self.ended:
+            return True
+        if self.open():
+            return False
+        self._log.info("stopped: every connection finished")
+        self._finish()
+        return True
+
+    def cut(self, why: str) -> None:
+        """Close what is still open now."""
+        if self.done.called or self.ended:
+            return
+        count = self.open()
+        self.cut_connections = count
+        self._log.warn("stopping: {why}: cutting {count} connection(s)", why=why, count=count)
+        for factory in self.factories:
+            _cut(factory, why)
+        # Done a turn later, once the aborts have been processed: the reactor's own
+        # shutdown would otherwise close origin connections first, and an exchange
+        # could still answer its aborted client (a 502 after the cut).
+        self._finish(later=True)
+
+    def _finish(self, later: bool = False) -> None:
+        self.ended = True
+        for call in (self._deadline, self._tick):
+            if call is not None and call.active():
+                call.cancel()
+        self._deadline = self._tick = None
+        for factory in self.factories:
+            _watch(factory, None)
+        if later:
+            self._deadline = self.clock.callLater(0, self.done.callback, None)
+        else:
+            self.done.callback(None)
+
+
+@attrs.frozen
+class ReloadSummary:
+    """What a reload changed; C{str()} is its log line."""
+
+    routes: tuple[int, int]
+    routes_changed: bool
+    pools: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+    """Added, removed, changed."""
+    listeners: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+    tls: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
+    other: tuple[str, ...]
+    """Other sections that changed: C{limits}, C{server}."""
+
+    def __str__(self) -> str:
+        parts = []
+        if self.routes_changed:
+            parts.append(f"routes {self.routes[0]} -> {self.routes[1]}")
+        for label, (added, removed, changed) in (("pools", self.pools), ("listeners", self.listeners),
+                                                 ("tls", self.tls)):
+            items = [f"+{n}" for n in added] + [f"-{n}" for n in removed] + [f"~{n}" for n in changed]
+            if items:
+                parts.append(f"{label} {' '.join(items)}")
+        parts += [f"{name} changed" for name in self.other]
+        return "reload: " + (", ".join(parts) if parts else "no changes")
+
+
+def _diff(old: Any, new: Any) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    return (tuple(k for k in new if k not in old), tuple(k for k in old if k not in new),
+            tuple(k for k in new if k in old and new[k] != old[k]))
+
+
+def summarize(old: ProxyConfig, new: ProxyConfig) -> ReloadSummary:
+    """What changes from C{old} to C{new}."""
+    other = tuple(name for name in ("limits", "server") if getattr(old, name) != getattr(new, name))
+    return ReloadSummary(
+        (len(old.routes), len(new.routes)), old.routes != new.routes,
+        _diff(old.pools, new.pools),
+        _diff({l.endpoint: l for l in old.listen}, {l.endpoint: l for l in new.listen}),
+        _diff(old.tls, new.tls),
+        other,
+    )
 
 
 class ProxyService(MultiService):
@@ -400,6 +727,9 @@ class ProxyService(MultiService):
     rproxy as an C{IService}: the listeners of a config, with their pools
     and routes.  Add it to an application's C{MultiService}, or mount
     L{resource} in the application's own C{Site}.
+
+    L{reload} applies a new config to the running service; L{stopService}
+    stops gracefully (see docs/config.md, "Reload and stop").
     """
 
     _log = Logger(observer=log_observer)
@@ -408,20 +738,24 @@ class ProxyService(MultiService):
         super().__init__()
         self.reactor = reactor
         self.config = config
+        self.endpoint_for = endpoint_for
         set_log_level(config.server.log_level)
         self.runtime = ProxyRuntime(config, reactor, endpoint_for)
-        self.factories: list[Any] = []
-        self.listeners: list[StreamServerEndpointService] = []
+        self.load_config: Callable[[], ProxyConfig] | None = lambda: load_config(self.config.source)
+        """What L{reload_file} reads: the config file again (C{twistd rproxy} adds its command-line overrides)."""
+        self._mounts: list[tuple[str, IResource, str | None]] = []
+        self._filters: list[tuple[Any, str | None, str | None]] = []
+        """Filters an application added with L{add_filter}: every reload's runtime gets them too."""
+        self._resource = _CurrentTree(self)
+        self._slots: list[_Slot] = []
+        self._retired: list[Any] = []
+        """Factories a reload took off a port: their connections finish, and a stop waits for them."""
+        self._stopping: _GracefulStop | None = None
         for index, listen in enumerate(config.listen):
-            factory = self._factory_for(listen, index)
-            self.factories.append(factory)
-            endpoint = serverFromString(reactor, listen.endpoint)
-            service = _Listener(endpoint, factory)
-            service._raiseSynchronously = True
-            service.setName(f"listen[{index}] {listen.endpoint}")
-            service.setServiceParent(self)
-            self.listeners.append(service)
-        TimerService(5.0, self.runtime.sweep_idle).setServiceParent(self)
+            slot = self._slot(listen, index, self.runtime, config)
+            slot.service.setServiceParent(self)
+            self._slots.append(slot)
+        TimerService(5.0, self._sweep_idle).setServiceParent(self)
         for monitor in self.runtime.monitors.values():
             monitor.setServiceParent(self)
         for passive in self.runtime.passive.values():
@@ -433,29 +767,59 @@ class ProxyService(MultiService):
         for line in not_enforced_warnings(config):
             self._log.warn("{warning}", warning=line)
 
-    def _factory_for(self, listen: Any, index: int = 0) -> Any:
-        reactor = self.reactor
-        tls_profile = self.config.tls.get(listen.tls) if listen.tls else None
-        if tls_profile is not None and not tls_profile.certificates:
-            raise ConfigError(self.config.source, f"listen[{index}].tls",
+    @property
+    def factories(self) -> list[Any]:
+        """Each listener's factory (TLS around the HTTP or TCP one when it has a profile), in config order."""
+        return [slot.outer for slot in self._slots]
+
+    @property
+    def listeners(self) -> list[StreamServerEndpointService]:
+        return [slot.service for slot in self._slots]
+
+    def _sweep_idle(self) -> None:
+        self.runtime.sweep_idle()
+
+    # -- building listeners ----------------------------------------------------------------
+
+    def _tls_profile(self, listen: Any, index: int, config: ProxyConfig) -> Any:
+        profile = config.tls.get(listen.tls) if listen.tls else None
+        if profile is not None and not profile.certificates:
+            raise ConfigError(config.source, f"listen[{index}].tls",
                               f"{listen.endpoint!r} cannot start: [tls.{listen.tls}] has no certificates "
                               "until ACME is built")
-        if listen.protocol == "http":
-            factory: Any = HTTPProxyFactory(self.runtime, reactor, scheme="https" if tls_profile else "http",
-                                            listen=listen)
-        else:
-            try:
-                from .tcp.relay import TCPProxyFactory
-            except ImportError:
-                raise ConfigError(self.config.source, "listen.protocol", "tcp listeners are not available yet") from None
-            pool = self.runtime.pools[listen.pool]
-            factory = TCPProxyFactory(reactor, pool, listen, self.config.pools[listen.pool],
-                                      passive=self.runtime.passive.get(listen.pool))
-        if tls_profile is not None:
-            from .tls import tls_server_factory
+        return profile
 
-            factory = tls_server_factory(reactor, tls_profile, factory, http=listen.protocol == "http")
-        return factory
+    def _inner_factory(self, listen: Any, runtime: ProxyRuntime, config: ProxyConfig) -> Any:
+        if listen.protocol == "http":
+            return HTTPProxyFactory(runtime, self.reactor, scheme="https" if listen.tls else "http", listen=listen)
+        try:
+            from .tcp.relay import TCPProxyFactory
+        except ImportError:
+            raise ConfigError(config.source, "listen.protocol", "tcp listeners are not available yet") from None
+        return TCPProxyFactory(self.reactor, runtime.pools[listen.pool], listen, config.pools[listen.pool],
+                               passive=runtime.passive.get(listen.pool))
+
+    def _outer_factory(self, listen: Any, profile: Any, inner: Any) -> Any:
+        if profile is None:
+            return inner
+        from .tls import tls_server_factory
+
+        return tls_server_factory(self.reactor, profile, inner, http=listen.protocol == "http")
+
+    def _slot(self, listen: Any, index: int, runtime: ProxyRuntime, config: ProxyConfig) -> _Slot:
+        profile = self._tls_profile(listen, index, config)
+        inner = self._inner_factory(listen, runtime, config)
+        outer = self._outer_factory(listen, profile, inner)
+        switch = _ListenerFactory(outer)
+        service = _Listener(serverFromString(self.reactor, listen.endpoint), switch)
+        service._raiseSynchronously = True
+        service.label = f"listen[{index}] {listen.endpoint}"
+        return _Slot(listen, inner, outer, switch, service)
+
+    def _factory_for(self, listen: Any, index: int = 0) -> Any:
+        """The factory C{listen} gets with the current runtime (TLS around it when it has a profile)."""
+        profile = self._tls_profile(listen, index, self.config)
+        return self._outer_factory(listen, profile, self._inner_factory(listen, self.runtime, self.config))
 
     def listening(self) -> Deferred[list[Any]]:
         """
@@ -464,38 +828,169 @@ class ProxyService(MultiService):
         """
         return gatherResults([svc._waitingForPort for svc in self.listeners], consumeErrors=True)
 
-    def stopService(self) -> Deferred[None]:
-        """Stop listening, then close the connections still open (an embedding app expects a clean stop)."""
-        d = super().stopService()
+    # -- reload ----------------------------------------------------------------------------
 
-        def close_connections(result: Any) -> Any:
-            for factory in self.factories:
-                inner = getattr(factory, "wrappedFactory", factory)
-                abort = getattr(inner, "abortAll", None)
-                if abort is not None:
-                    abort()
-                for conn in list(getattr(inner, "connections", ())):
-                    transport = getattr(conn, "transport", None)
-                    if transport is not None:
-                        transport.loseConnection()
-            return result
+    def reload(self, config: ProxyConfig) -> ReloadSummary:
+        """
+        Apply C{config} to the running service: routes, pools, balancing,
+        health checks, limits, TLS profiles, header rules and listeners.
+        Requests, tunnels and TCP sessions open finish with what they started
+        with; backends that stay keep their health, counters and idle
+        connections; unchanged listeners keep their sockets.
 
-        return d.addBoth(close_connections)
+        Everything that can fail (certificates, keys, CA files, opening added
+        listeners) is done before anything changes: on failure nothing has.
+
+        @return: what changed; its C{str()} is the line logged.
+        @raise ConfigError: a file the config names cannot be used.
+        @raise ListenError: an added listener cannot listen.
+        """
+        if self._stopping is not None:
+            raise ConfigError(config.source, "", "not reloaded: the service is stopping")
+        old_config, old_runtime = self.config, self.runtime
+        summary = summarize(old_config, config)
+        runtime = ProxyRuntime(config, self.reactor, self.endpoint_for, previous=old_runtime)
+        for path, resource, host in self._mounts:
+            runtime.mount(path, resource, host)
+        for step, host, path in self._filters:
+            runtime.add_filter(step, host, path)
+        by_endpoint = {slot.listen.endpoint: slot for slot in self._slots}
+        wanted = {listen.endpoint for listen in config.listen}
+        plan: list[tuple[str, _Slot, Any, int, Any, Any]] = []
+        for index, listen in enumerate(config.listen):
+            slot = by_endpoint.get(listen.endpoint)
+            profile = self._tls_profile(listen, index, config)
+            if slot is None:
+                plan.append(("add", self._slot(listen, index, runtime, config), listen, index, None, None))
+            elif (slot.listen.protocol, slot.listen.tls is None) != (listen.protocol, listen.tls is None):
+                # Another kind of listener on the same endpoint: new factories behind the same port.
+                inner = self._inner_factory(listen, runtime, config)
+                plan.append(("replace", slot, listen, index, inner, self._outer_factory(listen, profile, inner)))
+            elif profile is not None and profile != old_config.tls.get(slot.listen.tls):
+                plan.append(("tls", slot, listen, index, slot.inner, self._outer_factory(listen, profile, slot.inner)))
+            else:
+                plan.append(("keep", slot, listen, index, None, None))
+        opened: list[_Slot] = []
+        if self.running:
+            try:
+                for step, slot, *_ in plan:
+                    if step == "add":
+                        slot.service.privilegedStartService()
+                        opened.append(slot)
+            except ListenError:
+                for slot in opened:
+                    slot.service.stopService()
+                raise
+        # Nothing below fails: the new config takes over.
+        self.config, self.runtime = config, runtime
+        runtime.commit(old_runtime)
+        set_log_level(config.server.log_level)
+        self._retired = [f for f in self._retired if _open_connections(f)]
+        for slot in self._slots:
+            if slot.listen.endpoint not in wanted:
+                slot.service.disownServiceParent()
+                _drain(slot.outer)
+                self._retired.append(slot.outer)
+        slots = []
+        for step, slot, listen, index, inner, outer in plan:
+            if step == "add":
+                slot.service.setServiceParent(self)
+            elif step == "replace":
+                self._retired.append(slot.outer)
+                slot.switch.swap(outer)
+                slot.inner, slot.outer = inner, outer
+            else:
+                slot.inner.set_runtime(runtime, listen)
+                if step == "tls":
+                    slot.switch.swap(outer)
+                    slot.outer = outer
+                elif listen.tls and getattr(slot.outer, "reload", None) is not None:
+                    slot.outer.reload()  # the same profile: its files may have been renewed
+            slot.listen = listen
+            slot.service.label = f"listen[{index}] {listen.endpoint}"
+            slots.append(slot)
+        self._slots = slots
+        old_services = {*old_runtime.monitors.values(), *old_runtime.passive.values()}
+        new_services = {*runtime.monitors.values(), *runtime.passive.values()}
+        for service in old_services - new_services:
+            service.disownServiceParent()
+        for service in new_services - old_services:
+            service.setServiceParent(self)
+        old_warnings = set(not_enforced_warnings(old_config))
+        for line in not_enforced_warnings(config):
+            if line not in old_warnings:
+                self._log.warn("{warning}", warning=line)
+        self._log.info("{summary}", summary=str(summary))
+        return summary
+
+    def reload_file(self) -> ReloadSummary | None:
+        """
+        Re-read the config file and apply it (SIGHUP).  A file that cannot
+        be used is refused with one line in the log, and the running config
+        keeps serving.
+
+        @return: what changed, or L{None} when refused.
+        """
+        if self.load_config is None:
+            self._log.info("reload: started without a config file; nothing to re-read")
+            return None
+        try:
+            return self.reload(self.load_config())
+        except (ConfigError, ListenError) as e:
+            self._log.error("reload refused, still serving the previous configuration: {error}", error=str(e))
+        except Exception:  # noqa: BLE001 - a bug must not take the running proxy down
+            self._log.failure("reload failed, still serving the previous configuration")
+        return None
 
     def reload_tls(self) -> None:
-        """Re-read every TLS listener's certificate and key files (on SIGHUP); bad files keep the old ones."""
+        """Re-read every TLS listener's certificate and key files; bad files keep the old ones."""
         for factory in self.factories:
             reload = getattr(factory, "reload", None)
             if reload is not None:
                 reload()
 
+    # -- stop ------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        self._stopping = None
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop gracefully: stop listening, let requests, downloads, tunnels and
+        TCP sessions in flight finish (idle kept-alive connections close at
+        once, busy ones after their response, HTTP/2 ones after a GOAWAY) for
+        up to C{[server] shutdown_timeout} seconds, then cut what remains.
+        Fires when done; C{twistd} waits for it before exiting.
+        """
+        d = super().stopService()
+        stop = self._stopping = _GracefulStop(self.reactor, [*self.factories, *self._retired],
+                                              self.config.server.shutdown_timeout)
+        drained = stop.start()
+        return d.addBoth(lambda result: drained.addCallback(lambda _: result))
+
+    def abort_connections(self, why: str = "stopping at once") -> None:
+        """Cut every connection now (a second SIGTERM), whether or not a graceful stop is waiting."""
+        if self._stopping is not None and not self._stopping.ended:
+            self._stopping.cut(why)
+            return
+        for factory in [*self.factories, *self._retired]:
+            _cut(factory, why)
+
+    # -- for an embedding application ------------------------------------------------------
+
     @property
-    def resource(self) -> HostRouter:
-        """The proxy's Resource tree, to mount in another application's C{Site}."""
-        return self.runtime.router
+    def resource(self) -> IResource:
+        """
+        The proxy's Resource tree, to mount in another application's C{Site}:
+        it stays the same object across reloads and always serves the routes
+        of the configuration in force.
+        """
+        return self._resource
 
     def mount(self, path: str, resource: IResource, host: str | None = None) -> None:
-        """Serve an application's own resource at C{path} on the proxy's listeners."""
+        """Serve an application's own resource at C{path} on the proxy's listeners (kept across reloads)."""
+        self._mounts.append((path, resource, host))
         self.runtime.mount(path, resource, host)
 
     def add_filter(self, step: Any, host: str | None = None, path: str | None = None) -> None:
@@ -505,11 +1000,10 @@ class ProxyService(MultiService):
         filters: C{step} provides L{IRequestFilter}, L{IResponseFilter}, or both.
         """
         self.runtime.add_filter(step, host, path)
-        for factory in self.factories:
-            inner = getattr(factory, "wrappedFactory", factory)
-            forget = getattr(inner, "forget_chains", None)
-            if forget is not None:
-                forget()
+        self._filters.append((step, host, path))
+        for slot in self._slots:
+            if isinstance(slot.inner, HTTPProxyFactory):
+                slot.inner.forget_chains()
 
     def pool(self, name: str) -> BackendPool:
         return self.runtime.pools[name]

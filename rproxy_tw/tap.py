@@ -58,23 +58,18 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["config"] and (self["listen"] or self["backend"]):
             raise usage.UsageError("use either --config or --listen/--backend, not both")
+        if self["log-level"] is not None:
+            from .logs import LEVELS
+
+            if self["log-level"] not in LEVELS:
+                raise usage.UsageError(f"--log-level must be one of {', '.join(LEVELS)}, not {self['log-level']!r}")
         try:
             if self["config"]:
-                config = load_config(self["config"])
+                config = self._overridden(load_config(self["config"]))
             elif self["backend"]:
-                config = quick_config(self["listen"], self["backend"])
+                config = self._overridden(quick_config(self["listen"], self["backend"]))
             else:
                 raise usage.UsageError("give --config FILE, or at least one --backend ENDPOINT")
-            import attrs
-
-            if self["access-log"] is not None:
-                config = attrs.evolve(config, server=attrs.evolve(config.server, access_log=self["access-log"]))
-            if self["log-level"] is not None:
-                from .logs import LEVELS
-
-                if self["log-level"] not in LEVELS:
-                    raise usage.UsageError(f"--log-level must be one of {', '.join(LEVELS)}, not {self['log-level']!r}")
-                config = attrs.evolve(config, server=attrs.evolve(config.server, log_level=self["log-level"]))
         except ConfigError as e:
             if self["check"]:
                 sys.stderr.write(f"{e}\n")
@@ -91,6 +86,27 @@ class Options(usage.Options):
             sys.stdout.write(f"{config.source}: ok\n")
             sys.exit(0)
         self.proxy_config = config
+
+    def _overridden(self, config: Any) -> Any:
+        """C{config} with what the command line overrides (at the start and at every reload)."""
+        import attrs
+
+        if self["access-log"] is not None:
+            config = attrs.evolve(config, server=attrs.evolve(config.server, access_log=self["access-log"]))
+        if self["log-level"] is not None:
+            config = attrs.evolve(config, server=attrs.evolve(config.server, log_level=self["log-level"]))
+        return config
+
+    def reload_config(self) -> Any:
+        """The config file read again, with the command line's overrides (SIGHUP).  @raise ConfigError"""
+        import os
+
+        # Absolute: twistd --rundir changes the working folder after the options are read.
+        path = self._config_path or os.path.abspath(self["config"])
+        self._config_path = path
+        return self._overridden(load_config(path))
+
+    _config_path: str | None = None
 
 
 def _check_files(config: Any) -> None:
@@ -124,7 +140,15 @@ def makeService(options: Options) -> MultiService:
         # A certificate or key that cannot be used: one line, no traceback.
         sys.stderr.write(f"{e}\n")
         sys.exit(1)
+    if options["config"]:
+        import os
+
+        options._config_path = os.path.abspath(options["config"])
+        service.load_config = options.reload_config
+    else:
+        service.load_config = None  # --listen/--backend: no file to read again
     _reload_on_hangup(reactor, service)
+    _second_signal_cuts(reactor, service)
     _one_line_listen_errors()
     return service
 
@@ -150,7 +174,11 @@ def _one_line_listen_errors() -> None:
 
 
 def _reload_on_hangup(reactor: Any, service: ProxyService) -> None:
-    """SIGHUP re-reads certificates and keys without dropping connections."""
+    """
+    SIGHUP re-reads the config file and applies all of it (certificates and
+    keys too) without dropping connections; a file that cannot be used is
+    refused in one log line and the running config keeps serving.
+    """
     import signal
 
     if not hasattr(signal, "SIGHUP"):
@@ -158,8 +186,37 @@ def _reload_on_hangup(reactor: Any, service: ProxyService) -> None:
     previous = signal.getsignal(signal.SIGHUP)
 
     def hangup(signum: int, frame: Any) -> None:
-        reactor.callFromThread(service.reload_tls)
+        reactor.callFromThread(service.reload_file)
         if callable(previous):
             previous(signum, frame)
 
     signal.signal(signal.SIGHUP, hangup)
+
+
+def _second_signal_cuts(reactor: Any, service: ProxyService) -> None:
+    """
+    The first SIGTERM (or SIGINT) stops as the reactor does: the service
+    drains for up to C{shutdown_timeout}.  A second one cuts every
+    connection still open at once, and the stop completes.  Installed once
+    the reactor runs, around the handlers it installs then.
+    """
+    import signal
+
+    seen = [0]
+
+    def install() -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+            if not callable(previous):
+                continue
+
+            def handler(number: int, frame: Any, previous: Any = previous) -> None:
+                seen[0] += 1
+                if seen[0] == 1:
+                    previous(number, frame)
+                else:
+                    reactor.callFromThread(service.abort_connections, f"{signal.Signals(number).name} again")
+
+            signal.signal(signum, handler)
+
+    reactor.callWhenRunning(install)

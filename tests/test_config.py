@@ -390,7 +390,6 @@ CONTRACT_WARNINGS = [
     "[waf] is accepted but not enforced by this version",
     "[cache] is accepted but not enforced by this version",
     "[cluster] is accepted but not enforced by this version",
-    "server.shutdown_timeout is accepted but not enforced by this version (a stop closes connections at once)",
     "tls.auto.acme is accepted but not enforced by this version "
     "(a listener on [tls.auto] will not start without certificates)",
     "route[1].cache = true is accepted but not enforced by this version",
@@ -417,6 +416,10 @@ def test_a_config_without_them_has_no_warnings(tmp_path):
 
     assert not_enforced_warnings(load_config(write(tmp_path, BASE))) == []
     assert not_enforced_warnings(load_config(write(tmp_path, BASE + "[server]\nworkers = 1\n"))) == []
+    # Enforced now: a graceful stop waits this long (see tests/test_graceful_stop.py).
+    timed = load_config(write(tmp_path, BASE + "[server]\nshutdown_timeout = 5\n"))
+    assert not_enforced_warnings(timed) == [] and timed.server.shutdown_timeout == 5.0
+    assert load_config(write(tmp_path, BASE)).server.shutdown_timeout == 30.0
     assert not_enforced_warnings(load_config(write(tmp_path, BASE + '[server]\nworkers = "auto"\n'))) == [
         "server.workers = 'auto' is accepted but not enforced by this version (one process serves)"]
 

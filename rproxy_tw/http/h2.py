@@ -39,6 +39,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -807,7 +808,30 @@ class H2ServerConnection(Protocol):
 
     def _maybeIdle(self) -> None:
         if not self.streams:
-            self._idle()
+            if self.draining:
+                self._close()
+            else:
+                self._idle()
+
+    draining = False
+    """A graceful stop sent GOAWAY: the connection closes when its last stream ends."""
+
+    def drain(self) -> None:
+        """
+        A graceful stop (RFC 9113 6.8): GOAWAY with NO_ERROR and the last
+        stream taken, so the client opens no more; the streams open finish,
+        then the connection closes.  The GOAWAY is written beside h2's state
+        machine, which would refuse to send anything more after its own.
+        """
+        if self.disconnected or self.closing:
+            return
+        if not self.draining:
+            self.draining = True
+            self.transmit()
+            frame = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=ErrorCodes.NO_ERROR)
+            self.transport.write(frame.serialize())
+        if not self.streams:
+            self._close()
 
 
 @implementer(IHandshakeListener)
@@ -832,6 +856,13 @@ class ALPNSwitch(Protocol):
         self._timer = None
         if self.protocol is None:
             self.transport.abortConnection()
+
+    def drain(self) -> None:
+        """A graceful stop: no request yet (a handshake, or no byte since) closes now; else the protocol drains."""
+        if self.protocol is None:
+            self.transport.loseConnection()
+        else:
+            self.protocol.drain()
 
     def handshakeCompleted(self) -> None:
         if self.protocol is not None:

@@ -140,6 +140,8 @@ class HTTPServerConnection(Protocol):
     """One client connection speaking HTTP/1.1 (or 1.0) to the proxy."""
 
     wants_block = True
+    draining = False
+    """A graceful stop asked this connection to close after its current response."""
 
     _log = Logger(observer=log_observer)
 
@@ -256,6 +258,24 @@ class HTTPServerConnection(Protocol):
             self.factory.clock.callLater(max(CLOSE_GRACE, limits.idle_timeout), self._forceClose)
             return
         transport.abortConnection()
+
+    def drain(self) -> None:
+        """
+        A graceful stop: an idle connection closes now, a busy one after its
+        current response (which says C{Connection: close} if its head is not
+        sent yet).  A tunnel (WebSocket), or an upgrade waiting for the
+        origin's answer, is left to finish; calling again once it is idle
+        closes it.
+        """
+        if self.disconnected or self.closing:
+            return
+        self.draining = True
+        if self.tunnel is not None or self._upgrade_pending or getattr(self.current, "upgrade", False):
+            return
+        if self.current is None and self.parsing is None and not self.in_head:
+            self._close()
+        else:
+            self._close_after = True
 
     def _notConnected(self, data: bytes) -> None:
         raise RuntimeError("write before connectionMade")
@@ -473,7 +493,7 @@ class HTTPServerConnection(Protocol):
         """Reset the response state for the exchange now at the head of the line."""
         self._chunked = False
         self._body_bytes = 0
-        self._close_after = not exchange.keep_alive
+        self._close_after = self.draining or not exchange.keep_alive
 
     def exchangeDone(self, exchange: Any) -> None:
         if exchange is not self.current:
@@ -748,11 +768,6 @@ class HTTPProxyFactory(Factory):
     def __init__(self, runtime: Any, clock: IReactorTime, scheme: str = "http", listen: Any = None) -> None:
         self.clock = clock
         self.scheme = scheme
-        self.redirect_https: int | None = getattr(listen, "redirect_https", None)
-        hsts = getattr(listen, "hsts", None) if scheme == "https" else None
-        self.hsts: tuple[tuple[bytes, bytes], ...] = (
-            ((b"Strict-Transport-Security", hsts.encode("ascii")),) if hsts else ()
-        )
         self.connections: set[HTTPServerConnection] = set()
         from ..config import DEFAULT_MAX_CONNECTIONS
         from ..connection_limit import ConnectionLimit
@@ -760,10 +775,28 @@ class HTTPProxyFactory(Factory):
         self.connection_limit = ConnectionLimit(clock, getattr(listen, "endpoint", "http"),
                                                 getattr(listen, "max_connections", DEFAULT_MAX_CONNECTIONS))
         """C{max_connections}: TLS handshakes in progress count too."""
+        self._listen(listen)
         self.set_runtime(runtime)
 
-    def set_runtime(self, runtime: Any) -> None:
-        """Take a new configuration: new connections and requests use it."""
+    def _listen(self, listen: Any) -> None:
+        """This listener's own settings from its C{[[listen]]}."""
+        self.redirect_https: int | None = getattr(listen, "redirect_https", None)
+        hsts = getattr(listen, "hsts", None) if self.scheme == "https" else None
+        self.hsts: tuple[tuple[bytes, bytes], ...] = (
+            ((b"Strict-Transport-Security", hsts.encode("ascii")),) if hsts else ()
+        )
+        if listen is not None:
+            self.connection_limit.limit = getattr(listen, "max_connections", self.connection_limit.limit)
+
+    def set_runtime(self, runtime: Any, listen: Any = None) -> None:
+        """
+        Take a new configuration (a reload): new connections, and the next
+        request of each open connection, use it; requests in flight finish
+        with the runtime they started with.  C{listen}: this listener's new
+        C{[[listen]]} (C{redirect_https}, C{hsts}, C{max_connections}).
+        """
+        if listen is not None:
+            self._listen(listen)
         self.runtime = runtime
         self.limits = runtime.config.limits
         server = runtime.config.server

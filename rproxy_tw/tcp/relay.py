@@ -339,6 +339,11 @@ class TCPProxyServer(Protocol):
     def __init__(self, factory: TCPProxyFactory) -> None:
         self.factory = factory
         self.clock: IReactorTime = factory.reactor
+        # What the listener had when this relay began: a reload does not move it.
+        self.pool: Any = factory.pool
+        self.passive: Any = factory.passive
+        self.connect_timeout: float = factory.connect_timeout
+        self.retries: int = factory.retries
         self.client = "?"
         self.client_ip = ""
         self.backend: Any = None
@@ -418,11 +423,11 @@ class TCPProxyServer(Protocol):
         if version != "off":
             tls = tls_info_of(transport) if version == "v2" else None
             self.header = proxy_protocol.build(version, peer, transport.getHost(), tls)
-        pool = self.factory.pool
+        pool = self.pool
         candidates = getattr(pool, "candidates", None)
         healthy = len(candidates()) if candidates is not None else 0
         # At least every backend in rotation once, however low `retries` is.
-        self.budget = max(self.factory.retries + 1, healthy)
+        self.budget = max(self.retries + 1, healthy)
         self._connectNext()
 
     def dataReceived(self, data: bytes) -> None:
@@ -481,7 +486,7 @@ class TCPProxyServer(Protocol):
     def _connectNext(self) -> None:
         if self.client_closed:
             return
-        pool = self.factory.pool
+        pool = self.pool
         backend = pool.pick(self.client_ip, (), self.tried) if len(self.tried) < self.budget else None
         if backend is None:
             self._giveUp()
@@ -490,7 +495,7 @@ class TCPProxyServer(Protocol):
         self.backend = backend
         d = backend.endpoint.connect(_UpstreamFactory(self))
         self._connecting = d
-        timeout = self.factory.connect_timeout
+        timeout = self.connect_timeout
         timer = self.clock.callLater(timeout, d.cancel) if timeout > 0 else None
         d.addCallbacks(
             self._upstreamConnected,
@@ -507,18 +512,18 @@ class TCPProxyServer(Protocol):
         if self.client_closed:
             return  # we cancelled it: the client is gone
         if failure.check(CancelledError):
-            why, kind = f"no connection within {self.factory.connect_timeout:g}s", "timeout"
+            why, kind = f"no connection within {self.connect_timeout:g}s", "timeout"
         else:
             why, kind = failure.getErrorMessage() or failure.type.__name__, "connect"  # type: ignore[union-attr]
         backend.failures += 1
         backend.last_error = why
         self.factory.counters.connect_failures += 1
-        self.factory.report_failure(backend, kind)
+        self.report_failure(backend, kind)
         self._log.warn(
             "tcp {client}: connect to backend {backend} of pool {pool} failed: {why}",
             client=self.client,
             backend=backend.name,
-            pool=self.factory.pool.name,
+            pool=self.pool.name,
             why=why,
         )
         self._connectNext()
@@ -532,7 +537,7 @@ class TCPProxyServer(Protocol):
         self._why(why)
         self._log.warn(
             "tcp {client}: {why} in pool {pool}; closing the client", client=self.client, why=why,
-            pool=self.factory.pool.name,
+            pool=self.pool.name,
         )
         self.backend = None
         self.transport.loseConnection()  # type: ignore[union-attr]
@@ -548,7 +553,8 @@ class TCPProxyServer(Protocol):
             return
         backend.inflight += 1
         backend.total += 1
-        self.factory.report_success(backend)
+        if self.passive is not None:
+            self.passive.report_success(backend)
         self.upstream = upstream
         transport = upstream.transport
         assert transport is not None and self.transport is not None
@@ -602,12 +608,16 @@ class TCPProxyServer(Protocol):
         else:
             self._why("backend connection lost" + self._reasonSuffix(reason))
             if not self.client_eof and self.backend is not None:
-                self.factory.report_failure(self.backend, "reset")
+                self.report_failure(self.backend, "reset")
         if not self.client_closed:
             # The backend can take nothing more: the client gets what is buffered, then a close.
             _unregister(self.transport)
             self.transport.loseConnection()  # type: ignore[union-attr]
         self._finishIfClosed()
+
+    def report_failure(self, backend: Any, kind: str) -> None:
+        if self.passive is not None:
+            self.passive.report_failure(backend, kind)
 
     def buffered(self) -> tuple[int, int, int]:
         """
@@ -705,11 +715,27 @@ class TCPProxyFactory(Factory):
 
     def __init__(self, reactor: Any, pool: Any, listen: Any, pool_config: Any, passive: Any = None) -> None:
         self.reactor = reactor
+        self.name = getattr(listen, "endpoint", "tcp")
+        self.configure(pool, listen, pool_config, passive)
+        self.counters = TCPCounters()
+        self.connections: set[TCPProxyServer] = set()
+        """Relays in progress (status pages, L{abortAll}); each has C{.transport}, the client side."""
+        self._rejected_logged_at: float | None = None
+        self._rejected_unlogged = 0
+        self.on_finished: Callable[[TCPProxyServer], None] | None = None
+        """Called with each relay as it ends (tests, access logs)."""
+        self.on_close: Callable[[], None] | None = None
+        """Called after each relay ends (a stop waiting for the last one)."""
+
+    def configure(self, pool: Any, listen: Any, pool_config: Any, passive: Any = None) -> None:
+        """
+        Take the listener's settings (at a reload too): new relays use them,
+        relays open keep the pool and settings they started with.
+        """
         self.pool = pool
         self.listen = listen
         self.pool_config = pool_config
         self.passive = passive
-        self.name = getattr(listen, "endpoint", "tcp")
         self.proxy_protocol: str = getattr(listen, "proxy_protocol", "off") or "off"
         max_connections = getattr(listen, "max_connections", DEFAULT_MAX_CONNECTIONS)
         self.max_connections: int = DEFAULT_MAX_CONNECTIONS if max_connections is None else int(max_connections)
@@ -718,13 +744,11 @@ class TCPProxyFactory(Factory):
         """Seconds a relay may move no byte before both sides close; 0 or C{math.inf}: never."""
         self.connect_timeout: float = float(pool_config.connect_timeout)
         self.retries: int = int(pool_config.retries)
-        self.counters = TCPCounters()
-        self.connections: set[TCPProxyServer] = set()
-        """Relays in progress (status pages, L{abortAll}); each has C{.transport}, the client side."""
-        self._rejected_logged_at: float | None = None
-        self._rejected_unlogged = 0
-        self.on_finished: Callable[[TCPProxyServer], None] | None = None
-        """Called with each relay as it ends (tests, access logs)."""
+
+    def set_runtime(self, runtime: Any, listen: Any) -> None:
+        """A reload: this listener's pool (which may be another one now) and settings from C{runtime}."""
+        self.configure(runtime.pools[listen.pool], listen, runtime.config.pools[listen.pool],
+                       runtime.passive.get(listen.pool))
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         counters = self.counters
@@ -764,7 +788,7 @@ class TCPProxyFactory(Factory):
         self._log.info(
             "tcp {listener} {client} -> {backend}: {ended}; {up} bytes up, {down} bytes down, {duration}s",
             listener=self.name,
-            pool=self.pool.name,
+            pool=relay.pool.name,
             client=relay.client,
             backend=relay.backend.name if relay.backend is not None else "-",
             ended=relay.ended or "closed",
@@ -774,6 +798,8 @@ class TCPProxyFactory(Factory):
         )
         if self.on_finished is not None:
             self.on_finished(relay)
+        if self.on_close is not None:
+            self.on_close()
 
     def report_success(self, backend: Any) -> None:
         if self.passive is not None:

@@ -471,6 +471,32 @@ class HealthMonitor(Service):
                 state.running.cancel()
         self.slow_start.stop()
 
+    def adopt(self, pool: BackendPool) -> None:
+        """
+        A reload kept this pool's health check as it was: go on probing the
+        backends of C{pool} (the new pool object), keeping the probe state of
+        those that stay; removed backends stop being probed, added ones start
+        at a random offset.
+        """
+        self.pool = pool
+        if not self.running:
+            return
+        keep = set(pool.backends)
+        for backend in [b for b in self._states if b not in keep]:
+            state = self._states.pop(backend)
+            if state.timer is not None and state.timer.active():
+                state.timer.cancel()
+            if state.running is not None:
+                state.running.cancel()
+            self.slow_start.cancel(backend)
+            clients = getattr(getattr(self._probe, "__self__", None), "_endpoint_clients", None)
+            if clients is not None:
+                clients.pop(backend, None)
+        for backend in pool.backends:
+            if backend not in self._states:
+                state = self._states[backend] = _ProbeState()
+                state.timer = self._clock.callLater(self._random.random() * self.config.interval, self._due, backend)
+
     def skipped(self, backend: Backend) -> int:
         """How many turns were skipped because the previous probe of C{backend} was still running."""
         state = self._states.get(backend)
@@ -643,6 +669,27 @@ class PassiveHealth(Service):
         self._returned_at: dict[Backend, float] = {}
         self._timers: dict[Backend, IDelayedCall] = {}
         self._refusal_logged: set[Backend] = set()
+
+    def adopt(self, pool: BackendPool, config: PassiveConfig, slow_start: float) -> None:
+        """
+        A reload kept passive health on for this pool: watch C{pool} (the new
+        pool object) with C{config}, keeping the streaks, strikes and
+        ejections of the backends that stay (an ejected one stays out for
+        the rest of its back-off).  Removed backends are forgotten.
+        """
+        self.pool = pool
+        self.config = config
+        self.slow_start.duration = slow_start
+        keep = set(pool.backends)
+        for table in (self._failures, self._strikes, self._returned_at):
+            for backend in [b for b in table if b not in keep]:
+                del table[backend]
+        self._refusal_logged &= keep
+        for backend in [b for b in self._timers if b not in keep]:
+            call = self._timers.pop(backend)
+            if call.active():
+                call.cancel()
+            self.slow_start.cancel(backend)
 
     def report_success(self, backend: Backend) -> None:
         """A request or connection to C{backend} completed normally: its failure streak ends."""

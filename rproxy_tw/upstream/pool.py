@@ -10,7 +10,7 @@ monitor, metrics and a status page read.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import attrs
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -147,18 +147,45 @@ class BackendPool:
         clock: IReactorTime,
         endpoint_for: Callable[[str], IStreamClientEndpoint],
         balancer_factory: BalancerFactory = default_balancer_factory,
+        reuse: Mapping[str, Backend] | None = None,
     ) -> None:
+        """
+        @param reuse: backends of the pool this one replaces (a reload), by
+            endpoint string: a backend listed in both is the same L{Backend}
+            object, with its health, counters and idle connections.  Nothing
+            of it changes until L{take_over}.
+        """
         self.config = config
         self.name = config.name
         self.clock = clock
         now = clock.seconds()
+        reuse = reuse or {}
         self.backends: list[Backend] = [
-            Backend(config=bc, pool_name=config.name, endpoint=endpoint_for(bc.endpoint), since=now)
+            reuse[bc.endpoint] if bc.endpoint in reuse
+            else Backend(config=bc, pool_name=config.name, endpoint=endpoint_for(bc.endpoint), since=now)
             for bc in config.backends
         ]
+        self._configs = [(b, bc) for b, bc in zip(self.backends, config.backends) if b.config is not bc]
         self.balancer = balancer_factory(config.balance)
         self.sticky = getattr(self.balancer, "cookie_name", None) is not None
         """Whether responses may need the balancer's Set-Cookie."""
+
+    def take_over(self) -> None:
+        """
+        This pool replaces the one whose backends it reuses: give them their
+        new settings.  A changed C{weight} applies at once (a slow-start ramp
+        in progress ends), a changed C{drain} does; one set through
+        L{set_draining} stays as the operator put it.
+        """
+        configs, self._configs = self._configs, []
+        for backend, bc in configs:
+            old = backend.config
+            backend.config = bc
+            if bc.drain != old.drain:
+                backend.draining = bc.drain
+            if bc.weight != old.weight:
+                backend.effective_weight = float(bc.weight)
+                backend.current_weight = 0.0
 
     def candidates(self, exclude: Iterable[Backend] = ()) -> list[Backend]:
         """Backends in rotation: healthy primaries, or healthy backups when no primary is."""
