@@ -34,7 +34,7 @@ from .http.local import LocalResourceExchange
 from .http.server import HTTPProxyFactory, http_date
 from .http.upstream import UpstreamConnector
 from .logs import observer as log_observer, set_level as set_log_level
-from .events import EventBus, request_finished
+from .events import EventBus, ReloadApplied, ReloadRefused, request_finished
 from .pipeline import (
     FilterChain,
     HeaderRules,
@@ -77,6 +77,12 @@ class ProxyRuntime:
         self.config = config
         self.reactor = reactor
         self.endpoint_for = endpoint_for
+        self.events = previous.events if previous is not None else EventBus()
+        """
+        What happened (requests, tunnels, backends, reloads...): the access
+        log observes it, and so can an application.  One bus for the
+        service's whole life: its observers stay subscribed across reloads.
+        """
         old_pools = previous.pools if previous is not None else {}
         self.pools: dict[str, BackendPool] = {}
         for name, pc in config.pools.items():
@@ -84,7 +90,7 @@ class ProxyRuntime:
             reuse = {b.config.endpoint: b for b in old.backends} if old is not None and \
                 _same_endpoints(old.config, pc) else None
             self.pools[name] = BackendPool(pc, reactor, endpoint_for or _endpoint_factory(reactor, pc, name),
-                                           reuse=reuse)
+                                           reuse=reuse, events=self.events)
         self.connectors: dict[str, UpstreamConnector] = {
             name: UpstreamConnector(reactor, pc.keepalive, pc.keepalive_timeout, pc.connect_timeout,
                                     span=min(pc.keepalive_timeout, pc.response_timeout, pc.idle_timeout),
@@ -137,12 +143,6 @@ class ProxyRuntime:
                 route.plan = self._plan(route)
         self.site = Site(self.router)
         self.site.displayTracebacks = False
-        self.events = previous.events if previous is not None else EventBus()
-        """
-        What happened (requests, tunnels...): the access log observes it, and
-        so can an application.  One bus for the service's whole life: its
-        observers stay subscribed across reloads.
-        """
         if access_log == "config":
             server, old_server = config.server, previous.config.server if previous is not None else None
             if old_server is not None and (server.access_log, server.access_log_format) == \
@@ -804,7 +804,8 @@ class ProxyService(MultiService):
             return inner
         from .tls import tls_server_factory
 
-        return tls_server_factory(self.reactor, profile, inner, http=listen.protocol == "http")
+        return tls_server_factory(self.reactor, profile, inner, http=listen.protocol == "http",
+                                  events=self.runtime.events, listener=listen.endpoint)
 
     def _slot(self, listen: Any, index: int, runtime: ProxyRuntime, config: ProxyConfig) -> _Slot:
         profile = self._tls_profile(listen, index, config)
@@ -921,6 +922,7 @@ class ProxyService(MultiService):
             if line not in old_warnings:
                 self._log.warn("{warning}", warning=line)
         self._log.info("{summary}", summary=str(summary))
+        runtime.events.publish(ReloadApplied(config.source, str(summary)))
         return summary
 
     def reload_file(self) -> ReloadSummary | None:
@@ -938,6 +940,7 @@ class ProxyService(MultiService):
             return self.reload(self.load_config())
         except (ConfigError, ListenError) as e:
             self._log.error("reload refused, still serving the previous configuration: {error}", error=str(e))
+            self.runtime.events.publish(ReloadRefused(self.config.source, str(e)))
         except Exception:  # noqa: BLE001 - a bug must not take the running proxy down
             self._log.failure("reload failed, still serving the previous configuration")
         return None

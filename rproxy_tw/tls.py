@@ -604,7 +604,7 @@ class TLSServerFactory(TLSMemoryBIOFactory):
 
 
 def tls_server_factory(reactor: IReactorTime, profile: TLSProfile, factory: IProtocolFactory, http: bool = True,
-                       **options: Any) -> Any:
+                       events: Any = None, listener: str = "", **options: Any) -> Any:
     """
     Wrap a listener's C{factory} in TLS with C{profile}.
 
@@ -616,13 +616,17 @@ def tls_server_factory(reactor: IReactorTime, profile: TLSProfile, factory: IPro
     that path, for A/B measurements.
 
     @param http: an HTTP listener (ALPN offered) rather than raw TCP.
+    @param events: the L{rproxy_tw.events.EventBus} told of failed handshakes
+        (on the C{ssl} transport; Twisted's reports them only in its log).
+    @param listener: the listener's endpoint, as events name it.
     @param options: C{ticket_rotation}, C{watch_interval} of the contexts.
     @raise ConfigError: if a certificate, key or CA file cannot be used.
     """
     if http and profile.client_ca is None and not os.environ.get("RPROXY_TLS_PYOPENSSL"):
         from .tls_transport import StdlibTLSServerFactory
 
-        return StdlibTLSServerFactory(StdlibTLSContexts(reactor, profile, http=True, **options), factory, reactor)
+        return StdlibTLSServerFactory(StdlibTLSContexts(reactor, profile, http=True, **options), factory, reactor,
+                                      events, listener)
     tls = TLSServerFactory(ServerTLSContexts(reactor, profile, http=http, **options), factory, reactor)
     if http:
         # Twisted's default TLS transport holds small writes for a reactor turn to

@@ -200,6 +200,7 @@ class TLSServerConnection(Protocol):
             self._flush()
             return False
         except ssl.SSLError as e:
+            self.factory.handshakeFailed(self.transport.getPeer(), e)
             self._fail(e)
             return False
         self._handshaken = True
@@ -390,10 +391,22 @@ class StdlibTLSServerFactory(Factory):
 
     noisy = False
 
-    def __init__(self, contexts: Any, wrapped: IProtocolFactory, clock: IReactorTime) -> None:
+    def __init__(self, contexts: Any, wrapped: IProtocolFactory, clock: IReactorTime, events: Any = None,
+                 listener: str = "") -> None:
         self.contexts = contexts
         self.wrappedFactory = wrapped
         self.clock = clock
+        self.events = events
+        self.listener = listener
+
+    def handshakeFailed(self, peer: Any, error: ssl.SSLError) -> None:
+        """Tell the observers (metrics count failures by reason); the log has it at debug level."""
+        events = self.events
+        if events is not None and events.wanted:
+            from .events import TLSHandshakeFailed
+
+            reason = getattr(error, "reason", None) or type(error).__name__
+            events.publish(TLSHandshakeFailed(self.listener, getattr(peer, "host", "unknown"), str(reason)))
 
     def doStart(self) -> None:
         self.wrappedFactory.doStart()

@@ -57,6 +57,7 @@ from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
 from ..config import DEFAULT_MAX_CONNECTIONS, TCP_IDLE_TIMEOUT
+from ..events import TCPSessionClosed
 from ..transport.fastwrite import direct_writer
 from ..transport.flow import GateProducer, ReadGate
 from ..logs import observer as log_observer
@@ -736,6 +737,8 @@ class TCPProxyFactory(Factory):
         self.listen = listen
         self.pool_config = pool_config
         self.passive = passive
+        self.events = pool.events
+        """The L{rproxy_tw.events.EventBus} told of each relay that ends (the pool's: the runtime's)."""
         self.proxy_protocol: str = getattr(listen, "proxy_protocol", "off") or "off"
         max_connections = getattr(listen, "max_connections", DEFAULT_MAX_CONNECTIONS)
         self.max_connections: int = DEFAULT_MAX_CONNECTIONS if max_connections is None else int(max_connections)
@@ -796,6 +799,18 @@ class TCPProxyFactory(Factory):
             down=relay.bytes_down,
             duration=round(self.reactor.seconds() - relay.started_at, 3),
         )
+        events = self.events
+        if events is not None and events.wanted:
+            events.publish(TCPSessionClosed(
+                listener=self.name,
+                client=relay.client,
+                backend=relay.backend.name if relay.backend is not None else None,
+                bytes_from_client=relay.bytes_up,
+                bytes_to_client=relay.bytes_down,
+                started=relay.started_at,
+                finished=self.reactor.seconds(),
+                reason=relay.ended or "closed",
+            ))
         if self.on_finished is not None:
             self.on_finished(relay)
         if self.on_close is not None:

@@ -10,7 +10,7 @@ monitor, metrics and a status page read.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import attrs
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
@@ -148,13 +148,17 @@ class BackendPool:
         endpoint_for: Callable[[str], IStreamClientEndpoint],
         balancer_factory: BalancerFactory = default_balancer_factory,
         reuse: Mapping[str, Backend] | None = None,
+        events: Any = None,
     ) -> None:
         """
         @param reuse: backends of the pool this one replaces (a reload), by
             endpoint string: a backend listed in both is the same L{Backend}
             object, with its health, counters and idle connections.  Nothing
             of it changes until L{take_over}.
+        @param events: the L{rproxy_tw.events.EventBus} told when a backend
+            enters or leaves rotation.
         """
+        self.events = events
         self.config = config
         self.name = config.name
         self.clock = clock
@@ -218,12 +222,14 @@ class BackendPool:
             backend.healthy = False
             backend.since = self.clock.seconds()
             self._log.warn("backend {backend} of pool {pool} down: {why}", backend=backend.name, pool=self.name, why=why)
+            self._changed(backend, why)
 
     def mark_up(self, backend: Backend) -> None:
         if not backend.healthy:
             backend.healthy = True
             backend.since = self.clock.seconds()
             self._log.info("backend {backend} of pool {pool} up", backend=backend.name, pool=self.name)
+            self._changed(backend, "up")
 
     def set_draining(self, endpoint: str, draining: bool = True) -> Backend:
         """
@@ -239,4 +245,12 @@ class BackendPool:
                 pool=self.name,
                 state="draining" if draining else "back in rotation",
             )
+            self._changed(backend, "draining" if draining else "drain ended")
         return backend
+
+    def _changed(self, backend: Backend, reason: str) -> None:
+        events = self.events
+        if events is not None and events.wanted:
+            from ..events import BackendStateChanged
+
+            events.publish(BackendStateChanged(self.name, backend.name, backend.in_rotation, reason))
