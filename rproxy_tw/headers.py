@@ -330,15 +330,15 @@ def response_headers_for_client(
     server_header: bytes,
     http_version: bytes = b"1.1",
     keep_upgrade: bool = False,
-    date: bytes = b"",
+    clock: Any = None,
 ) -> list[Header]:
     """
     The headers to send to the client for an origin response.
 
     Drops hop-by-hop and framing headers and the headers that reveal the
     origin's software (C{Server}, C{X-Powered-By}...); adds C{Via} and our own
-    C{Server} (no version) unless C{server_header} is empty, and C{Date: date}
-    when the origin sent none (RFC 9110 section 6.6.1).
+    C{Server} (no version) unless C{server_header} is empty, and a C{Date}
+    from C{clock} when the origin sent none (RFC 9110 section 6.6.1).
     """
     out: list[Header] = []
     append = out.append
@@ -370,8 +370,8 @@ def response_headers_for_client(
         out = _drop_named(out, connection, keep_upgrade)
         append = out.append
         dated = any(name.lower() == b"date" for name, _ in out)  # "Connection: date" may have dropped it
-    if date and not dated:
-        append((b"Date", date))
+    if clock is not None and not dated:
+        append((b"Date", http_date(clock)))
     own_via = http_version + b" " + via
     append((b"Via", own_via if via_values is None else b", ".join([*via_values, own_via])))
     if server_header:
@@ -417,14 +417,15 @@ def request_head_block(headers: Headers, info: ForwardingInfo, keep_upgrade: boo
     return b"\r\n".join(parts) + b"\r\n"
 
 
-def response_head_block(headers: Headers, added: bytes, date: bytes = b"") -> bytes | None:
+def response_head_block(headers: Headers, added: bytes, clock: Any = None) -> bytes | None:
     """
     C{serialize(response_headers_for_client(...))} in one pass for the common
     response, or None when the general rewrite is needed (C{Via},
     C{Upgrade}, C{Connection} options).
 
     @param added: this hop's own lines (C{Via}, C{Server}), serialized, no final CRLF.
-    @param date: the C{Date} value added when the origin sent none.
+    @param clock: where the C{Date} added when the origin sent none comes
+        from (formatted only then: most origins send one).
     """
     parts: list[bytes] = []
     append = parts.append
@@ -437,11 +438,11 @@ def response_head_block(headers: Headers, added: bytes, date: bytes = b"") -> by
             pass
         elif action == _DATE:
             append(b": ".join(header))
-            date = b""
+            clock = None
         else:
             return None
-    if date:
-        append(b"Date: " + date)
+    if clock is not None:
+        append(b"Date: " + http_date(clock))
     append(added)
     return b"\r\n".join(parts) + b"\r\n"
 

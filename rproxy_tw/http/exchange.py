@@ -194,7 +194,7 @@ class ProxyExchange:
         "upgrade", "conn", "backend", "pending", "requestComplete", "requestSent", "bodyStarted",
         "headSent", "finished", "status", "tried", "attempts", "_connecting", "_producer", "_chunked_up",
         "body_limit", "body_seen", "replayable", "replay", "replay_bytes", "head", "http_version", "chain",
-        "started_at", "_waiting", "route_name",
+        "started_at", "_waiting", "route_name", "keep_alive",
         "__weakref__",
     )
 
@@ -222,6 +222,7 @@ class ProxyExchange:
         self.settings = settings = plan.settings
         self.route_name = plan.name
         self.request = request
+        self.keep_alive = request.keep_alive
         self.method = method = request.method
         self.http_version = request.http_version
         self.info = info
@@ -254,10 +255,6 @@ class ProxyExchange:
         if settings.budget is not None:
             settings.budget.deposit()
 
-    @property
-    def keep_alive(self) -> bool:
-        return self.request.keep_alive  # type: ignore[no-any-return]
-
     # -- starting ---------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -266,7 +263,7 @@ class ProxyExchange:
         if chain is not None and chain.request:
             self._filter(0)
         else:
-            self._dispatch()
+            self._pick()
 
     def _filter(self, index: int) -> None:
         filters = self.chain.request
@@ -280,7 +277,7 @@ class ProxyExchange:
             else:
                 self._answer(result)
             return
-        self._dispatch()
+        self._pick()
 
     def _await(self, waiting: Deferred[Any], index: int) -> None:
         """A filter answers later: the client's body waits, and so does the filter, up to response_timeout."""
@@ -327,8 +324,12 @@ class ProxyExchange:
         downstream.finishBody(())
         self._finish(True)
 
-    def _dispatch(self) -> None:
-        """Every filter passed the request: serialise it for the origin, then choose a backend."""
+    def _serialize(self) -> bytes:
+        """
+        The request head for the origin, made once every request filter has
+        passed the request (they may rewrite it), when the first connection
+        to a backend is in hand.
+        """
         request = self.request
         if request.asterisk:
             target = b"*"
@@ -341,8 +342,8 @@ class ProxyExchange:
             block += b"Content-Length: %d\r\n" % request.content_length
         elif body == "chunked":
             block += b"Transfer-Encoding: chunked\r\n"
-        self.head = b"%s %s HTTP/1.1\r\n%s\r\n" % (self.method, target, block)
-        self._pick()
+        head = self.head = b"%s %s HTTP/1.1\r\n%s\r\n" % (self.method, target, block)
+        return head
 
     def _pick(self) -> None:
         backend = self.pool.pick(self.info.client_ip, self.request.headers, self.tried)
@@ -406,7 +407,7 @@ class ProxyExchange:
         backend = conn.backend
         backend.inflight += 1
         backend.total += 1
-        conn.send(self, self.head, self.method == b"HEAD")
+        conn.send(self, self.head or self._serialize(), self.method == b"HEAD")
         self.downstream.registerUpstream(conn)
         if not self.requestComplete:
             self._producer = GateProducer(self.downstream.gate, "upstream")
@@ -502,12 +503,12 @@ class ProxyExchange:
             content_length = None
         downstream = self.downstream
         if downstream.wants_block and not upgrade:
-            block = response_head_block(headers, s.response_added, http_date(self.clock))
+            block = response_head_block(headers, s.response_added, self.clock)
             if block is not None:
                 downstream.writeHead(status, reason, block, content_length, has_body)
                 return
         out = response_headers_for_client(headers, s.via, s.server_header, b"1.1", keep_upgrade=upgrade,
-                                          date=http_date(self.clock))
+                                          clock=self.clock)
         downstream.writeHead(status, reason, out, content_length, has_body)
 
     def responseBody(self, data: bytes) -> None:

@@ -162,7 +162,8 @@ class HTTPServerConnection(Protocol):
         self._head_bytes = 0
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._header_bytes = 0
+        self._read_size = 0
+        """The size of the read being parsed: a head that came in one small read needs no size check."""
         self._timer: Any = None
         self._since = 0.0
         self._span = 1.0
@@ -334,6 +335,7 @@ class HTTPServerConnection(Protocol):
             return
         if self.info is None:
             self._identify()
+        self._read_size = len(data)
         if self._raw_remaining:
             data = self._rawBodyData(data)
             if not data:
@@ -421,7 +423,6 @@ class HTTPServerConnection(Protocol):
         self._head_bytes = 0
         self._url = b""
         self._headers = []
-        self._header_bytes = 0
         self._rearm(self.factory.limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
@@ -430,17 +431,21 @@ class HTTPServerConnection(Protocol):
             raise _Reject(414, "URI Too Long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        headers = self._headers
-        headers.append((name, value))
-        self._header_bytes += len(name) + len(value) + 4
-        limits = self.factory.limits
-        if len(headers) > limits.max_headers or self._header_bytes > limits.max_header_bytes:
-            raise _Reject(431, "Request Header Fields Too Large")
+        # Only appended here (this runs for every field of every request):
+        # the bytes of a head are bounded per read in dataReceived, and its
+        # field count and size are checked once it is complete.
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self.closing or self._input_done:
             return
         self.in_head = False
+        headers = self._headers
+        limits = self.factory.limits
+        if len(headers) > limits.max_headers or ((self._head_bytes or self._read_size > limits.max_header_bytes) and
+                                                  sum(len(n) + len(v) + 4 for n, v in headers) > limits.max_header_bytes):
+            # A head read in one small piece cannot be over the size bound: only others are added up.
+            raise _Reject(431, "Request Header Fields Too Large")
         parser = self.parser
         version = parser.get_http_version()
         method = parser.get_method()
