@@ -33,6 +33,7 @@ from .http.request import read_request_head
 from .http.local import LocalResourceExchange
 from .http.server import HTTPProxyFactory, http_date
 from .http.upstream import UpstreamConnector
+from .listener import IListenerFactory
 from .logs import observer as log_observer, set_level as set_log_level
 from .events import EventBus, ReloadApplied, ReloadRefused, request_finished
 from .pipeline import (
@@ -548,50 +549,6 @@ class _Slot:
     service: _Listener
 
 
-def _inner(factory: Any) -> Any:
-    return getattr(factory, "wrappedFactory", factory)
-
-
-def _open_connections(factory: Any) -> list[Any]:
-    """The connections of a listener's factory that a stop waits for: HTTP ones (TLS handshakes too), TCP relays."""
-    inner = _inner(factory)
-    limit = getattr(inner, "connection_limit", None)
-    if limit is not None:
-        return list(limit.open)
-    return list(getattr(inner, "connections", ()))
-
-
-def _drain(factory: Any) -> None:
-    """Ask each HTTP connection of C{factory} to close when its current work is done; tunnels and relays go on."""
-    for conn in _open_connections(factory):
-        drain = getattr(conn, "drain", None)
-        if drain is not None:
-            drain()
-
-
-def _cut(factory: Any, why: str) -> None:
-    """Close every connection of C{factory} now."""
-    inner = _inner(factory)
-    abort_all = getattr(inner, "abortAll", None)
-    if abort_all is not None:
-        abort_all(why)
-        return
-    for conn in _open_connections(factory):
-        transport = getattr(conn, "transport", None)
-        if transport is not None:
-            transport.abortConnection()
-
-
-def _watch(factory: Any, callback: Callable[[], None] | None) -> None:
-    """Have C{callback} called whenever a connection of C{factory} ends."""
-    inner = _inner(factory)
-    limit = getattr(inner, "connection_limit", None)
-    if limit is not None:
-        limit.on_close = callback
-    elif hasattr(inner, "on_close"):
-        inner.on_close = callback
-
-
 class _GracefulStop:
     """
     Stopping without cutting work in flight: every HTTP connection is asked
@@ -606,7 +563,7 @@ class _GracefulStop:
 
     _log = Logger(observer=log_observer)
 
-    def __init__(self, clock: Any, factories: list[Any], timeout: float) -> None:
+    def __init__(self, clock: Any, factories: list[IListenerFactory], timeout: float) -> None:
         self.clock = clock
         self.factories = factories
         self.timeout = timeout
@@ -619,7 +576,7 @@ class _GracefulStop:
         self._tick: Any = None
 
     def open(self) -> int:
-        return sum(len(_open_connections(f)) for f in self.factories)
+        return sum(len(f.open_connections()) for f in self.factories)
 
     def start(self) -> Deferred[None]:
         count = self.open()
@@ -630,7 +587,7 @@ class _GracefulStop:
         self._log.info("stopping: waiting up to {timeout}s for {count} connection(s) to finish their work",
                        timeout=self.timeout, count=count)
         for factory in self.factories:
-            _watch(factory, self._check)
+            factory.watch(self._check)
         self._deadline = self.clock.callLater(self.timeout, self.cut, f"shutdown_timeout {self.timeout:g}s passed")
         self._again()
         return self.done
@@ -638,7 +595,7 @@ class _GracefulStop:
     def _again(self) -> None:
         self._tick = None
         for factory in self.factories:
-            _drain(factory)
+            factory.drain()
         if not self._check():
             self._tick = self.clock.callLater(self.TICK, self._again)
 
@@ -659,7 +616,7 @@ class _GracefulStop:
         self.cut_connections = count
         self._log.warn("stopping: {why}: cutting {count} connection(s)", why=why, count=count)
         for factory in self.factories:
-            _cut(factory, why)
+            factory.cut(why)
         # Done a turn later, once the aborts have been processed: the reactor's own
         # shutdown would otherwise close origin connections first, and an exchange
         # could still answer its aborted client (a 502 after the cut).
@@ -672,7 +629,7 @@ class _GracefulStop:
                 call.cancel()
         self._deadline = self._tick = None
         for factory in self.factories:
-            _watch(factory, None)
+            factory.watch(None)
         if later:
             self._deadline = self.clock.callLater(0, self.done.callback, None)
         else:
@@ -748,7 +705,8 @@ class ProxyService(MultiService):
         """Filters an application added with L{add_filter}: every reload's runtime gets them too."""
         self._resource = _CurrentTree(self)
         self._slots: list[_Slot] = []
-        self._retired: list[Any] = []
+        self._retired: list[IListenerFactory] = []
+        """Factories of listeners a reload removed or replaced, while they still have connections."""
         """Factories a reload took off a port: their connections finish, and a stop waits for them."""
         self._stopping: _GracefulStop | None = None
         for index, listen in enumerate(config.listen):
@@ -771,6 +729,10 @@ class ProxyService(MultiService):
     def factories(self) -> list[Any]:
         """Each listener's factory (TLS around the HTTP or TCP one when it has a profile), in config order."""
         return [slot.outer for slot in self._slots]
+
+    def _listener_factories(self) -> list[IListenerFactory]:
+        """Each listener's own factory (HTTP or raw TCP), inside any TLS."""
+        return [slot.inner for slot in self._slots]
 
     @property
     def listeners(self) -> list[StreamServerEndpointService]:
@@ -886,18 +848,18 @@ class ProxyService(MultiService):
         self.config, self.runtime = config, runtime
         runtime.commit(old_runtime)
         set_log_level(config.server.log_level)
-        self._retired = [f for f in self._retired if _open_connections(f)]
+        self._retired = [f for f in self._retired if f.open_connections()]
         for slot in self._slots:
             if slot.listen.endpoint not in wanted:
                 slot.service.disownServiceParent()
-                _drain(slot.outer)
-                self._retired.append(slot.outer)
+                slot.inner.drain()
+                self._retired.append(slot.inner)
         slots = []
         for step, slot, listen, index, inner, outer in plan:
             if step == "add":
                 slot.service.setServiceParent(self)
             elif step == "replace":
-                self._retired.append(slot.outer)
+                self._retired.append(slot.inner)
                 slot.switch.swap(outer)
                 slot.inner, slot.outer = inner, outer
             else:
@@ -967,7 +929,7 @@ class ProxyService(MultiService):
         Fires when done; C{twistd} waits for it before exiting.
         """
         d = super().stopService()
-        stop = self._stopping = _GracefulStop(self.reactor, [*self.factories, *self._retired],
+        stop = self._stopping = _GracefulStop(self.reactor, [*self._listener_factories(), *self._retired],
                                               self.config.server.shutdown_timeout)
         drained = stop.start()
         return d.addBoth(lambda result: drained.addCallback(lambda _: result))
@@ -977,8 +939,8 @@ class ProxyService(MultiService):
         if self._stopping is not None and not self._stopping.ended:
             self._stopping.cut(why)
             return
-        for factory in [*self.factories, *self._retired]:
-            _cut(factory, why)
+        for factory in [*self._listener_factories(), *self._retired]:
+            factory.cut(why)
 
     # -- for an embedding application ------------------------------------------------------
 

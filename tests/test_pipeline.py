@@ -439,3 +439,9 @@ def test_the_pipeline_seams_provide_their_interfaces() -> None:
     for step in (RefuseDenied(), DecideLater()):
         verifyObject(IRequestFilter, step)
     verifyObject(IResponseFilter, UpperCaseBody())
+    from rproxy_tw.http.server import HTTPProxyFactory
+    from rproxy_tw.listener import IListenerFactory
+    from rproxy_tw.tcp.relay import TCPProxyFactory
+
+    verifyClass(IListenerFactory, HTTPProxyFactory)
+    verifyClass(IListenerFactory, TCPProxyFactory)

@@ -25,6 +25,7 @@ from zope.interface import implementer
 from ..headers import ForwardingInfo, http_date, is_trusted, serialize, trailers_for_client
 from ..logs import observer as log_observer
 from ..events import EventBus, request_finished
+from ..listener import IListenerFactory
 from ..pipeline import EMPTY_CHAIN, FilterChain, ResponseHeaders
 from ..routing import ErrorPage, ProxyRoute
 from ..tls import close_waits_for_peer
@@ -761,6 +762,7 @@ def _tunnelled_upgrade(headers: Headers) -> bool:
     return False
 
 
+@implementer(IListenerFactory)
 class HTTPProxyFactory(Factory):
     """
     The factory of one HTTP listener.  Holds what every connection needs,
@@ -812,6 +814,23 @@ class HTTPProxyFactory(Factory):
         self.error_pages = runtime.config.error_pages
         self._chains: dict[ProxyRoute, FilterChain] = {}
         """Each route's filter chain on this listener, made on its first request."""
+
+    # -- IListenerFactory: what a graceful stop does to this listener's connections ---------
+
+    def open_connections(self) -> list[Any]:
+        return list(self.connection_limit.open)
+
+    def drain(self) -> None:
+        for conn in list(self.connection_limit.open):
+            conn.drain()
+
+    def cut(self, why: str) -> None:
+        for conn in list(self.connection_limit.open):
+            if conn.transport is not None:
+                conn.transport.abortConnection()
+
+    def watch(self, callback: Callable[[], None] | None) -> None:
+        self.connection_limit.on_close = callback
 
     def buildProtocol(self, addr: Any) -> Any:
         rejected = self.connection_limit.full(addr)

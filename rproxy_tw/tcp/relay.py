@@ -33,7 +33,7 @@ negotiated).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Callable
 
 import math
 
@@ -58,6 +58,7 @@ from zope.interface import alsoProvides, implementer
 
 from ..config import DEFAULT_MAX_CONNECTIONS, TCP_IDLE_TIMEOUT
 from ..events import TCPSessionClosed
+from ..listener import IListenerFactory
 from ..transport.fastwrite import direct_writer
 from ..transport.flow import GateProducer, ReadGate
 from ..logs import observer as log_observer
@@ -695,6 +696,7 @@ class TCPProxyServer(Protocol):
         self.factory.relayFinished(self)
 
 
+@implementer(IListenerFactory)
 class TCPProxyFactory(Factory):
     """
     The factory of one C{protocol = "tcp"} listener: per-listener settings,
@@ -823,6 +825,20 @@ class TCPProxyFactory(Factory):
     def report_failure(self, backend: Any, kind: str) -> None:
         if self.passive is not None:
             self.passive.report_failure(backend, kind)
+
+    # -- IListenerFactory ---------------------------------------------------------------------
+
+    def open_connections(self) -> list[Any]:
+        return list(self.connections)
+
+    def drain(self) -> None:
+        """Raw TCP sessions are left to finish: there is no point at which one is idle."""
+
+    def cut(self, why: str) -> None:
+        self.abortAll(why)
+
+    def watch(self, callback: Callable[[], None] | None) -> None:
+        self.on_close = callback
 
     def abortAll(self, why: str = "listener stopped") -> None:
         """Close every relay now, e.g. when a stopping service must not wait for long-lived connections."""
