@@ -459,7 +459,7 @@ class ListenError(Exception):
     """
     A listener could not listen (port in use, no permission, no such
     folder).  C{str()} is one line naming the listener and the reason:
-    C{listen[1] tcp:8080: cannot listen: Address already in use}.
+    C{listen[1]: cannot listen (Address already in use): tcp:8080}.
     """
 
     # Public as rproxy_tw.ListenError; the short name also leaves room for the
@@ -482,7 +482,10 @@ class _Listener(StreamServerEndpointService):
         except Exception as e:  # noqa: BLE001 - whatever the endpoint raised, one line says it
             error = getattr(e, "socketError", None) or e
             why = getattr(error, "strerror", None) or str(error) or type(error).__name__
-            line = f"{self.label}: cannot listen: {why}"
+            # The reason before the endpoint: twistd hands a failed daemon's parent only the
+            # first 100 bytes or so of the error, and the reason is what the operator needs.
+            name, _, endpoint = self.label.partition(" ")
+            line = f"{name}: cannot listen ({why}): {endpoint}"
             # error, not critical: before logging starts Twisted copies critical events to stderr,
             # where the twistd plugin writes the line itself.
             self._log.error("{line}", line=line)

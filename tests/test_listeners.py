@@ -124,7 +124,7 @@ def test_listener_in_use_is_one_error_naming_it():
         service = ProxyService(config, reactor)
         with pytest.raises(ListenError) as info:
             service.privilegedStartService()
-        assert str(info.value) == f"listen[1] tcp:{port}:interface=127.0.0.1: cannot listen: Address already in use"
+        assert str(info.value) == f"listen[1]: cannot listen (Address already in use): tcp:{port}:interface=127.0.0.1"
     finally:
         for listener in service.listeners:
             if listener._waitingForPort is not None and listener._waitingForPort.called:
@@ -161,7 +161,7 @@ backends = ["tcp:127.0.0.1:1"]
     finally:
         held.close()
     assert result.returncode != 0
-    line = f"listen[1] tcp:{port}:interface=127.0.0.1: cannot listen: Address already in use"
+    line = f"listen[1]: cannot listen (Address already in use): tcp:{port}:interface=127.0.0.1"
     assert result.stderr.splitlines() == [line], result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert not os.path.exists(tmp_path / "twistd.pid")
