@@ -105,6 +105,7 @@ class IExchange(Interface):
     finished = Attribute("Whether the exchange is over.")
     requestComplete = Attribute("Whether the whole request body has been read.")
     keep_alive = Attribute("Whether the connection may carry another request after this one.")
+    upgrade = Attribute("Whether the request asks for a protocol switch the proxy tunnels (WebSocket).")
     http_version = Attribute("The client's HTTP version.")
     started_at = Attribute("When the head was read (only kept while events are observed), or None.")
     backend = Attribute("The backend that answered, or None.")

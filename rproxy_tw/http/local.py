@@ -106,6 +106,7 @@ class LocalResourceExchange:
     backend = None
     pool = None
     headSent = False
+    upgrade = False
 
     def __init__(self, conn: Any, site: Site, request: Any, started_at: float | None = None) -> None:
         """

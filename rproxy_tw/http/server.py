@@ -103,6 +103,7 @@ class LocalResponse:
     pool = None
     route_name = None
     headSent = False
+    upgrade = False
     http_version = b"1.1"
 
     def __init__(self, conn: Any, status: int, message: str, close: bool = False, extra: Headers = (),
@@ -272,7 +273,8 @@ class HTTPServerConnection(Protocol):
         if self.disconnected or self.closing:
             return
         self.draining = True
-        if self.tunnel is not None or self._upgrade_pending or getattr(self.current, "upgrade", False):
+        current = self.current
+        if self.tunnel is not None or self._upgrade_pending or (current is not None and current.upgrade):
             return
         if self.current is None and self.parsing is None and not self.in_head:
             self._close()
