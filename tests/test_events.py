@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
 
@@ -72,8 +73,12 @@ async def test_backends_leaving_and_entering_rotation_are_events(net: Any) -> No
     ]
 
 
+@pytest.mark.parametrize("library", ["ssl", "pyopenssl"])
 @pytest_twisted.ensureDeferred
-async def test_a_failed_tls_handshake_is_an_event(net: Any, pki: PKI) -> None:
+async def test_a_failed_tls_handshake_is_an_event(net: Any, pki: PKI, monkeypatch: Any, library: str) -> None:
+    if library == "pyopenssl":
+        # The path mutual-TLS listeners take (Twisted's TLS), chosen for every listener.
+        monkeypatch.setenv("RPROXY_TLS_PYOPENSSL", "1")
     origin = await net.origin()
     data = proxy_config(origin.backend)
     tls_port = _free_port()

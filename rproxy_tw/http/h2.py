@@ -897,3 +897,13 @@ class ALPNSwitch(Protocol):
         self._timer = None
         if self.protocol is not None:
             self.protocol.connectionLost(reason)
+        elif reason is not None and _pyopenssl_error(reason):
+            # Twisted's TLS (mutual-TLS listeners) reports a failed handshake
+            # only here; the ssl transport tells its factory itself.
+            self.factory.tls_handshake_failed(self.transport.getPeer(), reason.getErrorMessage())
+
+
+def _pyopenssl_error(reason: Failure) -> bool:
+    from OpenSSL.SSL import Error
+
+    return reason.check(Error) is not None

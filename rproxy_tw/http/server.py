@@ -789,6 +789,8 @@ class HTTPProxyFactory(Factory):
 
     def _listen(self, listen: Any) -> None:
         """This listener's own settings from its C{[[listen]]}."""
+        self.listen_endpoint: str = getattr(listen, "endpoint", "") or ""
+        """As events name the listener."""
         self.redirect_https: int | None = getattr(listen, "redirect_https", None)
         hsts = getattr(listen, "hsts", None) if self.scheme == "https" else None
         self.hsts: tuple[tuple[bytes, bytes], ...] = (
@@ -924,6 +926,14 @@ class HTTPProxyFactory(Factory):
                 started: float | None = None) -> LocalResponse:
         return LocalResponse(conn, status, message, close=not keep_alive or status == 400, request=request,
                              started_at=started)
+
+    def tls_handshake_failed(self, peer: Any, reason: str) -> None:
+        """A client's TLS handshake on this listener failed (Twisted's TLS; the ssl transport reports its own)."""
+        events = self.events
+        if events.wanted:
+            from ..events import TLSHandshakeFailed
+
+            events.publish(TLSHandshakeFailed(self.listen_endpoint, getattr(peer, "host", "unknown"), reason))
 
     def exchange_finished(self, conn: Any, exchange: Any, body_bytes: int, received_bytes: int | None = None) -> None:
         """
