@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import Interface, implementer
 
 from .http.exchange import IDownstream
 

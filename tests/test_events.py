@@ -24,7 +24,7 @@ from rproxy_tw.events import (
 )
 from rproxy_tw.service import ProxyService
 
-from .conftest import RawClient, closed_port, proxy_config, request, until
+from .conftest import RawClient, closed_port, proxy_config, until
 from .test_reload import _echo_server
 from .test_tls import PKI, _free_port, pki  # noqa: F401 - pki is a fixture
 

@@ -42,28 +42,42 @@ BAD_HEADS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(BAD_HEADS))
 @pytest_twisted.inlineCallbacks
-def test_http2_malformed_pseudo_headers_get_a_400_and_reach_no_origin(pki: PKI, name: str) -> None:
-    origin = _Origin()
+def _through_the_proxy(pki: PKI, origin: _Origin, use: Any) -> Any:
+    """Start a proxy in front of C{origin}, run C{use(client)} with an HTTP/2 client in a thread, stop."""
     service, http, origin_port, port = yield _running(pki, origin)
 
-    def client() -> Any:
+    def run() -> Any:
         c = _H2Client(pki, port)
         try:
-            fields = [*BAD_HEADS[name][:1], (b":scheme", b"https"), (b":authority", b"www.example.test"),
-                      *BAD_HEADS[name][1:]]
-            bad = _raw_request(c, fields)
-            good = c.request(b"GET", b"/after")
-            c.read(lambda: c.responses[bad]["ended"] and c.responses[good]["ended"])
-            return c.responses[bad], c.responses[good]
+            return use(c)
         finally:
             c.close()
 
     try:
-        bad, good = yield threads.deferToThread(client)
+        return (yield threads.deferToThread(run))
     finally:
         yield _stop(service, http, origin_port)
+
+
+def _answer(c: _H2Client, sid: int) -> dict[str, Any]:
+    c.read(lambda: c.responses[sid]["ended"])
+    return c.responses[sid]
+
+
+@pytest.mark.parametrize("name", sorted(BAD_HEADS))
+@pytest_twisted.inlineCallbacks
+def test_http2_malformed_pseudo_headers_get_a_400_and_reach_no_origin(pki: PKI, name: str) -> None:
+    origin = _Origin()
+
+    def use(c: _H2Client) -> Any:
+        fields = [*BAD_HEADS[name][:1], (b":scheme", b"https"), (b":authority", b"www.example.test"),
+                  *BAD_HEADS[name][1:]]
+        bad = _raw_request(c, fields)
+        good = c.request(b"GET", b"/after")
+        return _answer(c, bad), _answer(c, good)
+
+    bad, good = yield _through_the_proxy(pki, origin, use)
     assert _status(bad) == 400, bad
     assert _status(good) == 200, "the connection's other streams go on"
     assert [r.url for r in origin.requests] == [b"/after"]
@@ -73,22 +87,8 @@ def test_http2_malformed_pseudo_headers_get_a_400_and_reach_no_origin(pki: PKI, 
 @pytest_twisted.inlineCallbacks
 def test_http2_invalid_authority_is_a_400(pki: PKI, authority: bytes) -> None:
     origin = _Origin()
-    service, http, origin_port, port = yield _running(pki, origin)
-
-    def client() -> Any:
-        c = _H2Client(pki, port)
-        try:
-            sid = _raw_request(c, [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", authority),
-                                   (b":path", b"/x")])
-            c.read(lambda: c.responses[sid]["ended"])
-            return c.responses[sid]
-        finally:
-            c.close()
-
-    try:
-        r = yield threads.deferToThread(client)
-    finally:
-        yield _stop(service, http, origin_port)
+    r = yield _through_the_proxy(pki, origin, lambda c: _answer(c, _raw_request(
+        c, [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", authority), (b":path", b"/x")])))
     assert _status(r) == 400
     assert origin.requests == []
 
@@ -96,20 +96,6 @@ def test_http2_invalid_authority_is_a_400(pki: PKI, authority: bytes) -> None:
 @pytest_twisted.inlineCallbacks
 def test_http2_path_is_normalised_before_the_origin_sees_it(pki: PKI) -> None:
     origin = _Origin()
-    service, http, origin_port, port = yield _running(pki, origin)
-
-    def client() -> Any:
-        c = _H2Client(pki, port)
-        try:
-            sid = c.request(b"GET", b"/a/%2e%2e/b/./c?x=1#frag")
-            c.read(lambda: c.responses[sid]["ended"])
-            return c.responses[sid]
-        finally:
-            c.close()
-
-    try:
-        r = yield threads.deferToThread(client)
-    finally:
-        yield _stop(service, http, origin_port)
+    r = yield _through_the_proxy(pki, origin, lambda c: _answer(c, c.request(b"GET", b"/a/%2e%2e/b/./c?x=1#frag")))
     assert _status(r) == 200
     assert [req.url for req in origin.requests] == [b"/b/c?x=1"]

@@ -1,10 +1,6 @@
 """
 HTTP/2 through a TLS listener to an HTTP/1.1 origin: curl and the C{h2}
 package as clients, a raw origin that shows when body bytes arrive.
-
-The listener is wired as issue 3 asks server.py to wire it (an
-L{ALPNSwitch} per TLS connection); until server.py does, L{_h2_wiring}
-does it from the outside.
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
 from rproxy_tw.config import parse_config
-from rproxy_tw.http.h2 import ALPNSwitch, H2ServerConnection
+from rproxy_tw.http.h2 import H2ServerConnection
 from rproxy_tw.service import ProxyService
 
 from .test_tls import PKI, _free_port, _reactor, pki  # noqa: F401 - pki is a fixture
@@ -103,16 +99,6 @@ class _Origin(Factory):
         return [v for n, v in conn.headers if n.lower() == name]
 
 
-class _Switching(Factory):
-    """The wiring server.py should do itself: an ALPNSwitch in front of each HTTP/1.1 connection."""
-
-    def __init__(self, http: Any) -> None:
-        self.http = http
-
-    def buildProtocol(self, addr: Any) -> ALPNSwitch:
-        return ALPNSwitch(self.http, self.http.buildProtocol(addr))
-
-
 @pytest_twisted.inlineCallbacks
 def _running(pki: PKI, origin: _Origin) -> Any:
     reactor = _reactor()
@@ -126,9 +112,7 @@ def _running(pki: PKI, origin: _Origin) -> Any:
         "pool": {"web": {"backends": [f"tcp:127.0.0.1:{origin_port.getHost().port}"]}},
     }, source="test.toml")
     service = ProxyService(config, reactor)
-    tls = service.factories[0]
-    http = tls.wrappedFactory
-    tls.wrappedFactory = _Switching(http)
+    http = service.factories[0].wrappedFactory
     service.startService()
     yield deferLater(reactor, 0, lambda: None)
     return service, http, origin_port, port

@@ -32,10 +32,9 @@ from ..transport.flow import GateProducer
 from .upstream import BadResponse, ConnectTimeout, UpstreamConnection
 
 if TYPE_CHECKING:
-    from ..upstream.pool import Backend, BackendPool
-    from .upstream import UpstreamConnector
+    from ..upstream.pool import Backend
 
-__all__ = ["IDownstream", "ProxyExchange", "ExchangeSettings"]
+__all__ = ["IDownstream", "IExchange", "ProxyExchange", "ExchangeSettings", "RequestRejected"]
 
 Headers = Sequence[tuple[bytes, bytes]]
 

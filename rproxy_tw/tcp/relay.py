@@ -33,7 +33,7 @@ negotiated).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Callable
+from typing import Any
 
 import math
 
