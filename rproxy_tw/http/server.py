@@ -313,7 +313,7 @@ class HTTPServerConnection(Protocol):
         else:
             self._reject(408, "Request Timeout: the request body stalled")
 
-    def _rearm(self, seconds: float) -> None:
+    def _rearm(self) -> None:
         """A new phase starts now (head, body, idle): the timer finds its deadline when it fires."""
         self._since = self.factory.clock.seconds()
 
@@ -423,7 +423,7 @@ class HTTPServerConnection(Protocol):
         self._head_bytes = 0
         self._url = b""
         self._headers = []
-        self._rearm(self.factory.limits.header_timeout)
+        self._rearm()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -461,7 +461,7 @@ class HTTPServerConnection(Protocol):
         self.parsing = exchange
         if not exchange.requestComplete:
             # A body follows: from now on the timer watches for it stalling.
-            self._rearm(self.factory.limits.idle_timeout)
+            self._rearm()
         if self.current is None:
             self.current = exchange
             self._beginResponse(exchange)
@@ -473,7 +473,7 @@ class HTTPServerConnection(Protocol):
     def on_body(self, body: bytes) -> None:
         if self.closing:
             return
-        self._rearm(self.factory.limits.idle_timeout)
+        self._rearm()
         self.parsing.requestBodyData(body)
 
     def on_message_complete(self) -> None:
@@ -506,7 +506,7 @@ class HTTPServerConnection(Protocol):
         if exchange.status == 101:
             # A tunnel starts: its line is written when it closes, with its sizes and duration.
             self._tunnelled = exchange
-        else:
+        elif self.factory.events.wanted:
             self.factory.exchange_finished(self, exchange, self._body_bytes)
         self.current = None
         if self.disconnected:
@@ -523,7 +523,7 @@ class HTTPServerConnection(Protocol):
             nxt.start()
         elif self.parsing is None and self.tunnel is None:
             self._idle_limit = self.factory.limits.idle_timeout
-            self._rearm(self.factory.limits.idle_timeout)
+            self._rearm()
 
     def _upgradeRequested(self, leftover: bytes) -> None:
         """
