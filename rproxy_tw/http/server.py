@@ -597,25 +597,26 @@ class HTTPServerConnection(Protocol):
             return
         ex = self.current
         block = headers if type(headers) is bytes else serialize(headers)
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown")), block]
+        framing = b""
         if content_length is not None and (has_body or status != 204):
-            parts.append(b"Content-Length: %d\r\n" % content_length)
+            framing = b"Content-Length: %d\r\n" % content_length
         elif has_body:
             if ex.http_version == b"1.1":
-                parts.append(b"Transfer-Encoding: chunked\r\n")
+                framing = b"Transfer-Encoding: chunked\r\n"
                 self._chunked = True
             else:
                 self._close_after = True
+        connection = b""
         if status == 101:
             pass
         elif self._close_after:
-            parts.append(b"Connection: close\r\n")
+            connection = b"Connection: close\r\n"
         elif ex.http_version == b"1.0":
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(b"\r\n")
+            connection = b"Connection: keep-alive\r\n"
         # Held back until the first body bytes or the end of this read from
         # the origin, so that a small response leaves in one send.
-        self._head = b"".join(parts)
+        self._head = b"HTTP/1.1 %d %s\r\n%s%s%s\r\n" % (status, reason or REASONS.get(status, b"Unknown"), block,
+                                                        framing, connection)
 
     def flush(self) -> None:
         head = self._head
