@@ -337,8 +337,7 @@ class ProxyExchange:
             target = self.plan.route.upstream_target(request.path, 0, request.query)
         else:
             target = request.path  # what upstream_target gives for it
-        block = request_head_block(request.headers, self.info, keep_upgrade=self.upgrade,
-                                   http_version=self.http_version)
+        block = request_head_block(request.headers, self.info, self.upgrade, self.http_version)
         body = self.body
         if body == "length":
             block += b"Content-Length: %d\r\n" % request.content_length
