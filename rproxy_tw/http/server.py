@@ -449,7 +449,6 @@ class HTTPServerConnection(Protocol):
         parser = self.parser
         version = parser.get_http_version()
         method = parser.get_method()
-        headers = self._headers
         keep_alive = parser.should_keep_alive()
         if version == "1.1":
             http_version = b"1.1"
@@ -464,7 +463,10 @@ class HTTPServerConnection(Protocol):
             self._rearm()
         if self.current is None:
             self.current = exchange
-            self._beginResponse(exchange)
+            # _beginResponse(exchange), without the call: this runs per request.
+            self._chunked = False
+            self._body_bytes = 0
+            self._close_after = self.draining or not exchange.keep_alive
             exchange.start()
         else:
             self.queue.append(exchange)
@@ -495,7 +497,7 @@ class HTTPServerConnection(Protocol):
     # -- requests ---------------------------------------------------------------------------
 
     def _beginResponse(self, exchange: Any) -> None:
-        """Reset the response state for the exchange now at the head of the line."""
+        """Reset the response state for the exchange now at the head of the line (also inline in on_headers_complete)."""
         self._chunked = False
         self._body_bytes = 0
         self._close_after = self.draining or not exchange.keep_alive
