@@ -382,6 +382,40 @@ def response_headers_for_client(
     return out
 
 
+_MEMO_NAMES = 512
+"""How many header names (as they arrived, in their case) the one-pass serializers remember."""
+_MEMO_NAME_LENGTH = 64
+_REQUEST_BY_NAME: dict[bytes, int] = {}
+_RESPONSE_BY_NAME: dict[bytes, int] = {}
+
+
+def _remember(memo: dict[bytes, int], name: bytes, action: int) -> int:
+    """
+    Keep a name's action for the next message, so that most names are
+    looked up once, not lower-cased and looked up per field (bounded: names
+    come from clients and origins; emptied when full).
+    """
+    if len(name) <= _MEMO_NAME_LENGTH:
+        if len(memo) >= _MEMO_NAMES:
+            memo.clear()
+        memo[name] = action
+    return action
+
+
+def _request_action(name: bytes) -> int:
+    """What L{request_head_block} does with a request header: a kept name the general rewrite drops is L{_DROP}."""
+    lname = name.lower()
+    action = _REQUEST_ACTIONS.get(lname, _KEEP)
+    if action == _KEEP and (lname[:6] == b"proxy-" or (b"_" in lname and lname.replace(b"_", b"-") in _SPOOFABLE)):
+        action = _DROP
+    return _remember(_REQUEST_BY_NAME, name, action)
+
+
+def _response_action(name: bytes) -> int:
+    """What L{response_head_block} does with a response header."""
+    return _remember(_RESPONSE_BY_NAME, name, _RESPONSE_ACTIONS.get(name.lower(), _KEEP))
+
+
 def request_head_block(headers: Headers, info: ForwardingInfo, keep_upgrade: bool = False,
                        http_version: bytes = b"1.1") -> bytes:
     """
@@ -398,14 +432,14 @@ def request_head_block(headers: Headers, info: ForwardingInfo, keep_upgrade: boo
         return serialize(request_headers_for_origin(headers, info, http_version, keep_upgrade))
     parts: list[bytes] = []
     append = parts.append
-    actions = _REQUEST_ACTIONS
+    memo = _REQUEST_BY_NAME
     host = None
     for header in headers:
-        lname = header[0].lower()
-        action = actions.get(lname, _KEEP)
+        action = memo.get(header[0])
+        if action is None:
+            action = _request_action(header[0])
         if action == _KEEP:
-            if lname[:6] != b"proxy-" and (b"_" not in lname or lname.replace(b"_", b"-") not in _SPOOFABLE):
-                append(b": ".join(header))
+            append(b": ".join(header))
         elif action == _HOST:
             host = header[1]
             append(b": ".join(header))
@@ -429,9 +463,11 @@ def response_head_block(headers: Headers, added: bytes, clock: Any = None) -> by
     """
     parts: list[bytes] = []
     append = parts.append
-    actions = _RESPONSE_ACTIONS
+    memo = _RESPONSE_BY_NAME
     for header in headers:
-        action = actions.get(header[0].lower(), _KEEP)
+        action = memo.get(header[0])
+        if action is None:
+            action = _response_action(header[0])
         if action == _KEEP:
             append(b": ".join(header))
         elif action == _DROP or (action == _CONNECTION and header[1].lower() in _PLAIN_CONNECTION):

@@ -389,3 +389,33 @@ def test_controls_and_high_bytes_in_an_http11_target_are_a_400(net, byte: int) -
     yield client.until_closed()
     assert client.buf.startswith(b"HTTP/1.1 400 "), client.buf[:80]
     assert origin.requests == []
+
+
+_target_piece = st.sampled_from(["a", ".", "..", "%2e", "%2F", "%41", "%zz", "%00", "", "\\", "#f", "?q", "?a/../b",
+                                 "//", "x.y", ";", "..;"])
+
+
+@settings(derandomize=True, max_examples=600, deadline=None)
+@given(st.sampled_from(["/", "", "*", "http://b.test", "https://b.test:8443/", "HTTP://b.test", "ftp://b.test/",
+                        "http://a b/"]),
+       st.lists(_target_piece, max_size=6), st.sampled_from([b"GET", b"OPTIONS"]), st.sampled_from([b"1.1", b"2"]))
+def test_read_request_head_target_is_parse_target(start: str, pieces: list[str], method: bytes,
+                                                  version: bytes) -> None:
+    """read_request_head repeats parse_target's first case inline: both must read a target alike, or both refuse."""
+    from rproxy_tw.config import LimitsConfig
+    from rproxy_tw.http.request import read_request_head
+
+    target = (start + "/".join(pieces)).encode()
+    http1 = version != b"2"
+    headers = [(b"Host", b"a.test")]
+    try:
+        path, query, authority = parse_target(method, target, http1, http1)
+    except RequestRejected as e:
+        with pytest.raises(RequestRejected) as refused:
+            read_request_head(method, target, version, headers, LimitsConfig(), sizes_checked=True)
+        assert refused.value.status == e.status
+        return
+    request = read_request_head(method, target, version, headers, LimitsConfig(), sizes_checked=True)
+    assert (request.path, request.query) == ((b"/", b"") if path == b"*" else (path, query))
+    assert request.asterisk == (path == b"*")
+    assert request.host == (authority or b"a.test")

@@ -333,10 +333,11 @@ class ProxyExchange:
         request = self.request
         if request.asterisk:
             target = b"*"
-        else:
+        elif request.query or self.plan.route.strip_prefix:
             target = self.plan.route.upstream_target(request.path, 0, request.query)
-        block = request_head_block(request.headers, self.info, keep_upgrade=self.upgrade,
-                                   http_version=self.http_version)
+        else:
+            target = request.path  # what upstream_target gives for it
+        block = request_head_block(request.headers, self.info, self.upgrade, self.http_version)
         body = self.body
         if body == "length":
             block += b"Content-Length: %d\r\n" % request.content_length
@@ -468,7 +469,8 @@ class ProxyExchange:
         assert conn is not None
         if self._chunked_up:
             conn.write(b"0\r\n\r\n")
-        self._dropBodyProducer(conn)
+        if self._producer is not None:
+            self._dropBodyProducer(conn)
         self.requestSent = True
         if not self.headSent:
             conn.sent_at = self.clock.seconds()  # the response is due from now
@@ -720,7 +722,8 @@ class ProxyExchange:
             conn.backend.inflight -= 1
             if not tunnel:
                 self.downstream.unregisterUpstream(conn)
-            self._dropBodyProducer(conn)
+            if self._producer is not None:
+                self._dropBodyProducer(conn)
             if not ok and not tunnel and conn.exchange is self:
                 conn.exchange = None
                 conn.abort()

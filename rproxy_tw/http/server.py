@@ -316,7 +316,7 @@ class HTTPServerConnection(Protocol):
         else:
             self._reject(408, "Request Timeout: the request body stalled")
 
-    def _rearm(self, seconds: float) -> None:
+    def _rearm(self) -> None:
         """A new phase starts now (head, body, idle): the timer finds its deadline when it fires."""
         self._since = self.factory.clock.seconds()
 
@@ -426,7 +426,7 @@ class HTTPServerConnection(Protocol):
         self._head_bytes = 0
         self._url = b""
         self._headers = []
-        self._rearm(self.factory.limits.header_timeout)
+        self._since = self.factory.clock.seconds()  # _rearm(), without the call: this runs per request
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -452,7 +452,6 @@ class HTTPServerConnection(Protocol):
         parser = self.parser
         version = parser.get_http_version()
         method = parser.get_method()
-        headers = self._headers
         keep_alive = parser.should_keep_alive()
         if version == "1.1":
             http_version = b"1.1"
@@ -464,10 +463,13 @@ class HTTPServerConnection(Protocol):
         self.parsing = exchange
         if not exchange.requestComplete:
             # A body follows: from now on the timer watches for it stalling.
-            self._rearm(self.factory.limits.idle_timeout)
+            self._rearm()
         if self.current is None:
             self.current = exchange
-            self._beginResponse(exchange)
+            # _beginResponse(exchange), without the call: this runs per request.
+            self._chunked = False
+            self._body_bytes = 0
+            self._close_after = self.draining or not exchange.keep_alive
             exchange.start()
         else:
             self.queue.append(exchange)
@@ -476,7 +478,7 @@ class HTTPServerConnection(Protocol):
     def on_body(self, body: bytes) -> None:
         if self.closing:
             return
-        self._rearm(self.factory.limits.idle_timeout)
+        self._rearm()
         self.parsing.requestBodyData(body)
 
     def on_message_complete(self) -> None:
@@ -498,7 +500,7 @@ class HTTPServerConnection(Protocol):
     # -- requests ---------------------------------------------------------------------------
 
     def _beginResponse(self, exchange: Any) -> None:
-        """Reset the response state for the exchange now at the head of the line."""
+        """Reset the response state for the exchange now at the head of the line (also inline in on_headers_complete)."""
         self._chunked = False
         self._body_bytes = 0
         self._close_after = self.draining or not exchange.keep_alive
@@ -509,7 +511,7 @@ class HTTPServerConnection(Protocol):
         if exchange.status == 101:
             # A tunnel starts: its line is written when it closes, with its sizes and duration.
             self._tunnelled = exchange
-        else:
+        elif self.factory.events.wanted:
             self.factory.exchange_finished(self, exchange, self._body_bytes)
         self.current = None
         if self.disconnected:
@@ -526,7 +528,7 @@ class HTTPServerConnection(Protocol):
             nxt.start()
         elif self.parsing is None and self.tunnel is None:
             self._idle_limit = self.factory.limits.idle_timeout
-            self._rearm(self.factory.limits.idle_timeout)
+            self._since = self.factory.clock.seconds()  # _rearm(), without the call: this runs per request
 
     def _upgradeRequested(self, leftover: bytes) -> None:
         """
@@ -600,25 +602,26 @@ class HTTPServerConnection(Protocol):
             return
         ex = self.current
         block = headers if type(headers) is bytes else serialize(headers)
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown")), block]
+        framing = b""
         if content_length is not None and (has_body or status != 204):
-            parts.append(b"Content-Length: %d\r\n" % content_length)
+            framing = b"Content-Length: %d\r\n" % content_length
         elif has_body:
             if ex.http_version == b"1.1":
-                parts.append(b"Transfer-Encoding: chunked\r\n")
+                framing = b"Transfer-Encoding: chunked\r\n"
                 self._chunked = True
             else:
                 self._close_after = True
+        connection = b""
         if status == 101:
             pass
         elif self._close_after:
-            parts.append(b"Connection: close\r\n")
+            connection = b"Connection: close\r\n"
         elif ex.http_version == b"1.0":
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(b"\r\n")
+            connection = b"Connection: keep-alive\r\n"
         # Held back until the first body bytes or the end of this read from
         # the origin, so that a small response leaves in one send.
-        self._head = b"".join(parts)
+        self._head = b"HTTP/1.1 %d %s\r\n%s%s%s\r\n" % (status, reason or REASONS.get(status, b"Unknown"), block,
+                                                        framing, connection)
 
     def flush(self) -> None:
         head = self._head

@@ -272,8 +272,9 @@ class UpstreamConnection(Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._head_bytes or self._read_size > self.connector.max_header_bytes or \
-                len(self._headers) > self.connector.max_headers:
+        connector = self.connector
+        if self._head_bytes or self._read_size > connector.max_header_bytes or \
+                len(self._headers) > connector.max_headers:
             # A head that could be over the bound (read in several pieces, or
             # from one large read): add up its size.  Small ones cannot be.
             self._checkFields(self._headers, "response head")

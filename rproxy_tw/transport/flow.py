@@ -92,7 +92,8 @@ class ResponseFlow:
     def detach(self, gate: ReadGate) -> None:
         if self.gate is gate:
             self.gate = None
-        gate.resume("client")
+        if gate.reasons:
+            gate.resume("client")
 
     def pauseProducing(self) -> None:
         self.paused = True
