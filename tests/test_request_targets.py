@@ -115,7 +115,7 @@ def test_valid_hosts(host: bytes) -> None:
 
 @pytest.mark.parametrize(
     "host", [b"", b"a b", b"t/x y", b"t\tx", b"a@b", b"user@a.test", b"a.test:80:80", b"a.test:8o", b"[::1",
-             b"[]", b"[::1]x", b"a.test:1234567", b"a<b", b"a\"b", b"a\\b", b"%zz.test", b"a.test/x"])
+             b"[]", b"[::1]x", b"a.test:1234567", b"a.test:99999", b"[::1]:65536", b"a<b", b"a\"b", b"a\\b", b"%zz.test", b"a.test/x"])
 def test_invalid_hosts(host: bytes) -> None:
     assert not valid_host(host)
 

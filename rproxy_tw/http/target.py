@@ -61,11 +61,11 @@ def valid_host(value: bytes) -> bool:
         rest = value[end + 1 :]
         if not rest:
             return True
-        return rest[:1] == b":" and _only(rest[1:], _DIGITS) and len(rest) <= 6
+        return rest[:1] == b":" and _only(rest[1:], _DIGITS) and len(rest) <= 6 and int(rest[1:] or b"0") <= 65535
     host, colon, port = value.rpartition(b":")
     if not colon:
         host, port = value, b""
-    elif not _only(port, _DIGITS) or len(port) > 5:
+    elif not _only(port, _DIGITS) or len(port) > 5 or (port and int(port) > 65535):
         return False
     if not host or not _only(host, _REG_NAME):
         return False
