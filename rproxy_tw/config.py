@@ -95,7 +95,7 @@ class TLSProfile:
     client_ca: str | None = None
     """Optional CA file: when set, clients must present a certificate it signed."""
     acme: bool | tuple[str, ...] = False
-    """Names to get certificates for from the C{[acme]} CA (C{True}: the routes' host names); not enforced yet."""
+    """Names to get certificates for from the C{[acme]} CA (C{True}: the routes' host names); see docs/acme.md."""
 
 
 @frozen
@@ -271,7 +271,7 @@ class AdminConfig:
 
 @frozen
 class AcmeConfig:
-    """C{[acme]}: automatic certificates from an RFC 8555 CA (not built yet)."""
+    """C{[acme]}: automatic certificates from an RFC 8555 CA (L{rproxy_tw.acme})."""
 
     directory: str = "https://acme-v02.api.letsencrypt.org/directory"
     email: str = ""
@@ -1062,16 +1062,12 @@ def not_enforced_warnings(config: ProxyConfig) -> list[str]:
     (it is in the configuration contract) but does not act on yet.  The
     service start logs these and C{--check} prints them: the same list.
     """
-    lines = [f"[{name}] is accepted but not enforced by this version" for name in config.deferred_sections]
+    lines = [f"[{name}] is accepted but not enforced by this version" for name in config.deferred_sections
+             if name != "acme"]
     server = config.server
     if server.workers != 1:
         lines.append(f"server.workers = {server.workers!r} is accepted but not enforced by this version "
                      "(one process serves)")
-    for name, profile in config.tls.items():
-        if profile.acme:
-            lines.append(f"tls.{name}.acme is accepted but not enforced by this version"
-                         + ("" if profile.certificates else
-                            f" (a listener on [tls.{name}] will not start without certificates)"))
     for i, route in enumerate(config.routes):
         if route.cache:
             lines.append(f"route[{i}].cache = true is accepted but not enforced by this version")
@@ -1173,6 +1169,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
         if section is not None:
             deferred[name] = parse(section, base)
     top.finish()
+    if "acme" not in deferred and any(profile.acme for profile in tls.values()):
+        deferred["acme"] = _parse_acme(_Reader(source, "acme", {}), base)  # the defaults, storage beside the file
     admin_endpoint = deferred["admin"].endpoint if "admin" in deferred else None
 
     # Cross references.

@@ -78,6 +78,8 @@ class ProxyRuntime:
         self.config = config
         self.reactor = reactor
         self.endpoint_for = endpoint_for
+        self.acme_challenges: Any = previous.acme_challenges if previous is not None else None
+        """The ACME challenges pending (L{rproxy_tw.acme.ChallengeResponder}) when a TLS profile uses C{acme}."""
         self.events = previous.events if previous is not None else EventBus()
         """
         What happened (requests, tunnels, backends, reloads...): the access
@@ -712,6 +714,9 @@ class ProxyService(MultiService):
         """Factories of listeners a reload removed or replaced, while they still have connections."""
         """Factories a reload took off a port: their connections finish, and a stop waits for them."""
         self._stopping: _GracefulStop | None = None
+        self.acme: Any = None
+        """The L{rproxy_tw.acme.AcmeManager} once a TLS profile uses C{acme} (its C{renew()} forces a renewal)."""
+        self._configure_acme(config, self.runtime)
         for index, listen in enumerate(config.listen):
             slot = self._slot(listen, index, self.runtime, config)
             slot.service.setServiceParent(self)
@@ -748,11 +753,31 @@ class ProxyService(MultiService):
 
     def _tls_profile(self, listen: Any, index: int, config: ProxyConfig) -> Any:
         profile = config.tls.get(listen.tls) if listen.tls else None
-        if profile is not None and not profile.certificates:
+        if profile is not None and not profile.certificates and not profile.acme:
             raise ConfigError(config.source, f"listen[{index}].tls",
-                              f"{listen.endpoint!r} cannot start: [tls.{listen.tls}] has no certificates "
-                              "until ACME is built")
+                              f"{listen.endpoint!r} cannot start: [tls.{listen.tls}] has no certificates")
         return profile
+
+    def _configure_acme(self, config: ProxyConfig, runtime: ProxyRuntime) -> None:
+        """
+        Certificates from the C{[acme]} CA for the profiles with C{acme}: the
+        manager is made with the first such config and takes each later one.
+        @raise ConfigError: the storage folder cannot be used.
+        """
+        if self.acme is None and not any(profile.acme for profile in config.tls.values()):
+            return
+        try:
+            if self.acme is None:
+                from .acme import AcmeManager
+
+                self.acme = AcmeManager(self.reactor, config)
+                self.acme.setServiceParent(self)
+            else:
+                self.acme.configure(config)
+        except OSError as e:
+            raise ConfigError(config.source, "acme.storage", f"cannot use {e.filename or ''}: {e.strerror or e}") \
+                from None
+        runtime.acme_challenges = self.acme.responder
 
     def _inner_factory(self, listen: Any, runtime: ProxyRuntime, config: ProxyConfig) -> Any:
         if listen.protocol == "http":
@@ -769,8 +794,9 @@ class ProxyService(MultiService):
             return inner
         from .tls import tls_server_factory
 
+        options = {"acme": self.acme} if profile.acme and self.acme is not None else {}
         return tls_server_factory(self.reactor, profile, inner, http=listen.protocol == "http",
-                                  events=self.runtime.events, listener=listen.endpoint)
+                                  events=self.runtime.events, listener=listen.endpoint, **options)
 
     def _slot(self, listen: Any, index: int, runtime: ProxyRuntime, config: ProxyConfig) -> _Slot:
         profile = self._tls_profile(listen, index, config)
@@ -816,6 +842,7 @@ class ProxyService(MultiService):
         old_config, old_runtime = self.config, self.runtime
         summary = summarize(old_config, config)
         runtime = ProxyRuntime(config, self.reactor, self.endpoint_for, previous=old_runtime)
+        self._configure_acme(config, runtime)
         for path, resource, host in self._mounts:
             runtime.mount(path, resource, host)
         for step, host, path in self._filters:
@@ -846,6 +873,8 @@ class ProxyService(MultiService):
             except ListenError:
                 for slot in opened:
                     slot.service.stopService()
+                if self.acme is not None:
+                    self.acme.configure(old_config)
                 raise
         # Nothing below fails: the new config takes over.
         self.config, self.runtime = config, runtime

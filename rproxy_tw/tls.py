@@ -279,8 +279,12 @@ class _ProfileContexts:
 
     _log = Logger(observer=log_observer)
 
+    challenges: Any = None
+    """The ACME challenges pending (L{rproxy_tw.acme.ChallengeResponder}), for an C{acme} profile's transport."""
+
     def __init__(self, clock: IReactorTime, profile: TLSProfile, http: bool = True,
-                 ticket_rotation: float = TICKET_ROTATION, watch_interval: float | None = WATCH_INTERVAL) -> None:
+                 ticket_rotation: float = TICKET_ROTATION, watch_interval: float | None = WATCH_INTERVAL,
+                 acme: Any = None) -> None:
         """
         @param http: offer ALPN (the profile's C{alpn} list); a raw TCP
             listener offers none, since the bytes after the handshake are not HTTP.
@@ -288,10 +292,16 @@ class _ProfileContexts:
             the lifetime of a session.
         @param watch_interval: seconds between file checks, or C{None} for
             no watcher (reload only when L{reload} is called).
+        @param acme: the L{rproxy_tw.acme.AcmeManager} of an C{acme} profile:
+            its certificates are served after the profile's own files, and it
+            reloads these contexts when one changes.
         @raise ConfigError: if a file cannot be used.
         """
         self.clock = clock
         self.profile = profile
+        self.acme = acme
+        if acme is not None and profile.acme:
+            self.challenges = acme.responder
         self.alpn = tuple(p.encode("ascii") for p in profile.alpn) if http else ()
         self.ticket_rotation = ticket_rotation
         self.watch_interval = watch_interval
@@ -304,6 +314,8 @@ class _ProfileContexts:
         self._previous_front: Any = None
         self._rotator: LoopingCall | None = None
         self._watcher: LoopingCall | None = None
+        if self.challenges is not None:
+            acme.attach(profile.name, self)
 
     # -- building ---------------------------------------------------------------------------
 
@@ -325,6 +337,11 @@ class _ProfileContexts:
                               (f"tls.{profile.name}.certificates[{i}].cert", f"tls.{profile.name}.certificates[{i}].key"))
             for i, cc in enumerate(profile.certificates)
         ]
+        for cc in self._acme_certificates():
+            certificates.append(_load_certificate(len(certificates), cc.cert, cc.key, now, self._log,
+                                                  (f"tls.{profile.name}.acme", f"tls.{profile.name}.acme")))
+        if not certificates:
+            raise ConfigError(profile.name, f"tls.{profile.name}", "no certificate to serve (no file, no acme name)")
         if profile.client_ca is not None:
             _load_client_ca(profile.name, profile.client_ca)
         # Group certificates serving the same names: one context, one slot per key type.
@@ -393,9 +410,15 @@ class _ProfileContexts:
         # The old front's Python callbacks must outlive handshakes that started on it.
         self._previous_front, self._front = self._front, front
 
+    def _acme_certificates(self) -> tuple[Any, ...]:
+        """The files of the profile's ACME names now (issued, or temporary until then)."""
+        if self.challenges is None:
+            return ()
+        return tuple(self.acme.certificates_for(self.profile.name))
+
     def _files(self) -> tuple[str, ...]:
         profile = self.profile
-        files = [path for cc in profile.certificates for path in (cc.cert, cc.key)]
+        files = [path for cc in (*profile.certificates, *self._acme_certificates()) for path in (cc.cert, cc.key)]
         if profile.client_ca is not None:
             files.append(profile.client_ca)
         return tuple(dict.fromkeys(files))

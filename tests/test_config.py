@@ -385,13 +385,10 @@ def test_log_level_option_overrides_the_config(tmp_path):
 
 CONTRACT_WARNINGS = [
     "[admin] is accepted but not enforced by this version",
-    "[acme] is accepted but not enforced by this version",
     "[rate_limit] is accepted but not enforced by this version",
     "[waf] is accepted but not enforced by this version",
     "[cache] is accepted but not enforced by this version",
     "[cluster] is accepted but not enforced by this version",
-    "tls.auto.acme is accepted but not enforced by this version "
-    "(a listener on [tls.auto] will not start without certificates)",
     "route[1].cache = true is accepted but not enforced by this version",
 ]
 
@@ -462,25 +459,37 @@ def test_service_start_logs_the_same_warnings(tmp_path):
     assert warnings == NOT_ENFORCED_WARNINGS
 
 
-def test_acme_profile_loads_but_a_listener_on_it_does_not_start(tmp_path):
+def test_acme_profile_starts_on_a_temporary_certificate_and_check_accepts_it(tmp_path):
+    import stat
+
     from twisted.internet.task import Clock
 
     from rproxy_tw import ProxyService
 
-    text = BASE + '[[listen]]\nendpoint = "tcp:8443"\ntls = "auto"\n\n[tls.auto]\nacme = ["www.example.com"]\n'
+    text = BASE + '[[listen]]\nendpoint = "tcp:8443"\ntls = "auto"\n\n[tls.auto]\nacme = ["www.example.com"]\n' \
+        '\n[acme]\nstorage = "state"\n'
     path = write(tmp_path, text)
     config = load_config(path)
     assert config.tls["auto"].certificates == ()
-    with pytest.raises(ConfigError) as info:
-        ProxyService(config, Clock())
-    assert str(info.value) == (f"{path}: listen[1].tls: 'tcp:8443' cannot start: "
-                               "[tls.auto] has no certificates until ACME is built")
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    service = ProxyService(config, clock)
+    assert service.acme.status()["www.example.com"]["not_after"] is None  # nothing issued yet
+    temporary = tmp_path / "state" / "temporary" / "www.example.com.pem"
+    assert stat.S_IMODE(temporary.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
     result = run(TWISTD + ["rproxy", "--config", path, "--check"], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "tls.auto.acme is accepted but not enforced" in result.stderr
-    result = run(TWISTD + ["-n", "rproxy", "--config", path], tmp_path)
+    assert "acme" not in result.stderr
+
+
+def test_check_refuses_an_acme_ca_bundle_that_is_not_pem(tmp_path):
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    text = BASE + '[tls.auto]\nacme = ["www.example.com"]\n\n[acme]\nca = "ca.pem"\nstorage = "state"\n'
+    path = write(tmp_path, text)
+    result = run(TWISTD + ["rproxy", "--config", path, "--check"], tmp_path)
     assert result.returncode == 1
-    assert result.stderr.splitlines() == [str(info.value)]
+    assert result.stderr.strip().splitlines()[-1] == f"{tmp_path / 'ca.pem'}: acme.ca: no PEM certificate in the file"
 
 
 def test_idle_timeout_zero_means_none():
