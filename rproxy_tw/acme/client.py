@@ -147,7 +147,7 @@ def _issue(config: AcmeConfig, storage: AcmeStorage, responder: ChallengeRespond
         if stored is None:
             raise AcmeFailure(f"the CA's certificate for {name} does not load (or has expired already)")
         suggested = None
-        if "renewalInfo" in directory:
+        if _offers(directory, "renewalInfo"):
             try:
                 when, _ = client.renewal_time(stored.pem)
                 suggested = when.timestamp() if when is not None else None
@@ -181,3 +181,11 @@ def _issue(config: AcmeConfig, storage: AcmeStorage, responder: ChallengeRespond
                 in_reactor(remove)
             except Exception:  # noqa: BLE001 - the reactor stopped: nothing serves them any more
                 pass
+
+
+def _offers(directory: messages.Directory, field: str) -> bool:
+    try:
+        directory[field]
+    except KeyError:
+        return False
+    return True

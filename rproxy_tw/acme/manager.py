@@ -231,7 +231,11 @@ class AcmeManager(Service):
             state.call = None
             return
         delay = max(0.0, when - self.reactor.seconds())
-        state.call = self.reactor.callLater(delay, self._attempt, state, False)
+        state.call = self.reactor.callLater(delay, self._scheduled_attempt, state)
+
+    def _scheduled_attempt(self, state: _NameState) -> None:
+        # The outcome is logged and scheduled by _outcome; nobody else waits for it.
+        self._attempt(state, False).addErrback(lambda failure: None)
 
     def renew(self, name: str | None = None) -> Deferred[Any]:
         """
