@@ -303,7 +303,7 @@ async def test_forced_renewal_swaps_the_certificate_under_a_download_and_a_kept_
     first = service.acme.status()[name]["serial"]
     client = await tls_client(net, pebble.tls_port, name, root)
     client.send(request(b"GET", b"/download", host=name.encode()))
-    await until(lambda: started and len(client.received) > total // 4, "half of the download")
+    await until(lambda: started and len(client.buf) > total // 4, "half of the download")
     result = await service.acme.renew(name)
     assert result.issued and result.stored.serial != first
     # New connections get the new certificate...

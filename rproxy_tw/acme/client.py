@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import josepy as jose
 from acme import client as acme_client
+from acme import challenges as acme_challenges
 from acme import crypto_util, errors, messages
 from attrs import frozen
 
@@ -57,6 +58,31 @@ class AcmeFailure(Exception):
 
 class LockBusy(Exception):
     """Another process (or manager) sharing the storage folder is issuing for this name."""
+
+
+def _register_tls_alpn01() -> None:
+    """
+    The C{acme} package dropped its TLS-ALPN-01 classes (certbot no longer
+    uses them); the messages are RFC 8737's and tiny, so they are declared
+    here: the challenge carries a token, the response is an empty object.
+    """
+    if "tls-alpn-01" in acme_challenges.Challenge.TYPES:
+        return
+
+    @acme_challenges.ChallengeResponse.register
+    class TLSALPN01Response(acme_challenges.KeyAuthorizationChallengeResponse):
+        typ = "tls-alpn-01"
+
+    @acme_challenges.Challenge.register
+    class TLSALPN01(acme_challenges.KeyAuthorizationChallenge):
+        response_cls = TLSALPN01Response
+        typ = response_cls.typ
+
+        def validation(self, account_key: jose.JWK, **kwargs: Any) -> Any:
+            return None  # the certificate is made by rproxy_tw.acme.challenges
+
+
+_register_tls_alpn01()
 
 
 class _Network(acme_client.ClientNetwork):
@@ -123,7 +149,8 @@ def _issue(config: AcmeConfig, storage: AcmeStorage, responder: ChallengeRespond
         for authorization in order.authorizations:
             if authorization.body.status == messages.STATUS_VALID:
                 continue
-            offered = {c.chall.typ: c for c in authorization.body.challenges}
+            offered = {c.chall.typ: c for c in authorization.body.challenges
+                       if isinstance(c.chall, acme_challenges.KeyAuthorizationChallenge)}
             kind = next((t for t in challenges if t in offered), None)
             if kind is None:
                 raise AcmeFailure(f"the CA offers {sorted(offered)} for {name}, and this proxy can answer "
