@@ -1,0 +1,420 @@
+"""
+rproxy_tw.acme without a CA: the renewal schedule and back-off, the
+ClientHello reader, the storage folder (atomic private files, the lock), the
+manager's decisions on an injected clock with a stand-in issuer, and the
+challenge answers on real listeners.  tests/test_acme_pebble.py runs the
+whole exchange against a real ACME server.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import ssl
+import stat
+import struct
+from typing import Any
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
+
+from rproxy_tw import ProxyService, parse_config
+from rproxy_tw.acme import AcmeFailure, IssueResult
+from rproxy_tw.acme.challenges import ACME_IDENTIFIER, ClientHello, TLSALPNChallenge, client_hello
+from rproxy_tw.acme.client import LockBusy, issue_blocking
+from rproxy_tw.acme.manager import AcmeManager
+from rproxy_tw.acme.schedule import backoff, renewal_time, retry_after_seconds
+from rproxy_tw.acme.storage import AcmeStorage, self_signed
+from rproxy_tw.config import AcmeConfig
+
+from .conftest import Net, closed_port, request
+
+NOW = 1_800_000_000.0
+
+
+# ---------------------------------------------------------------------------
+# The schedule
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.floats(0, 2e9), st.floats(60, 400 * 86400), st.integers(0, 2**32))
+def test_renewal_comes_between_three_fifths_and_two_thirds_of_the_lifetime(start: float, lifetime: float,
+                                                                            seed: int) -> None:
+    when = renewal_time(start, start + lifetime, random.Random(seed))
+    assert start + lifetime * (2 / 3 - 0.05) - 1e-6 <= when <= start + lifetime * 2 / 3 + 1e-6
+
+
+def test_renewal_information_wins_when_it_comes_before_expiry() -> None:
+    rng = random.Random(1)
+    assert renewal_time(0, 90 * 86400, rng, suggested=10 * 86400) == 10 * 86400
+    assert renewal_time(0, 90, rng, suggested=1000) <= 60  # a window past expiry is not believed
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.integers(1, 60), st.integers(0, 2**32), st.one_of(st.none(), st.floats(0, 1e6)))
+def test_backoff_doubles_up_to_the_cap_and_never_undercuts_retry_after(failures: int, seed: int,
+                                                                       retry_after: float | None) -> None:
+    delay = backoff(failures, random.Random(seed), 60, 3600, retry_after)
+    base = min(3600, 60 * 2 ** (failures - 1))
+    assert delay >= base and (delay <= base * 1.1 or (retry_after is not None and delay == retry_after))
+    if retry_after is not None:
+        assert delay >= retry_after
+
+
+def test_retry_after_in_seconds_or_as_a_date() -> None:
+    assert retry_after_seconds("120", NOW) == 120
+    assert retry_after_seconds("Fri, 15 Jan 2027 08:00:00 GMT", 1_800_000_000.0 - 100) is not None
+    assert retry_after_seconds("Thu, 01 Jan 1970 00:00:00 GMT", NOW) == 0
+    assert retry_after_seconds("soon", NOW) is None
+    assert retry_after_seconds(None, NOW) is None
+
+
+# ---------------------------------------------------------------------------
+# The ClientHello
+
+
+def real_hello(name: str | None, alpn: list[str]) -> bytes:
+    """The first flight of the standard library's TLS client."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_client_hello_gives_the_name_and_the_protocols_once_whole() -> None:
+    hello = real_hello("Alpn.Example.com", ["acme-tls/1"])
+    assert client_hello(hello) == ClientHello("alpn.example.com", (b"acme-tls/1",))
+    assert client_hello(real_hello("www.example.com", ["h2", "http/1.1"])) == \
+        ClientHello("www.example.com", (b"h2", b"http/1.1"))
+    for cut in range(len(hello)):
+        assert client_hello(hello[:cut]) is None
+
+
+def test_client_hello_split_over_two_records_is_read() -> None:
+    hello = real_hello("alpn.example.com", ["acme-tls/1"])
+    message = hello[5:]
+    first, second = message[:40], message[40:]
+    framed = b"".join(b"\x16\x03\x01" + struct.pack("!H", len(part)) + part for part in (first, second))
+    assert client_hello(framed[:50]) is None
+    assert client_hello(framed) == ClientHello("alpn.example.com", (b"acme-tls/1",))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.binary(max_size=300))
+def test_client_hello_never_fails_on_garbage(data: bytes) -> None:
+    result = client_hello(data)
+    assert result is None or isinstance(result, ClientHello)
+    result = client_hello(b"\x16\x03\x01\x00\x40\x01\x00\x00\x3c" + data)
+    assert result is None or isinstance(result, ClientHello)
+
+
+def test_tls_alpn01_certificate_carries_the_key_authorization_digest() -> None:
+    import hashlib
+
+    challenge = TLSALPNChallenge("alpn.example.com", b"token.thumbprint", NOW)
+    cert = x509.load_pem_x509_certificate(challenge.pem)
+    extension = cert.extensions.get_extension_for_oid(ACME_IDENTIFIER)
+    assert extension.critical
+    assert extension.value.value == b"\x04\x20" + hashlib.sha256(b"token.thumbprint").digest()
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert names == ["alpn.example.com"]
+
+
+# ---------------------------------------------------------------------------
+# Storage
+
+
+def test_storage_writes_private_files_whole_and_reads_back_only_valid_ones(tmp_path: Any) -> None:
+    storage = AcmeStorage(str(tmp_path / "acme"))
+    storage.prepare()
+    path = storage.certificate_path("www.example.com")
+    storage.write(path, self_signed("www.example.com", NOW))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".tmp")] == []
+    stored = storage.read(path, NOW)
+    assert stored is not None and stored.names == ("www.example.com",)
+    assert storage.read(path, NOW + 8 * 86400) is None  # expired
+    key = storage.account_key()
+    assert storage.account_key().private_numbers() == key.private_numbers()  # reused
+    assert stat.S_IMODE(os.stat(tmp_path / "acme" / "account.key").st_mode) == 0o600
+    # A certificate with another one's key is not a certificate.
+    other = self_signed("www.example.com", NOW)
+    storage.write(path, self_signed("www.example.com", NOW).split(b"-----BEGIN PRIVATE KEY")[0]
+                  + b"-----BEGIN PRIVATE KEY" + other.split(b"-----BEGIN PRIVATE KEY")[1])
+    assert storage.read(path, NOW) is None
+
+
+def test_the_lock_is_held_by_one_opener_at_a_time(tmp_path: Any) -> None:
+    one, two = AcmeStorage(str(tmp_path)), AcmeStorage(str(tmp_path))
+    one.prepare()
+    fd = one.try_lock("www.example.com")
+    assert fd is not None
+    assert two.try_lock("www.example.com") is None
+    assert two.try_lock("other.example.com") is not None
+    one.unlock(fd)
+    assert two.try_lock("www.example.com") is not None
+
+
+def test_issue_takes_what_another_process_stored_without_asking_the_ca(tmp_path: Any) -> None:
+    """The directory is a closed port: reaching for the CA would fail."""
+    import time
+
+    config = AcmeConfig(directory=f"https://127.0.0.1:{closed_port()}/dir", storage=str(tmp_path))
+    storage = AcmeStorage(str(tmp_path))
+    storage.prepare()
+    storage.write(storage.certificate_path("www.example.com"), self_signed("www.example.com", time.time(), days=30))
+    result = issue_blocking(config, storage, None, "www.example.com", ("http-01",), None, False, None)  # type: ignore[arg-type]
+    assert not result.issued and result.stored.names == ("www.example.com",)
+    # Held by another process: LockBusy, at once.
+    fd = AcmeStorage(str(tmp_path)).try_lock("www.example.com")
+    with pytest.raises(LockBusy):
+        issue_blocking(config, storage, None, "www.example.com", ("http-01",), None, False, None)  # type: ignore[arg-type]
+    storage.unlock(fd)  # type: ignore[arg-type]
+    # The same serial as served, or forced: the CA is asked (and here cannot be reached).
+    with pytest.raises(AcmeFailure, match="cannot reach the CA"):
+        issue_blocking(config, storage, None, "www.example.com", ("http-01",), result.stored.serial, False,
+                       None)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------
+# The manager, on a clock
+
+
+class FakeIssuer:
+    """Stands in for the CA: each call is answered by the test."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[str, ...], int | None, bool]] = []
+        self.pending: list[Deferred[IssueResult]] = []
+
+    def __call__(self, name: str, challenges: tuple[str, ...], serial: int | None, force: bool) -> Deferred[Any]:
+        self.calls.append((name, challenges, serial, force))
+        d: Deferred[IssueResult] = Deferred()
+        self.pending.append(d)
+        return d
+
+
+def manager_config(tmp_path: Any, plain: bool = True) -> Any:
+    listen = [{"endpoint": "tcp:8443", "tls": "auto"}]
+    if plain:
+        listen.append({"endpoint": "tcp:8080"})
+    return parse_config({
+        "listen": listen, "tls": {"auto": {"acme": ["www.example.com"]}},
+        "acme": {"storage": str(tmp_path / "acme"), "challenges": ["tls-alpn-01", "http-01"]},
+        "route": [{"path": "/", "pool": "p"}], "pool": {"p": {"backends": ["tcp:127.0.0.1:1"]}},
+    }, source="test.toml")
+
+
+@pytest.fixture
+def logged() -> Any:
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def stored_result(tmp_path: Any, now: float, days: int = 90, issued: bool = True) -> IssueResult:
+    storage = AcmeStorage(str(tmp_path / "acme"))
+    path = storage.certificate_path("www.example.com")
+    storage.write(path, self_signed("www.example.com", now, days=days))
+    stored = storage.read(path, now)
+    assert stored is not None
+    return IssueResult(stored, issued=issued, challenge="http-01" if issued else None)
+
+
+def test_manager_issues_at_start_then_renews_at_two_thirds_and_backs_off_on_failure(tmp_path: Any,
+                                                                                   logged: list[str]) -> None:
+    clock = Clock()
+    clock.advance(NOW)
+    issuer = FakeIssuer()
+    manager = AcmeManager(clock, manager_config(tmp_path), issue=issuer, rng=random.Random(7))
+    assert any("temporary self-signed certificate for www.example.com" in line for line in logged)
+    temporary = manager.certificates_for("auto")[0].cert
+    manager.startService()
+    clock.advance(0)
+    assert issuer.calls == [("www.example.com", ("tls-alpn-01", "http-01"), None, False)]
+    result = stored_result(tmp_path, NOW)
+    issuer.pending.pop().callback(result)
+    assert manager.certificates_for("auto")[0].cert == result.stored.path != temporary
+    due = manager.status()["www.example.com"]["next_attempt"]
+    lifetime = result.stored.not_after - result.stored.not_before
+    assert result.stored.not_before + lifetime * (2 / 3 - 0.05) <= due <= result.stored.not_before + lifetime * 2 / 3
+    (line,) = [line for line in logged if line.startswith("acme: certificate for")]
+    assert line.startswith("acme: certificate for www.example.com issued by http-01 (valid until ")
+    assert "; next renewal at " in line
+    # Nothing before it is due; then a renewal, which fails twice: back-off, the certificate kept.
+    clock.advance(due - clock.seconds() - 1)
+    assert len(issuer.calls) == 1
+    clock.advance(1)
+    assert issuer.calls[-1] == ("www.example.com", ("tls-alpn-01", "http-01"), result.stored.serial, False)
+    issuer.pending.pop().errback(AcmeFailure("the CA refused: boom"))
+    first_retry = manager.status()["www.example.com"]["next_attempt"] - clock.seconds()
+    assert 60 <= first_retry <= 66
+    assert manager.certificates_for("auto")[0].cert == result.stored.path
+    clock.advance(first_retry)
+    issuer.pending.pop().errback(AcmeFailure("the CA refused: again", retry_after=3600, rate_limited=True))
+    assert manager.status()["www.example.com"]["next_attempt"] - clock.seconds() == 3600  # Retry-After wins
+    assert manager.status()["www.example.com"]["failures"] == 2
+    failures = [line for line in logged if " failed (" in line]
+    assert failures[0].startswith("acme: getting a certificate for www.example.com failed (1 in a row): "
+                                  "the CA refused: boom; the certificate valid until ")
+    assert failures[1].startswith("acme: rate limited for www.example.com failed (2 in a row)")
+    assert all("keeps serving; next attempt at " in line for line in failures)
+    manager.stopService()
+    assert not clock.getDelayedCalls()
+
+
+def test_a_busy_lock_is_looked_at_again_and_the_other_process_result_taken(tmp_path: Any,
+                                                                           logged: list[str]) -> None:
+    clock = Clock()
+    clock.advance(NOW)
+    issuer = FakeIssuer()
+    manager = AcmeManager(clock, manager_config(tmp_path), issue=issuer, rng=random.Random(1), min_backoff=30)
+    manager.startService()
+    clock.advance(0)
+    issuer.pending.pop().errback(LockBusy("www.example.com"))
+    assert manager.status()["www.example.com"]["failures"] == 0
+    assert any(line.startswith("acme: another process is getting the certificate for www.example.com; looking "
+                               "in the storage folder again at ") for line in logged)
+    clock.advance(30)
+    issuer.pending.pop().callback(stored_result(tmp_path, NOW, issued=False))
+    assert any("www.example.com picked up from the storage folder" in line for line in logged)
+
+
+def test_forced_renewal_shares_an_attempt_in_flight_and_reports_failure(tmp_path: Any) -> None:
+    clock = Clock()
+    clock.advance(NOW)
+    issuer = FakeIssuer()
+    manager = AcmeManager(clock, manager_config(tmp_path), issue=issuer)
+    manager.startService()
+    clock.advance(0)
+    forced = manager.renew("www.example.com")
+    assert len(issuer.calls) == 1  # the start's attempt answers both
+    failures: list[Any] = []
+    forced.addErrback(failures.append)
+    issuer.pending.pop().errback(AcmeFailure("no"))
+    assert failures and failures[0].check(AcmeFailure)
+    again = manager.renew("www.example.com")
+    assert issuer.calls[-1][3] is True
+    issuer.pending.pop().callback(stored_result(tmp_path, NOW))
+    assert again.result.issued  # type: ignore[attr-defined]
+    unknown: list[Any] = []
+    manager.renew("other.example.com").addErrback(unknown.append)
+    assert unknown[0].check(KeyError)
+
+
+def test_only_the_challenges_a_listener_can_answer_are_used(tmp_path: Any) -> None:
+    clock = Clock()
+    issuer = FakeIssuer()
+    manager = AcmeManager(clock, manager_config(tmp_path, plain=False), issue=issuer)
+    manager.startService()
+    clock.advance(0)
+    assert issuer.calls[0][1] == ("tls-alpn-01",)
+
+
+# ---------------------------------------------------------------------------
+# The challenges on real listeners
+
+
+def acme_service_config(tmp_path: Any, origin: str, http_port: int, https_port: int,
+                        redirect: bool) -> dict[str, Any]:
+    plain: dict[str, Any] = {"endpoint": f"tcp:{http_port}:interface=127.0.0.1"}
+    if redirect:
+        plain["redirect_https"] = 443
+    return {
+        "listen": [plain, {"endpoint": f"tcp:{https_port}:interface=127.0.0.1", "tls": "auto"}],
+        "tls": {"auto": {"acme": ["www.example.com"]}},
+        # A CA that cannot be reached: attempts fail (and back off); the listeners serve regardless.
+        "acme": {"storage": str(tmp_path / "acme"), "directory": f"https://127.0.0.1:{closed_port()}/dir"},
+        "route": [{"path": "/", "pool": "p"}], "pool": {"p": {"backends": [origin]}},
+        "server": {"access_log": "off"},
+    }
+
+
+async def start(net: Net, config: dict[str, Any]) -> ProxyService:
+    service = ProxyService(parse_config(config, source="test.toml"), reactor)
+    service.startService()
+    net.services.append(service)
+    await service.listening()
+    return service
+
+
+@pytest_twisted.ensureDeferred
+async def test_http01_is_answered_before_the_redirect_and_unknown_tokens_go_on(net: Net, tmp_path: Any) -> None:
+    origin = await net.origin()
+    http_port, https_port = closed_port(), closed_port()
+    service = await start(net, acme_service_config(tmp_path, origin.backend, http_port, https_port, redirect=True))
+    service.acme.responder.http01[b"tok3n"] = b"tok3n.thumbprint"
+    client = await net.client(http_port)
+    client.send(request(b"GET", b"/.well-known/acme-challenge/tok3n", host=b"www.example.com"))
+    client.send(request(b"GET", b"/.well-known/acme-challenge/other", host=b"www.example.com"))
+    ok, other = await client.until_responses([b"GET", b"GET"])
+    assert ok.status == 200 and ok.body == b"tok3n.thumbprint"
+    assert ok.one(b"content-type") == b"application/octet-stream"
+    assert other.status == 308  # not ours: the listener's own policy
+    # Not on the TLS listener: there it is an ordinary path, for the routes.
+    await deferToThread(https_get, https_port, "www.example.com", b"/.well-known/acme-challenge/tok3n")
+    assert [r.target for r in origin.requests] == [b"/.well-known/acme-challenge/tok3n"]
+
+
+def https_get(port: int, name: str, target: bytes) -> bytes:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=name) as tls:
+            tls.sendall(request(b"GET", target, host=name.encode()) + b"")
+            return tls.recv(65536)
+
+
+def handshake(port: int, name: str, alpn: list[str]) -> tuple[x509.Certificate, str | None]:
+    """A blocking TLS handshake (run in a thread): the certificate served and the protocol chosen."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(alpn)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname=name) as tls:
+            der = tls.getpeercert(binary_form=True)
+            return x509.load_der_x509_certificate(der), tls.selected_alpn_protocol()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_alpn01_certificate_goes_only_to_the_validator(net: Net, tmp_path: Any) -> None:
+    origin = await net.origin()
+    http_port, https_port = closed_port(), closed_port()
+    service = await start(net, acme_service_config(tmp_path, origin.backend, http_port, https_port, redirect=False))
+    # Before any challenge: the temporary certificate, at once (the listener did not wait for the CA).
+    cert, protocol = await deferToThread(handshake, https_port, "www.example.com", ["h2", "http/1.1"])
+    assert protocol == "h2"
+    with pytest.raises(x509.ExtensionNotFound):
+        cert.extensions.get_extension_for_oid(ACME_IDENTIFIER)
+    temporary_serial = cert.serial_number
+    service.acme.responder.tls_alpn01["www.example.com"] = TLSALPNChallenge("www.example.com", b"k.a", NOW)
+    cert, protocol = await deferToThread(handshake, https_port, "www.example.com", ["acme-tls/1"])
+    assert protocol == "acme-tls/1"
+    assert cert.extensions.get_extension_for_oid(ACME_IDENTIFIER).critical
+    # Everyone else still gets the name's certificate, during the challenge too.
+    cert, protocol = await deferToThread(handshake, https_port, "www.example.com", ["h2", "http/1.1"])
+    assert cert.serial_number == temporary_serial and protocol == "h2"
+    cert, protocol = await deferToThread(handshake, https_port, "other.example.com", ["acme-tls/1"])
+    assert cert.serial_number == temporary_serial and protocol is None
