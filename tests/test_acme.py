@@ -418,3 +418,61 @@ async def test_tls_alpn01_certificate_goes_only_to_the_validator(net: Net, tmp_p
     assert cert.serial_number == temporary_serial and protocol == "h2"
     cert, protocol = await deferToThread(handshake, https_port, "other.example.com", ["acme-tls/1"])
     assert cert.serial_number == temporary_serial and protocol is None
+
+
+def test_acme_true_means_every_routed_host_name_but_wildcards(tmp_path: Any) -> None:
+    from rproxy_tw.acme import acme_names
+
+    config = parse_config({
+        "listen": [{"endpoint": "tcp:8443", "tls": "auto"}],
+        "tls": {"auto": {"acme": True}, "list": {"acme": ["a.example.com"]}},
+        "route": [{"host": "WWW.example.com.", "path": "/", "pool": "p"}, {"host": "*.example.com", "pool": "p"},
+                  {"path": "/", "pool": "p"}, {"host": "www.example.com", "path": "/x", "pool": "p"}],
+        "pool": {"p": {"backends": ["tcp:127.0.0.1:1"]}},
+    }, source="test.toml")
+    assert acme_names(config) == {"auto": ("www.example.com",), "list": ("a.example.com",)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rate_limited_answer_is_reported_with_its_retry_after(net: Net, tmp_path: Any) -> None:
+    """A CA (a real HTTP server here) that answers 429 rateLimited: the wait it asks for is kept."""
+    import json
+
+    from twisted.web.resource import Resource
+
+    class RateLimited(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            request.setResponseCode(429)
+            request.setHeader(b"Content-Type", b"application/problem+json")
+            request.setHeader(b"Retry-After", b"1800")
+            return json.dumps({"type": "urn:ietf:params:acme:error:rateLimited",
+                               "detail": "too many certificates already issued"}).encode()
+
+    site = await net.web_origin(RateLimited())
+    config = AcmeConfig(directory=f"http://127.0.0.1:{site.port}/dir", storage=str(tmp_path))
+    storage = AcmeStorage(str(tmp_path))
+    with pytest.raises(AcmeFailure) as info:
+        await deferToThread(issue_blocking, config, storage, None, "www.example.com", ("http-01",), None, True, None)
+    assert info.value.rate_limited and info.value.retry_after == 1800
+    assert "rateLimited" in str(info.value) and "too many certificates" in str(info.value)
+
+
+def test_a_reload_that_adds_an_acme_profile_serves_its_names_at_once(tmp_path: Any) -> None:
+    clock = Clock()
+    clock.advance(NOW)
+    base = {
+        "listen": [{"endpoint": "tcp:8080"}],
+        "route": [{"path": "/", "pool": "p"}], "pool": {"p": {"backends": ["tcp:127.0.0.1:1"]}},
+        "server": {"access_log": "off"},
+    }
+    service = ProxyService(parse_config(base, source="test.toml"), clock)
+    assert service.acme is None and service.runtime.acme_challenges is None
+    with_acme = {**base, "listen": [{"endpoint": "tcp:8080"}, {"endpoint": "tcp:8443", "tls": "auto"}],
+                 "tls": {"auto": {"acme": ["www.example.com"]}}, "acme": {"storage": str(tmp_path / "acme")}}
+    service.reload(parse_config(with_acme, source="test.toml"))
+    assert service.runtime.acme_challenges is service.acme.responder
+    contexts = service.factories[1].contexts
+    assert [c.names for c in contexts.generation.certificates] == [("www.example.com",)]
+    assert contexts.challenges is service.acme.responder
