@@ -104,6 +104,8 @@ _OPTIONS = (
 
 _log = Logger(observer=log_observer)
 
+_QUIET = Logger(observer=lambda event: None)
+
 _STDLIB_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 _STDLIB_OPTIONS = ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -338,7 +340,8 @@ class _ProfileContexts:
             for i, cc in enumerate(profile.certificates)
         ]
         for cc in self._acme_certificates():
-            certificates.append(_load_certificate(len(certificates), cc.cert, cc.key, now, self._log,
+            # No expiry warnings: the ACME manager renews these, and logs when it cannot.
+            certificates.append(_load_certificate(len(certificates), cc.cert, cc.key, now, _QUIET,
                                                   (f"tls.{profile.name}.acme", f"tls.{profile.name}.acme")))
         if not certificates:
             raise ConfigError(profile.name, f"tls.{profile.name}", "no certificate to serve (no file, no acme name)")

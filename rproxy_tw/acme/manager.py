@@ -27,7 +27,7 @@ import weakref
 from typing import Any, Callable, Mapping
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -43,6 +43,13 @@ __all__ = ["AcmeManager", "acme_names", "challenge_types"]
 
 TEMPORARY_DAYS = 7
 """Lifetime of the self-signed certificate served until the CA issues (made anew when it lapses)."""
+
+ISSUING_AT_ONCE = 2
+"""
+Issuances running at once: each holds a thread of the reactor's pool (which
+Twisted's default name resolver shares) for seconds, so many names never
+take all of it.
+"""
 
 REACTOR_CALL_TIMEOUT = 10.0
 """Seconds the issuing thread waits for the reactor to put a challenge answer in place."""
@@ -138,6 +145,7 @@ class AcmeManager(Service):
         self.profiles: dict[str, tuple[str, ...]] = {}
         self._contexts: dict[str, weakref.WeakSet[Any]] = {}
         self._issue = issue or self._issue_in_thread
+        self._threads = DeferredSemaphore(ISSUING_AT_ONCE)
         self.configure(config)
 
     # -- configuration -----------------------------------------------------------------------
@@ -344,8 +352,9 @@ class AcmeManager(Service):
                          force: bool) -> Deferred[IssueResult]:
         from .client import issue_blocking
 
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), issue_blocking, self.acme,
-                                 self.storage, self.responder, name, challenges, serial, force, self._in_reactor)
+        return self._threads.run(deferToThreadPool, self.reactor, self.reactor.getThreadPool(), issue_blocking,
+                                 self.acme, self.storage, self.responder, name, challenges, serial, force,
+                                 self._in_reactor)
 
     def _in_reactor(self, function: Callable[..., Any], *args: Any) -> Any:
         """From the issuing thread: run C{function} in the reactor thread and return its result, waiting a bounded time."""
