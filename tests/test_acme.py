@@ -178,12 +178,14 @@ def test_issue_takes_what_another_process_stored_without_asking_the_ca(tmp_path:
     storage = AcmeStorage(str(tmp_path))
     storage.prepare()
     storage.write(storage.certificate_path("www.example.com"), self_signed("www.example.com", time.time(), days=30))
-    result = issue_blocking(config, storage, None, "www.example.com", ("http-01",), None, False, None)  # type: ignore[arg-type]
+    result = issue_blocking(config, storage, None, "www.example.com", ("http-01",), None, False,  # type: ignore[arg-type]
+                            None)
     assert not result.issued and result.stored.names == ("www.example.com",)
     # Held by another process: LockBusy, at once.
     fd = AcmeStorage(str(tmp_path)).try_lock("www.example.com")
     with pytest.raises(LockBusy):
-        issue_blocking(config, storage, None, "www.example.com", ("http-01",), None, False, None)  # type: ignore[arg-type]
+        issue_blocking(config, storage, None, "www.example.com", ("http-01",), None, False,  # type: ignore[arg-type]
+                       None)
     storage.unlock(fd)  # type: ignore[arg-type]
     # The same serial as served, or forced: the CA is asked (and here cannot be reached).
     with pytest.raises(AcmeFailure, match="cannot reach the CA"):

@@ -53,7 +53,8 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, deadl
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}: {process.stdout.read() if process.stdout else ''}")
+            output = process.stdout.read() if process.stdout else b""
+            raise RuntimeError(f"{what} exited with {process.returncode}: {output!r}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -126,7 +127,6 @@ class Pebble:
         with open(path, "w") as f:
             json.dump(config, f)
         env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"}
-        time.sleep(0)  # (nothing to wait for: pebble resolves names only when validating)
         self.pebble = subprocess.Popen([PEBBLE, "-config", path, "-dnsserver", f"127.0.0.1:{self.dns}"],
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         self.processes.append(self.pebble)

@@ -7,4 +7,5 @@ from .challenges import ChallengeResponder
 from .client import AcmeFailure, IssueResult
 from .manager import AcmeManager, acme_names, challenge_types, check_acme
 
-__all__ = ["AcmeFailure", "AcmeManager", "ChallengeResponder", "IssueResult", "acme_names", "challenge_types", "check_acme"]
+__all__ = ["AcmeFailure", "AcmeManager", "ChallengeResponder", "IssueResult", "acme_names", "challenge_types",
+           "check_acme"]

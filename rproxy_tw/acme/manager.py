@@ -357,7 +357,7 @@ class AcmeManager(Service):
                                  self._in_reactor)
 
     def _in_reactor(self, function: Callable[..., Any], *args: Any) -> Any:
-        """From the issuing thread: run C{function} in the reactor thread and return its result, waiting a bounded time."""
+        """From the issuing thread: run C{function} in the reactor thread and return its result (a bounded wait)."""
         answer: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=1)
 
         def run() -> None:
