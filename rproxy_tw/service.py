@@ -823,6 +823,16 @@ class ProxyService(MultiService):
     # -- reload ----------------------------------------------------------------------------
 
     def reload(self, config: ProxyConfig) -> ReloadSummary:
+        """See L{_reload}; a refused reload also leaves the ACME names as they were."""
+        old_config = self.config
+        try:
+            return self._reload(config)
+        except (ConfigError, ListenError):
+            if self.acme is not None and self.config is old_config:
+                self.acme.configure(old_config)
+            raise
+
+    def _reload(self, config: ProxyConfig) -> ReloadSummary:
         """
         Apply C{config} to the running service: routes, pools, balancing,
         health checks, limits, TLS profiles, header rules and listeners.
@@ -873,8 +883,6 @@ class ProxyService(MultiService):
             except ListenError:
                 for slot in opened:
                     slot.service.stopService()
-                if self.acme is not None:
-                    self.acme.configure(old_config)
                 raise
         # Nothing below fails: the new config takes over.
         self.config, self.runtime = config, runtime

@@ -478,3 +478,24 @@ def test_a_reload_that_adds_an_acme_profile_serves_its_names_at_once(tmp_path: A
     contexts = service.factories[1].contexts
     assert [c.names for c in contexts.generation.certificates] == [("www.example.com",)]
     assert contexts.challenges is service.acme.responder
+
+
+def test_a_refused_reload_leaves_the_acme_names_as_they_were(tmp_path: Any) -> None:
+    from rproxy_tw.config import ConfigError
+
+    clock = Clock()
+    clock.advance(NOW)
+    base = {
+        "listen": [{"endpoint": "tcp:8080"}, {"endpoint": "tcp:8443", "tls": "auto"}],
+        "tls": {"auto": {"acme": ["www.example.com"]}}, "acme": {"storage": str(tmp_path / "acme")},
+        "route": [{"path": "/", "pool": "p"}], "pool": {"p": {"backends": ["tcp:127.0.0.1:1"]}},
+        "server": {"access_log": "off"},
+    }
+    service = ProxyService(parse_config(base, source="test.toml"), clock)
+    broken = {**base, "listen": [*base["listen"], {"endpoint": "tcp:9443", "tls": "files"}],  # type: ignore[list-item]
+              "tls": {"auto": {"acme": ["www.example.com", "new.example.com"]},
+                      "files": {"certificates": [{"cert": str(tmp_path / "missing.pem"),
+                                                  "key": str(tmp_path / "missing.key")}]}}}
+    with pytest.raises(ConfigError):
+        service.reload(parse_config(broken, source="test.toml"))
+    assert list(service.acme.status()) == ["www.example.com"]
