@@ -499,3 +499,26 @@ def test_a_refused_reload_leaves_the_acme_names_as_they_were(tmp_path: Any) -> N
     with pytest.raises(ConfigError):
         service.reload(parse_config(broken, source="test.toml"))
     assert list(service.acme.status()) == ["www.example.com"]
+
+
+def test_check_names_what_an_acme_config_lacks(tmp_path: Any) -> None:
+    from rproxy_tw.acme import check_acme
+    from rproxy_tw.config import ConfigError
+
+    def config(**changes: Any) -> Any:
+        data: dict[str, Any] = {
+            "listen": [{"endpoint": "tcp:8443", "tls": "auto"}],
+            "tls": {"auto": {"acme": ["www.example.com"]}}, "acme": {"storage": str(tmp_path / "a" / "b")},
+            "route": [{"path": "/", "pool": "p"}], "pool": {"p": {"backends": ["tcp:127.0.0.1:1"]}},
+        }
+        data.update(changes)
+        return parse_config(data, source="test.toml")
+
+    check_acme(config())  # a folder that does not exist yet is made at start
+    with pytest.raises(ConfigError, match=r"^test.toml: tls.auto.acme: is true, but no route names a host"):
+        check_acme(config(tls={"auto": {"acme": True}}))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is not a folder"):
+        check_acme(config(acme={"storage": str(tmp_path / "file" / "acme")}))
+    with pytest.raises(ConfigError, match=r"tls.auto.acme: no listener can answer \['http-01'\]"):
+        check_acme(config(acme={"storage": str(tmp_path), "challenges": ["http-01"]}))
