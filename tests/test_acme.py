@@ -522,3 +522,18 @@ def test_check_names_what_an_acme_config_lacks(tmp_path: Any) -> None:
         check_acme(config(acme={"storage": str(tmp_path / "file" / "acme")}))
     with pytest.raises(ConfigError, match=r"tls.auto.acme: no listener can answer \['http-01'\]"):
         check_acme(config(acme={"storage": str(tmp_path), "challenges": ["http-01"]}))
+
+
+def test_the_temporary_certificate_is_made_anew_before_it_lapses(tmp_path: Any) -> None:
+    clock = Clock()
+    clock.advance(NOW)
+    issuer = FakeIssuer()
+    manager = AcmeManager(clock, manager_config(tmp_path), issue=issuer)
+    path = manager.certificates_for("auto")[0].cert
+    first = manager.storage.read(path, NOW)
+    assert first is not None
+    clock.advance(6.5 * 86400)  # the CA has failed for six days and a half
+    manager.renew("www.example.com").addErrback(lambda f: None)
+    issuer.pending.pop().errback(AcmeFailure("still down"))
+    second = manager.storage.read(path, clock.seconds())
+    assert second is not None and second.serial != first.serial and second.not_after > first.not_after

@@ -188,12 +188,17 @@ class AcmeManager(Service):
                 self._schedule(state, self._first_attempt(state))
 
     def _use_temporary(self, state: _NameState, now: float) -> None:
-        path = self.storage.temporary_path(state.name)
-        if self.storage.read(path, now + 86400) is None:
-            self.storage.write(path, self_signed(state.name, now, days=TEMPORARY_DAYS))
-        state.temporary = path
+        self._fresh_temporary(state, now)
         self._log.warn("acme: serving a temporary self-signed certificate for {name} until the CA issues one",
                        name=state.name)
+
+    def _fresh_temporary(self, state: _NameState, now: float) -> bool:
+        """Make the name's temporary certificate anew when it has less than a day left.  @return: whether it did."""
+        path = state.temporary = self.storage.temporary_path(state.name)
+        if self.storage.read(path, now + 86400) is not None:
+            return False
+        self.storage.write(path, self_signed(state.name, now, days=TEMPORARY_DAYS))
+        return True
 
     def certificates_for(self, profile: str) -> tuple[CertificateConfig, ...]:
         """The files a profile's TLS contexts load for its ACME names: issued ones, else the temporary ones."""
@@ -335,6 +340,13 @@ class AcmeManager(Service):
                         name=state.name, count=state.failures, why=why, serving=serving, next=_when(when))
         if not isinstance(error, (AcmeFailure, OSError)):
             self._log.failure("acme: unexpected error for {name}", failure, name=state.name)
+        if state.stored is None:
+            try:
+                if self._fresh_temporary(state, now):  # a CA failing for days: the stand-in must not lapse
+                    self._reload(state.name)
+            except OSError as e:
+                self._log.error("acme: cannot renew the temporary certificate for {name}: {why}", name=state.name,
+                                why=e)
         if self.running:
             self._schedule(state, when)
         return failure
