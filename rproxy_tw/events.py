@@ -1,7 +1,7 @@
 """
 What happened, as values: a request finished, a tunnel or a TCP session
 closed, a backend changed state, a TLS handshake failed, a reload was
-applied or refused.
+applied or refused, an ACME certificate changed or could not be had.
 
 Why events rather than counters: the access log, and the metrics and
 status page to come, all want the same facts; each front end (HTTP/1.1,
@@ -21,6 +21,8 @@ from .logs import observer as log_observer
 
 __all__ = [
     "BackendStateChanged",
+    "CertificateChanged",
+    "CertificateFailed",
     "EventBus",
     "IEventObserver",
     "ReloadApplied",
@@ -114,6 +116,29 @@ class ReloadApplied:
 class ReloadRefused:
     source: str
     error: str
+
+
+@attrs.frozen(slots=True)
+class CertificateChanged:
+    """An ACME certificate was issued, renewed or picked up from the storage folder (L{rproxy_tw.acme})."""
+
+    name: str
+    how: str
+    """C{"issued"}, C{"renewed"} or C{"picked up"}."""
+    not_after: float
+    next_attempt: float
+
+
+@attrs.frozen(slots=True)
+class CertificateFailed:
+    """Getting an ACME certificate failed; the certificate serving (if any) keeps serving."""
+
+    name: str
+    error: str
+    failures: int
+    """In a row."""
+    rate_limited: bool
+    next_attempt: float
 
 
 class EventBus:

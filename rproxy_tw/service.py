@@ -770,7 +770,7 @@ class ProxyService(MultiService):
             if self.acme is None:
                 from .acme import AcmeManager
 
-                self.acme = AcmeManager(self.reactor, config)
+                self.acme = AcmeManager(self.reactor, config, events=runtime.events)
                 self.acme.setServiceParent(self)
             else:
                 self.acme.configure(config)

@@ -245,10 +245,14 @@ def stored_result(tmp_path: Any, now: float, days: int = 90, issued: bool = True
 
 def test_manager_issues_at_start_then_renews_at_two_thirds_and_backs_off_on_failure(tmp_path: Any,
                                                                                    logged: list[str]) -> None:
+    from rproxy_tw.events import CertificateChanged, CertificateFailed, EventBus, EventRecorder
+
     clock = Clock()
     clock.advance(NOW)
     issuer = FakeIssuer()
-    manager = AcmeManager(clock, manager_config(tmp_path), issue=issuer, rng=random.Random(7))
+    events, recorder = EventBus(), EventRecorder()
+    events.subscribe(recorder)
+    manager = AcmeManager(clock, manager_config(tmp_path), issue=issuer, rng=random.Random(7), events=events)
     assert any("temporary self-signed certificate for www.example.com" in line for line in logged)
     temporary = manager.certificates_for("auto")[0].cert
     manager.startService()
@@ -281,6 +285,10 @@ def test_manager_issues_at_start_then_renews_at_two_thirds_and_backs_off_on_fail
                                   "the CA refused: boom; the certificate valid until ")
     assert failures[1].startswith("acme: rate limited for www.example.com failed (2 in a row)")
     assert all("keeps serving; next attempt at " in line for line in failures)
+    assert [(e.name, e.how, e.not_after) for e in recorder.of(CertificateChanged)] == \
+        [("www.example.com", "issued", result.stored.not_after)]
+    assert [(e.failures, e.rate_limited, e.next_attempt) for e in recorder.of(CertificateFailed)][1] == \
+        (2, True, clock.seconds() + 3600)
     manager.stopService()
     assert not clock.getDelayedCalls()
 

@@ -275,9 +275,17 @@ async def test_tls_alpn01_issues_with_only_the_https_listener(net: Net, pebble: 
                                                               logged: list[str]) -> None:
     origin = await net.origin()
     name = "alpn.example.com"
+    from rproxy_tw.events import CertificateChanged, EventRecorder
+
     config = acme_config(pebble, str(tmp_path / "acme"), [name], origin.backend, plain=False)
-    service = await start_proxy(net, config)
+    service = ProxyService(parse_config(config, source="test.toml"), reactor)
+    recorder = EventRecorder()
+    service.runtime.events.subscribe(recorder)  # what metrics will observe
+    service.startService()
+    net.services.append(service)
+    await service.listening()
     await issued(service, name)
+    assert [(e.name, e.how) for e in recorder.of(CertificateChanged)] == [(name, "issued")]
     assert await served_serial(net, pebble.tls_port, name, pebble.root()) == service.acme.status()[name]["serial"]
     assert any(line.startswith(f"acme: certificate for {name} issued by tls-alpn-01") for line in logged), logged
 

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..config import AcmeConfig, CertificateConfig, ProxyConfig
+from ..events import CertificateChanged, CertificateFailed
 from ..logs import observer as log_observer
 from .challenges import ChallengeResponder
 from .client import AcmeFailure, IssueResult, LockBusy
@@ -127,16 +128,19 @@ class AcmeManager(Service):
 
     def __init__(self, reactor: Any, config: ProxyConfig, issue: Issuer | None = None,
                  rng: random.Random | None = None, min_backoff: float = MIN_BACKOFF,
-                 max_backoff: float = MAX_BACKOFF) -> None:
+                 max_backoff: float = MAX_BACKOFF, events: Any = None) -> None:
         """
         @param reactor: C{IReactorTime} for the schedule; C{IReactorThreads}
             and C{IReactorFromThreads} for the default issuer.
         @param issue: runs one attempt (name, challenge types, serial served
             now, force) and fires with an L{IssueResult}, or fails with
             L{AcmeFailure} or L{LockBusy}; by default the C{acme} client in a thread.
+        @param events: the L{rproxy_tw.events.EventBus} told of each
+            L{CertificateChanged} and L{CertificateFailed}.
         @raise OSError: the storage folder cannot be made or written.
         """
         self.reactor = reactor
+        self.events = events
         self.rng = rng or random.Random()
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
@@ -322,6 +326,10 @@ class AcmeManager(Service):
                        until=_when(stored.not_after), next=_when(max(now, when)))
         if self.running:
             self._schedule(state, max(now, when))
+        if self.events is not None and self.events.wanted:
+            self.events.publish(CertificateChanged(state.name, "picked up" if not result.issued else
+                                                   "renewed" if renewed else "issued", stored.not_after,
+                                                   max(now, when)))
         return result
 
     def _failed(self, state: _NameState, failure: Failure, now: float) -> Failure:
@@ -349,6 +357,9 @@ class AcmeManager(Service):
                                 why=e)
         if self.running:
             self._schedule(state, when)
+        if self.events is not None and self.events.wanted:
+            self.events.publish(CertificateFailed(state.name, why, state.failures,
+                                                  bool(getattr(error, "rate_limited", False)), when))
         return failure
 
     def _reload(self, name: str) -> None:
