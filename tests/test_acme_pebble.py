@@ -349,3 +349,32 @@ async def test_a_failing_ca_leaves_the_certificate_serving_and_logs_the_retry(
     assert f"for {name} failed (1 in a row): cannot reach the CA" in line
     assert "keeps serving; next attempt at " in line
     assert await served_serial(net, pebble.tls_port, name, root) == serial
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_managers_sharing_the_storage_folder_issue_once(net: Net, pebble: Pebble, tmp_path: Any,
+                                                                  logged: list[str]) -> None:
+    """
+    A second manager on the same folder (its own file descriptors, so its
+    own flock, as another process's would be) starts while the first is
+    validating: it waits on the lock, then takes the stored certificate.
+    """
+    from rproxy_tw.acme import AcmeManager
+
+    origin = await net.origin()
+    name = "shared.example.com"
+    config = acme_config(pebble, str(tmp_path / "acme"), [name], origin.backend, challenges=["http-01"])
+    service = await start_proxy(net, config)
+    await until(lambda: service.acme.responder.http01, "the first manager's challenge", timeout=ISSUE_GUARD)
+    other = AcmeManager(reactor, parse_config(config, source="test.toml"), min_backoff=0.2)
+    other.startService()
+    try:
+        await issued(service, name)
+        await until(lambda: other.status()[name]["serial"] is not None, "the second manager's certificate",
+                    timeout=ISSUE_GUARD)
+        assert other.status()[name]["serial"] == service.acme.status()[name]["serial"]
+    finally:
+        other.stopService()
+    assert len([line for line in logged if line.startswith(f"acme: certificate for {name} issued")]) == 1
+    assert any(line.startswith(f"acme: certificate for {name} picked up from the storage folder")
+               for line in logged), logged
