@@ -545,3 +545,86 @@ def test_the_temporary_certificate_is_made_anew_before_it_lapses(tmp_path: Any) 
     issuer.pending.pop().errback(AcmeFailure("still down"))
     second = manager.storage.read(path, clock.seconds())
     assert second is not None and second.serial != first.serial and second.not_after > first.not_after
+
+
+def test_renewal_information_is_asked_again_and_can_bring_the_renewal_forward(tmp_path: Any,
+                                                                              logged: list[str]) -> None:
+    """A CA offering RFC 9773 renewal information (pebble 2.4 does not: a stand-in answers here)."""
+    clock = Clock()
+    clock.advance(NOW)
+    issuer = FakeIssuer()
+    asked: list[Deferred[Any]] = []
+
+    def renewal_info(pem: bytes) -> Deferred[Any]:
+        asked.append(Deferred())
+        return asked[-1]
+
+    manager = AcmeManager(clock, manager_config(tmp_path), issue=issuer, renewal_info=renewal_info,
+                          rng=random.Random(3))
+    manager.startService()
+    clock.advance(0)
+    result = stored_result(tmp_path, NOW)
+    window = NOW + 50 * 86400
+    issuer.pending.pop().callback(IssueResult(result.stored, issued=True, suggested_renewal=window,
+                                              ari_next_poll=NOW + 6 * 3600))
+    assert manager.status()["www.example.com"]["next_attempt"] == window
+    clock.advance(6 * 3600)
+    assert len(asked) == 1
+    # The CA moves the window (a revocation to come, say): the renewal comes forward.
+    asked.pop().callback((NOW + 86400, NOW + 12 * 3600))
+    assert manager.status()["www.example.com"]["next_attempt"] == NOW + 86400
+    assert any("renewal information moves the renewal of www.example.com" in line for line in logged)
+    clock.advance(6 * 3600)
+    asked.pop().errback(AcmeFailure("unreachable"))  # the renewal unchanged, and asked again six hours on
+    assert manager.status()["www.example.com"]["next_attempt"] == NOW + 86400
+    clock.advance(6 * 3600)
+    asked.pop().callback((None, NOW + 48 * 3600))  # no window: nothing moves; next ask after the renewal
+    clock.advance(86400 - 18 * 3600)
+    assert issuer.calls[-1][3] is False and len(issuer.calls) == 2  # the renewal, when the CA said
+    assert not asked
+
+
+@pytest_twisted.ensureDeferred
+async def test_renewal_information_is_read_from_a_ca_that_offers_it(net: Net, tmp_path: Any) -> None:
+    """A CA (a real HTTP server here) whose directory has renewalInfo (RFC 9773)."""
+    import datetime
+    import json
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from twisted.web.resource import Resource
+
+    from rproxy_tw.acme.client import renewal_info_blocking
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "www.example.com")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(4242).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=90))
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    start, end = now + datetime.timedelta(days=10), now + datetime.timedelta(days=11)
+    seen: list[bytes] = []
+
+    class CA(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> bytes:
+            request.setHeader(b"Content-Type", b"application/json")
+            if request.path == b"/dir":
+                base = f"http://127.0.0.1:{site.port}"
+                return json.dumps({"newNonce": base + "/nonce", "newAccount": base + "/acct",
+                                   "newOrder": base + "/order", "renewalInfo": base + "/ari"}).encode()
+            seen.append(request.path)
+            request.setHeader(b"Retry-After", b"21600")
+            return json.dumps({"suggestedWindow": {"start": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                                   "end": end.strftime("%Y-%m-%dT%H:%M:%SZ")}}).encode()
+
+    site = await net.web_origin(CA())
+    config = AcmeConfig(directory=f"http://127.0.0.1:{site.port}/dir", storage=str(tmp_path))
+    suggested, again = await deferToThread(renewal_info_blocking, config,
+                                           cert.public_bytes(serialization.Encoding.PEM))
+    assert start.timestamp() - 1 <= suggested <= end.timestamp() + 1
+    assert again > now.timestamp() + 3600
+    assert seen and seen[0].startswith(b"/ari/") and seen[0].endswith(b".EJI")  # serial 4242, RFC 9773's form

@@ -45,6 +45,8 @@ class IssueResult:
     suggested_renewal: float | None = None
     """The CA's renewal information (RFC 9773), when it offers it."""
     challenge: str | None = None
+    ari_next_poll: float | None = None
+    """When to ask the CA's renewal information again (C{None}: the CA offers none)."""
 
 
 class AcmeFailure(Exception):
@@ -173,14 +175,13 @@ def _issue(config: AcmeConfig, storage: AcmeStorage, responder: ChallengeRespond
         stored = storage.read(storage.certificate_path(name), time.time())
         if stored is None:
             raise AcmeFailure(f"the CA's certificate for {name} does not load (or has expired already)")
-        suggested = None
+        suggested = next_poll = None
         if _offers(directory, "renewalInfo"):
             try:
-                when, _ = client.renewal_time(stored.pem)
-                suggested = when.timestamp() if when is not None else None
-            except errors.ARIError:
-                suggested = None  # the 2/3 rule then
-        return IssueResult(stored, issued=True, suggested_renewal=suggested, challenge=used)
+                suggested, next_poll = _renewal_info(client, stored.pem)
+            except Exception:  # noqa: BLE001 - advisory: the certificate is issued, the 2/3 rule then
+                suggested = next_poll = None
+        return IssueResult(stored, issued=True, suggested_renewal=suggested, challenge=used, ari_next_poll=next_poll)
     except AcmeFailure:
         raise
     except messages.Error as e:
@@ -216,3 +217,27 @@ def _offers(directory: messages.Directory, field: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def _renewal_info(client: acme_client.ClientV2, pem: bytes) -> tuple[float | None, float]:
+    """The CA's suggested renewal moment (RFC 9773) and when to ask again, as epoch seconds."""
+    when, again = client.renewal_time(pem)
+    return (when.timestamp() if when is not None else None), again.timestamp()
+
+
+def renewal_info_blocking(config: AcmeConfig, pem: bytes) -> tuple[float | None, float] | None:
+    """
+    Ask the CA's renewal information for a certificate (blocking: call in a
+    thread): the suggested moment and when to ask again, or C{None} when the
+    directory offers none.  No account is needed.
+
+    @raise AcmeFailure: the CA could not be reached or answered badly.
+    """
+    net = _Network(verify_ssl=config.ca or True, user_agent=USER_AGENT, timeout=NETWORK_TIMEOUT)
+    try:
+        directory = acme_client.ClientV2.get_directory(config.directory, net)
+        if not _offers(directory, "renewalInfo"):
+            return None
+        return _renewal_info(acme_client.ClientV2(directory, net), pem)
+    except Exception as e:  # noqa: BLE001 - advisory: any failure is "ask again later"
+        raise AcmeFailure(f"renewal information: {type(e).__name__}: {e}") from None

@@ -109,9 +109,16 @@ class _NameState:
         self.call: Any = None
         self.attempt: Deferred[IssueResult] | None = None
         self.waiters: list[Deferred[IssueResult]] = []
+        self.ari_poll: Any = None
+        """The next look at the CA's renewal information (RFC 9773), when it offers it."""
 
 
 Issuer = Callable[[str, tuple[str, ...], "int | None", bool], "Deferred[IssueResult]"]
+
+RenewalInfo = Callable[[bytes], "Deferred[tuple[float | None, float] | None]"]
+
+ARI_RETRY = 6 * 3600.0
+"""Seconds before asking the renewal information again after a failed ask (RFC 9773's default)."""
 
 
 class AcmeManager(Service):
@@ -128,13 +135,16 @@ class AcmeManager(Service):
 
     def __init__(self, reactor: Any, config: ProxyConfig, issue: Issuer | None = None,
                  rng: random.Random | None = None, min_backoff: float = MIN_BACKOFF,
-                 max_backoff: float = MAX_BACKOFF, events: Any = None) -> None:
+                 max_backoff: float = MAX_BACKOFF, events: Any = None,
+                 renewal_info: RenewalInfo | None = None) -> None:
         """
         @param reactor: C{IReactorTime} for the schedule; C{IReactorThreads}
             and C{IReactorFromThreads} for the default issuer.
         @param issue: runs one attempt (name, challenge types, serial served
             now, force) and fires with an L{IssueResult}, or fails with
             L{AcmeFailure} or L{LockBusy}; by default the C{acme} client in a thread.
+        @param renewal_info: asks the CA's renewal information for a
+            certificate (PEM); by default the C{acme} client in a thread.
         @param events: the L{rproxy_tw.events.EventBus} told of each
             L{CertificateChanged} and L{CertificateFailed}.
         @raise OSError: the storage folder cannot be made or written.
@@ -149,6 +159,7 @@ class AcmeManager(Service):
         self.profiles: dict[str, tuple[str, ...]] = {}
         self._contexts: dict[str, weakref.WeakSet[Any]] = {}
         self._issue = issue or self._issue_in_thread
+        self._renewal_info = renewal_info or self._renewal_info_in_thread
         self._threads = DeferredSemaphore(ISSUING_AT_ONCE)
         self.configure(config)
 
@@ -173,8 +184,9 @@ class AcmeManager(Service):
         for name in list(self.states):
             if name not in wanted:
                 state = self.states.pop(name)
-                if state.call is not None and state.call.active():
-                    state.call.cancel()
+                for call in (state.call, state.ari_poll):
+                    if call is not None and call.active():
+                        call.cancel()
         now = self.reactor.seconds()
         for name, kinds in wanted.items():
             state = self.states.get(name)
@@ -229,9 +241,10 @@ class AcmeManager(Service):
 
     def stopService(self) -> Any:
         for state in self.states.values():
-            if state.call is not None and state.call.active():
-                state.call.cancel()
-            state.call = None
+            for call in (state.call, state.ari_poll):
+                if call is not None and call.active():
+                    call.cancel()
+            state.call = state.ari_poll = None
         return super().stopService()
 
     def _first_attempt(self, state: _NameState) -> float:
@@ -326,6 +339,7 @@ class AcmeManager(Service):
                        until=_when(stored.not_after), next=_when(max(now, when)))
         if self.running:
             self._schedule(state, max(now, when))
+            self._schedule_ari(state, result.ari_next_poll)
         if self.events is not None and self.events.wanted:
             self.events.publish(CertificateChanged(state.name, "picked up" if not result.issued else
                                                    "renewed" if renewed else "issued", stored.not_after,
@@ -361,6 +375,55 @@ class AcmeManager(Service):
             self.events.publish(CertificateFailed(state.name, why, state.failures,
                                                   bool(getattr(error, "rate_limited", False)), when))
         return failure
+
+    # -- the CA's renewal information (RFC 9773) --------------------------------------------
+
+    def _schedule_ari(self, state: _NameState, when: float | None) -> None:
+        """Ask the renewal information again at C{when}, if that comes before the renewal itself."""
+        if state.ari_poll is not None and state.ari_poll.active():
+            state.ari_poll.cancel()
+        state.ari_poll = None
+        if when is None or state.next_attempt is None or when >= state.next_attempt:
+            return
+        delay = max(self.min_backoff, when - self.reactor.seconds())
+        state.ari_poll = self.reactor.callLater(delay, self._poll_ari, state)
+
+    def _poll_ari(self, state: _NameState) -> None:
+        state.ari_poll = None
+        stored = state.stored
+        if stored is None or state.attempt is not None:
+            return
+
+        def answered(info: tuple[float | None, float] | None) -> None:
+            if info is None or state.stored is not stored or not self.running:
+                return  # no longer offered, or the certificate changed meanwhile
+            suggested, again = info
+            now = self.reactor.seconds()
+            if suggested is not None and suggested < stored.not_after and state.next_attempt is not None \
+                    and suggested < state.next_attempt:
+                when = max(now, suggested)
+                self._log.info("acme: the CA's renewal information moves the renewal of {name} to {next}",
+                               name=state.name, next=_when(when))
+                self._schedule(state, when)
+            self._schedule_ari(state, again)
+
+        def failed(failure: Failure) -> None:
+            self._log.info("acme: could not read the CA's renewal information for {name}: {why}", name=state.name,
+                           why=failure.getErrorMessage())
+            if self.running and state.stored is stored:
+                self._schedule_ari(state, self.reactor.seconds() + ARI_RETRY)
+
+        try:
+            d = self._renewal_info(stored.pem)
+        except Exception:  # noqa: BLE001 - as a failed ask
+            d = fail(Failure())
+        d.addCallbacks(answered, failed)
+
+    def _renewal_info_in_thread(self, pem: bytes) -> Deferred[Any]:
+        from .client import renewal_info_blocking
+
+        return self._threads.run(deferToThreadPool, self.reactor, self.reactor.getThreadPool(),
+                                 renewal_info_blocking, self.acme, pem)
 
     def _reload(self, name: str) -> None:
         """Put a name's new certificate into every SNI map that serves it: new handshakes use it, open ones go on."""
