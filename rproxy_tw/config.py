@@ -279,6 +279,8 @@ class AcmeConfig:
     """Folder for the account key and certificates (resolved against the config's folder)."""
     ca: str | None = None
     challenges: tuple[str, ...] = ("http-01", "tls-alpn-01")
+    unissued: str = "self-signed"
+    """A name the CA has not issued for yet: C{"self-signed"} serves a temporary certificate, C{"refuse"} fails its handshakes."""
 
 
 @frozen
@@ -977,6 +979,7 @@ def _parse_acme(r: _Reader, base: str) -> AcmeConfig:
         storage=_resolve_path(base, r.get("storage", str, _default(AcmeConfig, "storage"))),
         ca=_resolve_path(base, ca) if ca else None,
         challenges=r.strings("challenges", _default(AcmeConfig, "challenges"), ("http-01", "tls-alpn-01")),
+        unissued=r.choice("unissued", ("self-signed", "refuse"), _default(AcmeConfig, "unissued")),
     )
     if not acme.challenges:
         raise r.error("challenges", "needs at least one of 'http-01', 'tls-alpn-01'")

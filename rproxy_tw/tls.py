@@ -237,12 +237,17 @@ class _Generation:
     """
 
     def __init__(self, certificates: list[_Certificate], contexts: list[Any],
-                 exact: dict[str, Any], wildcard: dict[str, Any]) -> None:
+                 exact: dict[str, Any], wildcard: dict[str, Any], refused: frozenset[Any] = frozenset(),
+                 refusal: Any = None) -> None:
         self.certificates = certificates
         self.contexts = contexts
         self.default = contexts[0]
         self.exact = exact
         self.wildcard = wildcard
+        self.refused = refused
+        """Contexts whose handshakes fail: ACME names not issued yet, with C{[acme] unissued = "refuse"}."""
+        self.refusal = refusal
+        """A context with no certificate (pyOpenSSL): switching to it fails the handshake."""
 
     def context_for(self, server_name: bytes | str | None) -> Any:
         """The certificate context for a client's SNI name (exact, then C{*.} one label up, then the default)."""
@@ -263,11 +268,18 @@ class _Generation:
 
     def select(self, connection: SSL.Connection) -> None:
         """The SNI callback (pyOpenSSL): OpenSSL calls it for every ClientHello, with or without a name."""
-        connection.set_context(self.context_for(connection.get_servername()))
+        ctx = self.context_for(connection.get_servername())
+        if ctx in self.refused:
+            ctx = self.refusal  # no certificate: the handshake fails there
+        connection.set_context(ctx)
 
-    def select_stdlib(self, connection: ssl.SSLObject, server_name: str | None, front: ssl.SSLContext) -> None:
+    def select_stdlib(self, connection: ssl.SSLObject, server_name: str | None, front: ssl.SSLContext) -> int | None:
         """The SNI callback (the standard library's C{ssl}): the same choice."""
-        connection.context = self.context_for(server_name)
+        ctx = self.context_for(server_name)
+        if ctx in self.refused:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        connection.context = ctx
+        return None
 
 
 class _ProfileContexts:
@@ -339,10 +351,14 @@ class _ProfileContexts:
                               (f"tls.{profile.name}.certificates[{i}].cert", f"tls.{profile.name}.certificates[{i}].key"))
             for i, cc in enumerate(profile.certificates)
         ]
+        refused_files = self.acme.refused_for(profile.name) if self.challenges is not None else frozenset()
+        refused_certificates = []
         for cc in self._acme_certificates():
             # No expiry warnings: the ACME manager renews these, and logs when it cannot.
             certificates.append(_load_certificate(len(certificates), cc.cert, cc.key, now, _QUIET,
                                                   (f"tls.{profile.name}.acme", f"tls.{profile.name}.acme")))
+            if cc.cert in refused_files:
+                refused_certificates.append(certificates[-1])
         if not certificates:
             raise ConfigError(profile.name, f"tls.{profile.name}", "no certificate to serve (no file, no acme name)")
         if profile.client_ca is not None:
@@ -376,7 +392,9 @@ class _ProfileContexts:
                 else:
                     exact.setdefault(name, ctx)
         unique = list(dict.fromkeys(contexts))
-        return _Generation(certificates, unique, exact, wildcard)
+        refused = frozenset(by_group[frozenset(c.names)] for c in refused_certificates)
+        return _Generation(certificates, unique, exact, wildcard, refused,
+                           self._base_context() if refused else None)
 
     # -- reload and rotation -----------------------------------------------------------------
 

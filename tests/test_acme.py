@@ -34,7 +34,7 @@ from rproxy_tw.acme.client import LockBusy, issue_blocking
 from rproxy_tw.acme.manager import AcmeManager
 from rproxy_tw.acme.schedule import backoff, renewal_time, retry_after_seconds
 from rproxy_tw.acme.storage import AcmeStorage, self_signed
-from rproxy_tw.config import AcmeConfig
+from rproxy_tw.config import AcmeConfig, ConfigError
 
 from .conftest import Net, closed_port, request
 
@@ -441,6 +441,33 @@ def test_acme_true_means_every_routed_host_name_but_wildcards(tmp_path: Any) -> 
         "pool": {"p": {"backends": ["tcp:127.0.0.1:1"]}},
     }, source="test.toml")
     assert acme_names(config) == {"auto": ("www.example.com",), "list": ("a.example.com",)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_unissued_refuse_fails_handshakes_until_issued_but_answers_the_validator(net: Net,
+                                                                                         tmp_path: Any) -> None:
+    origin = await net.origin()
+    http_port, https_port = closed_port(), closed_port()
+    config = acme_service_config(tmp_path, origin.backend, http_port, https_port, redirect=False)
+    config["acme"]["unissued"] = "refuse"
+    service = await start(net, config)
+    for name in ("www.example.com", "other.example.com"):
+        with pytest.raises(ssl.SSLError):
+            await deferToThread(handshake, https_port, name, ["h2", "http/1.1"])
+    # The CA's validator is still answered: refusing would otherwise make issuance by TLS-ALPN-01 impossible.
+    service.acme.responder.tls_alpn01["www.example.com"] = TLSALPNChallenge("www.example.com", b"k.a", NOW)
+    cert, protocol = await deferToThread(handshake, https_port, "www.example.com", ["acme-tls/1"])
+    assert protocol == "acme-tls/1"
+    assert cert.extensions.get_extension_for_oid(ACME_IDENTIFIER).critical
+    assert origin.requests == []
+
+
+def test_unissued_takes_self_signed_or_refuse_only(tmp_path: Any) -> None:
+    config = acme_service_config(tmp_path, "tcp:127.0.0.1:1", 1, 2, redirect=False)
+    assert parse_config(config, source="t.toml").deferred_sections["acme"].unissued == "self-signed"
+    config["acme"]["unissued"] = "drop"
+    with pytest.raises(ConfigError, match=r"t.toml: acme.unissued: .*refuse"):
+        parse_config(config, source="t.toml")
 
 
 @pytest_twisted.ensureDeferred

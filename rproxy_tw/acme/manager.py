@@ -205,8 +205,12 @@ class AcmeManager(Service):
 
     def _use_temporary(self, state: _NameState, now: float) -> None:
         self._fresh_temporary(state, now)
-        self._log.warn("acme: serving a temporary self-signed certificate for {name} until the CA issues one",
-                       name=state.name)
+        if self.acme.unissued == "refuse":
+            self._log.warn("acme: refusing TLS handshakes for {name} until the CA issues its certificate",
+                           name=state.name)
+        else:
+            self._log.warn("acme: serving a temporary self-signed certificate for {name} until the CA issues one",
+                           name=state.name)
 
     def _fresh_temporary(self, state: _NameState, now: float) -> bool:
         """Make the name's temporary certificate anew when it has less than a day left.  @return: whether it did."""
@@ -227,6 +231,18 @@ class AcmeManager(Service):
             if path is not None:
                 out.append(CertificateConfig(cert=path, key=path))
         return tuple(out)
+
+    def refused_for(self, profile: str) -> frozenset[str]:
+        """
+        The files of L{certificates_for} that stand in for a name not issued
+        yet, when C{[acme] unissued = "refuse"}: their handshakes are refused
+        (the files are still loaded, so the profile always has a context).
+        """
+        if self.acme.unissued != "refuse":
+            return frozenset()
+        return frozenset(state.temporary for name in self.profiles.get(profile, ())
+                         if (state := self.states.get(name)) is not None
+                         and state.stored is None and state.temporary is not None)
 
     def attach(self, profile: str, contexts: Any) -> None:
         """TLS contexts serving C{profile}: they are reloaded when one of its certificates changes."""
