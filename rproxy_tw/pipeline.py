@@ -50,6 +50,14 @@ class LocalAnswer:
     body: bytes = b""
     headers: tuple[tuple[bytes, bytes], ...] = ()
     reason: bytes = b""
+    source: Any = None
+    """
+    An L{rproxy_tw.cache.store.IBodySource} streaming the body (a stored
+    response), in place of C{body}; C{content_length} then gives its length.
+    """
+    content_length: int | None = None
+    complete_headers: bool = False
+    """The headers are a whole response's (a stored one, with its own Date): nothing is added."""
 
 
 class IRequestFilter(Interface):
