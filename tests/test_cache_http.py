@@ -62,3 +62,266 @@ def test_a_hit_makes_no_origin_request(net):
     assert second.one(b"Age") is not None
     assert [type(e) for e in recorder.events if isinstance(e, (CacheHit, CacheMiss, CacheStored))] == \
         [CacheMiss, CacheStored, CacheHit]
+
+
+@inline
+def test_concurrent_misses_make_exactly_one_origin_request(net):
+    held = []
+    origin = yield net.origin(held.append)
+    proxy = yield net.proxy(cached_config(origin.backend))
+    pending = [get(net, proxy, b"/slow") for _ in range(5)]
+    yield origin.until_requests(1)
+    yield until(lambda: len(proxy.service.cache._fills[next(iter(proxy.service.cache._fills))].waiters) == 4,
+                "four requests waiting")
+    held[0].respond(200, b"one answer", [(b"Cache-Control", b"max-age=60")])
+    responses = yield gatherResults(pending)
+    assert [(r.status, r.body) for r in responses] == [(200, b"one answer")] * 5
+    assert len(origin.requests) == 1
+    assert sum(b"collapsed" in r.one(b"Cache-Status") for r in responses) == 4
+
+
+@inline
+def test_an_uncacheable_answer_releases_the_waiters_to_the_origin(net):
+    held = []
+    origin = yield net.origin(held.append)
+    proxy = yield net.proxy(cached_config(origin.backend))
+    pending = [get(net, proxy, b"/private") for _ in range(3)]
+    yield origin.until_requests(1)
+    yield until(lambda: proxy.service.cache._fills and
+                len(next(iter(proxy.service.cache._fills.values())).waiters) == 2, "two waiting")
+    held[0].respond(200, b"mine", [(b"Cache-Control", b"private")])
+    yield origin.until_requests(3)
+    for req in held[1:]:
+        req.respond(200, b"yours", [(b"Cache-Control", b"private")])
+    responses = yield gatherResults(pending)
+    assert sorted(r.body for r in responses) == [b"mine", b"yours", b"yours"]
+
+
+@inline
+def test_a_stale_response_is_revalidated_and_a_304_refreshes_it(net):
+    def handler(req: Any) -> None:
+        if req.one(b"If-None-Match") == b'"v1"':
+            req.respond(304, b"", [(b"ETag", b'"v1"'), (b"Cache-Control", b"max-age=60"), (b"X-Fresh", b"yes")])
+        else:
+            req.respond(200, b"body v1", [(b"ETag", b'"v1"'), (b"Cache-Control", b"max-age=0")])
+    origin = yield net.origin(handler)
+    proxy = yield net.proxy(cached_config(origin.backend))
+    first = yield get(net, proxy)
+    second = yield get(net, proxy)
+    third = yield get(net, proxy)
+    assert [r.body for r in (first, second, third)] == [b"body v1"] * 3
+    assert len(origin.requests) == 2 and origin.requests[1].one(b"If-None-Match") == b'"v1"'
+    assert second.status == 200 and second.one(b"X-Fresh") == b"yes"
+    assert second.one(b"Cache-Status").startswith(b"rproxy; fwd=stale; fwd-status=304")
+    assert third.one(b"Cache-Status").startswith(b"rproxy; hit")
+    # The client's own conditional request is answered 304 from the fresh entry.
+    fourth = yield get(net, proxy, headers=[(b"If-None-Match", b'"v1"')])
+    assert (fourth.status, fourth.body, len(origin.requests)) == (304, b"", 2)
+
+
+@inline
+def test_stale_if_error_serves_while_the_origin_is_down(net):
+    origin = yield net.origin(answer(body=b"kept", headers=[(b"Cache-Control", b"max-age=0, stale-if-error=600")]))
+    proxy = yield net.proxy(cached_config(origin.backend))
+    first = yield get(net, proxy)
+    yield origin.listening.stopListening()
+    for conn in origin.connections:
+        conn.transport.abortConnection()
+    second = yield get(net, proxy)
+    assert (first.body, second.status, second.body) == (b"kept", 200, b"kept")
+    assert b"detail=stale-if-error" in second.one(b"Cache-Status")
+
+
+@inline
+def test_stale_if_error_serves_over_an_origin_500(net):
+    answers = iter([(200, b"good"), (500, b"broken")])
+
+    def handler(req: Any) -> None:
+        status, body = next(answers)
+        req.respond(status, body, [(b"Cache-Control", b"max-age=0, stale-if-error=600")])
+    origin = yield net.origin(handler)
+    proxy = yield net.proxy(cached_config(origin.backend))
+    yield get(net, proxy)
+    second = yield get(net, proxy)
+    assert (second.status, second.body, len(origin.requests)) == (200, b"good", 2)
+
+
+@inline
+def test_must_revalidate_answers_504_when_the_origin_is_down(net):
+    origin = yield net.origin(answer(body=b"strict", headers=[(b"Cache-Control", b"max-age=0, must-revalidate")]))
+    proxy = yield net.proxy(cached_config(origin.backend))
+    yield get(net, proxy)
+    yield origin.listening.stopListening()
+    for conn in origin.connections:
+        conn.transport.abortConnection()
+    second = yield get(net, proxy, headers=[(b"Cache-Control", b"max-stale")])
+    assert second.status == 504 and b"strict" not in second.body
+
+
+@inline
+def test_only_if_cached_is_504_on_a_miss_and_a_hit_otherwise(net):
+    origin = yield net.origin(answer())
+    proxy = yield net.proxy(cached_config(origin.backend))
+    miss = yield get(net, proxy, headers=[(b"Cache-Control", b"only-if-cached")])
+    assert miss.status == 504 and not origin.requests
+    yield get(net, proxy)
+    hit = yield get(net, proxy, headers=[(b"Cache-Control", b"only-if-cached")])
+    assert (hit.status, hit.body, len(origin.requests)) == (200, b"hello", 1)
+
+
+@inline
+def test_purge_from_a_trusted_address_and_the_admin_call(net):
+    origin = yield net.origin(answer())
+    proxy = yield net.proxy(cached_config(origin.backend))
+    yield get(net, proxy, b"/p/1")
+    yield get(net, proxy, b"/p/2")
+    purged = yield get(net, proxy, b"/p/1", method=b"PURGE")
+    assert (purged.status, purged.body) == (200, b"purged 1\n")
+    yield get(net, proxy, b"/p/1")
+    assert len(origin.requests) == 3
+    assert proxy.service.cache.purge("http://www.example.test/p/*") == 2
+    yield get(net, proxy, b"/p/2")
+    assert len(origin.requests) == 4
+
+
+@inline
+def test_purge_from_an_untrusted_address_is_refused(net):
+    origin = yield net.origin(answer())
+    config = cached_config(origin.backend)
+    config["server"]["trusted_proxies"] = []
+    proxy = yield net.proxy(config)
+    yield get(net, proxy)
+    refused = yield get(net, proxy, method=b"PURGE")
+    again = yield get(net, proxy)
+    assert refused.status == 403 and len(origin.requests) == 1 and again.one(b"Cache-Status").startswith(b"rproxy; hit")
+
+
+@inline
+def test_a_successful_post_invalidates_the_target_and_its_location(net):
+    def handler(req: Any) -> None:
+        if req.method == b"POST":
+            req.respond(201, b"", [(b"Location", b"/b")])
+        else:
+            req.respond(200, req.target, [(b"Cache-Control", b"max-age=60")])
+    origin = yield net.origin(handler)
+    proxy = yield net.proxy(cached_config(origin.backend))
+    yield get(net, proxy, b"/a")
+    yield get(net, proxy, b"/b")
+    yield get(net, proxy, b"/a", method=b"POST")
+    yield get(net, proxy, b"/a")
+    yield get(net, proxy, b"/b")
+    assert [r.method for r in origin.requests] == [b"GET", b"GET", b"POST", b"GET", b"GET"]
+
+
+@inline
+def test_head_and_ranges_are_served_from_a_stored_get(net):
+    origin = yield net.origin(answer(body=b"0123456789"))
+    proxy = yield net.proxy(cached_config(origin.backend))
+    yield get(net, proxy)
+    head = yield get(net, proxy, method=b"HEAD")
+    part = yield get(net, proxy, headers=[(b"Range", b"bytes=2-5")])
+    tail = yield get(net, proxy, headers=[(b"Range", b"bytes=-3")])
+    bad = yield get(net, proxy, headers=[(b"Range", b"bytes=50-")])
+    assert (head.status, head.body, head.one(b"Content-Length")) == (200, b"", b"10")
+    assert (part.status, part.body, part.one(b"Content-Range")) == (206, b"2345", b"bytes 2-5/10")
+    assert (tail.status, tail.body) == (206, b"789")
+    assert (bad.status, bad.one(b"Content-Range")) == (416, b"bytes */10")
+    assert len(origin.requests) == 1
+
+
+@inline
+def test_vary_keeps_one_entry_per_variant(net):
+    def handler(req: Any) -> None:
+        req.respond(200, b"lang=" + (req.one(b"X-Lang") or b"-"), [(b"Cache-Control", b"max-age=60"),
+                                                                  (b"Vary", b"X-Lang")])
+    origin = yield net.origin(handler)
+    proxy = yield net.proxy(cached_config(origin.backend))
+    bodies = []
+    for lang in (b"en", b"fr", b"en", b"fr"):
+        r = yield get(net, proxy, headers=[(b"X-Lang", lang)])
+        bodies.append(r.body)
+    assert bodies == [b"lang=en", b"lang=fr", b"lang=en", b"lang=fr"] and len(origin.requests) == 2
+
+
+@inline
+def test_what_must_not_be_stored_is_not(net):
+    cases = {b"/no-store": [(b"Cache-Control", b"no-store")], b"/private": [(b"Cache-Control", b"private")],
+             b"/vary-star": [(b"Cache-Control", b"max-age=60"), (b"Vary", b"*")]}
+
+    def handler(req: Any) -> None:
+        req.respond(200, b"x", cases[req.target])
+    origin = yield net.origin(handler)
+    proxy = yield net.proxy(cached_config(origin.backend))
+    for target in cases:
+        yield get(net, proxy, target)
+        yield get(net, proxy, target)
+    yield get(net, proxy, b"/no-store", headers=[(b"Authorization", b"Basic eDp5")])
+    assert len(origin.requests) == 7
+
+
+@inline
+def test_a_response_larger_than_max_object_bytes_streams_uncached(net):
+    big = b"z" * 5000
+    origin = yield net.origin(answer(body=big))
+    proxy = yield net.proxy(cached_config(origin.backend, cache={"max_object_bytes": 4096}))
+    first = yield get(net, proxy)
+    second = yield get(net, proxy)
+    assert first.body == big == second.body and len(origin.requests) == 2
+
+
+@inline
+def test_a_response_cut_short_is_never_stored(net):
+    count = []
+
+    def handler(req: Any) -> None:
+        count.append(1)
+        if len(count) == 1:
+            req.write(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 100\r\n\r\n" + b"half" * 5)
+            req.conn.transport.loseConnection()
+        else:
+            req.respond(200, b"whole", [(b"Cache-Control", b"max-age=60")])
+    origin = yield net.origin(handler)
+    proxy = yield net.proxy(cached_config(origin.backend))
+    client = yield net.client(proxy.port)
+    client.send(request(b"GET", b"/a", host=b"www.example.test"))
+    yield client.until_closed()
+    second = yield get(net, proxy)
+    assert (second.body, len(origin.requests)) == (b"whole", 2)
+
+
+@inline
+def test_stale_while_revalidate_serves_at_once_and_refreshes_in_the_background(net):
+    versions = iter([b"old", b"new"])
+
+    def handler(req: Any) -> None:
+        req.respond(200, next(versions), [(b"Cache-Control", b"max-age=0, stale-while-revalidate=600")])
+    origin = yield net.origin(handler)
+    proxy = yield net.proxy(cached_config(origin.backend))
+    yield get(net, proxy)
+    stale = yield get(net, proxy)
+    assert stale.body == b"old" and b"detail=stale-while-revalidate" in stale.one(b"Cache-Status")
+    yield origin.until_requests(2)
+    yield until(lambda: proxy.service.cache.store.variants("http://www.example.test/a")[0].headers and
+                not proxy.service.cache._fills, "the background refresh to be stored")
+    fresh = yield get(net, proxy)
+    assert fresh.body == b"new"
+
+
+@inline
+def test_gzip_and_brotli_round_trip_and_are_cached_as_their_own_entries(net):
+    origin = yield net.origin(answer(body=TEXT, headers=[(b"Cache-Control", b"max-age=60"),
+                                                         (b"Content-Type", b"text/html"), (b"ETag", b'"t1"')]))
+    proxy = yield net.proxy(cached_config(origin.backend, cache={"compress": ["gzip", "br"]}))
+    plain = yield get(net, proxy)
+    gz = yield get(net, proxy, headers=[(b"Accept-Encoding", b"gzip")])
+    br = yield get(net, proxy, headers=[(b"Accept-Encoding", b"gzip;q=0.5, br")])
+    gz_hit = yield get(net, proxy, headers=[(b"Accept-Encoding", b"gzip")])
+    refused = yield get(net, proxy, headers=[(b"Accept-Encoding", b"gzip;q=0, br;q=0")])
+    assert plain.body == TEXT and plain.one(b"Content-Encoding") is None
+    assert gz.one(b"Content-Encoding") == b"gzip" and gzip.decompress(gz.body) == TEXT
+    assert br.one(b"Content-Encoding") == b"br" and brotli.decompress(br.body) == TEXT
+    assert gzip.decompress(gz_hit.body) == TEXT and gz_hit.one(b"Cache-Status").startswith(b"rproxy; hit")
+    assert refused.body == TEXT
+    assert gz.one(b"ETag") == b'W/"t1"' and plain.one(b"ETag") == b'"t1"'
+    assert all(b"Accept-Encoding" in r.one(b"Vary") for r in (plain, gz, br))
+    assert len(origin.requests) == 4

@@ -651,11 +651,11 @@ def byte_range(request_headers: Headers, stored: StoredResponse) -> tuple[int, i
     if not first.isdigit() or (last and not last.isdigit()):
         return None
     start = int(first)
-    end = int(last) if last else size - 1
-    if end < start:
-        return None
+    if last and int(last) < start:
+        return None  # invalid: RFC 9110 14.1.1 says to ignore the field
     if start >= size:
         return "unsatisfiable"
+    end = int(last) if last else size - 1
     return (start, min(end, size - 1))
 
 

@@ -330,7 +330,9 @@ class ProxyExchange:
             downstream.finishBody(())
             self._finish(True)
             return
-        downstream.writeHead(answer.status, answer.reason, headers, len(answer.body), has_body)
+        length = answer.content_length
+        downstream.writeHead(answer.status, answer.reason, headers, len(answer.body) if length is None else length,
+                             has_body)
         if has_body and answer.body:
             downstream.writeBody(answer.body)
         downstream.finishBody(())
