@@ -45,6 +45,7 @@ class ICacheStore(Interface):
 
     size = Attribute("Bytes counted against the store's bound now.")
     max_bytes = Attribute("The bound.")
+    on_evict = Attribute("Called with (response, reason) for each response the store drops on its own or is told to.")
 
     def variants(key: str) -> Sequence[StoredResponse]:
         """The stored responses under C{key} (synchronous: the index is in memory)."""
@@ -58,7 +59,7 @@ class ICacheStore(Interface):
     def body(response: StoredResponse, first: int = 0, last: int | None = None) -> IBodySource | None:
         """Bytes C{first}..C{last} (inclusive) of the body, or None when the response is no longer stored."""
 
-    def remove(key: str) -> int:
+    def remove(key: str, reason: str = "invalidated") -> int:
         """Drop every variant under C{key}; the number dropped."""
 
     def purge(prefix: str) -> int:
@@ -157,6 +158,7 @@ def _slice(chunks: Sequence[bytes], first: int, last: int | None) -> list[bytes]
     return out
 
 
+@implementer(ICacheStore)
 class MemoryStore:
     """
     Responses in process memory, at most C{max_bytes} of them (bodies,
