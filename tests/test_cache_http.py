@@ -325,3 +325,30 @@ def test_gzip_and_brotli_round_trip_and_are_cached_as_their_own_entries(net):
     assert gz.one(b"ETag") == b'W/"t1"' and plain.one(b"ETag") == b'"t1"'
     assert all(b"Accept-Encoding" in r.one(b"Vary") for r in (plain, gz, br))
     assert len(origin.requests) == 4
+
+
+@inline
+def test_the_disk_store_survives_a_restart_and_streams_bodies_from_files(net, tmp_path):
+    big = bytes(range(256)) * 800  # 200 KiB: several reads from the file
+    origin = yield net.origin(answer(body=big))
+    folder = str(tmp_path / "cache")
+    config = cached_config(origin.backend, cache={"store": "disk", "path": folder, "max_disk_bytes": 1 << 22})
+    first_proxy = yield net.proxy(config)
+    yield first_proxy.service.cache.store.ready
+    first = yield get(net, first_proxy)
+    yield first_proxy.service.cache.store.flushed()
+    assert first.body == big and len(origin.requests) == 1
+    yield first_proxy.service.stopService()
+
+    second_proxy = yield net.proxy(config)  # a new process would see the same: nothing in memory, files on disk
+    store = second_proxy.service.cache.store
+    yield store.ready
+    assert store.keys() == ["http://www.example.test/a"] and not store.hot.keys()
+    again = yield get(net, second_proxy)
+    part = yield get(net, second_proxy, headers=[(b"Range", b"bytes=70000-70009")])
+    assert again.body == big and part.body == big[70000:70010] and len(origin.requests) == 1
+    assert again.one(b"Cache-Status").startswith(b"rproxy; hit")
+    assert store.hot.keys() == ["http://www.example.test/a"]  # read whole once: now in the hot tier too
+    assert second_proxy.service.cache.purge("http://www.example.test/a") == 1
+    yield store.flushed()
+    assert [name for _, _, names in __import__("os").walk(folder) for name in names] == []

@@ -56,9 +56,11 @@ NOT_MODIFIED_DROPPED = frozenset({b"content-length", b"content-type", b"content-
                                   b"transfer-encoding"})
 """Representation metadata a 304 built from a stored response leaves out (RFC 9110 15.4.5)."""
 
-NOT_UPDATED_BY_304 = frozenset({b"content-length", b"content-encoding", b"content-range", b"transfer-encoding",
-                                b"content-type"})
-"""Fields a 304 must not replace in the stored response (RFC 9111 3.2: they describe the stored body)."""
+NOT_UPDATED_BY_304 = frozenset({b"content-length", b"content-encoding", b"content-range", b"transfer-encoding"})
+"""
+Fields a 304 must not replace in the stored response (RFC 9111 3.2): the
+length, and what the stored bytes depend on (a coding this proxy applied).
+"""
 
 
 # ---------------------------------------------------------------------------
@@ -367,7 +369,7 @@ def age_value(headers: Headers) -> int:
     value = first_value(headers, b"age")
     if value is None:
         return 0
-    value = value.strip()
+    value = value.split(b",", 1)[0].strip()
     if not value.isdigit():
         return 0
     return min(int(value), DELTA_MAX)
@@ -563,6 +565,10 @@ def merge_304(stored: StoredResponse, headers: Headers, request_time: float, res
     describing the stored body.
     """
     new = [(n, v) for n, v in headers if n.lower() not in NOT_UPDATED_BY_304]
+    mine = stored.etag
+    if mine is not None and mine.startswith(b"W/"):
+        # A variant this proxy compressed has its ETag weakened: the origin's strong one must not come back.
+        new = [(n, mine if n.lower() == b"etag" and weak_match(v, mine) else v) for n, v in new]
     replaced = {n.lower() for n, _ in new}
     kept = [(n, v) for n, v in stored.headers if n.lower() not in replaced]
     return attrs.evolve(stored, headers=tuple(kept + new), request_time=request_time, response_time=response_time)

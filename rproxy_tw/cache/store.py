@@ -180,7 +180,7 @@ class MemoryStore:
     def chunks(self, response: StoredResponse) -> Sequence[bytes] | None:
         slot = (response.key, response.variant)
         held = self._lru.get(slot)
-        if held is None or held[0] is not response:
+        if held is None or (held[0] is not response and held[0] != response):
             return None
         self._lru.move_to_end(slot)
         return held[1]
@@ -207,13 +207,13 @@ class MemoryStore:
     def update(self, old: StoredResponse, new: StoredResponse) -> None:
         slot = (old.key, old.variant)
         held = self._lru.get(slot)
-        if held is None or held[0] is not old:
+        if held is None or (held[0] is not old and held[0] != old):
             return
         self._lru[slot] = (new, held[1])
         self._lru.move_to_end(slot)
-        self.size += entry_cost(new) - entry_cost(old)
+        self.size += entry_cost(new) - entry_cost(held[0])
         variants = self._index[old.key]
-        variants[variants.index(old)] = new
+        variants[variants.index(held[0])] = new
 
     def body(self, response: StoredResponse, first: int = 0, last: int | None = None) -> IBodySource | None:
         chunks = self.chunks(response)
