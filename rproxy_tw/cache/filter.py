@@ -11,7 +11,6 @@ Decisions come from L{rproxy_tw.cache.rules}; this module does the I/O.
 from __future__ import annotations
 
 from typing import Any, Sequence
-from weakref import WeakKeyDictionary
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -77,7 +76,6 @@ class HTTPCache:
         self.max_object_bytes = max_object_bytes
         self.name = name
         self.collapse_timeout = collapse_timeout
-        self._states: WeakKeyDictionary[Any, _CacheDownstream] = WeakKeyDictionary()
         self._fills: dict[str, _Fill] = {}
         store.on_evict = self._evicted
 
@@ -113,14 +111,21 @@ class HTTPCache:
     # -- IResponseFilter --------------------------------------------------------------------
 
     def wrap(self, exchange: Any, downstream: Any) -> Any:
-        state = _CacheDownstream(self, exchange, downstream)
-        self._states[exchange] = state
-        return state
+        return _CacheDownstream(self, exchange, downstream)
+
+    def _state(self, exchange: Any) -> _CacheDownstream | None:
+        """This cache's wrapper among the exchange's response filters (a short walk: a route has a few)."""
+        downstream = exchange.downstream
+        while isinstance(downstream, DownstreamWrapper):
+            if type(downstream) is _CacheDownstream and downstream.cache is self:
+                return downstream
+            downstream = downstream.inner
+        return None
 
     # -- IRequestFilter ---------------------------------------------------------------------
 
     def filterRequest(self, request: Any, exchange: Any) -> LocalAnswer | Deferred[Any] | None:
-        state = self._states.get(exchange)
+        state = self._state(exchange)
         if state is None:
             return None  # this exchange's chain does not carry the cache's response side
         now = self.clock.seconds()
@@ -148,9 +153,10 @@ class HTTPCache:
         key = state.key
         headers = request.headers
         stored, fwd = self._find(key, headers)
-        request_cc = rules.cache_control(headers)
+        plain = state.plain = rules.plain_request(headers)
+        request_cc = rules.NO_DIRECTIVES if plain else rules.cache_control(headers)
         if stored is not None:
-            decision = rules.reuse(stored, headers, now)
+            decision = rules.reuse(stored, headers, now, request_cc)
             if decision == rules.SERVE:
                 answer = self._answer(state, exchange, stored, now, "hit", collapsed=waited)
                 if answer is not None:
@@ -168,9 +174,9 @@ class HTTPCache:
             return LocalAnswer(504, b"Gateway Timeout: not in the cache (only-if-cached)\n",
                                ((b"Content-Type", b"text/plain; charset=utf-8"),
                                 (CACHE_STATUS, rules.cache_status(self.name, fwd=fwd, detail="only-if-cached"))))
-        conditional = rules.has_conditions(headers)
-        collapsible = (request.method == b"GET" and not conditional and b"no-store" not in request_cc
-                       and rules.first_value(headers, b"range") is None)
+        collapsible = request.method == b"GET" and (plain or (
+            not rules.has_conditions(headers) and b"no-store" not in request_cc
+            and rules.first_value(headers, b"range") is None))
         if collapsible and not waited:
             fill = self._fills.get(key)
             if fill is not None and now - fill.started < self.collapse_timeout:
@@ -240,14 +246,15 @@ class HTTPCache:
     def plan(self, stored: StoredResponse, method: bytes, headers: Headers, now: float, member: bytes) -> _Plan:
         """What to answer a request from C{stored}: 304 for the client's own met conditions, 206/416 for a range, else it."""
         age = rules.current_age(stored, now)
-        if rules.evaluate_conditions(stored, method, headers):
+        plain = rules.plain_request(headers)
+        if not plain and rules.evaluate_conditions(stored, method, headers):
             out = rules.with_age(rules.not_modified_headers(stored), age)
             out.append((CACHE_STATUS, member))
             return _Plan(304, b"Not Modified", out, False)
         out = rules.with_age(stored.headers, age)
         out.append((CACHE_STATUS, member))
         size = stored.body_size
-        if method == b"GET" and rules.first_value(headers, b"range") is not None:
+        if not plain and method == b"GET" and rules.first_value(headers, b"range") is not None:
             wanted = rules.byte_range(headers, stored)
             if wanted == "unsatisfiable":
                 out = [(n, v) for n, v in out if n.lower() not in (b"content-type", b"content-encoding")]
@@ -262,7 +269,7 @@ class HTTPCache:
     def _answer(self, state: _CacheDownstream, exchange: Any, stored: StoredResponse, now: float, kind: str,
                 collapsed: bool = False, detail: str | None = None) -> LocalAnswer | None:
         """A hit as the exchange's local answer, its body streamed from the store; None if the body is gone."""
-        ttl = rules.freshness(stored, now).ttl
+        ttl = stored.lifetime - rules.current_age(stored, now)
         member = rules.cache_status(self.name, hit=True, ttl=ttl, collapsed=collapsed, detail=detail)
         request = exchange.request
         plan = self.plan(stored, request.method, request.headers, now, member)
@@ -301,7 +308,7 @@ class HTTPCache:
         index = filters.index(self) if self in filters else 0
         background = ProxyExchange(_NullDownstream(), self.clock, exchange.plan, again, exchange.info,
                                    FilterChain(filters[index:], chain.response))
-        state = self._states.get(background)
+        state = self._state(background)
         if state is None:
             return
         state.background = stored
@@ -311,7 +318,7 @@ class HTTPCache:
     # -- PURGE ------------------------------------------------------------------------------
 
     def _purgeRequest(self, request: Any, exchange: Any, key: str) -> LocalAnswer:
-        state = self._states.get(exchange)
+        state = self._state(exchange)
         if state is not None:
             state.mode = "hit"
         text = (("text/plain; charset=utf-8"),)
@@ -368,6 +375,7 @@ class _CacheDownstream(DownstreamWrapper):
         self.mode: str | None = None
         """None (not looked at), "hit", "miss", "revalidate", "unsafe", "bypass"."""
         self.fwd = "uri-miss"
+        self.plain = True
         self.stale: StoredResponse | None = None
         self.background: StoredResponse | None = None
         self.client_headers: Headers = ()

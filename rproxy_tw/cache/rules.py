@@ -220,10 +220,21 @@ class StoredResponse:
     request_time: float
     response_time: float
     body_size: int
+    cc: CacheControl = attrs.field(init=False, eq=False, repr=False)
+    """The response's Cache-Control, parsed once (a hit must not parse it again)."""
+    lifetime: float = attrs.field(init=False, eq=False, repr=False)
+    """L{freshness_lifetime}, worked out once."""
+    initial_age: float = attrs.field(init=False, eq=False, repr=False)
+    """RFC 9111 4.2.3's corrected_initial_age: the current age is this plus the time since response_time."""
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "cc", cache_control(self.headers))
+        object.__setattr__(self, "lifetime", _freshness_lifetime(self))
+        object.__setattr__(self, "initial_age", _initial_age(self))
 
     @property
     def cache_control(self) -> CacheControl:
-        return cache_control(self.headers)
+        return self.cc
 
     def header(self, lname: bytes) -> bytes | None:
         return first_value(self.headers, lname)
@@ -334,8 +345,12 @@ def stored_headers(headers: Headers) -> tuple[Header, ...]:
 
 def freshness_lifetime(stored: StoredResponse) -> float:
     """RFC 9111 4.2.1, for a shared cache: s-maxage, max-age, Expires minus Date, or the heuristic."""
+    return stored.lifetime
+
+
+def _freshness_lifetime(stored: StoredResponse) -> float:
     headers = stored.headers
-    cc = cache_control(headers)
+    cc = stored.cc
     s_maxage = cc.seconds(b"s-maxage")
     if s_maxage is not None:
         return max(s_maxage, 0)
@@ -377,13 +392,15 @@ def age_value(headers: Headers) -> int:
 
 def current_age(stored: StoredResponse, now: float) -> float:
     """RFC 9111 4.2.3."""
+    return stored.initial_age + now - stored.response_time
+
+
+def _initial_age(stored: StoredResponse) -> float:
     date_value = _date_value(stored)
     apparent_age = max(0.0, stored.response_time - date_value)
     response_delay = stored.response_time - stored.request_time
     corrected_age_value = age_value(stored.headers) + response_delay
-    corrected_initial_age = max(apparent_age, corrected_age_value)
-    resident_time = now - stored.response_time
-    return corrected_initial_age + resident_time
+    return max(apparent_age, corrected_age_value)
 
 
 @attrs.frozen
@@ -416,6 +433,22 @@ SERVE_STALE_REVALIDATE = "serve-stale-revalidate"
 """Serve it (stale-while-revalidate) and refresh it in the background."""
 
 
+NO_DIRECTIVES = CacheControl({})
+
+REQUEST_FIELDS = frozenset({b"cache-control", b"pragma", b"range", b"if-none-match", b"if-modified-since", b"if-match",
+                            b"if-unmodified-since", b"if-range"})
+"""The request fields that change how a stored response is used."""
+
+
+def plain_request(request_headers: Headers) -> bool:
+    """Whether the request has none of L{REQUEST_FIELDS}: then a fresh hit is served as stored, no more questions."""
+    fields = REQUEST_FIELDS
+    for name, _ in request_headers:
+        if name.lower() in fields:
+            return False
+    return True
+
+
 def request_no_cache(request_headers: Headers) -> bool:
     """C{Cache-Control: no-cache} or, with no Cache-Control at all, C{Pragma: no-cache} (RFC 9111 5.4)."""
     cc = cache_control(request_headers)
@@ -430,20 +463,23 @@ def request_no_cache(request_headers: Headers) -> bool:
 
 def may_serve_stale(stored: StoredResponse) -> bool:
     """Whether anything may ever serve this response stale: not with must-revalidate, proxy-revalidate, s-maxage."""
-    cc = cache_control(stored.headers)
+    cc = stored.cc
     return not (b"must-revalidate" in cc or b"proxy-revalidate" in cc or b"s-maxage" in cc)
 
 
-def reuse(stored: StoredResponse, request_headers: Headers, now: float) -> str:
+def reuse(stored: StoredResponse, request_headers: Headers, now: float, request_cc: CacheControl | None = None) -> str:
     """
     What to do with a stored response that matches the request: L{SERVE},
-    L{REVALIDATE}, or L{SERVE_STALE_REVALIDATE}.
+    L{REVALIDATE}, or L{SERVE_STALE_REVALIDATE}.  C{request_cc} is the
+    request's Cache-Control when the caller parsed it already.
     """
-    cc = cache_control(stored.headers)
-    if b"no-cache" in cc or request_no_cache(request_headers):
+    cc = stored.cc
+    if request_cc is None:
+        request_cc = cache_control(request_headers)
+    if b"no-cache" in cc or (request_cc.directives and b"no-cache" in request_cc) or \
+            (not request_cc.directives and request_no_cache(request_headers)):
         return REVALIDATE
     f = freshness(stored, now)
-    request_cc = cache_control(request_headers)
     max_age = request_cc.seconds(b"max-age")
     if max_age is not None and (max_age < 0 or f.age > max_age):
         return REVALIDATE
@@ -472,7 +508,7 @@ def may_serve_on_error(stored: StoredResponse, request_headers: Headers, now: fl
     staleness = -freshness(stored, now).ttl
     if staleness <= 0:
         return True
-    for cc in (cache_control(request_headers), cache_control(stored.headers)):
+    for cc in (cache_control(request_headers), stored.cc):
         window = cc.seconds(b"stale-if-error")
         if window is not None and window >= 0 and staleness <= window:
             return True
