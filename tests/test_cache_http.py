@@ -11,12 +11,14 @@ import gzip
 from typing import Any
 
 import brotli
+import pytest
 import pytest_twisted
 from twisted.internet.defer import gatherResults
 
 from rproxy_tw.events import CacheEvicted, CacheHit, CacheMiss, CacheStored, EventRecorder
 
 from .conftest import proxy_config, request, until
+from .test_tls import pki  # noqa: F401 - a fixture
 
 inline = pytest_twisted.inlineCallbacks
 
@@ -352,3 +354,19 @@ def test_the_disk_store_survives_a_restart_and_streams_bodies_from_files(net, tm
     assert second_proxy.service.cache.purge("http://www.example.test/a") == 1
     yield store.flushed()
     assert [name for _, _, names in __import__("os").walk(folder) for name in names] == []
+
+
+@pytest.mark.parametrize("entry", ["http/1.1", "http/2", "embedded"])
+@inline
+def test_hits_stream_on_every_entry_point(net, pki, entry):
+    from .test_pipeline import Proxy
+
+    big = bytes(range(256)) * 1600  # 400 KiB: kept as the pieces it arrived in, written as the client takes them
+    origin = yield net.origin(answer(body=big))
+    proxy = yield Proxy(net, pki, origin, {"routes": [{"path": "/", "pool": "p", "cache": True}]}).start()
+    first = yield proxy.send(entry, b"GET", b"/big")
+    second = yield proxy.send(entry, b"GET", b"/big")
+    assert first[:2] == (200, big) and second[:2] == (200, big)
+    statuses = [dict((n.lower(), v) for n, v in r[2]).get(b"cache-status") for r in (first, second)]
+    assert statuses[0] == b"rproxy; fwd=uri-miss; stored" and statuses[1].startswith(b"rproxy; hit")
+    assert len(origin.requests) == 1
