@@ -370,3 +370,21 @@ def test_hits_stream_on_every_entry_point(net, pki, entry):
     statuses = [dict((n.lower(), v) for n, v in r[2]).get(b"cache-status") for r in (first, second)]
     assert statuses[0] == b"rproxy; fwd=uri-miss; stored" and statuses[1].startswith(b"rproxy; hit")
     assert len(origin.requests) == 1
+
+
+@inline
+def test_a_stale_response_is_served_while_the_origin_is_unreachable_unless_forbidden(net):
+    def handler(req: Any) -> None:
+        cc = b"max-age=0, no-cache" if req.target == b"/strict" else b"max-age=0"
+        req.respond(200, req.target, [(b"Cache-Control", cc), (b"ETag", b'"e"')])
+    origin = yield net.origin(handler)
+    proxy = yield net.proxy(cached_config(origin.backend))
+    yield get(net, proxy, b"/loose")
+    yield get(net, proxy, b"/strict")
+    yield origin.listening.stopListening()
+    for conn in origin.connections:
+        conn.transport.abortConnection()
+    loose = yield get(net, proxy, b"/loose")
+    strict = yield get(net, proxy, b"/strict")
+    assert (loose.status, loose.body) == (200, b"/loose") and b"detail=origin-unreachable" in loose.one(b"Cache-Status")
+    assert strict.status == 502

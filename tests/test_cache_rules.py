@@ -195,6 +195,17 @@ def test_invalidation_covers_the_target_and_same_origin_locations():
         == [key, "http://h/b", "http://h/c"]
     assert rules.invalidated_uris(b"DELETE", 204, key, [(b"Location", b"http://other/b")]) == [key]
     assert rules.invalidated_uris(b"PATCH", 302, key, []) == [key]
+    assert rules.invalidated_uris(b"M-SEARCH", 200, "http://h/dir/a", [(b"Location", b"b?x=1#f")]) == \
+        ["http://h/dir/a", "http://h/dir/b?x=1"]
+
+
+def test_qualified_no_cache_drops_the_fields_and_reuses_the_rest():
+    headers = [(b"Cache-Control", b'no-cache="a, b", max-age=60'), (b"a", b"1"), (b"b", b"2"), (b"c", b"3")]
+    kept = rules.stored_headers(headers)
+    assert [n for n, _ in kept] == [b"Cache-Control", b"c"]
+    assert rules.reuse(stored((b"Date", DATE), *kept), [], NOW + 10) == rules.SERVE
+    assert rules.reuse(stored((b"Date", DATE), (b"Cache-Control", b"no-cache, max-age=60")), [], NOW + 10) == \
+        rules.REVALIDATE
 
 
 @pytest.mark.parametrize("value,expected", [

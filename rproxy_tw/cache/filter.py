@@ -510,9 +510,11 @@ class _CacheDownstream(DownstreamWrapper):
         exchange = self.exchange
         if self.mode == "revalidate" and stale is not None and not exchange.headSent:
             now = self.cache.clock.seconds()
-            if rules.may_serve_on_error(stale, self.client_headers, now):
+            on_error = rules.may_serve_on_error(stale, self.client_headers, now)
+            if on_error or (status in (502, 504) and rules.may_serve_disconnected(stale)):
                 member = rules.cache_status(self.cache.name, hit=True, fwd="stale",
-                                            ttl=rules.freshness(stale, now).ttl, detail="stale-if-error")
+                                            ttl=rules.freshness(stale, now).ttl,
+                                            detail="stale-if-error" if on_error else "origin-unreachable")
                 self._release(False)
                 if self._serveStored(stale, now, member, "stale"):
                     self.finish_held = self.streaming is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import calendar
 import email.utils
+from urllib.parse import urljoin
 from typing import Iterable, Mapping, Sequence
 
 import attrs
@@ -329,13 +330,19 @@ def storable(method: bytes, status: int, request_headers: Headers, response_head
 def stored_headers(headers: Headers) -> tuple[Header, ...]:
     """
     The headers to keep: the fields a qualified C{private="..."} names are
-    for one user only and a shared cache must not store them (RFC 9111 5.2.2.7).
+    for one user only and a shared cache must not store them (RFC 9111
+    5.2.2.7); those a qualified C{no-cache="..."} names must not be reused
+    without revalidation (5.2.2.4), so they are not stored either and the
+    rest is reused as it is.
     """
     cc = cache_control(headers)
-    private = cc.arg(b"private")
-    if not private:
+    names = set()
+    for directive in (b"private", b"no-cache"):
+        listed = cc.arg(directive)
+        if listed:
+            names |= {n.strip().lower() for n in listed.split(b",")}
+    if not names:
         return tuple(headers)
-    names = {n.strip().lower() for n in private.split(b",")}
     return tuple((n, v) for n, v in headers if n.lower() not in names)
 
 
@@ -364,7 +371,7 @@ def _freshness_lifetime(stored: StoredResponse) -> float:
             return 0.0  # an invalid Expires (such as "0") means already expired
         date = _date_value(stored)
         return max(expires - date, 0.0)
-    if b"no-cache" in cc:
+    if b"no-cache" in cc and not cc.arg(b"no-cache"):
         return 0.0
     if stored.status in HEURISTIC_STATUSES or b"public" in cc:
         last_modified = parse_http_date(first_value(headers, b"last-modified"))
@@ -476,7 +483,7 @@ def reuse(stored: StoredResponse, request_headers: Headers, now: float, request_
     cc = stored.cc
     if request_cc is None:
         request_cc = cache_control(request_headers)
-    if b"no-cache" in cc or (request_cc.directives and b"no-cache" in request_cc) or \
+    if (b"no-cache" in cc and not cc.arg(b"no-cache")) or (request_cc.directives and b"no-cache" in request_cc) or \
             (not request_cc.directives and request_no_cache(request_headers)):
         return REVALIDATE
     f = freshness(stored, now)
@@ -513,6 +520,16 @@ def may_serve_on_error(stored: StoredResponse, request_headers: Headers, now: fl
         if window is not None and window >= 0 and staleness <= window:
             return True
     return False
+
+
+def may_serve_disconnected(stored: StoredResponse) -> bool:
+    """
+    Whether a stale response may be served because the origin cannot be
+    reached (RFC 9111 4.2.4: a disconnected cache may; must-revalidate,
+    proxy-revalidate, s-maxage and no-cache forbid it).
+    """
+    cc = stored.cc
+    return may_serve_stale(stored) and not (b"no-cache" in cc and not cc.arg(b"no-cache"))
 
 
 def validators(stored: StoredResponse) -> list[Header]:
@@ -629,22 +646,23 @@ def invalidated_uris(method: bytes, status: int, key: str, response_headers: Hea
         value = first_value(response_headers, lname)
         if not value:
             continue
-        uri = _resolve(origin, value.strip().decode("latin-1"))
+        uri = _resolve(key, value.strip().decode("latin-1"))
         if uri is not None and uri.startswith(origin + "/") and uri not in out:
             out.append(uri)
     return out
 
 
-def _resolve(origin: str, reference: str) -> str | None:
-    """A Location or Content-Location as a key: absolute, or a path on the same origin."""
-    reference = reference.split("#", 1)[0]
-    if reference.startswith("/") and not reference.startswith("//"):
-        return origin + reference
-    if "://" in reference:
-        scheme, _, rest = reference.partition("://")
-        authority, slash, path = rest.partition("/")
-        return f"{scheme.lower()}://{authority.lower()}/{path}" if slash else f"{scheme.lower()}://{authority.lower()}/"
-    return None
+def _resolve(base: str, reference: str) -> str | None:
+    """A Location or Content-Location as a key: resolved against the request's URI (RFC 3986 5)."""
+    try:
+        uri = urljoin(base, reference.split("#", 1)[0])
+    except ValueError:
+        return None
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return None
+    authority, slash, path = rest.partition("/")
+    return f"{scheme.lower()}://{authority.lower()}/{path}"
 
 
 # ---------------------------------------------------------------------------
