@@ -170,7 +170,13 @@ class ProxyRuntime:
                 continue
             if (host is not None and route.config.host != host) or (path is not None and route.config.path != path):
                 continue
-            route.plan = attrs.evolve(route.plan, chain=route.plan.chain + added)
+            chain = route.plan.chain
+            if self.cache is not None and chain.request[-1:] == (self.cache,):
+                # The cache answers hits without going further: it stays the last request filter.
+                chain = FilterChain(chain.request[:-1], chain.response) + added + FilterChain((self.cache,))
+            else:
+                chain = chain + added
+            route.plan = attrs.evolve(route.plan, chain=chain)
 
     def _plan(self, route: ProxyRoute) -> RoutePlan:
         """What an exchange on C{route} needs, found once: its pool's objects and its own filters."""

@@ -388,3 +388,22 @@ def test_a_stale_response_is_served_while_the_origin_is_unreachable_unless_forbi
     strict = yield get(net, proxy, b"/strict")
     assert (loose.status, loose.body) == (200, b"/loose") and b"detail=origin-unreachable" in loose.one(b"Cache-Status")
     assert strict.status == 502
+
+
+@inline
+def test_an_applications_request_filter_runs_before_the_cache_answers(net):
+    from zope.interface import implementer
+
+    from rproxy_tw.pipeline import IRequestFilter, LocalAnswer
+
+    @implementer(IRequestFilter)
+    class Refuse:
+        def filterRequest(self, request: Any, exchange: Any) -> Any:
+            return LocalAnswer(403, b"no\n") if request.path == b"/secret" else None
+
+    origin = yield net.origin(answer())
+    proxy = yield net.proxy(cached_config(origin.backend))
+    yield get(net, proxy, b"/secret")
+    proxy.service.add_filter(Refuse())
+    refused = yield get(net, proxy, b"/secret")
+    assert refused.status == 403 and len(origin.requests) == 1

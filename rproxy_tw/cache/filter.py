@@ -155,6 +155,9 @@ class HTTPCache:
         stored, fwd = self._find(key, headers)
         plain = state.plain = rules.plain_request(headers)
         request_cc = rules.NO_DIRECTIVES if plain else rules.cache_control(headers)
+        if stored is not None and b"no-store" in request_cc:
+            # Nothing of this request or its answer is to be kept: the stored one is not used either.
+            stored, fwd = None, "request"
         if stored is not None:
             decision = rules.reuse(stored, headers, now, request_cc)
             if decision == rules.SERVE:
