@@ -407,3 +407,19 @@ def test_an_applications_request_filter_runs_before_the_cache_answers(net):
     proxy.service.add_filter(Refuse())
     refused = yield get(net, proxy, b"/secret")
     assert refused.status == 403 and len(origin.requests) == 1
+
+
+@inline
+def test_a_waiting_request_goes_to_the_origin_itself_when_the_wait_is_over(net):
+    held = []
+    origin = yield net.origin(held.append)
+    proxy = yield net.proxy(cached_config(origin.backend))
+    proxy.service.cache.collapse_timeout = 0.2  # the bound (5 s by default), short for the test
+    slow = get(net, proxy, b"/slow")
+    yield origin.until_requests(1)
+    impatient = get(net, proxy, b"/slow")
+    yield origin.until_requests(2)  # after its bounded wait, it asked the origin itself
+    held[1].respond(200, b"second", [(b"Cache-Control", b"max-age=60")])
+    held[0].respond(200, b"first", [(b"Cache-Control", b"max-age=60")])
+    results = yield gatherResults([slow, impatient])
+    assert [r.body for r in results] == [b"first", b"second"]

@@ -191,9 +191,11 @@ class HTTPCache:
             request.headers = _with_validators(headers, stored)
         else:
             state.mode = "miss"
-        if collapsible and key not in self._fills:
-            fill = self._fills[key] = _Fill(state, now)
-            state.fill = fill
+        if collapsible:
+            fill = self._fills.get(key)
+            if fill is None or now - fill.started >= self.collapse_timeout:
+                # Ours is the fetch others wait for (in place of one that began too long ago).
+                state.fill = self._fills[key] = _Fill(state, now)
         self._publish(CacheMiss(exchange.route_name, key, fwd))
         return None
 
