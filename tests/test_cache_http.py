@@ -423,3 +423,19 @@ def test_a_waiting_request_goes_to_the_origin_itself_when_the_wait_is_over(net):
     held[0].respond(200, b"first", [(b"Cache-Control", b"max-age=60")])
     results = yield gatherResults([slow, impatient])
     assert [r.body for r in results] == [b"first", b"second"]
+
+
+@inline
+def test_after_an_unstorable_answer_misses_no_longer_queue_behind_each_other(net):
+    held = []
+    origin = yield net.origin(held.append)
+    proxy = yield net.proxy(cached_config(origin.backend))
+    first = get(net, proxy, b"/private")
+    yield origin.until_requests(1)
+    held[0].respond(200, b"one", [(b"Cache-Control", b"private")])
+    yield first
+    both = [get(net, proxy, b"/private"), get(net, proxy, b"/private")]
+    yield origin.until_requests(3)  # side by side: neither waits for the other
+    for req in held[1:]:
+        req.respond(200, b"two", [(b"Cache-Control", b"private")])
+    yield gatherResults(both)

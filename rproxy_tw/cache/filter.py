@@ -32,6 +32,11 @@ Headers = Sequence[Header]
 
 CACHE_STATUS = b"Cache-Status"
 
+UNCACHEABLE_SECONDS = 30.0
+"""How long a URL whose answer could not be stored is fetched without collapsing (others would only queue)."""
+UNCACHEABLE_KEPT = 4096
+"""At most this many such URLs are remembered (bounded: the oldest are forgotten all at once)."""
+
 
 @attrs.frozen
 class _Plan:
@@ -77,6 +82,8 @@ class HTTPCache:
         self.name = name
         self.collapse_timeout = collapse_timeout
         self._fills: dict[str, _Fill] = {}
+        self._uncacheable: dict[str, float] = {}
+        """URL -> until when its misses go to the origin side by side (its last answer was not storable)."""
         store.on_evict = self._evicted
 
     # -- the admin API ----------------------------------------------------------------------
@@ -180,6 +187,13 @@ class HTTPCache:
         collapsible = request.method == b"GET" and (plain or (
             not rules.has_conditions(headers) and b"no-store" not in request_cc
             and rules.first_value(headers, b"range") is None))
+        if collapsible and self._uncacheable:
+            until = self._uncacheable.get(key)
+            if until is not None:
+                if now < until:
+                    collapsible = False
+                else:
+                    del self._uncacheable[key]
         if collapsible and not waited:
             fill = self._fills.get(key)
             if fill is not None and now - fill.started < self.collapse_timeout:
@@ -238,6 +252,13 @@ class HTTPCache:
         waiter.addBoth(stop_timer)
         waiter.addCallback(woken)
         return waiter
+
+    def _passing(self, key: str, now: float) -> None:
+        """A fetch others could have waited for brought an answer that cannot be stored."""
+        uncacheable = self._uncacheable
+        if len(uncacheable) >= UNCACHEABLE_KEPT:
+            uncacheable.clear()
+        uncacheable[key] = now + UNCACHEABLE_SECONDS
 
     def _release(self, fill: _Fill, stored: bool) -> None:
         if self._fills.get(fill.owner.key) is fill:
@@ -449,6 +470,8 @@ class _CacheDownstream(DownstreamWrapper):
             self.expected = content_length if has_body else 0
             self.response_time = now
         else:
+            if self.fill is not None:
+                cache._passing(self.key, now)
             self._release(False)
         self.inner.writeHead(status, reason, [*headers, (CACHE_STATUS, self._member(status, store))],
                              content_length, has_body)
