@@ -133,6 +133,16 @@ class DownstreamWrapper:
     def startTunnel(self, conn: Any, leftover: bytes) -> None:
         self.inner.startTunnel(conn, leftover)
 
+    def exchangeCancelled(self, exchange: Any) -> None:
+        """
+        The client left before the response ended: nothing more will be
+        written.  A filter holding something for the exchange (the cache,
+        a body being stored) lets it go here.
+        """
+        inner = self.inner
+        if isinstance(inner, DownstreamWrapper):
+            inner.exchangeCancelled(exchange)
+
 
 @attrs.frozen
 class FilterChain:

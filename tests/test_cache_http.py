@@ -439,3 +439,23 @@ def test_after_an_unstorable_answer_misses_no_longer_queue_behind_each_other(net
     for req in held[1:]:
         req.respond(200, b"two", [(b"Cache-Control", b"private")])
     yield gatherResults(both)
+
+
+@inline
+def test_when_the_fetching_client_leaves_the_waiters_go_to_the_origin_at_once(net):
+    held = []
+    origin = yield net.origin(held.append)
+    proxy = yield net.proxy(cached_config(origin.backend))
+    cache = proxy.service.cache
+    leaving = yield net.client(proxy.port)
+    leaving.send(request(b"GET", b"/a", host=b"www.example.test"))
+    yield origin.until_requests(1)
+    held[0].write(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 10\r\n\r\nhalf")
+    yield until(lambda: cache.filling_bytes == 4, "the first piece to be kept")
+    waiting = get(net, proxy)
+    yield until(lambda: cache._fills and next(iter(cache._fills.values())).waiters, "a waiter")
+    leaving.abort()
+    yield origin.until_requests(2)  # long before the 5 s bound
+    held[1].respond(200, b"whole body", [(b"Cache-Control", b"max-age=60")])
+    resp = yield waiting
+    assert resp.body == b"whole body" and cache.filling_bytes == 0

@@ -26,4 +26,5 @@ def build_cache(config: Any, reactor: Any, events: Any = None, name: str = "rpro
                                hot=MemoryStore(config.max_bytes))
     else:
         store = MemoryStore(config.max_bytes)
-    return HTTPCache(store, reactor, events, max_object_bytes=config.max_object_bytes, name=name)
+    return HTTPCache(store, reactor, events, max_object_bytes=config.max_object_bytes, name=name,
+                     fill_budget=config.max_bytes)

@@ -74,7 +74,7 @@ class HTTPCache:
     _log = Logger(observer=log_observer)
 
     def __init__(self, store: Any, clock: Any, events: Any = None, max_object_bytes: int = 10485760,
-                 name: str = "rproxy", collapse_timeout: float = 5.0) -> None:
+                 name: str = "rproxy", collapse_timeout: float = 5.0, fill_budget: int | None = None) -> None:
         self.store = store
         self.clock = clock
         self.events = events
@@ -82,6 +82,9 @@ class HTTPCache:
         self.name = name
         self.collapse_timeout = collapse_timeout
         self._fills: dict[str, _Fill] = {}
+        self.fill_budget = fill_budget if fill_budget is not None else store.max_bytes
+        self.filling_bytes = 0
+        """Bytes of responses being stored right now: past fill_budget, a response streams on unstored."""
         self._uncacheable: dict[str, float] = {}
         """URL -> until when its misses go to the origin side by side (its last answer was not storable)."""
         store.on_evict = self._evicted
@@ -480,17 +483,31 @@ class _CacheDownstream(DownstreamWrapper):
         if self.swallow:
             return
         if self.filling is not None:
-            self.size += len(data)
-            if self.size > self.cache.max_object_bytes:
+            size = len(data)
+            self.size += size
+            cache = self.cache
+            if self.size > cache.max_object_bytes or cache.filling_bytes + size > cache.fill_budget:
                 self._abandon()
             else:
+                cache.filling_bytes += size
                 self.chunks.append(data)
         self.inner.writeBody(data)
 
-    def _abandon(self) -> None:
+    def _drop_fill(self) -> None:
+        """Forget the body being stored, and give back its share of the fill budget."""
+        self.cache.filling_bytes -= sum(len(c) for c in self.chunks)
         self.filling = None
         self.chunks = []
+
+    def _abandon(self) -> None:
+        self._drop_fill()
         self._release(False)
+
+    def exchangeCancelled(self, exchange: Any) -> None:
+        if self.filling is not None:
+            self._drop_fill()
+        self._release(False)
+        super().exchangeCancelled(exchange)
 
     def finishBody(self, trailers: Headers) -> None:
         if self.swallow:
@@ -522,7 +539,7 @@ class _CacheDownstream(DownstreamWrapper):
                 stored = cache.store.put(response, self.chunks)
                 if stored:
                     cache._publish(CacheStored(self.exchange.route_name, self.key, self.size))
-            self.chunks = []
+            self._drop_fill()
             self.inner.finishBody(trailers)
             self._release(stored)
             return
@@ -532,8 +549,7 @@ class _CacheDownstream(DownstreamWrapper):
         if self.swallow:
             return
         if self.filling is not None:
-            self.filling = None
-            self.chunks = []
+            self._drop_fill()
         stale = self.stale
         exchange = self.exchange
         if self.mode == "revalidate" and stale is not None and not exchange.headSent:
@@ -557,6 +573,8 @@ class _CacheDownstream(DownstreamWrapper):
         self.inner.failResponse(status, message, extra, page)
 
     def exchangeDone(self, exchange: Any) -> None:
+        if self.filling is not None:
+            self._drop_fill()
         self._release(False)
         if self.streaming is not None:
             self.done_held = True

@@ -772,6 +772,11 @@ class ProxyExchange:
         if self._source is not None:
             source, self._source = self._source, None
             source.stopStreaming()
+        if self.chain is not None and self.chain.response:
+            from ..pipeline import DownstreamWrapper
+
+            if isinstance(self.downstream, DownstreamWrapper):
+                self.downstream.exchangeCancelled(self)
         conn = self.conn
         if conn is not None:
             self.conn = None
