@@ -143,8 +143,11 @@ class DiskStore:
         self._lru: OrderedDict[Slot, tuple[StoredResponse, str]] = OrderedDict()
         self._index: dict[str, list[StoredResponse]] = {}
         self._writes: Deferred[Any] = succeed(None)
+        self._queued = 0
+        self._idle: list[Deferred[None]] = []
         self.ready: Deferred[Any] = self._queue(_scan, root)
         self.ready.addCallback(self._loaded)
+        self.ready.addErrback(self._failed, "reading the folder")
 
     # -- the thread pool --------------------------------------------------------------------
 
@@ -154,12 +157,21 @@ class DiskStore:
     def _queue(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """Run C{f} in a thread after every file operation queued before it."""
         done: Deferred[Any] = Deferred()
+        self._queued += 1
+
+        def finished(result: Any) -> None:
+            self._queued -= 1
+            if isinstance(result, Failure):
+                done.errback(result)
+            else:
+                done.callback(result)
+            if not self._queued:
+                idle, self._idle = self._idle, []
+                for waiter in idle:
+                    waiter.callback(None)
 
         def run(_: Any) -> Deferred[Any]:
-            d = self._thread(f, *args)
-            d.addBoth(lambda result: (done.callback(result) if not isinstance(result, Failure)
-                                      else done.errback(result)))
-            return d.addErrback(lambda failure: None)
+            return self._thread(f, *args).addBoth(finished)
 
         self._writes.addCallback(run)
         return done
@@ -168,8 +180,12 @@ class DiskStore:
         self._log.failure("disk cache: {what} failed", failure, what=what)
 
     def flushed(self) -> Deferred[Any]:
-        """Fires once every file operation queued so far is done (for tests and a clean stop)."""
-        return self._queue(lambda: None)
+        """Fires once no file operation is queued (those queued meanwhile included: for tests and a clean stop)."""
+        if not self._queued:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle.append(waiter)
+        return waiter
 
     # -- the index --------------------------------------------------------------------------
 
