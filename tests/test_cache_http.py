@@ -459,3 +459,23 @@ def test_when_the_fetching_client_leaves_the_waiters_go_to_the_origin_at_once(ne
     held[1].respond(200, b"whole body", [(b"Cache-Control", b"max-age=60")])
     resp = yield waiting
     assert resp.body == b"whole body" and cache.filling_bytes == 0
+
+
+@inline
+def test_a_reload_keeps_the_cache_unless_its_section_changes(net):
+    from rproxy_tw import parse_config
+
+    origin = yield net.origin(answer())
+    config = cached_config(origin.backend)
+    proxy = yield net.proxy(config)
+    yield get(net, proxy)
+    first = proxy.service.cache
+    config["listen"] = [{"endpoint": proxy.service.config.listen[0].endpoint}]
+    proxy.service.reload(parse_config(config, source="test.toml"))
+    kept = yield get(net, proxy)
+    assert proxy.service.cache is first and kept.one(b"Cache-Status").startswith(b"rproxy; hit")
+    config["cache"]["max_bytes"] = 1 << 21
+    proxy.service.reload(parse_config(config, source="test.toml"))
+    fresh = yield get(net, proxy)
+    assert proxy.service.cache is not first and fresh.one(b"Cache-Status") == b"rproxy; fwd=uri-miss; stored"
+    assert len(origin.requests) == 2

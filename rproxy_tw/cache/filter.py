@@ -272,10 +272,12 @@ class HTTPCache:
 
     # -- answering from the store -----------------------------------------------------------
 
-    def plan(self, stored: StoredResponse, method: bytes, headers: Headers, now: float, member: bytes) -> _Plan:
+    def plan(self, stored: StoredResponse, method: bytes, headers: Headers, now: float, member: bytes,
+             plain: bool | None = None) -> _Plan:
         """What to answer a request from C{stored}: 304 for the client's own met conditions, 206/416 for a range, else it."""
         age = rules.current_age(stored, now)
-        plain = rules.plain_request(headers)
+        if plain is None:
+            plain = rules.plain_request(headers)
         if not plain and rules.evaluate_conditions(stored, method, headers):
             out = rules.with_age(rules.not_modified_headers(stored), age)
             out.append((CACHE_STATUS, member))
@@ -301,7 +303,7 @@ class HTTPCache:
         ttl = stored.lifetime - rules.current_age(stored, now)
         member = rules.cache_status(self.name, hit=True, ttl=ttl, collapsed=collapsed, detail=detail)
         request = exchange.request
-        plan = self.plan(stored, request.method, request.headers, now, member)
+        plan = self.plan(stored, request.method, request.headers, now, member, state.plain)
         source = None
         if plan.body and plan.length:
             source = self.store.body(stored, plan.first, plan.last)

@@ -483,9 +483,13 @@ def reuse(stored: StoredResponse, request_headers: Headers, now: float, request_
     cc = stored.cc
     if request_cc is None:
         request_cc = cache_control(request_headers)
-    if (b"no-cache" in cc and not cc.arg(b"no-cache")) or (request_cc.directives and b"no-cache" in request_cc) or \
-            (not request_cc.directives and request_no_cache(request_headers)):
+    if b"no-cache" in cc and not cc.arg(b"no-cache"):
         return REVALIDATE
+    if request_cc.directives:
+        if b"no-cache" in request_cc:
+            return REVALIDATE
+    elif request_cc is not NO_DIRECTIVES and request_no_cache(request_headers):
+        return REVALIDATE  # Pragma: no-cache (NO_DIRECTIVES: the caller found neither field)
     f = freshness(stored, now)
     max_age = request_cc.seconds(b"max-age")
     if max_age is not None and (max_age < 0 or f.age > max_age):
