@@ -119,6 +119,8 @@ def test_a_stale_response_is_revalidated_and_a_304_refreshes_it(net):
     # The client's own conditional request is answered 304 from the fresh entry.
     fourth = yield get(net, proxy, headers=[(b"If-None-Match", b'"v1"')])
     assert (fourth.status, fourth.body, len(origin.requests)) == (304, b"", 2)
+    assert fourth.one(b"Content-Length") is None and fourth.one(b"ETag") == b'"v1"'
+    assert fourth.one(b"Cache-Status").startswith(b"rproxy; hit")
 
 
 @inline

@@ -312,8 +312,8 @@ class HTTPCache:
         state.mode = "hit"
         self._publish(CacheHit(exchange.route_name, stored.key, plan.length if plan.body else 0, kind))
         if source is None:
-            return LocalAnswer(plan.status, b"", tuple(plan.headers), plan.reason, content_length=plan.length,
-                               complete_headers=True)
+            return LocalAnswer(plan.status, b"", tuple(plan.headers), plan.reason,
+                               content_length=None if plan.status == 304 else plan.length, complete_headers=True)
         return LocalAnswer(plan.status, b"", tuple(plan.headers), plan.reason, source=source,
                            content_length=plan.length, complete_headers=True)
 

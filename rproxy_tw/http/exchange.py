@@ -331,8 +331,9 @@ class ProxyExchange:
             self._finish(True)
             return
         length = answer.content_length
-        downstream.writeHead(answer.status, answer.reason, headers, len(answer.body) if length is None else length,
-                             has_body)
+        if length is None and answer.status != 304:  # a 304's Content-Length would describe the stored body
+            length = len(answer.body)
+        downstream.writeHead(answer.status, answer.reason, headers, length, has_body)
         if has_body and answer.body:
             downstream.writeBody(answer.body)
         downstream.finishBody(())
