@@ -312,3 +312,41 @@ def test_a_chunk_source_waits_for_the_client_and_slices_ranges():
     source.gate.resume("client")
     source.gate.resume("client")
     assert sink.data == [b"c", b"def", b"g"] and done == [None]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(pieces=st.lists(st.binary(max_size=40), max_size=8), first=st.integers(0, 300), span=st.integers(0, 300))
+def test_a_chunk_source_range_is_the_same_bytes_as_slicing_the_body(pieces, first, span):
+    body = b"".join(pieces)
+    last = first + span
+    sink = _Sink()
+    sink.writeBody = sink.data.append  # a client that never pushes back
+    source = ChunkSource(pieces, first, last)
+    sink.source = source
+    source.streamTo(sink, lambda failure: None)
+    assert b"".join(sink.data) == body[first : last + 1]
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(body=st.binary(min_size=300, max_size=3000), cuts=st.lists(st.integers(1, 2999), max_size=6),
+       coding=st.sampled_from(["gzip", "br"]))
+def test_compression_decompresses_to_the_same_bytes_however_the_body_is_cut(body, cuts, coding):
+    import gzip
+
+    import brotli
+
+    from .test_compress import Exchange, Sink
+    from rproxy_tw.compress import Compression
+
+    sink = Sink()
+    wrapper = Compression((coding,)).wrap(Exchange(coding.encode()), sink)
+    wrapper.writeHead(200, b"OK", [(b"Content-Type", b"text/plain")], None, True)
+    at = 0
+    for cut in sorted(set(c for c in cuts if c < len(body))):
+        wrapper.writeBody(body[at:cut])
+        wrapper.flush()
+        at = cut
+    wrapper.writeBody(body[at:])
+    wrapper.finishBody(())
+    decode = gzip.decompress if coding == "gzip" else brotli.decompress
+    assert decode(sink.body) == body
