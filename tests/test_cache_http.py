@@ -481,3 +481,20 @@ def test_a_reload_keeps_the_cache_unless_its_section_changes(net):
     fresh = yield get(net, proxy)
     assert proxy.service.cache is not first and fresh.one(b"Cache-Status") == b"rproxy; fwd=uri-miss; stored"
     assert len(origin.requests) == 2
+
+
+@inline
+def test_a_head_answer_freshens_the_stored_get(net):
+    def handler(req: Any) -> None:
+        if req.method == b"HEAD":
+            req.write(b"HTTP/1.1 200 OK\r\nETag: \"h\"\r\nCache-Control: max-age=60\r\nX-Seen: head\r\n"
+                      b"Content-Length: 4\r\n\r\n")
+        else:
+            req.respond(200, b"body", [(b"ETag", b'"h"'), (b"Cache-Control", b"max-age=0")])
+    origin = yield net.origin(handler)
+    proxy = yield net.proxy(cached_config(origin.backend))
+    yield get(net, proxy)
+    yield get(net, proxy, method=b"HEAD")
+    after = yield get(net, proxy)
+    assert (after.body, after.one(b"X-Seen"), len(origin.requests)) == (b"body", b"head", 2)
+    assert after.one(b"Cache-Status").startswith(b"rproxy; hit")

@@ -456,6 +456,8 @@ class _CacheDownstream(DownstreamWrapper):
                                             ttl=rules.freshness(updated, now).ttl)
                 if self._serveStored(updated, now, member, "revalidated"):
                     return
+            elif status == 200 and method == b"HEAD" and rules.head_updates(stale, headers, content_length):
+                cache.store.update(stale, rules.merge_304(stale, headers, self.request_time, now))
             elif status >= 500 and rules.may_serve_on_error(stale, self.client_headers, now):
                 member = rules.cache_status(cache.name, hit=True, fwd="stale", fwd_status=status,
                                             ttl=rules.freshness(stale, now).ttl, detail="stale-if-error")

@@ -615,6 +615,20 @@ def matches_304(stored: StoredResponse, headers: Headers) -> bool:
     return True
 
 
+def head_updates(stored: StoredResponse, headers: Headers, content_length: int | None) -> bool:
+    """
+    RFC 9111 4.3.5: whether a 200 answering HEAD describes the stored GET
+    response (same validators, same length), so that its fields freshen it.
+    """
+    if content_length is not None and content_length != stored.body_size:
+        return False
+    etag, mine = first_value(headers, b"etag"), stored.etag
+    if etag is not None or mine is not None:
+        return etag is not None and mine is not None and weak_match(etag, mine)
+    last_modified = first_value(headers, b"last-modified")
+    return last_modified is not None and last_modified == stored.header(b"last-modified")
+
+
 def merge_304(stored: StoredResponse, headers: Headers, request_time: float, response_time: float) -> StoredResponse:
     """
     The stored response freshened by a 304 (RFC 9111 3.2, 4.3.4): the
