@@ -145,6 +145,8 @@ fi
         printf '%-15s %12s %12s %10s %10s\n' "$name" "$a" "$b" "$(awk -v x="$a" -v y="$n1" 'BEGIN{printf "%.2fx", x/y}')" \
             "$(awk -v x="$b" -v y="$n100" 'BEGIN{printf "%.2fx", x/y}')"
     done
-    ((BOUND)) && echo "memory bound: max_bytes=$((MEM_MAX_BYTES / 1048576)) MiB, $stored distinct 100 KiB objects stored ($((stored * 100 / 1024)) MiB);" \
-        "rproxy RSS $((rss_start / 1024)) MiB before, $((rss_end / 1024)) MiB after, peak $((hwm / 1024)) MiB"
+    if ((BOUND)); then
+        echo "memory bound: max_bytes=$((MEM_MAX_BYTES / 1048576)) MiB, $stored distinct 100 KiB objects stored ($((stored * 100 / 1024)) MiB);" \
+            "rproxy RSS $((rss_start / 1024)) MiB before, $((rss_end / 1024)) MiB after, peak $((hwm / 1024)) MiB"
+    fi
 } | tee "$RUN_DIR/summary.txt"
