@@ -48,7 +48,8 @@ class LocalAnswer:
 
     status: int
     body: bytes = b""
-    headers: tuple[tuple[bytes, bytes], ...] = ()
+    headers: tuple[tuple[bytes, bytes], ...] | bytes = ()
+    """The fields; or, with C{complete_headers}, already serialized for a client connection that C{wants_block}."""
     reason: bytes = b""
     source: Any = None
     """

@@ -266,6 +266,9 @@ class DiskStore:
         path = os.path.join(self.root, name) + ".meta"
         self._queue(_write_atomically, path, [_meta(new)]).addErrback(self._failed, "update")
 
+    def inline_body(self, response: StoredResponse) -> bytes | None:
+        return self.hot.inline_body(response)
+
     def body(self, response: StoredResponse, first: int = 0, last: int | None = None) -> IBodySource | None:
         chunks = self.hot.chunks(response)
         if chunks is not None:

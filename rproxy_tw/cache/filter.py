@@ -80,6 +80,7 @@ class HTTPCache:
         self.events = events
         self.max_object_bytes = max_object_bytes
         self.name = name
+        self.name_bytes = name.encode("ascii")
         self.collapse_timeout = collapse_timeout
         self._fills: dict[str, _Fill] = {}
         self.fill_budget = fill_budget if fill_budget is not None else store.max_bytes
@@ -282,8 +283,7 @@ class HTTPCache:
             out = rules.with_age(rules.not_modified_headers(stored), age)
             out.append((CACHE_STATUS, member))
             return _Plan(304, b"Not Modified", out, False)
-        out = rules.with_age(stored.headers, age)
-        out.append((CACHE_STATUS, member))
+        out = [*stored.served_headers, (b"Age", b"%d" % int(max(age, 0))), (CACHE_STATUS, member)]
         size = stored.body_size
         if not plain and method == b"GET" and rules.first_value(headers, b"range") is not None:
             wanted = rules.byte_range(headers, stored)
@@ -300,9 +300,28 @@ class HTTPCache:
     def _answer(self, state: _CacheDownstream, exchange: Any, stored: StoredResponse, now: float, kind: str,
                 collapsed: bool = False, detail: str | None = None) -> LocalAnswer | None:
         """A hit as the exchange's local answer, its body streamed from the store; None if the body is gone."""
-        ttl = stored.lifetime - rules.current_age(stored, now)
-        member = rules.cache_status(self.name, hit=True, ttl=ttl, collapsed=collapsed, detail=detail)
+        age = rules.current_age(stored, now)
+        ttl = stored.lifetime - age
+        if not collapsed and detail is None:
+            member = b"%s; hit; ttl=%d" % (self.name_bytes, ttl)
+        else:
+            member = rules.cache_status(self.name, hit=True, ttl=ttl, collapsed=collapsed, detail=detail)
         request = exchange.request
+        if state.plain and request.method == b"GET" and stored.status == 200:
+            # The usual hit: no conditions, no range; one piece in memory goes with the head.
+            whole = self.store.inline_body(stored)
+            if whole is not None:
+                state.mode = "hit"
+                if self.events is not None and self.events.wanted:
+                    self._publish(CacheHit(exchange.route_name, stored.key, len(whole), kind))
+                inner = state.inner
+                if exchange.downstream is state and inner.wants_block and not isinstance(inner, DownstreamWrapper):
+                    # Nothing between us and the client looks at headers one by one: the stored
+                    # ones go serialized once, with this hit's Age and Cache-Status after them.
+                    head: Any = b"%sAge: %d\r\nCache-Status: %s\r\n" % (stored.served_block, max(age, 0), member)
+                else:
+                    head = (*stored.served_headers, (b"Age", b"%d" % max(age, 0)), (CACHE_STATUS, member))
+                return LocalAnswer(200, whole, head, stored.reason, complete_headers=True)
         plan = self.plan(stored, request.method, request.headers, now, member, state.plain)
         source = None
         if plan.body and plan.length:
@@ -398,29 +417,32 @@ def _with_validators(headers: Headers, stored: StoredResponse) -> list[Header]:
 class _CacheDownstream(DownstreamWrapper):
     """One exchange's side of the cache: Cache-Status, the tee into the store, 304 merging, stale on error."""
 
+    # Per-exchange state, as class-level defaults: one is made per request on a cached route,
+    # and most requests (hits) change only a few of these.
+    key = ""
+    mode: str | None = None
+    """None (not looked at), "hit", "miss", "revalidate", "unsafe", "bypass"."""
+    fwd = "uri-miss"
+    plain = True
+    stale: StoredResponse | None = None
+    background: StoredResponse | None = None
+    client_headers: Headers = ()
+    request_time = 0.0
+    fill: _Fill | None = None
+    filling: tuple[int, bytes, tuple[Header, ...]] | None = None
+    chunks: list[bytes] = []  # replaced, never appended to, until a fill begins (writeHead)
+    size = 0
+    expected: int | None = None
+    swallow = False
+    """The origin's response is not what the client gets (a stored one is): drop it."""
+    streaming: Any = None
+    finish_held = False
+    done_held = False
+
     def __init__(self, cache: HTTPCache, exchange: Any, inner: Any) -> None:
-        super().__init__(inner)
+        self.inner = inner
         self.cache = cache
         self.exchange = exchange
-        self.key = ""
-        self.mode: str | None = None
-        """None (not looked at), "hit", "miss", "revalidate", "unsafe", "bypass"."""
-        self.fwd = "uri-miss"
-        self.plain = True
-        self.stale: StoredResponse | None = None
-        self.background: StoredResponse | None = None
-        self.client_headers: Headers = ()
-        self.request_time = 0.0
-        self.fill: _Fill | None = None
-        self.filling: tuple[int, bytes, tuple[Header, ...]] | None = None
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.expected: int | None = None
-        self.swallow = False
-        """The origin's response is not what the client gets (a stored one is): drop it."""
-        self.streaming: Any = None
-        self.finish_held = False
-        self.done_held = False
 
     def _member(self, status: int | None, stored: bool) -> bytes:
         return rules.cache_status(self.cache.name, fwd=self.fwd,

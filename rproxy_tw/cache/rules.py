@@ -227,11 +227,18 @@ class StoredResponse:
     """L{freshness_lifetime}, worked out once."""
     initial_age: float = attrs.field(init=False, eq=False, repr=False)
     """RFC 9111 4.2.3's corrected_initial_age: the current age is this plus the time since response_time."""
+    served_headers: tuple[Header, ...] = attrs.field(init=False, eq=False, repr=False)
+    """The headers a hit sends before its own Age (L{with_age}): the stored ones without theirs."""
+    served_block: bytes = attrs.field(init=False, eq=False, repr=False)
+    """L{served_headers} serialized once, for a client connection that takes a head as bytes."""
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "cc", cache_control(self.headers))
         object.__setattr__(self, "lifetime", _freshness_lifetime(self))
         object.__setattr__(self, "initial_age", _initial_age(self))
+        served = tuple((n, v) for n, v in self.headers if n.lower() != b"age")
+        object.__setattr__(self, "served_headers", served)
+        object.__setattr__(self, "served_block", b"".join([b"%s: %s\r\n" % header for header in served]))
 
     @property
     def cache_control(self) -> CacheControl:
@@ -490,16 +497,18 @@ def reuse(stored: StoredResponse, request_headers: Headers, now: float, request_
             return REVALIDATE
     elif request_cc is not NO_DIRECTIVES and request_no_cache(request_headers):
         return REVALIDATE  # Pragma: no-cache (NO_DIRECTIVES: the caller found neither field)
-    f = freshness(stored, now)
-    max_age = request_cc.seconds(b"max-age")
-    if max_age is not None and (max_age < 0 or f.age > max_age):
-        return REVALIDATE
-    min_fresh = request_cc.seconds(b"min-fresh")
-    if min_fresh is not None and f.ttl < max(min_fresh, 0):
-        return REVALIDATE
-    if f.fresh:
+    age = stored.initial_age + now - stored.response_time
+    ttl = stored.lifetime - age
+    if request_cc.directives:
+        max_age = request_cc.seconds(b"max-age")
+        if max_age is not None and (max_age < 0 or age > max_age):
+            return REVALIDATE
+        min_fresh = request_cc.seconds(b"min-fresh")
+        if min_fresh is not None and ttl < max(min_fresh, 0):
+            return REVALIDATE
+    if ttl > 0:
         return SERVE
-    staleness = -f.ttl
+    staleness = -ttl
     if not may_serve_stale(stored):
         return REVALIDATE
     if b"max-stale" in request_cc:

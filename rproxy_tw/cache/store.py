@@ -59,6 +59,9 @@ class ICacheStore(Interface):
     def body(response: StoredResponse, first: int = 0, last: int | None = None) -> IBodySource | None:
         """Bytes C{first}..C{last} (inclusive) of the body, or None when the response is no longer stored."""
 
+    def inline_body(response: StoredResponse) -> bytes | None:
+        """The whole body when it is one piece in memory (a hit then writes it at once), else None."""
+
     def remove(key: str, reason: str = "invalidated") -> int:
         """Drop every variant under C{key}; the number dropped."""
 
@@ -220,6 +223,10 @@ class MemoryStore:
         if chunks is None:
             return None
         return ChunkSource(chunks, first, last)
+
+    def inline_body(self, response: StoredResponse) -> bytes | None:
+        chunks = self.chunks(response)
+        return chunks[0] if chunks is not None and len(chunks) == 1 else None
 
     def _drop(self, slot: tuple[str, Any], reason: str | None) -> None:
         response, _ = self._lru.pop(slot)

@@ -313,7 +313,9 @@ class ProxyExchange:
         self.status = answer.status
         self.headSent = True
         has_body = self.method != b"HEAD" and answer.status not in (204, 304) and answer.status >= 200
-        headers = list(answer.headers)
+        headers = answer.headers
+        if type(headers) is not bytes:  # a serialized head (a stored response's) goes as it is
+            headers = list(headers)
         if not answer.complete_headers:
             server = self.settings.server_header
             if server:
