@@ -10,7 +10,10 @@ at two counts and take the difference (imports and set-up cancel out):
     done; done
     # (second - first) / 1000 = instructions per request
 """
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's rproxy_tw
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
