@@ -260,7 +260,7 @@ def test_what_must_not_be_stored_is_not(net):
         yield get(net, proxy, target)
         yield get(net, proxy, target)
     yield get(net, proxy, b"/no-store", headers=[(b"Authorization", b"Basic eDp5")])
-    assert len(origin.requests) == 7
+    assert len(origin.requests) == 7 and proxy.service.cache.store.keys() == []
 
 
 @inline

@@ -490,8 +490,10 @@ class _CacheDownstream(DownstreamWrapper):
         if method == b"GET" and mode in ("miss", "revalidate"):
             store = (rules.storable(method, status, self.client_headers, headers)
                      and (content_length is None or content_length <= cache.max_object_bytes))
+        vary = rules.vary_fields(headers) if store else None
+        if vary is None:
+            store = False  # Vary: * never matches a later request (RFC 9111 4.1): keeping it would only cost room
         if store:
-            vary = rules.vary_fields(headers)
             self.filling = (status, reason, rules.stored_headers(headers))
             self.vary = vary
             self.chunks = []
