@@ -281,6 +281,28 @@ def _normalize(value: bytes) -> bytes:
     return b",".join(part.strip() for part in value.split(b","))
 
 
+def _normalize_codings(value: bytes) -> bytes:
+    """
+    Accept-Encoding with the same meaning spelled one way: codings are
+    case-insensitive and their order is not significant (q-values rank them),
+    so C{"gzip, br"} and C{"BR,gzip;q=1"} select the same stored response.
+    """
+    members = []
+    for member in value.split(b","):
+        coding, _, params = member.strip().partition(b";")
+        coding = coding.strip().lower()
+        if not coding:
+            continue
+        q = b"1"
+        for param in params.split(b";"):
+            key, _, arg = param.strip().partition(b"=")
+            if key.strip().lower() == b"q":
+                arg = arg.strip().rstrip(b"0").rstrip(b".") if b"." in arg else arg.strip()
+                q = arg or b"0"
+        members.append(coding if q == b"1" else coding + b";q=" + q)
+    return b",".join(sorted(set(members)))
+
+
 def variant_key(vary: tuple[bytes, ...] | None, request_headers: Headers) -> tuple[tuple[bytes, bytes], ...]:
     """The request's values for the fields in C{vary} (absent fields keep an empty value of their own)."""
     if not vary:
@@ -288,7 +310,12 @@ def variant_key(vary: tuple[bytes, ...] | None, request_headers: Headers) -> tup
     out = []
     for name in vary:
         values = header_values(request_headers, name)
-        out.append((name, _normalize(b", ".join(values)) if values else b"\x00absent"))
+        if not values:
+            out.append((name, b"\x00absent"))
+        elif name == b"accept-encoding":
+            out.append((name, _normalize_codings(b",".join(values))))
+        else:
+            out.append((name, _normalize(b", ".join(values))))
     return tuple(out)
 
 
