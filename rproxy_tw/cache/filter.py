@@ -233,7 +233,9 @@ class HTTPCache:
         """Wait for the response another request is fetching, at most until collapse_timeout after it began."""
         waiter: Deferred[bool] = Deferred()
         fill.waiters.append(waiter)
-        timer = self.clock.callLater(max(fill.started + self.collapse_timeout - now, 0), _fire, waiter, False)
+        # Within the exchange's own deadline for a filter (response_timeout), which would end it with an error.
+        bound = min(self.collapse_timeout, exchange.settings.response_timeout / 2)
+        timer = self.clock.callLater(max(fill.started + bound - now, 0), _fire, waiter, False)
 
         def stop_timer(result: Any) -> Any:
             if timer.active():
