@@ -149,6 +149,8 @@ class RouteConfig:
     """Rules applied to the response (the proxy's own answers included) before it goes to the client."""
     error_pages: Mapping[int, ErrorPageConfig] = field(factory=dict)
     """This route's pages for the proxy's own 4xx/5xx answers (over the global C{[error_pages]})."""
+    compress: tuple[str, ...] | None = None
+    """Codings to compress this route's responses with; None: C{[cache] compress}."""
 
 
 @frozen
@@ -308,7 +310,7 @@ class WafConfig:
 
 @frozen
 class CacheConfig:
-    """C{[cache]}: the shared HTTP cache (not built yet)."""
+    """C{[cache]}: the shared HTTP cache (routes with C{cache = true}) and compression."""
 
     max_bytes: int = 268435456
     max_object_bytes: int = 10485760
@@ -316,6 +318,7 @@ class CacheConfig:
     store: str = "memory"
     path: str | None = None
     max_disk_bytes: int = 0
+    """The disk store's bound; 0: 1 GiB."""
 
 
 @frozen
@@ -343,8 +346,10 @@ class ProxyConfig:
     """
     Contract sections accepted, validated and not enforced yet, by name
     (C{"admin"}: L{AdminConfig}, C{"acme"}, C{"rate_limit"}, C{"waf"},
-    C{"cache"}, C{"cluster"}); L{not_enforced_warnings} names them.
+    C{"cluster"}); L{not_enforced_warnings} names them.
     """
+    cache: CacheConfig = CacheConfig()
+    """C{[cache]}: the shared HTTP cache's store and bounds, and the codings compression offers."""
 
 
 # ---------------------------------------------------------------------------
@@ -681,6 +686,11 @@ def _parse_routes(source: str, raw: Any, base: str = ".") -> tuple[RouteConfig, 
         pool = r.required("pool", str)
         strip_prefix = r.get("strip_prefix", bool, False)
         cache = r.get("cache", bool, False)
+        route_compress = r.get("compress", (bool, list), None)
+        if isinstance(route_compress, list):
+            route_compress = r.strings("compress", (), ("gzip", "br"))
+        elif route_compress is not None:
+            route_compress = ("gzip", "br") if route_compress else ()
         retry_non_idempotent = r.get("retry_non_idempotent", bool, False)
         route_hsts = r.get("hsts", str, None)
         request_headers = _parse_header_rules(r.sub("request_headers"))
@@ -703,6 +713,7 @@ def _parse_routes(source: str, raw: Any, base: str = ".") -> tuple[RouteConfig, 
                 request_headers=request_headers,
                 response_headers=response_headers,
                 error_pages=pages,
+                compress=route_compress,
             )
         )
     return tuple(out)
@@ -1054,7 +1065,6 @@ _DEFERRED_PARSERS: dict[str, Callable[[_Reader, str], Any]] = {
     "acme": _parse_acme,
     "rate_limit": lambda r, base: _parse_rate_limit(r),
     "waf": _parse_waf,
-    "cache": _parse_cache,
     "cluster": lambda r, base: _parse_cluster(r),
 }
 
@@ -1071,9 +1081,8 @@ def not_enforced_warnings(config: ProxyConfig) -> list[str]:
     if server.workers != 1:
         lines.append(f"server.workers = {server.workers!r} is accepted but not enforced by this version "
                      "(one process serves)")
-    for i, route in enumerate(config.routes):
-        if route.cache:
-            lines.append(f"route[{i}].cache = true is accepted but not enforced by this version")
+    if config.cache.store == "redis":
+        lines.append('cache.store = "redis" is accepted but not enforced by this version (the memory store serves)')
     return lines
 
 
@@ -1171,6 +1180,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
         section = top.sub(name)
         if section is not None:
             deferred[name] = parse(section, base)
+    cache_reader = top.sub("cache")
+    cache_config = _parse_cache(cache_reader, base) if cache_reader is not None else CacheConfig()
     top.finish()
     if "acme" not in deferred and any(profile.acme for profile in tls.values()):
         deferred["acme"] = _parse_acme(_Reader(source, "acme", {}), base)  # the defaults, storage beside the file
@@ -1194,6 +1205,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
     for store_of in ("rate_limit", "cache"):
         if getattr(deferred.get(store_of), "store", None) == "redis" and "cluster" not in deferred:
             raise ConfigError(source, f"{store_of}.store", "\"redis\" needs a [cluster] section naming the Redis server")
+    if cache_config.store == "redis" and "cluster" not in deferred:
+        raise ConfigError(source, "cache.store", "\"redis\" needs a [cluster] section naming the Redis server")
     return ProxyConfig(
         source=source,
         server=server,
@@ -1206,6 +1219,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
         demo_origin=demo,
         deferred_sections=deferred,
         error_pages=error_pages,
+        cache=cache_config,
     )
 
 

@@ -21,6 +21,10 @@ from .logs import observer as log_observer
 
 __all__ = [
     "BackendStateChanged",
+    "CacheEvicted",
+    "CacheHit",
+    "CacheMiss",
+    "CacheStored",
     "CertificateChanged",
     "CertificateFailed",
     "EventBus",
@@ -227,3 +231,45 @@ def request_finished(client: str, exchange: Any, bytes_sent: int, now: float,
         tunnel=bytes_received is not None,
         request_id=request_id,
     )
+
+
+# ---------------------------------------------------------------------------
+# The shared HTTP cache (rproxy_tw/cache/)
+
+
+@attrs.frozen(slots=True)
+class CacheHit:
+    """A response served from the cache: fresh, stale (stale-while-revalidate, stale-if-error, max-stale), or revalidated (304)."""
+
+    route: str | None
+    key: str
+    bytes: int
+    """Body bytes served from the store."""
+    kind: str = "hit"
+    """C{"hit"}, C{"stale"} or C{"revalidated"}."""
+
+
+@attrs.frozen(slots=True)
+class CacheMiss:
+    """A request on a cached route went to the origin."""
+
+    route: str | None
+    key: str
+    reason: str
+    """Cache-Status's fwd: C{"uri-miss"}, C{"vary-miss"}, C{"stale"}, C{"request"}, C{"method"}."""
+
+
+@attrs.frozen(slots=True)
+class CacheStored:
+    route: str | None
+    key: str
+    bytes: int
+
+
+@attrs.frozen(slots=True)
+class CacheEvicted:
+    """A stored response left the cache: C{"lru"} (room), C{"invalidated"} (an unsafe method), C{"purged"}."""
+
+    key: str
+    bytes: int
+    reason: str

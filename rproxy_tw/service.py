@@ -140,6 +140,8 @@ class ProxyRuntime:
             )
             for name, pc in config.pools.items()
         }
+        self.cache = _shared_cache(config, reactor, self.events, previous)
+        """The shared HTTP cache of the routes with C{cache = true} (an L{rproxy_tw.cache.HTTPCache}), or None."""
         self.router: HostRouter = build_router(config.routes, self.render_route)
         for route in self.router.routes():
             if isinstance(route, ProxyRoute):
@@ -170,7 +172,13 @@ class ProxyRuntime:
                 continue
             if (host is not None and route.config.host != host) or (path is not None and route.config.path != path):
                 continue
-            route.plan = attrs.evolve(route.plan, chain=route.plan.chain + added)
+            chain = route.plan.chain
+            if self.cache is not None and chain.request[-1:] == (self.cache,):
+                # The cache answers hits without going further: it stays the last request filter.
+                chain = FilterChain(chain.request[:-1], chain.response) + added + FilterChain((self.cache,))
+            else:
+                chain = chain + added
+            route.plan = attrs.evolve(route.plan, chain=chain)
 
     def _plan(self, route: ProxyRoute) -> RoutePlan:
         """What an exchange on C{route} needs, found once: its pool's objects and its own filters."""
@@ -181,6 +189,18 @@ class ProxyRuntime:
         response_filters: tuple[Any, ...] = (StickyCookie(pool.balancer),) if pool.sticky else ()
         if rules.response:
             response_filters += (rules,)
+        # The first response filter sees the origin's response first: compress, then store the
+        # compressed variant, then the per-client steps (sticky cookie, header rules) on every answer.
+        closest: tuple[Any, ...] = ()
+        compress = rc.compress if rc.compress is not None else self.config.cache.compress
+        if compress:
+            from .compress import Compression
+
+            closest += (Compression(compress),)
+        if rc.cache and self.cache is not None:
+            closest += (self.cache,)
+            request_filters += (self.cache,)
+        response_filters = closest + response_filters
         return RoutePlan(
             route=route,
             name=f"{rc.host or '*'}{rc.path}",
@@ -285,6 +305,18 @@ class ProxyRuntime:
                 exchange.requestBodyData(chunk)
             exchange.requestBodyEnd()
         return NOT_DONE_YET
+
+
+def _shared_cache(config: ProxyConfig, reactor: Any, events: Any, previous: ProxyRuntime | None) -> Any:
+    """The cache for C{config}: the one serving, when C{[cache]} did not change (a reload keeps what is stored)."""
+    if not any(route.cache for route in config.routes):
+        return None
+    if previous is not None and previous.cache is not None and previous.config.cache == config.cache and \
+            previous.config.server.via == config.server.via:
+        return previous.cache
+    from .cache import build_cache
+
+    return build_cache(config.cache, reactor, events, name=config.server.via)
 
 
 def _same_endpoints(old: Any, new: Any) -> bool:
@@ -1009,6 +1041,11 @@ class ProxyService(MultiService):
         for slot in self._slots:
             if isinstance(slot.inner, HTTPProxyFactory):
                 slot.inner.forget_chains()
+
+    @property
+    def cache(self) -> Any:
+        """The shared HTTP cache (L{rproxy_tw.cache.HTTPCache}: C{purge(url_or_prefix)}), or None when no route caches."""
+        return self.runtime.cache
 
     def pool(self, name: str) -> BackendPool:
         return self.runtime.pools[name]

@@ -130,6 +130,10 @@ CASES = {
     "cache store": (BASE + '[cache]\nstore = "tape"\n', "cache.store", "'tape'"),
     "cache disk without path": (BASE + '[cache]\nstore = "disk"\n', "cache.path", "required"),
     "cache redis without cluster": (BASE + '[cache]\nstore = "redis"\n', "cache.store", "[cluster]"),
+    "route compress coding": (BASE.replace('pool = "web"', 'pool = "web"\ncompress = ["zstd"]'),
+                              "route[0].compress[0]", "'zstd'"),
+    "route compress kind": (BASE.replace('pool = "web"', 'pool = "web"\ncompress = 3'), "route[0].compress",
+                            "must be"),
     "waf mode": (BASE + '[waf]\nmode = "strict"\n', "waf.mode", "'strict'"),
     "waf deny": (BASE + '[waf]\ndeny = ["10.0.0.0/8", "ten"]\n', "waf.deny[1]", "not an IP network"),
     "waf unknown key": (BASE + '[waf]\nrule = "default"\n', "waf.rule", "not a known key"),
@@ -387,9 +391,7 @@ CONTRACT_WARNINGS = [
     "[admin] is accepted but not enforced by this version",
     "[rate_limit] is accepted but not enforced by this version",
     "[waf] is accepted but not enforced by this version",
-    "[cache] is accepted but not enforced by this version",
     "[cluster] is accepted but not enforced by this version",
-    "route[1].cache = true is accepted but not enforced by this version",
 ]
 
 
@@ -402,7 +404,7 @@ def test_contract_not_enforced_parts_are_named_once_each():
     assert config.tls["auto"].acme == ("www.example.com", "example.com") and config.tls["auto"].certificates == ()
     acme = config.deferred_sections["acme"]
     assert acme.challenges == ("http-01", "tls-alpn-01") and acme.ca is None
-    assert config.deferred_sections["cache"].compress == ("gzip", "br")
+    assert config.cache.compress == ("gzip", "br") and config.routes[1].cache
     assert config.deferred_sections["rate_limit"].burst == 200
     assert config.deferred_sections["cluster"].redis == "tcp:127.0.0.1:6379"
     assert config.deferred_sections["admin"].token == ""
@@ -430,8 +432,6 @@ max_bytes = 1048576
 """
 NOT_ENFORCED_WARNINGS = [
     "[admin] is accepted but not enforced by this version",
-    "[cache] is accepted but not enforced by this version",
-    "route[0].cache = true is accepted but not enforced by this version",
 ]
 
 
@@ -503,3 +503,13 @@ def test_idle_timeout_zero_means_none():
     default = parse_config({"listen": [{"endpoint": "tcp:6380", "protocol": "tcp", "pool": "p"}],
                             "pool": {"p": {"backends": ["tcp:127.0.0.1:6379"]}}})
     assert default.listen[0].idle_timeout >= 3600, "raw TCP sessions may be quiet for long"
+
+
+def test_route_compress_follows_the_cache_section_unless_it_says(tmp_path):
+    def route_compress(line: str) -> object:
+        return load_config(write(tmp_path, BASE.replace('pool = "web"', 'pool = "web"\n' + line))).routes[0].compress
+
+    assert route_compress("") is None
+    assert route_compress("compress = false") == ()
+    assert route_compress("compress = true") == ("gzip", "br")
+    assert route_compress('compress = ["gzip"]') == ("gzip",)
