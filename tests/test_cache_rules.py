@@ -191,6 +191,15 @@ def test_a_304_freshens_the_stored_headers_but_not_the_body_description():
     assert (new.request_time, new.response_time, new.body_size) == (NOW + 1, NOW + 2, 10)
 
 
+def test_a_304_never_replaces_a_digest_of_the_stored_bytes():
+    """Content-MD5 / Content-Digest describe the stored body, which a 304 does not replace."""
+    r = stored((b"ETag", b'"x"'), (b"Content-MD5", b"rL0Y20zC+Fzt72VPzMSk2A=="), (b"Content-Digest", b"sha-256=:a:"))
+    new = rules.merge_304(r, [(b"ETag", b'"x"'), (b"Content-MD5", b"N7UdGUp1E+RbVvZSTy1R8g=="),
+                              (b"Content-Digest", b"sha-256=:b:"), (b"X-New", b"2")], NOW + 1, NOW + 2)
+    assert dict(new.headers) == {b"ETag": b'"x"', b"Content-MD5": b"rL0Y20zC+Fzt72VPzMSk2A==",
+                                 b"Content-Digest": b"sha-256=:a:", b"X-New": b"2"}
+
+
 def test_invalidation_covers_the_target_and_same_origin_locations():
     key = "http://h/a"
     assert rules.invalidated_uris(b"GET", 200, key, []) == []

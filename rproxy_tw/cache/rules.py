@@ -57,10 +57,12 @@ NOT_MODIFIED_DROPPED = frozenset({b"content-length", b"content-type", b"content-
                                   b"transfer-encoding"})
 """Representation metadata a 304 built from a stored response leaves out (RFC 9110 15.4.5)."""
 
-NOT_UPDATED_BY_304 = frozenset({b"content-length", b"content-encoding", b"content-range", b"transfer-encoding"})
+NOT_UPDATED_BY_304 = frozenset({b"content-length", b"content-encoding", b"content-range", b"transfer-encoding",
+                                b"content-md5", b"content-digest"})
 """
 Fields a 304 must not replace in the stored response (RFC 9111 3.2): the
-length, and what the stored bytes depend on (a coding this proxy applied).
+length, and what the stored bytes depend on (a coding this proxy applied,
+a digest of those very bytes).
 """
 
 
