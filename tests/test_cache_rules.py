@@ -58,6 +58,11 @@ STORABLE = [
     (b"GET", 200, [(b"Authorization", b"x")], [(b"Cache-Control", b"must-revalidate, max-age=5")], True),
     (b"GET", 200, [], [(b"Cache-Control", b"must-understand, no-store, max-age=60")], True),
     (b"GET", 299, [], [(b"Cache-Control", b"must-understand, no-store, max-age=60")], False),
+    # Content-Range means nothing on a 200 (RFC 9110 14.4): the response is complete and storable.
+    (b"GET", 200, [], [(b"Cache-Control", b"max-age=60"), (b"Content-Range", b"bytes 0-1/2")], True),
+    # A 416 answers a Range, not the resource: reused for a plain GET it would be wrong.
+    (b"GET", 416, [(b"Range", b"bytes=50-")], [(b"Cache-Control", b"max-age=60"),
+                                                (b"Content-Range", b"bytes */10")], False),
 ]
 
 

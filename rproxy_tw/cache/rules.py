@@ -352,7 +352,10 @@ def storable(method: bytes, status: int, request_headers: Headers, response_head
     if first_value(request_headers, b"authorization") is not None:
         if not (b"must-revalidate" in cc or b"public" in cc or b"s-maxage" in cc):
             return False
-    if first_value(response_headers, b"content-range") is not None:
+    if status == 416:
+        # It answers a Range, not the resource (the key has no Range in it): reusing
+        # it for another request would be wrong.  Content-Range on any other non-206
+        # status means nothing (RFC 9110 14.4) and does not stop storing.
         return False
     return (
         b"public" in cc
