@@ -124,6 +124,27 @@ def test_a_stale_response_is_revalidated_and_a_304_refreshes_it(net):
 
 
 @inline
+def test_a_304_naming_another_validator_never_reaches_an_unconditional_client(net):
+    """RFC 9111 4.3.4: a 304 whose ETag selects no stored response updates nothing; the client still gets a 200."""
+    def handler(req: Any) -> None:
+        if req.one(b"If-None-Match") is not None:
+            req.respond(304, b"", [(b"ETag", b'"v2"'), (b"Cache-Control", b"max-age=60"), (b"X-Fresh", b"yes")])
+        else:
+            req.respond(200, b"body v1", [(b"ETag", b'"v1"'), (b"Cache-Control", b"max-age=0")])
+    origin = yield net.origin(handler)
+    proxy = yield net.proxy(cached_config(origin.backend))
+    first = yield get(net, proxy)
+    second = yield get(net, proxy)
+    assert (first.status, first.body) == (200, b"body v1")
+    assert origin.requests[1].one(b"If-None-Match") == b'"v1"'
+    assert (second.status, second.body, second.one(b"ETag")) == (200, b"body v1", b'"v1"')
+    assert second.one(b"X-Fresh") is None, "the 304 updated a stored response it does not select"
+    third = yield get(net, proxy)
+    assert len(origin.requests) == 3, "the stored response was freshened by a 304 that did not select it"
+    assert (third.status, third.body) == (200, b"body v1")
+
+
+@inline
 def test_stale_if_error_serves_while_the_origin_is_down(net):
     origin = yield net.origin(answer(body=b"kept", headers=[(b"Cache-Control", b"max-age=0, stale-if-error=600")]))
     proxy = yield net.proxy(cached_config(origin.backend))

@@ -289,6 +289,9 @@ class HTTPCache:
         size = stored.body_size
         if not plain and method == b"GET" and rules.first_value(headers, b"range") is not None:
             wanted = rules.byte_range(headers, stored)
+            if wanted is not None:
+                # A Content-Range stored with a 200 meant nothing; the one added here does.
+                out = [(n, v) for n, v in out if n.lower() != b"content-range"]
             if wanted == "unsatisfiable":
                 out = [(n, v) for n, v in out if n.lower() not in (b"content-type", b"content-encoding")]
                 out.append((b"Content-Range", b"bytes */%d" % size))
@@ -479,6 +482,16 @@ class _CacheDownstream(DownstreamWrapper):
                 member = rules.cache_status(cache.name, fwd="stale", fwd_status=304,
                                             ttl=rules.freshness(updated, now).ttl)
                 if self._serveStored(updated, now, member, "revalidated"):
+                    return
+            elif status == 304 and self.plain:
+                # The 304 answers the validator we sent but names another (RFC 9111 4.3.4): it
+                # selects no stored response, so it updates none; yet it is no answer to a
+                # client that asked nothing conditional.  The origin did confirm the validator we
+                # sent, so the stored response goes out as it is, left stale (nginx and Varnish
+                # serve it too, and refresh it besides).
+                self._release(False)
+                member = rules.cache_status(cache.name, fwd="stale", fwd_status=304, detail="validator-mismatch")
+                if self._serveStored(stale, now, member, "revalidated"):
                     return
             elif status == 200 and method == b"HEAD" and rules.head_updates(stale, headers, content_length):
                 cache.store.update(stale, rules.merge_304(stale, headers, self.request_time, now))
