@@ -483,7 +483,7 @@ class _CacheDownstream(DownstreamWrapper):
                                             ttl=rules.freshness(updated, now).ttl)
                 if self._serveStored(updated, now, member, "revalidated"):
                     return
-            elif status == 304 and self.plain:
+            elif status == 304 and not rules.has_conditions(self.client_headers):
                 # The 304 answers the validator we sent but names another (RFC 9111 4.3.4): it
                 # selects no stored response, so it updates none; yet it is no answer to a
                 # client that asked nothing conditional.  The origin did confirm the validator we
