@@ -205,6 +205,23 @@ def test_a_304_never_replaces_a_digest_of_the_stored_bytes():
                                  b"Content-Digest": b"sha-256=:a:", b"X-New": b"2"}
 
 
+def test_a_head_answer_updates_the_stored_get_it_describes():
+    """RFC 9111 4.3.5 with 4.3.4: matching validators and length, or no validator on either side."""
+    r = stored((b"Content-Length", b"10"))
+    assert rules.head_updates(r, [(b"Cache-Control", b"max-age=60")], None)
+    assert rules.head_updates(r, [], 10)
+    assert not rules.head_updates(r, [], 9)
+    assert not rules.head_updates(r, [(b"ETag", b'"x"')], None)
+    assert not rules.head_updates(r, [(b"Last-Modified", DATE)], None)
+    tagged = stored((b"ETag", b'"x"'), (b"Last-Modified", DATE))
+    assert rules.head_updates(tagged, [(b"ETag", b'W/"x"')], None)
+    assert not rules.head_updates(tagged, [], None)
+    assert not rules.head_updates(tagged, [(b"ETag", b'"y"')], None)
+    dated = stored((b"Last-Modified", DATE))
+    assert rules.head_updates(dated, [(b"Last-Modified", DATE)], None)
+    assert not rules.head_updates(dated, [], None)
+
+
 def test_invalidation_covers_the_target_and_same_origin_locations():
     key = "http://h/a"
     assert rules.invalidated_uris(b"GET", 200, key, []) == []

@@ -666,8 +666,11 @@ def head_updates(stored: StoredResponse, headers: Headers, content_length: int |
     etag, mine = first_value(headers, b"etag"), stored.etag
     if etag is not None or mine is not None:
         return etag is not None and mine is not None and weak_match(etag, mine)
-    last_modified = first_value(headers, b"last-modified")
-    return last_modified is not None and last_modified == stored.header(b"last-modified")
+    last_modified, stored_last_modified = first_value(headers, b"last-modified"), stored.header(b"last-modified")
+    if last_modified is not None or stored_last_modified is not None:
+        return last_modified == stored_last_modified
+    # No validator on either side: the one stored response is the one it describes (4.3.4).
+    return True
 
 
 def merge_304(stored: StoredResponse, headers: Headers, request_time: float, response_time: float) -> StoredResponse:
