@@ -6,7 +6,7 @@ import fs from 'fs'
 import path from 'path'
 import { pathToFileURL } from 'url'
 
-const pkg = process.env.CACHE_TESTS_DIR || process.cwd()
+const pkg = process.env.CACHE_TESTS_SUITE || process.cwd()
 const load = rel => import(pathToFileURL(path.join(pkg, rel)).href)
 const tests = (await load('tests/index.mjs')).default
 tests.push((await load('tests/surrogate-control.mjs')).default)
