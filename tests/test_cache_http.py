@@ -520,3 +520,17 @@ def test_a_head_answer_freshens_the_stored_get(net):
     after = yield get(net, proxy)
     assert (after.body, after.one(b"X-Seen"), len(origin.requests)) == (b"body", b"head", 2)
     assert after.one(b"Cache-Status").startswith(b"rproxy; hit")
+
+
+@inline
+def test_cdn_cache_control_rules_over_cache_control(net):
+    """RFC 9213: CDN-Cache-Control targets this cache; Cache-Control still reaches the client as sent."""
+    origin = yield net.origin(answer(headers=[(b"Cache-Control", b"no-store"),
+                                              (b"CDN-Cache-Control", b"max-age=60")]))
+    proxy = yield net.proxy(cached_config(origin.backend))
+    first = yield get(net, proxy)
+    second = yield get(net, proxy)
+    assert (first.status, second.status, second.body, len(origin.requests)) == (200, 200, b"hello", 1)
+    assert second.one(b"Cache-Control") == b"no-store"
+    assert second.one(b"CDN-Cache-Control") == b"max-age=60"
+    assert second.one(b"Cache-Status").startswith(b"rproxy; hit")

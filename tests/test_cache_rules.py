@@ -385,3 +385,47 @@ def test_compression_decompresses_to_the_same_bytes_however_the_body_is_cut(body
     wrapper.finishBody(())
     decode = gzip.decompress if coding == "gzip" else brotli.decompress
     assert decode(sink.body) == body
+
+
+# ---------------------------------------------------------------------------
+# CDN-Cache-Control (RFC 9213)
+
+CDN_FUTURE = b"Tue, 14 Nov 2023 23:13:20 GMT"  # an hour after DATE
+
+
+@pytest.mark.parametrize("response_headers,storable,lifetime", [
+    # A valid CDN-Cache-Control rules, and Cache-Control and Expires are ignored.
+    ([(b"Cache-Control", b"no-store"), (b"CDN-Cache-Control", b"max-age=600")], True, 600),
+    ([(b"Cache-Control", b"max-age=600"), (b"CDN-Cache-Control", b"no-store")], False, None),
+    ([(b"Cache-Control", b"max-age=600"), (b"CDN-Cache-Control", b"private")], False, None),
+    ([(b"Cache-Control", b"max-age=3600"), (b"CDN-Cache-Control", b"max-age=1")], True, 1),
+    ([(b"Date", DATE), (b"Expires", CDN_FUTURE), (b"CDN-Cache-Control", b"max-age=0")], True, 0),
+    ([(b"CDN-Cache-Control", b"foobar, max-age=60"), (b"Expires", b"0")], True, 60),
+    ([(b"CDN-Cache-Control", b"no-cache"), (b"Cache-Control", b"max-age=600")], True, 0),
+    # A value of the wrong type is ignored, the rest of the field still rules.
+    ([(b"CDN-Cache-Control", b'max-age="600"'), (b"Cache-Control", b"max-age=600")], True, 0),
+    # An invalid Structured Field, or an empty one, is as if absent: Cache-Control rules.
+    ([(b"CDN-Cache-Control", b"max-age=600, &&&&&"), (b"Cache-Control", b"no-store")], False, None),
+    ([(b"CDN-Cache-Control", b"max-age =600"), (b"Cache-Control", b"max-age=5")], True, 5),
+    ([(b"CDN-Cache-Control", b"MaX-aGe=600"), (b"Cache-Control", b"max-age=5")], True, 5),
+    ([(b"CDN-Cache-Control", b""), (b"Cache-Control", b"max-age=5")], True, 5),
+])
+def test_cdn_cache_control_targets_this_cache(response_headers, storable, lifetime):
+    assert rules.storable(b"GET", 200, [], response_headers) is storable
+    if lifetime is not None:
+        assert rules.freshness_lifetime(stored(*response_headers)) == lifetime
+
+
+@pytest.mark.parametrize("value,expected", [
+    (b"a, b=1, c=?0, d=\"x\\\"y\", e=tok/1, f=:YQ==:, g=1.5, h=(1 2);p", {
+        b"a": True, b"b": 1, b"c": False, b"d": b'x"y', b"e": b"tok/1", b"f": b"YQ==", b"g": 1.5, b"h": [1, 2]}),
+    (b"  max-age=60 ;  x  ", None),  # a space before the parameter's ";"
+    (b"max-age=60;x=1, s", {b"max-age": 60, b"s": True}),
+    (b"max-age=60,", None),
+    (b"Max-Age=60", None),
+    (b"a=1234567890123456", None),  # an integer longer than 15 digits
+    (b"a=\"unterminated", None),
+    (b"", {}),
+])
+def test_structured_field_dictionaries(value, expected):
+    assert rules.sf_dictionary(value) == expected

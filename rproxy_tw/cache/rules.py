@@ -29,6 +29,7 @@ __all__ = [
     "invalidated_uris",
     "merge_304",
     "parse_http_date",
+    "response_cache_control",
     "reuse",
     "storable",
     "vary_fields",
@@ -75,6 +76,8 @@ class CacheControl:
     """The directives of C{Cache-Control} lines: lower-cased name -> argument (None when it has none)."""
 
     directives: Mapping[bytes, bytes | None] = attrs.field(factory=dict)
+    targeted: bool = False
+    """Read from a targeted field (L{TARGETED_FIELDS}): then Expires does not count (RFC 9213 2.1)."""
 
     def __contains__(self, name: bytes) -> bool:
         return name in self.directives
@@ -151,6 +154,218 @@ def cache_control(headers: Headers) -> CacheControl:
             else:
                 directives[key] = None
     return CacheControl(directives)
+
+
+TARGETED_FIELDS = (b"cdn-cache-control",)
+"""
+The targeted cache-control fields this cache obeys, in order (RFC 9213):
+C{CDN-Cache-Control} speaks to CDN caches, as this shared cache at the edge is.
+"""
+
+_SF_INTEGER_DIRECTIVES = frozenset({b"max-age", b"s-maxage", b"stale-while-revalidate", b"stale-if-error"})
+
+
+def response_cache_control(headers: Headers) -> CacheControl:
+    """
+    The caching policy of a response for this cache: the first targeted
+    field (RFC 9213) with a valid, non-empty value, with Cache-Control and
+    Expires ignored; else Cache-Control.
+    """
+    for lname in TARGETED_FIELDS:
+        values = header_values(headers, lname)
+        if not values:
+            continue
+        members = sf_dictionary(b", ".join(values))
+        if not members:
+            continue  # invalid or empty: as if absent (RFC 9213 2.1)
+        directives: dict[bytes, bytes | None] = {}
+        for key, value in members.items():
+            # A directive of the wrong type is ignored; a false boolean is as if absent.
+            if key in _SF_INTEGER_DIRECTIVES:
+                if isinstance(value, int) and not isinstance(value, bool):
+                    directives[key] = b"%d" % value
+            elif value is True:
+                directives[key] = None
+            elif isinstance(value, bytes):
+                directives[key] = value
+            elif isinstance(value, int) and not isinstance(value, bool):
+                directives[key] = b"%d" % value
+        return CacheControl(directives, targeted=True)
+    return cache_control(headers)
+
+
+_SF_KEY_FIRST = frozenset(b"abcdefghijklmnopqrstuvwxyz*")
+_SF_KEY = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_-.*")
+_SF_TOKEN_FIRST = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz*")
+_SF_TOKEN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~:/")
+_SF_BASE64 = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+
+
+class _SFError(ValueError):
+    pass
+
+
+def sf_dictionary(value: bytes) -> dict[bytes, object] | None:
+    """
+    A Structured Field Dictionary (RFC 8941 4.2.2): key -> bare item (int,
+    float, bytes for a string, token or byte sequence, bool) or, for an
+    inner list, a list of them; parameters are checked and dropped.  None
+    when C{value} does not parse: the whole field is then ignored.
+    """
+    try:
+        return _SFParser(value).dictionary()
+    except (_SFError, IndexError):
+        return None
+
+
+class _SFParser:
+    """RFC 8941 section 4.2's parsing algorithms, over one field value."""
+
+    def __init__(self, value: bytes) -> None:
+        self.data = value.strip(b" \t")
+        self.pos = 0
+
+    def peek(self) -> int | None:
+        return self.data[self.pos] if self.pos < len(self.data) else None
+
+    def dictionary(self) -> dict[bytes, object]:
+        out: dict[bytes, object] = {}
+        while self.pos < len(self.data):
+            key = self.key()
+            if self.peek() == 0x3D:  # "="
+                self.pos += 1
+                out[key] = self.member_value()
+            else:
+                out[key] = True
+                self.parameters()
+            while self.peek() in (0x20, 0x09):
+                self.pos += 1
+            if self.pos >= len(self.data):
+                return out
+            if self.peek() != 0x2C:  # ","
+                raise _SFError("expected a comma")
+            self.pos += 1
+            while self.peek() in (0x20, 0x09):
+                self.pos += 1
+            if self.pos >= len(self.data):
+                raise _SFError("a trailing comma")
+        return out
+
+    def member_value(self) -> object:
+        if self.peek() == 0x28:  # "(": an inner list
+            self.pos += 1
+            items = []
+            while True:
+                while self.peek() == 0x20:
+                    self.pos += 1
+                if self.peek() == 0x29:
+                    self.pos += 1
+                    self.parameters()
+                    return items
+                items.append(self.bare_item())
+                self.parameters()
+                if self.peek() not in (0x20, 0x29):
+                    raise _SFError("a bad inner list")
+        item = self.bare_item()
+        self.parameters()
+        return item
+
+    def parameters(self) -> None:
+        while self.peek() == 0x3B:  # ";"
+            self.pos += 1
+            while self.peek() == 0x20:
+                self.pos += 1
+            self.key()
+            if self.peek() == 0x3D:
+                self.pos += 1
+                self.bare_item()
+
+    def key(self) -> bytes:
+        start = self.pos
+        if self.peek() not in _SF_KEY_FIRST:
+            raise _SFError("a bad key")
+        self.pos += 1
+        while self.peek() in _SF_KEY:
+            self.pos += 1
+        return self.data[start:self.pos]
+
+    def bare_item(self) -> object:
+        c = self.peek()
+        if c is None:
+            raise _SFError("an item is missing")
+        if c == 0x2D or 0x30 <= c <= 0x39:
+            return self.number()
+        if c == 0x22:
+            return self.string()
+        if c == 0x3A:
+            return self.byte_sequence()
+        if c == 0x3F:
+            flag = self.data[self.pos + 1:self.pos + 2]
+            if flag not in (b"0", b"1"):
+                raise _SFError("a bad boolean")
+            self.pos += 2
+            return flag == b"1"
+        if c in _SF_TOKEN_FIRST:
+            start = self.pos
+            self.pos += 1
+            while self.peek() in _SF_TOKEN:
+                self.pos += 1
+            return self.data[start:self.pos]
+        raise _SFError("an unknown item type")
+
+    def number(self) -> int | float:
+        start = self.pos
+        if self.peek() == 0x2D:
+            self.pos += 1
+        digits_start = self.pos
+        while self.peek() is not None and 0x30 <= self.peek() <= 0x39:  # type: ignore[operator]
+            self.pos += 1
+        integer = self.data[digits_start:self.pos]
+        if not integer:
+            raise _SFError("a number without digits")
+        if self.peek() != 0x2E:  # "."
+            if len(integer) > 15:
+                raise _SFError("an integer too long")
+            return int(self.data[start:self.pos])
+        self.pos += 1
+        fraction_start = self.pos
+        while self.peek() is not None and 0x30 <= self.peek() <= 0x39:  # type: ignore[operator]
+            self.pos += 1
+        fraction = self.data[fraction_start:self.pos]
+        if len(integer) > 12 or not 1 <= len(fraction) <= 3:
+            raise _SFError("a bad decimal")
+        return float(self.data[start:self.pos])
+
+    def string(self) -> bytes:
+        self.pos += 1
+        out = bytearray()
+        while True:
+            c = self.peek()
+            if c is None:
+                raise _SFError("an unterminated string")
+            self.pos += 1
+            if c == 0x22:
+                return bytes(out)
+            if c == 0x5C:
+                escaped = self.peek()
+                if escaped not in (0x22, 0x5C):
+                    raise _SFError("a bad escape")
+                self.pos += 1
+                out.append(escaped)  # type: ignore[arg-type]
+            elif c < 0x20 or c > 0x7E:
+                raise _SFError("a bad string character")
+            else:
+                out.append(c)
+
+    def byte_sequence(self) -> bytes:
+        end = self.data.find(b":", self.pos + 1)
+        if end < 0:
+            raise _SFError("an unterminated byte sequence")
+        body = self.data[self.pos + 1:end]
+        if any(b not in _SF_BASE64 for b in body):
+            raise _SFError("a bad byte sequence")
+        self.pos = end + 1
+        return body
 
 
 def header_values(headers: Headers, lname: bytes) -> list[bytes]:
@@ -235,7 +450,7 @@ class StoredResponse:
     """L{served_headers} serialized once, for a client connection that takes a head as bytes."""
 
     def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "cc", cache_control(self.headers))
+        object.__setattr__(self, "cc", response_cache_control(self.headers))
         object.__setattr__(self, "lifetime", _freshness_lifetime(self))
         object.__setattr__(self, "initial_age", _initial_age(self))
         served = tuple((n, v) for n, v in self.headers if n.lower() != b"age")
@@ -341,7 +556,7 @@ def storable(method: bytes, status: int, request_headers: Headers, response_head
     request_cc = cache_control(request_headers)
     if b"no-store" in request_cc:
         return False
-    cc = cache_control(response_headers)
+    cc = response_cache_control(response_headers)
     if b"must-understand" in cc:
         if status not in UNDERSTOOD_STATUSES:
             return False
@@ -359,7 +574,7 @@ def storable(method: bytes, status: int, request_headers: Headers, response_head
         return False
     return (
         b"public" in cc
-        or first_value(response_headers, b"expires") is not None
+        or (not cc.targeted and first_value(response_headers, b"expires") is not None)
         or b"max-age" in cc
         or b"s-maxage" in cc
         or status in HEURISTIC_STATUSES
@@ -374,7 +589,7 @@ def stored_headers(headers: Headers) -> tuple[Header, ...]:
     without revalidation (5.2.2.4), so they are not stored either and the
     rest is reused as it is.
     """
-    cc = cache_control(headers)
+    cc = response_cache_control(headers)
     names = set()
     for directive in (b"private", b"no-cache"):
         listed = cc.arg(directive)
@@ -403,7 +618,7 @@ def _freshness_lifetime(stored: StoredResponse) -> float:
     max_age = cc.seconds(b"max-age")
     if max_age is not None:
         return max(max_age, 0)
-    expires_values = header_values(headers, b"expires")
+    expires_values = header_values(headers, b"expires") if not cc.targeted else None
     if expires_values:
         expires = parse_http_date(expires_values[0])
         if expires is None:
