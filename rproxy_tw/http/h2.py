@@ -104,6 +104,25 @@ past this bound the client is told ENHANCE_YOUR_CALM and disconnected,
 as nginx cuts a client that floods it without reading the answers.
 """
 
+H2_CONFIG = H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    validate_inbound_headers=True,
+    normalize_inbound_headers=True,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
+"""
+What a client sends is checked by h2 (our defence against malformed and
+smuggling heads).  What we send is not checked again: every response field
+comes through L{_h2_fields} (lower-case names, connection-specific fields
+dropped, values stripped) from heads the origin parser (llhttp) already held
+to HTTP's grammar, or from the proxy itself; h2's outbound checks cost more
+than the rest of sending a response head (tests/test_h2_outbound.py holds
+what an origin can send to the rule).  One object for every connection: h2
+only reads it.
+"""
+
 _PREFACE = 24
 """Length of the client connection preface (RFC 9113 3.4), before the first frame."""
 
@@ -379,7 +398,7 @@ class H2Stream:
                   (b"content-length", b"%d" % len(body)), (b"date", http_date(self.factory.clock))]
         server = self.factory.server_header
         if server:
-            fields.append((b"server", server))
+            fields.append((b"server", server.strip()))
         fields += _h2_fields(extra)
         self.head = fields
         self.body_bytes = 0
@@ -423,11 +442,15 @@ class H2Stream:
 
 
 def _h2_fields(headers: Headers) -> list[tuple[bytes, bytes]]:
-    """Response fields for HTTP/2: lower-case names, no connection-specific fields."""
+    """
+    Response fields for HTTP/2: lower-case names, no connection-specific
+    fields, no pseudo-header, values without surrounding whitespace.  What
+    h2's outbound normalisation and checks did (see L{H2_CONFIG}), once.
+    """
     out = []
     for name, value in headers:
         lname = name.lower()
-        if lname not in CONNECTION_SPECIFIC:
+        if lname not in CONNECTION_SPECIFIC and lname[:1] != b":":
             out.append((lname, value.strip()))
     return out
 
@@ -440,8 +463,7 @@ class H2ServerConnection(Protocol):
 
     def __init__(self, factory: Any) -> None:
         self.factory = factory
-        config = H2Configuration(client_side=False, header_encoding=None)
-        self.h2 = H2Connection(config=config)
+        self.h2 = H2Connection(config=H2_CONFIG)
         self.streams: dict[int, H2Stream] = {}
         self.blocked: set[H2Stream] = set()
         self.producer_paused = False

@@ -1,0 +1,205 @@
+"""
+What an HTTP/2 connection writes, without sockets: the proxy's
+C{H2ServerConnection} on a C{StringTransport}, origins on C{StringTransport}s,
+a C{MemoryReactorClock}, and the C{h2} package as the client, with its
+inbound header validation on: a response head that breaks RFC 9113's rules
+is a C{ProtocolError} in the client, so these tests see what a strict
+browser would.
+
+h2's own outbound checks are off in the proxy (L{rproxy_tw.http.h2.H2_CONFIG});
+these tests hold the proxy's header rewriting to the rules they enforced,
+whatever the origin sends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from rproxy_tw.config import parse_config
+from rproxy_tw.http.h2 import H2ServerConnection
+from rproxy_tw.http.server import HTTPProxyFactory
+from rproxy_tw.service import ProxyRuntime
+
+from .conftest import proxy_config, response
+
+CLIENT = IPv4Address("TCP", "192.0.2.10", 40000)
+SERVER = IPv4Address("TCP", "127.0.0.1", 8443)
+
+
+class CountingTransport(StringTransport):
+    """A C{StringTransport} that also keeps each write, to count them."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+class H2Harness:
+    """One TLS listener's factory on a memory reactor, an HTTP/2 client connection to it, and its origins."""
+
+    def __init__(self, **config: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        cfg = parse_config(proxy_config("tcp:10.0.0.1:8000", **config), source="test.toml")
+        self.factory = HTTPProxyFactory(ProxyRuntime(cfg, self.reactor), self.reactor, scheme="https")
+        self.conn = H2ServerConnection(self.factory)
+        self.transport = CountingTransport(peerAddress=CLIENT, hostAddress=SERVER, lenient=True)
+        self.conn.makeConnection(self.transport)
+        self.client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.client.initiate_connection()
+        self.events: list[Any] = []
+        self.origins: list[tuple[Any, StringTransport]] = []
+        self.exchange()
+
+    def turn(self) -> None:
+        """The end of a reactor turn: what the connection put off until then happens."""
+        self.reactor.advance(0)
+
+    def exchange(self) -> list[Any]:
+        """Send what the client has, end the turn, and let the client read what came back."""
+        data = self.client.data_to_send()
+        if data:
+            self.conn.dataReceived(data)
+        self.turn()
+        return self.read()
+
+    def read(self) -> list[Any]:
+        out = self.transport.value()
+        self.transport.clear()
+        events = self.client.receive_data(out) if out else []
+        self.events += events
+        return events
+
+    def get(self, path: bytes = b"/", n: int = 1) -> list[int]:
+        ids = []
+        for _ in range(n):
+            sid = self.client.get_next_available_stream_id()
+            self.client.send_headers(sid, [(b":method", b"GET"), (b":path", path), (b":scheme", b"https"),
+                                           (b":authority", b"example.com")], end_stream=True)
+            ids.append(sid)
+        self.exchange()
+        return ids
+
+    def origin(self, i: int) -> tuple[Any, StringTransport]:
+        """The C{i}th connection the proxy opened to an origin (accepted on first use)."""
+        while len(self.origins) <= i:
+            host, port, factory, _t, _b = self.reactor.tcpClients[len(self.origins)]
+            proto = factory.buildProtocol(IPv4Address("TCP", host, port))
+            transport = StringTransport(peerAddress=IPv4Address("TCP", host, port), lenient=True)
+            proto.makeConnection(transport)
+            self.origins.append((proto, transport))
+        return self.origins[i]
+
+    def answer(self, i: int, data: bytes) -> None:
+        """Origin C{i} sends C{data} (its request is taken off its transport)."""
+        proto, transport = self.origin(i)
+        transport.clear()
+        proto.dataReceived(data)
+
+    def response_of(self, sid: int) -> tuple[list[tuple[bytes, bytes]], bytes, bool]:
+        headers: list[tuple[bytes, bytes]] = []
+        body = b""
+        ended = False
+        for e in self.events:
+            if getattr(e, "stream_id", None) != sid:
+                continue
+            if isinstance(e, h2.events.ResponseReceived):
+                headers = list(e.headers)
+            elif isinstance(e, h2.events.DataReceived):
+                body += e.data
+            elif isinstance(e, h2.events.StreamEnded):
+                ended = True
+        return headers, body, ended
+
+
+def field(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    return [v for n, v in headers if n == name]
+
+
+# ---------------------------------------------------------------------------
+# Outbound header checks are off in h2: the proxy's rewriting keeps to the rules
+
+
+def test_outbound_checks_are_off_and_inbound_checks_on() -> None:
+    from rproxy_tw.http.h2 import H2_CONFIG
+
+    assert not H2_CONFIG.validate_outbound_headers and not H2_CONFIG.normalize_outbound_headers
+    assert H2_CONFIG.validate_inbound_headers and H2_CONFIG.normalize_inbound_headers
+
+
+def test_origin_fields_forbidden_in_http2_never_reach_the_client() -> None:
+    """
+    Connection-specific fields (RFC 9113 8.2.2), upper-case names and padded
+    values from the origin: the client, which validates what it receives,
+    gets a well-formed head without them.
+    """
+    h = H2Harness()
+    [sid] = h.get()
+    h.answer(0, response(200, b"hello", [
+        (b"Connection", b"keep-alive, X-Hop"), (b"Keep-Alive", b"timeout=5"), (b"X-Hop", b"1"),
+        (b"Proxy-Connection", b"keep-alive"), (b"Upgrade", b"h2c"), (b"TE", b"trailers"),
+        (b"X-Mixed-Case", b"Value"), (b"X-Padded", b"  padded value  "), (b"Set-Cookie", b"a=1"),
+    ]))
+    h.turn()
+    h.read()  # a ProtocolError here would be a malformed head
+    headers, body, ended = h.response_of(sid)
+    names = [n for n, _ in headers]
+    assert headers[0] == (b":status", b"200") and body == b"hello" and ended
+    for forbidden in (b"connection", b"keep-alive", b"x-hop", b"proxy-connection", b"upgrade", b"te",
+                      b"transfer-encoding"):
+        assert forbidden not in names
+    assert all(n == n.lower() for n in names)
+    assert field(headers, b"x-mixed-case") == [b"Value"]
+    assert field(headers, b"x-padded") == [b"padded value"]
+    assert field(headers, b"set-cookie") == [b"a=1"]
+
+
+def test_chunked_origin_response_is_sent_without_transfer_encoding() -> None:
+    h = H2Harness()
+    [sid] = h.get()
+    h.answer(0, response(200, b"5\r\nhello\r\n0\r\n\r\n", [(b"Transfer-Encoding", b"chunked")], length=False))
+    h.turn()
+    h.read()
+    headers, body, ended = h.response_of(sid)
+    assert body == b"hello" and ended
+    assert field(headers, b"transfer-encoding") == []
+
+
+@pytest.mark.parametrize("line", [b":status: 500", b"X-Bad Name: 1", b"X-Nul: a\x00b", b"X-Bare-CR: a\rb"])
+def test_origin_head_that_http2_cannot_carry_is_a_502(line: bytes) -> None:
+    """A pseudo-header, a space in a name, NUL or a bare CR from the origin: its parser refuses the head."""
+    h = H2Harness()
+    [sid] = h.get()
+    h.answer(0, b"HTTP/1.1 200 OK\r\n" + line + b"\r\nContent-Length: 2\r\n\r\nok")
+    h.turn()
+    h.read()
+    headers, body, ended = h.response_of(sid)
+    assert field(headers, b":status") == [b"502"] and ended
+    assert b"ok" != body
+
+
+def test_trailers_keep_to_the_rules_too() -> None:
+    h = H2Harness()
+    [sid] = h.get()
+    h.answer(0, response(200, b"5\r\nhello\r\n0\r\nX-Checksum: 1\r\nConnection: close\r\nX-Pad:  2 \r\n\r\n",
+                         [(b"Transfer-Encoding", b"chunked"), (b"Trailer", b"X-Checksum")], length=False))
+    h.turn()
+    h.read()
+    trailers = [e for e in h.events if isinstance(e, h2.events.TrailersReceived)]
+    _headers, body, ended = h.response_of(sid)
+    assert body == b"hello" and ended
+    if trailers:  # trailers the client did not ask for (no "te: trailers") may be dropped
+        names = [n for n, _ in trailers[0].headers]
+        assert b"connection" not in names and all(n == n.lower() for n in names)
