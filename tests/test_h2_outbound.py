@@ -203,3 +203,96 @@ def test_trailers_keep_to_the_rules_too() -> None:
     if trailers:  # trailers the client did not ask for (no "te: trailers") may be dropped
         names = [n for n, _ in trailers[0].headers]
         assert b"connection" not in names and all(n == n.lower() for n in names)
+
+
+# ---------------------------------------------------------------------------
+# One write per connection and reactor turn
+
+_HEADERS_FRAME, _DATA_FRAME, _END_STREAM = 0x1, 0x0, 0x1
+
+
+def frames(data: bytes) -> list[tuple[int, int, int, int]]:
+    """(type, flags, stream, length) of each frame in C{data} (RFC 9113 4.1)."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 3], "big")
+        out.append((data[pos + 3], data[pos + 4], int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF, length))
+        pos += 9 + length
+    assert pos == len(data)
+    return out
+
+
+def test_small_response_leaves_in_one_write_with_end_stream_on_its_data() -> None:
+    h = H2Harness()
+    [sid] = h.get()
+    h.transport.writes.clear()
+    h.answer(0, response(200, b"x" * 1024, [(b"Content-Type", b"application/octet-stream")]))
+    assert h.transport.writes == []  # nothing until the turn ends
+    h.turn()
+    assert len(h.transport.writes) == 1
+    assert [(t, f & _END_STREAM, s) for t, f, s, _ in frames(h.transport.writes[0])] == [
+        (_HEADERS_FRAME, 0, sid), (_DATA_FRAME, _END_STREAM, sid)]
+    h.read()
+    _headers, body, ended = h.response_of(sid)
+    assert body == b"x" * 1024 and ended
+
+
+def test_ten_streams_answered_in_one_turn_leave_in_one_write() -> None:
+    h = H2Harness()
+    sids = h.get(n=10)
+    h.transport.writes.clear()
+    for i in range(10):
+        h.answer(i, response(200, b"%d" % i * 100))
+    h.turn()
+    assert len(h.transport.writes) == 1
+    assert len(frames(h.transport.writes[0])) == 20
+    h.read()
+    for i, sid in enumerate(sids):
+        headers, body, ended = h.response_of(sid)
+        assert field(headers, b":status") == [b"200"] and ended
+    assert sorted(h.response_of(sid)[1] for sid in sids) == sorted(b"%d" % i * 100 for i in range(10))
+
+
+def test_response_without_body_ends_its_stream_in_the_same_write() -> None:
+    h = H2Harness()
+    [sid] = h.get()
+    h.transport.writes.clear()
+    h.answer(0, response(204, b"", length=False))
+    h.turn()
+    assert len(h.transport.writes) == 1
+    h.read()
+    headers, body, ended = h.response_of(sid)
+    assert field(headers, b":status") == [b"204"] and body == b"" and ended
+
+
+def test_a_shut_window_still_pauses_the_origin_and_the_rest_follows_the_window() -> None:
+    """Coalescing keeps the backpressure: what the client's window does not allow waits, and the origin stops."""
+    h = H2Harness()
+    [sid] = h.get()
+    body = b"y" * (200 * 1024)
+    up, origin = h.origin(0)
+    origin.clear()
+    wire = response(200, body)
+    up.dataReceived(wire[:-100 * 1024])  # the head and half the body, more than the 64 KiB window
+    h.turn()
+    h.read()
+    assert origin.producerState == "paused"
+    got = len(h.response_of(sid)[1])
+    assert 0 < got < len(body)
+    sent_rest = False
+    for _ in range(20):
+        for e in h.events:
+            if isinstance(e, h2.events.DataReceived) and not getattr(e, "acked", False):
+                h.client.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                e.acked = True
+        h.exchange()
+        if not sent_rest and origin.producerState == "producing":
+            sent_rest = True
+            up.dataReceived(wire[-100 * 1024:])
+            h.turn()
+            h.read()
+        if h.response_of(sid)[2]:
+            break
+    _headers, received, ended = h.response_of(sid)
+    assert sent_rest and received == body and ended

@@ -153,7 +153,7 @@ class _StreamFlow:
             # Called from the origin's side (its buffer drained): nothing else
             # will send the WINDOW_UPDATE, so send it now.
             stream.conn.acknowledge(stream.stream_id, held)
-            stream.conn.transmit()
+            stream.conn.transmit_soon()
 
 
 @implementer(IDownstream)
@@ -295,7 +295,7 @@ class H2Stream:
 
     def flush(self) -> None:
         if self._send_head():
-            self.conn.transmit()
+            self.conn.transmit_soon()
 
     def _send_head(self) -> bool:
         head = self.head
@@ -312,16 +312,18 @@ class H2Stream:
         self._send_head()
         self.body_bytes += len(data)
         self.pending.append(data)
-        self.pump()
-        self.conn.transmit()
+        # DATA frames are made at the end of the reactor turn (see
+        # H2ServerConnection.transmit_soon): a body that ends in this turn
+        # carries END_STREAM on its last DATA frame, and every stream answered
+        # in this turn leaves in one write.
+        self.conn.pump_soon(self)
 
     def finishBody(self, trailers: Headers) -> None:
         if self.disconnected:
             return
         self._send_head()
         self.pending_end = _h2_fields(trailers_for_client(trailers)) if trailers else []
-        self.pump()
-        self.conn.transmit()
+        self.conn.pump_soon(self)
 
     def pump(self) -> None:
         """Send what the stream's and the connection's windows allow; pause the origin when they are shut."""
@@ -331,6 +333,8 @@ class H2Stream:
         h2 = conn.h2
         sid = self.stream_id
         pending = self.pending
+        end = self.pending_end
+        ended = False
         try:
             while pending:
                 window = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
@@ -346,19 +350,21 @@ class H2Stream:
                 else:
                     pending[0] = chunk[window:]
                     chunk = chunk[:window]
-                h2.send_data(sid, chunk)
+                # The last chunk of a body without trailers ends the stream itself.
+                ended = not pending and end is not None and not end and not self.response_ended
+                h2.send_data(sid, chunk, end_stream=ended)
                 self.sent_bytes += len(chunk)
                 conn.useful += 1
             conn.blocked.discard(self)
             if self.upstream_gate is not None:
                 self.upstream_gate.resume(_WINDOW)
-            end = self.pending_end
             if end is not None and not self.response_ended:
                 self.response_ended = True
-                if end:
-                    h2.send_headers(sid, end, end_stream=True)
-                else:
-                    h2.end_stream(sid)
+                if not ended:
+                    if end:
+                        h2.send_headers(sid, end, end_stream=True)  # trailers
+                    else:
+                        h2.end_stream(sid)  # no body, or its last DATA went out in an earlier turn
                 self._response_complete()
         except ProtocolError:
             # The stream or the connection closed under us (StreamClosedError
@@ -479,6 +485,9 @@ class H2ServerConnection(Protocol):
         self.unsent = 0
         self._skip = _PREFACE
         self._head = bytearray()
+        self._dirty: dict[H2Stream, None] = {}
+        """Streams with body or an end to frame at the end of this turn, in order."""
+        self._turn_call: Any = None
 
     # -- connection -------------------------------------------------------------------------
 
@@ -509,6 +518,10 @@ class H2ServerConnection(Protocol):
         self.disconnected = True
         self.factory.connections.discard(self)
         self._stopTimer()
+        turn, self._turn_call = self._turn_call, None
+        if turn is not None and turn.active():
+            turn.cancel()
+        self._dirty = {}
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
         self._close_timer = None
@@ -561,7 +574,35 @@ class H2ServerConnection(Protocol):
         if not self.disconnected:
             self.transport.abortConnection()
 
+    def pump_soon(self, stream: H2Stream) -> None:
+        """C{stream} has body or its end to send: frame it at the end of this turn."""
+        self._dirty[stream] = None
+        if self._turn_call is None:
+            self._turn_call = self.factory.clock.callLater(0, self._end_of_turn)
+
+    def transmit_soon(self) -> None:
+        """
+        Write what h2 holds at the end of this reactor turn, with whatever
+        else this turn adds: one write (and one TLS record) per connection and
+        turn, not one per frame.  (C{callLater(0)} runs once the reactor has
+        handled this turn's I/O, before it waits again.)  The bytes wait in
+        h2's buffer until then: at most what this turn read from the client
+        and the origins.
+        """
+        if self._turn_call is None:
+            self._turn_call = self.factory.clock.callLater(0, self._end_of_turn)
+
+    def _end_of_turn(self) -> None:
+        self._turn_call = None
+        self.transmit()
+
     def transmit(self) -> None:
+        """Frame the pending bodies, and write what h2 holds now."""
+        dirty = self._dirty
+        if dirty:
+            self._dirty = {}
+            for stream in dirty:
+                stream.pump()
         data = self.h2.data_to_send()
         if data and not self.disconnected:
             if self.producer_paused:
@@ -658,7 +699,7 @@ class H2ServerConnection(Protocol):
             elif isinstance(event, ConnectionTerminated):
                 self._close()
                 return
-        self.transmit()
+        self.transmit_soon()
 
     def _useful(self) -> None:
         """A frame L{_count} counted as useless did something for the client."""
