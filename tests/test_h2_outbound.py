@@ -296,3 +296,18 @@ def test_a_shut_window_still_pauses_the_origin_and_the_rest_follows_the_window()
             break
     _headers, received, ended = h.response_of(sid)
     assert sent_rest and received == body and ended
+
+
+def test_a_client_that_shrinks_the_header_table_still_reads_every_head() -> None:
+    h = H2Harness()
+    h.client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+    h.exchange()
+    h.exchange()  # the settings ACK
+    sids = h.get(n=2)
+    for i in range(2):
+        h.answer(i, response(200, b"ok", [(b"X-Field", b"%d" % i)]))
+    h.turn()
+    h.read()
+    for i, sid in enumerate(sids):
+        headers, body, ended = h.response_of(sid)
+        assert field(headers, b"x-field") == [b"%d" % i] and body == b"ok" and ended

@@ -49,6 +49,7 @@ from zope.interface import implementer
 from ..headers import trailers_for_client
 from ..logs import observer as log_observer
 from .exchange import IDownstream, ProxyExchange, RequestRejected
+from .hpack_out import ResponseEncoder
 from ..transport.fastwrite import no_delay
 from ..transport.flow import ReadGate
 from .server import LocalResponse, client_address, forwarding_info, http_date
@@ -470,6 +471,7 @@ class H2ServerConnection(Protocol):
     def __init__(self, factory: Any) -> None:
         self.factory = factory
         self.h2 = H2Connection(config=H2_CONFIG)
+        self.h2.encoder = ResponseEncoder()  # type: ignore[assignment]
         self.streams: dict[int, H2Stream] = {}
         self.blocked: set[H2Stream] = set()
         self.producer_paused = False
