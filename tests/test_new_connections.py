@@ -48,3 +48,15 @@ def test_a_closed_connection_leaves_no_timer_behind() -> None:
     proto.connectionLost(None)
     left = [c for c in h.reactor.getDelayedCalls() if getattr(c.func, "__self__", None) is proto]
     assert left == []
+
+
+def test_startup_objects_are_frozen_out_of_the_collector_s_sight() -> None:
+    import gc
+
+    from rproxy_tw.tap import freeze_startup_objects
+
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
