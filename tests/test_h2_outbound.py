@@ -311,3 +311,16 @@ def test_a_client_that_shrinks_the_header_table_still_reads_every_head() -> None
     for i, sid in enumerate(sids):
         headers, body, ended = h.response_of(sid)
         assert field(headers, b"x-field") == [b"%d" % i] and body == b"ok" and ended
+
+
+def test_hpack_debug_lines_stop_at_the_level_check_even_under_a_debug_root_logger() -> None:
+    """hpack would log every decoded field (cookies included), eleven calls a request."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.DEBUG)
+    try:
+        assert not logging.getLogger("hpack.hpack").isEnabledFor(logging.DEBUG)
+    finally:
+        root.setLevel(level)

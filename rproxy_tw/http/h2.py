@@ -22,6 +22,7 @@ one the client chose.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Any, Sequence
 
@@ -104,6 +105,12 @@ as soon as it pauses us, so only what was already received adds to it;
 past this bound the client is told ENHANCE_YOUR_CALM and disconnected,
 as nginx cuts a client that floods it without reading the answers.
 """
+
+# hpack logs every field it decodes at DEBUG, values included (cookies,
+# credentials), eleven calls a request: with the level set here, each call
+# stops at logging's cached level check, even in an application that sends
+# its root logger's DEBUG somewhere.
+logging.getLogger("hpack").setLevel(logging.WARNING)
 
 H2_CONFIG = H2Configuration(
     client_side=False,
