@@ -60,3 +60,25 @@ def test_startup_objects_are_frozen_out_of_the_collector_s_sight() -> None:
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_a_closed_connection_is_freed_by_reference_counting() -> None:
+    """No reference cycle outlives a connection: the collector need not run for each one."""
+    import gc
+    import weakref
+
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(request(headers=[(b"Connection", b"close")]))
+    up, _origin = h.accept_origin()
+    up.dataReceived(response(200, b"hello"))
+    assert one_response(take(client)).body == b"hello"
+    gc.collect()
+    gc.disable()
+    try:
+        proto.connectionLost(None)
+        freed = weakref.ref(proto)
+        del proto, client
+        assert freed() is None
+    finally:
+        gc.enable()
