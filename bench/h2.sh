@@ -21,6 +21,7 @@
 #   DURATION=5s ROUNDS=2 TESTS="h2-1k-m10 tls-1k" bench/h2.sh
 #   BASE_DIR=/tmp/rproxy-base bench/h2.sh        # adds "base" to PROXIES
 #   PROFILE=1 PROXIES=rproxy TESTS=close ROUNDS=1 bench/h2.sh   # and a cProfile of rproxy: RUN_DIR/rproxy.prof
+#   (PROFILE=base profiles the base instead: RUN_DIR/base.prof)
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -190,8 +191,10 @@ for p in $PROXIES; do
         [[ $p == base ]] && src=$BASE_DIR
         pushd "$src" >/dev/null
         profile=()
-        # PROFILE=1: twistd's cProfile of rproxy, saved when it stops (pstats file rproxy.prof).
-        [[ -z ${PROFILE:-} || $p != rproxy ]] || profile=(--profile="$RUN_DIR/rproxy.prof" --profiler=cprofile --savestats)
+        # PROFILE=rproxy (or 1) or base: twistd's cProfile of that one, saved when it stops (pstats file NAME.prof).
+        want=${PROFILE:-}
+        [[ $want != 1 ]] || want=rproxy
+        [[ $want != "$p" ]] || profile=(--profile="$RUN_DIR/$p.prof" --profiler=cprofile --savestats)
         start "$p" "$PROXY_CPU" "$PYTHON" -c 'from twisted.scripts.twistd import run; run()' \
             -n --pidfile= "${profile[@]}" rproxy --config "$WORK/$p.toml"
         popd >/dev/null
