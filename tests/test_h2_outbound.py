@@ -324,3 +324,18 @@ def test_hpack_debug_lines_stop_at_the_level_check_even_under_a_debug_root_logge
         assert not logging.getLogger("hpack.hpack").isEnabledFor(logging.DEBUG)
     finally:
         root.setLevel(level)
+
+
+def test_an_interim_response_is_sent_at_the_end_of_the_turn() -> None:
+    """A client waiting for 100 Continue must get it without anything else happening on the connection."""
+    h = H2Harness()
+    sid = h.client.get_next_available_stream_id()
+    h.client.send_headers(sid, [(b":method", b"POST"), (b":path", b"/up"), (b":scheme", b"https"),
+                                (b":authority", b"example.com"), (b"expect", b"100-continue"),
+                                (b"content-length", b"2")])
+    h.exchange()
+    h.answer(0, b"HTTP/1.1 100 Continue\r\n\r\n")
+    h.turn()
+    events = h.read()
+    interim = [e for e in events if isinstance(e, h2.events.InformationalResponseReceived)]
+    assert [dict(e.headers)[b":status"] for e in interim] == [b"100"]

@@ -292,6 +292,7 @@ class H2Stream:
         if status == 101 or self.disconnected:
             return
         self.conn.send_headers(self.stream_id, [(b":status", b"%d" % status), *_h2_fields(headers)], False)
+        self.conn.transmit_soon()  # a client may wait for it (100 Continue) before it sends the body
 
     def writeHead(self, status: int, reason: bytes, headers: Headers, content_length: int | None, has_body: bool) -> None:
         fields = [(b":status", b"%d" % status), *_h2_fields(headers)]
