@@ -244,12 +244,108 @@ def run_close(proxy: Proxy, rounds: int, streams: int, size: int, check: bool, p
     return n
 
 
+def _certificate() -> tuple[str, str]:
+    """A self-signed ECDSA P-256 certificate for 127.0.0.1 (as bench/h2.sh's), in a temporary directory."""
+    import subprocess
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="rproxy-inmem-")
+    cert, key = f"{d}/cert.pem", f"{d}/key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+class _TCPStringTransport(StringTransport):
+    """What the TLS transport asks of its TCP transport beyond C{StringTransport}."""
+
+    nodelay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.nodelay = enabled
+
+    def getTcpNoDelay(self) -> bool:
+        return self.nodelay
+
+
+def prepare_tls(rounds: int, streams: int, size: int) -> Any:
+    import ssl
+
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    client.set_alpn_protocols(["http/1.1"])
+    return _certificate(), client
+
+
+def run_close_tls(proxy: Proxy, rounds: int, streams: int, size: int, check: bool, prepared: Any) -> int:
+    """
+    A new TLS connection per request (full handshake, TLS 1.3, one GET with
+    C{Connection: close}), client side on C{ssl} memory BIOs.  The client's
+    share of the handshake is counted too (callgrind counts the process): the
+    same for any two versions of rproxy.
+    """
+    import ssl
+
+    from rproxy_tw.tls import tls_server_factory
+
+    (cert, key), client_ctx = prepared
+    config = parse_config({
+        "listen": [{"endpoint": "tcp:0:interface=127.0.0.1", "tls": "t"}],
+        "tls": {"t": {"certificates": [{"cert": cert, "key": key}]}},
+        "route": [{"path": "/", "pool": "p"}],
+        "pool": {"p": {"backends": ["tcp:10.0.0.1:8000"]}},
+        "server": {"access_log": "off"},
+    }, source="inmem.toml")
+    tls = tls_server_factory(proxy.reactor, config.tls["t"], proxy.factory, http=True)
+    tls.doStart()
+    request = b"GET /1k.bin HTTP/1.1\r\nHost: 127.0.0.1:8443\r\nConnection: close\r\n\r\n"
+    response = origin_response(size)
+    n = 0
+    for _ in range(rounds * streams):
+        proto = tls.buildProtocol(CLIENT)
+        transport = _TCPStringTransport(peerAddress=CLIENT, hostAddress=SERVER, lenient=True)
+        proto.makeConnection(transport)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = client_ctx.wrap_bio(incoming, outgoing)
+        while True:
+            try:
+                client.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                proto.dataReceived(outgoing.read())
+                incoming.write(transport.value())
+                transport.clear()
+        client.write(request)
+        proto.dataReceived(outgoing.read())
+        proxy.serve_origins(response)
+        proxy.turn()
+        incoming.write(transport.value())
+        transport.clear()
+        got = b""
+        try:
+            while True:
+                data = client.read(65536)
+                if not data:
+                    break
+                got += data
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            pass
+        if check and not (got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"x" * size)):
+            sys.exit(f"close-tls: bad answer {got[:200]!r}")
+        proto.connectionLost(None)
+        n += 1
+    proxy.turn()
+    return n
+
+
 def prepare_nothing(rounds: int, streams: int, size: int) -> Any:
     return None
 
 
 MODES = {"h2": ("https", prepare_h2, run_h2), "h1": ("http", prepare_nothing, run_h1),
-         "close": ("http", prepare_nothing, run_close)}
+         "close": ("http", prepare_nothing, run_close), "close-tls": ("https", prepare_tls, run_close_tls)}
 
 
 def main() -> None:
