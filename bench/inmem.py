@@ -11,6 +11,8 @@ Modes:
   - C{h1}: C{--streams} kept-alive HTTP/1.1 connections, one request each per round.
   - C{close}: a new HTTP/1.1 connection per request (C{Connection: close}):
     C{buildProtocol}, C{makeConnection}, the request, the close.
+  - C{close-tls}: the same over TLS (a full handshake each time; the
+    client's share of it is counted too).
 
 Each origin answers as the bench's nginx origin does (9 header fields, a
 C{--size} body).  Prints microseconds of CPU per request and, with
