@@ -339,3 +339,23 @@ def test_an_interim_response_is_sent_at_the_end_of_the_turn() -> None:
     events = h.read()
     interim = [e for e in events if isinstance(e, h2.events.InformationalResponseReceived)]
     assert [dict(e.headers)[b":status"] for e in interim] == [b"100"]
+
+
+def test_a_finished_stream_is_freed_by_reference_counting() -> None:
+    """No reference cycle per stream: the garbage collector need not run for each request."""
+    import gc
+    import weakref
+
+    h = H2Harness()
+    [sid] = h.get()
+    stream = weakref.ref(h.conn.streams[sid])
+    gc.collect()
+    gc.disable()
+    try:
+        h.answer(0, response(200, b"hello"))
+        h.turn()
+        h.read()
+        assert h.response_of(sid)[1:] == (b"hello", True)
+        assert stream() is None
+    finally:
+        gc.enable()

@@ -23,6 +23,7 @@ one the client chose.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import deque
 from typing import Any, Sequence
 
@@ -143,18 +144,26 @@ class _StreamFlow:
     """
     What a stream's L{ReadGate} pauses: not a socket but the acknowledgement
     of received DATA, which is what lets the client send more.
+
+    It holds its stream by a weak reference: the stream holds the gate, which
+    holds this, and a strong reference would make every stream a reference
+    cycle, freed only by the garbage collector (six objects a request).
     """
 
     __slots__ = ("stream",)
 
     def __init__(self, stream: H2Stream) -> None:
-        self.stream = stream
+        self.stream = weakref.ref(stream)
 
     def pauseProducing(self) -> None:
-        self.stream.reading = False
+        stream = self.stream()
+        if stream is not None:
+            stream.reading = False
 
     def resumeProducing(self) -> None:
-        stream = self.stream
+        stream = self.stream()
+        if stream is None:
+            return
         stream.reading = True
         held, stream.unacknowledged = stream.unacknowledged, 0
         if held:
