@@ -359,3 +359,53 @@ def test_a_finished_stream_is_freed_by_reference_counting() -> None:
         assert stream() is None
     finally:
         gc.enable()
+
+
+# ---------------------------------------------------------------------------
+# The idle timeout of an HTTP/2 connection
+
+
+def _goaway(h: H2Harness) -> bool:
+    return any(isinstance(e, h2.events.ConnectionTerminated) for e in h.events)
+
+
+def test_an_idle_connection_is_closed_after_idle_timeout() -> None:
+    h = H2Harness(limits={"idle_timeout": 10})
+    h.reactor.advance(9.9)
+    h.read()
+    assert not _goaway(h) and not h.transport.disconnecting
+    h.reactor.advance(0.2)
+    h.read()
+    assert _goaway(h) and h.transport.disconnecting
+
+
+def test_the_idle_time_starts_when_the_last_stream_ends() -> None:
+    """A stream open longer than idle_timeout keeps the connection; the idle time counts from its end."""
+    h = H2Harness(limits={"idle_timeout": 10})
+    h.reactor.advance(5)
+    [sid] = h.get()
+    h.origin(0)  # connected at once
+    h.reactor.advance(25)  # the origin takes its time to answer (its own deadline is longer)
+    h.read()
+    assert not _goaway(h)
+    h.answer(0, response(200, b"late"))
+    h.turn()
+    h.reactor.advance(9.9)
+    h.read()
+    assert h.response_of(sid)[1:] == (b"late", True)
+    assert not _goaway(h)
+    h.reactor.advance(0.2)
+    h.read()
+    assert _goaway(h) and h.transport.disconnecting
+
+
+def test_requests_keep_a_connection_open_past_idle_timeout() -> None:
+    h = H2Harness(limits={"idle_timeout": 10})
+    for i in range(5):
+        h.reactor.advance(6)
+        [sid] = h.get()
+        h.answer(0, response(200, b"%d" % i))
+        h.turn()
+        h.read()
+        assert h.response_of(sid)[1:] == (b"%d" % i, True)
+    assert not _goaway(h) and not h.transport.disconnecting

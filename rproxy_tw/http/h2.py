@@ -496,6 +496,8 @@ class H2ServerConnection(Protocol):
         self.requests = 0
         self.resets = 0
         self._timer: Any = None
+        self._idle_since = 0.0
+        """When the last stream ended (or the connection started): the idle timeout counts from there."""
         self._close_timer: Any = None
         self.closing = False
         self.useful = 0
@@ -550,8 +552,17 @@ class H2ServerConnection(Protocol):
         self.blocked.clear()
 
     def _idle(self) -> None:
-        """No open stream: close after the idle timeout, as HTTP/1.1 keep-alive does."""
-        if self._timer is None and not self.disconnected and not self.closing:
+        """
+        No open stream: close after the idle timeout, as HTTP/1.1 keep-alive
+        does.  The timer is not stopped by a request and started again after
+        it (a timer made and cancelled per request, for a client that sends
+        one at a time): it looks, when it fires, at when the connection last
+        went idle.
+        """
+        if self.disconnected or self.closing:
+            return
+        self._idle_since = self.factory.clock.seconds()
+        if self._timer is None:
             self._timer = self.factory.clock.callLater(self.factory.limits.idle_timeout, self._timedOut)
 
     def _stopTimer(self) -> None:
@@ -561,9 +572,20 @@ class H2ServerConnection(Protocol):
 
     def _timedOut(self) -> None:
         self._timer = None
-        if not self.disconnected and not self.streams:
-            self.h2.close_connection(ErrorCodes.NO_ERROR)
-            self._close()
+        if self.disconnected or self.closing:
+            return
+        clock = self.factory.clock
+        idle_timeout = self.factory.limits.idle_timeout
+        if self.streams:
+            # Busy: the idle time starts when the last stream ends; look again then at the latest.
+            self._timer = clock.callLater(idle_timeout, self._timedOut)
+            return
+        left = self._idle_since + idle_timeout - clock.seconds()
+        if left > 0:
+            self._timer = clock.callLater(left, self._timedOut)
+            return
+        self.h2.close_connection(ErrorCodes.NO_ERROR)
+        self._close()
 
     def _close(self) -> None:
         """
@@ -794,7 +816,6 @@ class H2ServerConnection(Protocol):
                 pass  # the stream or the connection is closed: no window to give
 
     def _request(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
-        self._stopTimer()
         self.requests += 1
         stream = H2Stream(self, stream_id)
         self.streams[stream_id] = stream
