@@ -79,6 +79,9 @@ class ConnectionLimit:
                 counted.clear()
                 self.active -= 1
                 self.open.discard(protocol)
+                # This wrapper and the protocol hold each other: let go, so that
+                # reference counting frees the connection, not the garbage collector.
+                protocol.__dict__.pop("connectionLost", None)
             lost(reason)
             if self.on_close is not None:
                 self.on_close()

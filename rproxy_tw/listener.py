@@ -14,7 +14,19 @@ from typing import Any, Callable
 
 from zope.interface import Interface
 
-__all__ = ["IListenerFactory"]
+__all__ = ["DEFAULT_BACKLOG", "IListenerFactory", "with_backlog"]
+
+DEFAULT_BACKLOG = 511
+"""
+The listen queue of a C{tcp}, C{tcp6}, C{ssl} or C{unix} listener that does
+not set C{backlog=} itself: nginx's default.  Twisted's is 50, which a burst
+of new connections (50 clients that connect for every request) overflows: the
+kernel then drops their handshakes, and each waits for a SYN retransmit (a
+second, or 200 ms for the last ACK).  The kernel caps it at
+C{net.core.somaxconn}.
+"""
+
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix"})
 
 
 class IListenerFactory(Interface):
@@ -34,3 +46,19 @@ class IListenerFactory(Interface):
 
     def watch(callback: Callable[[], None] | None) -> None:
         """Have C{callback} called whenever one of the connections ends (None: stop)."""
+
+
+def with_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """
+    A server endpoint string with C{backlog=} added when its type takes one
+    and it has none: what the listener is started with (the configured
+    string stays as it was, in logs and events).
+    """
+    kind, sep, rest = description.partition(":")
+    if not sep or kind.strip().lower() not in _BACKLOG_TYPES:
+        return description
+    # Parameters are ":"-separated; "\:" is an escaped colon inside one.
+    params = rest.replace("\\:", "").split(":")
+    if any(p.strip().startswith("backlog=") for p in params):
+        return description
+    return f"{description}:backlog={backlog}"

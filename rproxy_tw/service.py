@@ -33,7 +33,7 @@ from .http.request import read_request_head
 from .http.local import LocalResourceExchange
 from .http.server import HTTPProxyFactory, http_date
 from .http.upstream import UpstreamConnector
-from .listener import IListenerFactory
+from .listener import IListenerFactory, with_backlog
 from .logs import observer as log_observer, set_level as set_log_level
 from .events import EventBus, ReloadApplied, ReloadRefused, request_finished
 from .pipeline import (
@@ -835,7 +835,7 @@ class ProxyService(MultiService):
         inner = self._inner_factory(listen, runtime, config)
         outer = self._outer_factory(listen, profile, inner)
         switch = _ListenerFactory(outer)
-        service = _Listener(serverFromString(self.reactor, listen.endpoint), switch)
+        service = _Listener(serverFromString(self.reactor, with_backlog(listen.endpoint)), switch)
         service._raiseSynchronously = True
         service.label = f"listen[{index}] {listen.endpoint}"
         return _Slot(listen, inner, outer, switch, service)

@@ -93,6 +93,7 @@ def test_h2_connection_sends_goaway_then_finishes_its_streams():
     client.send_headers(1, [(b":method", b"GET"), (b":path", b"/long"), (b":scheme", b"https"),
                             (b":authority", b"example.com")], end_stream=True)
     conn.dataReceived(client.data_to_send())
+    h.reactor.advance(0)  # the end of the reactor turn: the connection writes once per turn
     client.receive_data(take(transport))
     up, origin = h.accept_origin()
 
@@ -103,6 +104,7 @@ def test_h2_connection_sends_goaway_then_finishes_its_streams():
     assert not transport.disconnecting  # stream 1 is still being answered
 
     up.dataReceived(response(200, b"all of it"))
+    h.reactor.advance(0)
     data = take(transport)
     assert transport.disconnecting
     # The answer on stream 1 went out before the close (parsed without h2's

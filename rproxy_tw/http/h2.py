@@ -22,6 +22,8 @@ one the client chose.
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections import deque
 from typing import Any, Sequence
 
@@ -49,6 +51,7 @@ from zope.interface import implementer
 from ..headers import trailers_for_client
 from ..logs import observer as log_observer
 from .exchange import IDownstream, ProxyExchange, RequestRejected
+from .hpack_out import ResponseEncoder
 from ..transport.fastwrite import no_delay
 from ..transport.flow import ReadGate
 from .server import LocalResponse, client_address, forwarding_info, http_date
@@ -104,6 +107,31 @@ past this bound the client is told ENHANCE_YOUR_CALM and disconnected,
 as nginx cuts a client that floods it without reading the answers.
 """
 
+# hpack logs every field it decodes at DEBUG, values included (cookies,
+# credentials), eleven calls a request: with the level set here, each call
+# stops at logging's cached level check, even in an application that sends
+# its root logger's DEBUG somewhere.
+logging.getLogger("hpack").setLevel(logging.WARNING)
+
+H2_CONFIG = H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    validate_inbound_headers=True,
+    normalize_inbound_headers=True,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
+"""
+What a client sends is checked by h2 (our defence against malformed and
+smuggling heads).  What we send is not checked again: every response field
+comes through L{_h2_fields} (lower-case names, connection-specific fields
+dropped, values stripped) from heads the origin parser (llhttp) already held
+to HTTP's grammar, or from the proxy itself; h2's outbound checks cost more
+than the rest of sending a response head (tests/test_h2_outbound.py holds
+what an origin can send to the rule).  One object for every connection: h2
+only reads it.
+"""
+
 _PREFACE = 24
 """Length of the client connection preface (RFC 9113 3.4), before the first frame."""
 
@@ -116,25 +144,33 @@ class _StreamFlow:
     """
     What a stream's L{ReadGate} pauses: not a socket but the acknowledgement
     of received DATA, which is what lets the client send more.
+
+    It holds its stream by a weak reference: the stream holds the gate, which
+    holds this, and a strong reference would make every stream a reference
+    cycle, freed only by the garbage collector (six objects a request).
     """
 
     __slots__ = ("stream",)
 
     def __init__(self, stream: H2Stream) -> None:
-        self.stream = stream
+        self.stream = weakref.ref(stream)
 
     def pauseProducing(self) -> None:
-        self.stream.reading = False
+        stream = self.stream()
+        if stream is not None:
+            stream.reading = False
 
     def resumeProducing(self) -> None:
-        stream = self.stream
+        stream = self.stream()
+        if stream is None:
+            return
         stream.reading = True
         held, stream.unacknowledged = stream.unacknowledged, 0
         if held:
             # Called from the origin's side (its buffer drained): nothing else
             # will send the WINDOW_UPDATE, so send it now.
             stream.conn.acknowledge(stream.stream_id, held)
-            stream.conn.transmit()
+            stream.conn.transmit_soon()
 
 
 @implementer(IDownstream)
@@ -265,6 +301,7 @@ class H2Stream:
         if status == 101 or self.disconnected:
             return
         self.conn.send_headers(self.stream_id, [(b":status", b"%d" % status), *_h2_fields(headers)], False)
+        self.conn.transmit_soon()  # a client may wait for it (100 Continue) before it sends the body
 
     def writeHead(self, status: int, reason: bytes, headers: Headers, content_length: int | None, has_body: bool) -> None:
         fields = [(b":status", b"%d" % status), *_h2_fields(headers)]
@@ -276,7 +313,7 @@ class H2Stream:
 
     def flush(self) -> None:
         if self._send_head():
-            self.conn.transmit()
+            self.conn.transmit_soon()
 
     def _send_head(self) -> bool:
         head = self.head
@@ -293,16 +330,18 @@ class H2Stream:
         self._send_head()
         self.body_bytes += len(data)
         self.pending.append(data)
-        self.pump()
-        self.conn.transmit()
+        # DATA frames are made at the end of the reactor turn (see
+        # H2ServerConnection.transmit_soon): a body that ends in this turn
+        # carries END_STREAM on its last DATA frame, and every stream answered
+        # in this turn leaves in one write.
+        self.conn.pump_soon(self)
 
     def finishBody(self, trailers: Headers) -> None:
         if self.disconnected:
             return
         self._send_head()
         self.pending_end = _h2_fields(trailers_for_client(trailers)) if trailers else []
-        self.pump()
-        self.conn.transmit()
+        self.conn.pump_soon(self)
 
     def pump(self) -> None:
         """Send what the stream's and the connection's windows allow; pause the origin when they are shut."""
@@ -312,6 +351,8 @@ class H2Stream:
         h2 = conn.h2
         sid = self.stream_id
         pending = self.pending
+        end = self.pending_end
+        ended = False
         try:
             while pending:
                 window = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
@@ -327,7 +368,9 @@ class H2Stream:
                 else:
                     pending[0] = chunk[window:]
                     chunk = chunk[:window]
-                h2.send_data(sid, chunk)
+                # The last chunk of a body without trailers ends the stream itself.
+                ended = not pending and end is not None and not end and not self.response_ended
+                h2.send_data(sid, chunk, end_stream=ended)
                 self.sent_bytes += len(chunk)
                 conn.useful += 1
             conn.blocked.discard(self)
@@ -340,10 +383,11 @@ class H2Stream:
             end = self.pending_end
             if end is not None and not self.response_ended:
                 self.response_ended = True
-                if end:
-                    h2.send_headers(sid, end, end_stream=True)
-                else:
-                    h2.end_stream(sid)
+                if not ended:
+                    if end:
+                        h2.send_headers(sid, end, end_stream=True)  # trailers
+                    else:
+                        h2.end_stream(sid)  # no body, or its last DATA went out in an earlier turn
                 self._response_complete()
         except ProtocolError:
             # The stream or the connection closed under us (StreamClosedError
@@ -383,7 +427,7 @@ class H2Stream:
                   (b"content-length", b"%d" % len(body)), (b"date", http_date(self.factory.clock))]
         server = self.factory.server_header
         if server:
-            fields.append((b"server", server))
+            fields.append((b"server", server.strip()))
         fields += _h2_fields(extra)
         self.head = fields
         self.body_bytes = 0
@@ -427,11 +471,15 @@ class H2Stream:
 
 
 def _h2_fields(headers: Headers) -> list[tuple[bytes, bytes]]:
-    """Response fields for HTTP/2: lower-case names, no connection-specific fields."""
+    """
+    Response fields for HTTP/2: lower-case names, no connection-specific
+    fields, no pseudo-header, values without surrounding whitespace.  What
+    h2's outbound normalisation and checks did (see L{H2_CONFIG}), once.
+    """
     out = []
     for name, value in headers:
         lname = name.lower()
-        if lname not in CONNECTION_SPECIFIC:
+        if lname not in CONNECTION_SPECIFIC and lname[:1] != b":":
             out.append((lname, value.strip()))
     return out
 
@@ -444,8 +492,8 @@ class H2ServerConnection(Protocol):
 
     def __init__(self, factory: Any) -> None:
         self.factory = factory
-        config = H2Configuration(client_side=False, header_encoding=None)
-        self.h2 = H2Connection(config=config)
+        self.h2 = H2Connection(config=H2_CONFIG)
+        self.h2.encoder = ResponseEncoder()  # type: ignore[assignment]
         self.streams: dict[int, H2Stream] = {}
         self.blocked: set[H2Stream] = set()
         self.producer_paused = False
@@ -453,6 +501,8 @@ class H2ServerConnection(Protocol):
         self.requests = 0
         self.resets = 0
         self._timer: Any = None
+        self._idle_since = 0.0
+        """When the last stream ended (or the connection started): the idle timeout counts from there."""
         self._close_timer: Any = None
         self.closing = False
         self.useful = 0
@@ -461,6 +511,9 @@ class H2ServerConnection(Protocol):
         self.unsent = 0
         self._skip = _PREFACE
         self._head = bytearray()
+        self._dirty: dict[H2Stream, None] = {}
+        """Streams with body or an end to frame at the end of this turn, in order."""
+        self._turn_call: Any = None
 
     # -- connection -------------------------------------------------------------------------
 
@@ -491,6 +544,10 @@ class H2ServerConnection(Protocol):
         self.disconnected = True
         self.factory.connections.discard(self)
         self._stopTimer()
+        turn, self._turn_call = self._turn_call, None
+        if turn is not None and turn.active():
+            turn.cancel()
+        self._dirty = {}
         if self._close_timer is not None and self._close_timer.active():
             self._close_timer.cancel()
         self._close_timer = None
@@ -500,8 +557,17 @@ class H2ServerConnection(Protocol):
         self.blocked.clear()
 
     def _idle(self) -> None:
-        """No open stream: close after the idle timeout, as HTTP/1.1 keep-alive does."""
-        if self._timer is None and not self.disconnected and not self.closing:
+        """
+        No open stream: close after the idle timeout, as HTTP/1.1 keep-alive
+        does.  The timer is not stopped by a request and started again after
+        it (a timer made and cancelled per request, for a client that sends
+        one at a time): it looks, when it fires, at when the connection last
+        went idle.
+        """
+        if self.disconnected or self.closing:
+            return
+        self._idle_since = self.factory.clock.seconds()
+        if self._timer is None:
             self._timer = self.factory.clock.callLater(self.factory.limits.idle_timeout, self._timedOut)
 
     def _stopTimer(self) -> None:
@@ -511,9 +577,20 @@ class H2ServerConnection(Protocol):
 
     def _timedOut(self) -> None:
         self._timer = None
-        if not self.disconnected and not self.streams:
-            self.h2.close_connection(ErrorCodes.NO_ERROR)
-            self._close()
+        if self.disconnected or self.closing:
+            return
+        clock = self.factory.clock
+        idle_timeout = self.factory.limits.idle_timeout
+        if self.streams:
+            # Busy: the idle time starts when the last stream ends; look again then at the latest.
+            self._timer = clock.callLater(idle_timeout, self._timedOut)
+            return
+        left = self._idle_since + idle_timeout - clock.seconds()
+        if left > 0:
+            self._timer = clock.callLater(left, self._timedOut)
+            return
+        self.h2.close_connection(ErrorCodes.NO_ERROR)
+        self._close()
 
     def _close(self) -> None:
         """
@@ -543,7 +620,35 @@ class H2ServerConnection(Protocol):
         if not self.disconnected:
             self.transport.abortConnection()
 
+    def pump_soon(self, stream: H2Stream) -> None:
+        """C{stream} has body or its end to send: frame it at the end of this turn."""
+        self._dirty[stream] = None
+        if self._turn_call is None:
+            self._turn_call = self.factory.clock.callLater(0, self._end_of_turn)
+
+    def transmit_soon(self) -> None:
+        """
+        Write what h2 holds at the end of this reactor turn, with whatever
+        else this turn adds: one write (and one TLS record) per connection and
+        turn, not one per frame.  (C{callLater(0)} runs once the reactor has
+        handled this turn's I/O, before it waits again.)  The bytes wait in
+        h2's buffer until then: at most what this turn read from the client
+        and the origins.
+        """
+        if self._turn_call is None:
+            self._turn_call = self.factory.clock.callLater(0, self._end_of_turn)
+
+    def _end_of_turn(self) -> None:
+        self._turn_call = None
+        self.transmit()
+
     def transmit(self) -> None:
+        """Frame the pending bodies, and write what h2 holds now."""
+        dirty = self._dirty
+        if dirty:
+            self._dirty = {}
+            for stream in dirty:
+                stream.pump()
         data = self.h2.data_to_send()
         if data and not self.disconnected:
             if self.producer_paused:
@@ -640,7 +745,7 @@ class H2ServerConnection(Protocol):
             elif isinstance(event, ConnectionTerminated):
                 self._close()
                 return
-        self.transmit()
+        self.transmit_soon()
 
     def _useful(self) -> None:
         """A frame L{_count} counted as useless did something for the client."""
@@ -716,7 +821,6 @@ class H2ServerConnection(Protocol):
                 pass  # the stream or the connection is closed: no window to give
 
     def _request(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
-        self._stopTimer()
         self.requests += 1
         stream = H2Stream(self, stream_id)
         self.streams[stream_id] = stream

@@ -194,6 +194,8 @@ class HTTPServerConnection(Protocol):
         self._read_size = 0
         """The size of the read being parsed: a head that came in one small read needs no size check."""
         self._timer: Any = None
+        self._close_timer: Any = None
+        """The backstop of a close under way (cancelled when the connection is gone)."""
         self._since = 0.0
         self._span = 1.0
         self._idle_limit = 0.0
@@ -236,6 +238,11 @@ class HTTPServerConnection(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        backstop, self._close_timer = self._close_timer, None
+        if backstop is not None and backstop.active():
+            # Else every closed connection would leave a call in the reactor for
+            # idle_timeout: at a thousand connections a second, tens of thousands.
+            backstop.cancel()
         if self.tunnel is not None:
             tunnel, self.tunnel = self.tunnel, None
             tunnel.peerLost(self)
@@ -272,9 +279,10 @@ class HTTPServerConnection(Protocol):
         self.transport.loseConnection()
         limits = self.factory.limits
         grace = CLOSE_GRACE if close_waits_for_peer(self.transport) else max(CLOSE_GRACE, limits.idle_timeout)
-        self.factory.clock.callLater(grace, self._forceClose)
+        self._close_timer = self.factory.clock.callLater(grace, self._forceClose)
 
     def _forceClose(self) -> None:
+        self._close_timer = None
         if self.disconnected:
             return
         transport = self.transport
@@ -285,7 +293,7 @@ class HTTPServerConnection(Protocol):
             # the response's tail still reaches a slow reader.
             tcp.loseConnection()
             limits = self.factory.limits
-            self.factory.clock.callLater(max(CLOSE_GRACE, limits.idle_timeout), self._forceClose)
+            self._close_timer = self.factory.clock.callLater(max(CLOSE_GRACE, limits.idle_timeout), self._forceClose)
             return
         transport.abortConnection()
 
