@@ -1,0 +1,478 @@
+"""
+The web application firewall's rule engine, pure: rules read from a TOML
+file (one C{[[rule]]} per entry), a request seen as targets (method, path,
+query arguments and their names, headers, cookies, the first bytes of the
+body), transformations, operators, and anomaly scoring.
+
+Why these choices:
+  - regular expressions run on RE2 (C{google-re2}): linear time whatever
+    the input, so a hostile request cannot make a rule backtrack for
+    seconds (Python's C{re} can);
+  - SQL injection and XSS are also judged by libinjection (its tokenizer
+    knows SQL and HTML far better than any regex), through the
+    C{libinjection-python} binding;
+  - a rule adds its C{score}; the request is refused when the total reaches
+    the threshold, so one weak signal alone blocks nothing.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import posixpath
+import tomllib
+from typing import Any, Callable, Iterable, Sequence
+from urllib.parse import unquote_plus
+
+import attrs
+import re2
+
+try:
+    import libinjection as _libinjection
+except ImportError:  # pragma: no cover - a dependency; without it the detect_* operators refuse to load
+    _libinjection = None
+
+__all__ = [
+    "BurstRule",
+    "Rule",
+    "RuleError",
+    "RuleSet",
+    "RequestView",
+    "Verdict",
+    "default_rules_path",
+    "load_rules",
+    "parse_rules",
+]
+
+
+class RuleError(Exception):
+    """A rule file that cannot be used: C{str()} is one line naming the rule and the problem."""
+
+
+# -- transformations -------------------------------------------------------------------------
+
+_SPACES = re2.compile(r"\s+")
+_SQL_COMMENT = re2.compile(r"/\*.*?\*/")
+
+
+def _url_decode(value: str) -> str:
+    """Percent and C{+} decoding, repeated (at most 3 times) so that double encoding does not hide anything."""
+    for _ in range(3):
+        if "%" not in value and "+" not in value:
+            return value
+        decoded = unquote_plus(value, errors="replace")
+        if decoded == value:
+            return value
+        value = decoded
+    return value
+
+
+def _html_decode(value: str) -> str:
+    return html.unescape(value) if "&" in value else value
+
+
+def _normalize_path(value: str) -> str:
+    if not value:
+        return value
+    value = value.replace("\\", "/")
+    trailing = value.endswith("/")
+    out = posixpath.normpath(value)
+    return out + "/" if trailing and not out.endswith("/") else out
+
+
+def _cmdline(value: str) -> str:
+    """What a shell reads: quotes, carets and backslashes removed, C{,;} spaced, whitespace compressed, lower case."""
+    for c in "\\\"'^":
+        value = value.replace(c, "")
+    value = value.replace("\n", ";").replace("\r", ";")
+    return _SPACES.sub(" ", value.replace(",", " ").replace(";", " ; ")).lower()
+
+
+TRANSFORMS: dict[str, Callable[[str], str]] = {
+    "url_decode": _url_decode,
+    "html_entity_decode": _html_decode,
+    "lowercase": str.lower,
+    "compress_whitespace": lambda v: _SPACES.sub(" ", v),
+    "remove_whitespace": lambda v: _SPACES.sub("", v),
+    "remove_nulls": lambda v: v.replace("\x00", ""),
+    "remove_comments": lambda v: _SQL_COMMENT.sub(" ", v) if "/*" in v else v,
+    "normalize_path": _normalize_path,
+    "cmdline": _cmdline,
+}
+
+
+# -- operators -------------------------------------------------------------------------------
+
+
+def _detect_sqli(value: str, ignore: frozenset[str] = frozenset()) -> bool:
+    result = _libinjection.is_sql_injection(value)
+    return bool(result["is_sqli"]) and result["fingerprint"] not in ignore
+
+
+def _detect_xss(value: str) -> bool:
+    return bool(_libinjection.is_xss(value)["is_xss"])
+
+
+def _operator(rule_id: str, name: str, pattern: Any, exceptions: Sequence[str] = ()) -> Callable[[str], bool]:
+    if name in ("detect_sqli", "detect_xss"):
+        if _libinjection is None:
+            raise RuleError(f"rule {rule_id}: operator {name} needs the libinjection-python package")
+        if name == "detect_xss":
+            return _detect_xss
+        if exceptions:
+            ignore = frozenset(exceptions)
+            return lambda value: _detect_sqli(value, ignore)
+        return _detect_sqli
+    if name == "pm":
+        if not isinstance(pattern, list) or not pattern or not all(isinstance(p, str) and p for p in pattern):
+            raise RuleError(f"rule {rule_id}: operator pm needs pattern = a list of phrases")
+        # One RE2 alternation: a linear scan for all phrases at once.
+        name, pattern = "rx", "|".join(re2.escape(p) for p in pattern)
+    if not isinstance(pattern, str) or not pattern:
+        raise RuleError(f"rule {rule_id}: operator {name} needs pattern = a non-empty string")
+    if name == "rx":
+        options = re2.Options()
+        options.max_mem = 8 << 20
+        try:
+            search = re2.compile(pattern, options).search
+        except re2.error as e:
+            raise RuleError(f"rule {rule_id}: pattern is not a valid RE2 expression: {e}") from None
+        return lambda value: search(value) is not None
+    if name == "contains":
+        return lambda value: pattern in value
+    if name == "equals":
+        return lambda value: value == pattern
+    if name == "begins_with":
+        return lambda value: value.startswith(pattern)
+    if name == "ends_with":
+        return lambda value: value.endswith(pattern)
+    raise RuleError(f"rule {rule_id}: unknown operator {name!r} "
+                    "(rx, pm, contains, equals, begins_with, ends_with, detect_sqli, detect_xss)")
+
+
+# -- targets ---------------------------------------------------------------------------------
+
+TARGETS = ("method", "path", "query", "args", "arg_names", "headers", "header_names", "cookies", "cookie_names",
+           "body", "body_names", "user_agent")
+"""What a rule can look at; C{header:NAME} is one header's values."""
+
+
+def _split_pairs(raw: str, sep: str) -> list[tuple[str, str]]:
+    out = []
+    for part in raw.split(sep):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        out.append((name.strip() if sep == ";" else name, value))
+    return out
+
+
+_JSON_STRING = re2.compile(r'"((?:[^"\\]|\\.)*)"(\s*:)?')
+
+
+def _json_strings(text: str) -> tuple[list[str], list[str]]:
+    """The string values and the keys of a JSON text, read even when it is cut short (the first N KiB)."""
+    values, names = [], []
+    for match in _JSON_STRING.finditer(text):
+        raw, colon = match.group(1), match.group(2)
+        if "\\" in raw:
+            try:
+                raw = json.loads('"' + raw + '"')
+            except ValueError:
+                pass
+        (names if colon else values).append(raw)
+    return values, names
+
+
+class RequestView:
+    """
+    A request as the rules see it: each target's values as text, read at
+    most once and only when a rule asks (most requests never need the body
+    parsed, or the cookies split).
+    """
+
+    __slots__ = ("method", "path", "query", "headers", "body", "content_type", "_cache")
+
+    def __init__(self, method: bytes, path: bytes, query: bytes, headers: Sequence[tuple[bytes, bytes]],
+                 body: bytes | None = None) -> None:
+        self.method = method.decode("latin-1")
+        self.path = path.decode("latin-1")
+        self.query = query.decode("latin-1")
+        self.headers = headers
+        self.body = body
+        self._cache: dict[Any, Any] = {}
+
+    def values(self, target: str) -> list[str]:
+        cache = self._cache
+        found = cache.get(target)
+        if found is None:
+            found = cache[target] = self._read(target)
+        return found  # type: ignore[no-any-return]
+
+    def _header(self, name: bytes) -> list[str]:
+        return [v.decode("latin-1") for n, v in self.headers if n.lower() == name]
+
+    def _read(self, target: str) -> list[str]:
+        if target == "method":
+            return [self.method]
+        if target == "path":
+            return [self.path]
+        if target == "query":
+            return [self.query] if self.query else []
+        if target == "args":
+            return [v for _, v in self._args()]
+        if target == "arg_names":
+            return [n for n, _ in self._args()]
+        if target == "headers":
+            return [v.decode("latin-1") for n, v in self.headers if n.lower() not in (b"cookie", b"host")]
+        if target == "header_names":
+            return [n.decode("latin-1") for n, _ in self.headers]
+        if target == "cookies":
+            return [v for _, v in self._cookies()]
+        if target == "cookie_names":
+            return [n for n, _ in self._cookies()]
+        if target == "user_agent":
+            return self._header(b"user-agent")
+        if target == "body":
+            return self._body()[0]
+        if target == "body_names":
+            return self._body()[1]
+        if target.startswith("header:"):
+            return self._header(target[7:].lower().encode("latin-1"))
+        raise KeyError(target)
+
+    def _args(self) -> list[tuple[str, str]]:
+        args = self._cache.get("_args")
+        if args is None:
+            args = self._cache["_args"] = _split_pairs(self.query, "&") if self.query else []
+        return args  # type: ignore[no-any-return]
+
+    def _cookies(self) -> list[tuple[str, str]]:
+        cookies = self._cache.get("_cookies")
+        if cookies is None:
+            cookies = []
+            for value in self._header(b"cookie"):
+                cookies += _split_pairs(value, ";")
+            self._cache["_cookies"] = cookies
+        return cookies  # type: ignore[no-any-return]
+
+    def _body(self) -> tuple[list[str], list[str]]:
+        parsed = self._cache.get("_body")
+        if parsed is None:
+            parsed = self._cache["_body"] = self._parse_body()
+        return parsed  # type: ignore[no-any-return]
+
+    def _parse_body(self) -> tuple[list[str], list[str]]:
+        body = self.body
+        if not body:
+            return [], []
+        text = body.decode("utf-8", "replace")
+        kind = ""
+        for value in self._header(b"content-type"):
+            kind = value.split(";", 1)[0].strip().lower()
+        if kind == "application/x-www-form-urlencoded":
+            pairs = _split_pairs(text, "&")
+            return [v for _, v in pairs], [n for n, _ in pairs]
+        if kind == "application/json" or kind.endswith("+json"):
+            return _json_strings(text)
+        return [text], []
+
+    def transformed(self, target: str, transforms: tuple[str, ...]) -> list[str]:
+        """A target's values after C{transforms}, computed once per request for each chain."""
+        key = (target, transforms)
+        cache = self._cache
+        found = cache.get(key)
+        if found is None:
+            values = self.values(target)
+            if transforms:
+                steps = [TRANSFORMS[t] for t in transforms]
+                out = []
+                for value in values:
+                    for step in steps:
+                        value = step(value)
+                    out.append(value)
+                values = out
+            found = cache[key] = values
+        return found  # type: ignore[no-any-return]
+
+
+# -- rules -----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Rule:
+    id: str
+    description: str
+    targets: tuple[str, ...]
+    transforms: tuple[str, ...]
+    operator: str
+    match: Callable[[str], bool] = attrs.field(repr=False, eq=False)
+    score: int = 5
+    tags: tuple[str, ...] = ()
+    negate: bool = False
+
+    def matches(self, view: RequestView) -> str | None:
+        """The first value (after transformations) the rule matches, or None."""
+        match = self.match
+        for target in self.targets:
+            for value in view.transformed(target, self.transforms):
+                if match(value) != self.negate:
+                    return value
+            if self.negate and not view.values(target):
+                return ""  # absent counts as "does not match"
+        return None
+
+
+@attrs.frozen
+class BurstRule:
+    """Behaviour: more than C{count} responses with one of C{statuses} to one client within C{per} seconds."""
+
+    id: str
+    description: str
+    statuses: frozenset[int]
+    count: int
+    per: float
+    block_for: float
+
+
+@attrs.frozen
+class Verdict:
+    score: int
+    matched: tuple[tuple[Rule, str], ...]
+    """Each rule that matched, with the value it matched (for the log)."""
+
+    def rule_ids(self) -> str:
+        return ",".join(rule.id for rule, _ in self.matched)
+
+
+@attrs.frozen
+class RuleSet:
+    rules: tuple[Rule, ...]
+    bursts: tuple[BurstRule, ...] = ()
+    source: str = "default"
+    inspects_body: bool = False
+
+    def evaluate(self, view: RequestView, skip: frozenset[str] = frozenset(), stop_at: int | None = None) -> Verdict:
+        """
+        Run every rule not in C{skip}; stop early once C{stop_at} is reached
+        (blocking needs no more evidence).
+        """
+        score = 0
+        matched: list[tuple[Rule, str]] = []
+        for rule in self.rules:
+            if skip and rule.id in skip:
+                continue
+            value = rule.matches(view)
+            if value is not None:
+                score += rule.score
+                matched.append((rule, value))
+                if stop_at is not None and score >= stop_at:
+                    break
+        return Verdict(score, tuple(matched))
+
+    def ids(self) -> set[str]:
+        return {r.id for r in self.rules} | {b.id for b in self.bursts}
+
+
+def _strings(rule_id: str, entry: dict[str, Any], key: str, default: Sequence[str], known: Iterable[str] | None,
+             ) -> tuple[str, ...]:
+    value = entry.get(key, list(default))
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RuleError(f"rule {rule_id}: {key} must be a list of strings")
+    if known is not None:
+        known = set(known)
+        for v in value:
+            if v not in known and not (key == "targets" and v.startswith("header:") and len(v) > 7):
+                raise RuleError(f"rule {rule_id}: unknown {key[:-1]} {v!r} (known: {', '.join(sorted(known))})")
+    return tuple(value)
+
+
+_RULE_KEYS = {"id", "description", "targets", "transforms", "operator", "pattern", "score", "tags", "negate", "except"}
+_BURST_KEYS = {"id", "description", "status", "count", "per", "block_for"}
+
+
+def parse_rules(data: dict[str, Any], source: str) -> RuleSet:
+    """A rule set from a parsed rule file.  @raise RuleError: naming the rule and the problem."""
+    rules: list[Rule] = []
+    bursts: list[BurstRule] = []
+    seen: set[str] = set()
+    unknown = set(data) - {"rule", "burst"}
+    if unknown:
+        raise RuleError(f"{source}: unknown section {sorted(unknown)[0]!r} (rules are [[rule]] and [[burst]])")
+    for index, entry in enumerate(data.get("rule", [])):
+        rule_id = str(entry.get("id", f"#{index}"))
+        if "id" not in entry or not isinstance(entry["id"], (str, int)):
+            raise RuleError(f"{source}: rule[{index}]: id is required (a string)")
+        if rule_id in seen:
+            raise RuleError(f"{source}: rule {rule_id}: id used twice")
+        seen.add(rule_id)
+        extra = set(entry) - _RULE_KEYS
+        if extra:
+            raise RuleError(f"{source}: rule {rule_id}: unknown key {sorted(extra)[0]!r}")
+        try:
+            targets = _strings(rule_id, entry, "targets", (), TARGETS)
+            if not targets:
+                raise RuleError(f"rule {rule_id}: targets is required")
+            transforms = _strings(rule_id, entry, "transforms", (), TRANSFORMS)
+            operator = entry.get("operator", "rx")
+            exceptions = _strings(rule_id, entry, "except", (), None)
+            match = _operator(rule_id, operator, entry.get("pattern"), exceptions)
+        except RuleError as e:
+            raise RuleError(f"{source}: {e}") from None
+        score = entry.get("score", 5)
+        if not isinstance(score, int) or isinstance(score, bool) or score < 0:
+            raise RuleError(f"{source}: rule {rule_id}: score must be a whole number >= 0")
+        rules.append(Rule(
+            id=rule_id,
+            description=str(entry.get("description", "")),
+            targets=targets,
+            transforms=transforms,
+            operator=operator,
+            match=match,
+            score=score,
+            tags=tuple(entry.get("tags", ())),
+            negate=bool(entry.get("negate", False)),
+        ))
+    for index, entry in enumerate(data.get("burst", [])):
+        rule_id = str(entry.get("id", ""))
+        if not rule_id:
+            raise RuleError(f"{source}: burst[{index}]: id is required")
+        if rule_id in seen:
+            raise RuleError(f"{source}: rule {rule_id}: id used twice")
+        seen.add(rule_id)
+        extra = set(entry) - _BURST_KEYS
+        if extra:
+            raise RuleError(f"{source}: burst {rule_id}: unknown key {sorted(extra)[0]!r}")
+        statuses = entry.get("status", [404])
+        count, per, block_for = entry.get("count", 20), entry.get("per", 10.0), entry.get("block_for", 60.0)
+        if not (isinstance(statuses, list) and statuses and all(isinstance(s, int) for s in statuses)):
+            raise RuleError(f"{source}: burst {rule_id}: status must be a list of status codes")
+        if not (isinstance(count, int) and count >= 1 and isinstance(per, (int, float)) and per > 0
+                and isinstance(block_for, (int, float)) and block_for > 0):
+            raise RuleError(f"{source}: burst {rule_id}: count, per and block_for must be positive numbers")
+        bursts.append(BurstRule(rule_id, str(entry.get("description", "")), frozenset(statuses), count, float(per),
+                                float(block_for)))
+    body = any(t in ("body", "body_names") for rule in rules for t in rule.targets)
+    return RuleSet(tuple(rules), tuple(bursts), source, body)
+
+
+def default_rules_path() -> str:
+    import os
+
+    return os.path.join(os.path.dirname(__file__), "rules", "default.toml")
+
+
+def load_rules(path: str) -> RuleSet:
+    """Read a rule file (C{"default"}: the bundled one).  @raise RuleError: one line saying what is wrong."""
+    if path == "default":
+        path = default_rules_path()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise RuleError(f"{path}: cannot read: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RuleError(f"{path}: not valid TOML: {e}") from None
+    return parse_rules(data, path)
