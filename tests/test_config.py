@@ -386,8 +386,6 @@ def test_log_level_option_overrides_the_config(tmp_path):
 CONTRACT_WARNINGS = [
     "[admin] is accepted but not enforced by this version",
     "[acme] is accepted but not enforced by this version",
-    "[rate_limit] is accepted but not enforced by this version",
-    "[waf] is accepted but not enforced by this version",
     "[cache] is accepted but not enforced by this version",
     "[cluster] is accepted but not enforced by this version",
     "tls.auto.acme is accepted but not enforced by this version "
@@ -406,7 +404,7 @@ def test_contract_not_enforced_parts_are_named_once_each():
     acme = config.deferred_sections["acme"]
     assert acme.challenges == ("http-01", "tls-alpn-01") and acme.ca is None
     assert config.deferred_sections["cache"].compress == ("gzip", "br")
-    assert config.deferred_sections["rate_limit"].burst == 200
+    assert config.rate_limit.burst == 200 and config.waf.mode == "block" and config.waf.deny == ()
     assert config.deferred_sections["cluster"].redis == "tcp:127.0.0.1:6379"
     assert config.deferred_sections["admin"].token == ""
 
