@@ -133,6 +133,7 @@ def _operator(rule_id: str, name: str, pattern: Any, exceptions: Sequence[str] =
     if name == "rx":
         options = re2.Options()
         options.max_mem = 8 << 20
+        options.log_errors = False
         try:
             search = re2.compile(pattern, options).search
         except re2.error as e:
