@@ -51,7 +51,6 @@ class RuleError(Exception):
 
 # -- transformations -------------------------------------------------------------------------
 
-_SPACES = re2.compile(r"\s+")
 _SQL_COMMENT = re2.compile(r"/\*.*?\*/")
 
 
@@ -85,15 +84,15 @@ def _cmdline(value: str) -> str:
     for c in "\\\"'^":
         value = value.replace(c, "")
     value = value.replace("\n", ";").replace("\r", ";")
-    return _SPACES.sub(" ", value.replace(",", " ").replace(";", " ; ")).lower()
+    return " ".join(value.replace(",", " ").replace(";", " ; ").split()).lower()
 
 
 TRANSFORMS: dict[str, Callable[[str], str]] = {
     "url_decode": _url_decode,
     "html_entity_decode": _html_decode,
     "lowercase": str.lower,
-    "compress_whitespace": lambda v: _SPACES.sub(" ", v),
-    "remove_whitespace": lambda v: _SPACES.sub("", v),
+    "compress_whitespace": lambda v: " ".join(v.split()),
+    "remove_whitespace": lambda v: "".join(v.split()),
     "remove_nulls": lambda v: v.replace("\x00", ""),
     "remove_comments": lambda v: _SQL_COMMENT.sub(" ", v) if "/*" in v else v,
     "normalize_path": _normalize_path,
@@ -124,10 +123,8 @@ def _operator(rule_id: str, name: str, pattern: Any, exceptions: Sequence[str] =
             return lambda value: _detect_sqli(value, ignore)
         return _detect_sqli
     if name == "pm":
-        if not isinstance(pattern, list) or not pattern or not all(isinstance(p, str) and p for p in pattern):
-            raise RuleError(f"rule {rule_id}: operator pm needs pattern = a list of phrases")
-        # One RE2 alternation: a linear scan for all phrases at once.
-        name, pattern = "rx", "|".join(re2.escape(p) for p in pattern)
+        pattern = _pm_regex(rule_id, pattern)
+        name = "rx"
     if not isinstance(pattern, str) or not pattern:
         raise RuleError(f"rule {rule_id}: operator {name} needs pattern = a non-empty string")
     if name == "rx":
@@ -149,6 +146,22 @@ def _operator(rule_id: str, name: str, pattern: Any, exceptions: Sequence[str] =
         return lambda value: value.endswith(pattern)
     raise RuleError(f"rule {rule_id}: unknown operator {name!r} "
                     "(rx, pm, contains, equals, begins_with, ends_with, detect_sqli, detect_xss)")
+
+
+def _pm_regex(rule_id: str, pattern: Any) -> str:
+    """A phrase list as one RE2 alternation: a linear scan for all phrases at once."""
+    if not isinstance(pattern, list) or not pattern or not all(isinstance(p, str) and p for p in pattern):
+        raise RuleError(f"rule {rule_id}: operator pm needs pattern = a list of phrases")
+    return "|".join(re2.escape(p) for p in pattern)
+
+
+def _regex_source(operator: str, pattern: Any) -> str | None:
+    """The RE2 expression an rx or pm rule searches for (None for other operators)."""
+    if operator == "rx":
+        return pattern  # type: ignore[no-any-return]
+    if operator == "pm":
+        return "|".join(re2.escape(p) for p in pattern)
+    return None
 
 
 # -- targets ---------------------------------------------------------------------------------
@@ -311,6 +324,8 @@ class Rule:
     score: int = 5
     tags: tuple[str, ...] = ()
     negate: bool = False
+    regex: str | None = None
+    """For rx and pm rules: the RE2 expression, searched together with the other rules' (L{_Group})."""
 
     def matches(self, view: RequestView) -> str | None:
         """The first value (after transformations) the rule matches, or None."""
@@ -346,30 +361,145 @@ class Verdict:
         return ",".join(rule.id for rule, _ in self.matched)
 
 
+_CLEAN = Verdict(0, ())
+
+
+class _Group:
+    """
+    The rules that read one target after one chain of transformations:
+    their regular expressions in one RE2 set (one pass over each value
+    finds every rule that matches it), the other operators one by one.
+    """
+
+    __slots__ = ("target", "transforms", "regex_set", "regex_rules", "other_rules")
+
+    def __init__(self, target: str, transforms: tuple[str, ...], rules: list[Rule]) -> None:
+        self.target = target
+        self.transforms = transforms
+        self.regex_rules = tuple(r for r in rules if r.regex is not None)
+        self.other_rules = tuple(r for r in rules if r.regex is None)
+        self.regex_set: Any = None
+        if self.regex_rules:
+            options = re2.Options()
+            options.max_mem = 64 << 20
+            options.log_errors = False
+            regex_set = re2.Set.SearchSet(options)
+            for rule in self.regex_rules:
+                regex_set.Add(rule.regex)
+            regex_set.Compile()
+            self.regex_set = regex_set
+
+
+def _groups(rules: Sequence[Rule]) -> tuple[tuple[str, tuple[_Group, ...]], ...]:
+    """The rules' groups, by target: a target the request lacks skips all of its groups at once."""
+    by_key: dict[tuple[str, tuple[str, ...]], list[Rule]] = {}
+    for rule in rules:
+        if rule.negate:
+            continue
+        for target in rule.targets:
+            by_key.setdefault((target, rule.transforms), []).append(rule)
+    by_target: dict[str, list[_Group]] = {}
+    for (target, transforms), members in by_key.items():
+        by_target.setdefault(target, []).append(_Group(target, transforms, members))
+    return tuple((target, tuple(groups)) for target, groups in by_target.items())
+
+
+def _judge_value(groups: Sequence[_Group], raw: str) -> tuple[tuple[Rule, str], ...]:
+    """Every rule of C{groups} that one value of their target matches, with the value as the rule saw it."""
+    found: list[tuple[Rule, str]] = []
+    done: dict[tuple[str, ...], str] = {(): raw}
+    """Each chain's result, so that chains sharing a start (url_decode...) share its work."""
+    for group in groups:
+        chain = group.transforms
+        value = done.get(chain)
+        if value is None:
+            start = len(chain) - 1
+            while chain[:start] not in done:
+                start -= 1
+            value = done[chain[:start]]
+            for i in range(start, len(chain)):
+                value = TRANSFORMS[chain[i]](value)
+                done[chain[: i + 1]] = value
+        regex_set = group.regex_set
+        if regex_set is not None:
+            indexes = regex_set.Match(value.encode("utf-8", "surrogatepass"))
+            if indexes:
+                found += [(group.regex_rules[i], value) for i in indexes]
+        for rule in group.other_rules:
+            if rule.match(value):
+                found.append((rule, value))
+    return tuple(found)
+
+
+CACHED_VALUE_BYTES = 256
+CACHED_VALUES = 4096
+
+
 @attrs.frozen
 class RuleSet:
     rules: tuple[Rule, ...]
     bursts: tuple[BurstRule, ...] = ()
     source: str = "default"
     inspects_body: bool = False
+    _by_target: tuple[tuple[str, tuple[_Group, ...]], ...] = attrs.field(init=False, eq=False, repr=False)
+    _order: dict[str, int] = attrs.field(init=False, eq=False, repr=False)
+    _seen: dict[str, dict[str, tuple[tuple[Rule, str], ...]]] = attrs.field(init=False, eq=False, repr=False)
+    """
+    Per target, the verdict on short values already judged (bounded):
+    ordinary traffic repeats its Host, User-Agent, Accept and paths, and a
+    value's verdict never changes, so most values cost one lookup.
+    """
+
+    def __attrs_post_init__(self) -> None:
+        by_target = _groups(self.rules)
+        object.__setattr__(self, "_by_target", by_target)
+        object.__setattr__(self, "_order", {rule.id: i for i, rule in enumerate(self.rules)})
+        object.__setattr__(self, "_seen", {target: {} for target, _ in by_target})
 
     def evaluate(self, view: RequestView, skip: frozenset[str] = frozenset(), stop_at: int | None = None) -> Verdict:
         """
-        Run every rule not in C{skip}; stop early once C{stop_at} is reached
-        (blocking needs no more evidence).
+        Run every rule not in C{skip}: each value of each target is
+        transformed and searched once for all the rules that read it (their
+        regular expressions in one RE2 set); a target the request does not
+        have (no query, no cookies, no body) costs nothing.  C{stop_at}:
+        stop once the score reaches it (blocking needs no more evidence).
         """
+        hits: dict[str, tuple[Rule, str]] = {}
         score = 0
-        matched: list[tuple[Rule, str]] = []
-        for rule in self.rules:
-            if skip and rule.id in skip:
+        seen = self._seen
+        for target, groups in self._by_target:
+            values = view.values(target)
+            if not values:
                 continue
-            value = rule.matches(view)
-            if value is not None:
-                score += rule.score
-                matched.append((rule, value))
-                if stop_at is not None and score >= stop_at:
-                    break
-        return Verdict(score, tuple(matched))
+            verdicts = seen[target]
+            for raw in values:
+                found = verdicts.get(raw)
+                if found is None:
+                    found = _judge_value(groups, raw)
+                    if len(raw) <= CACHED_VALUE_BYTES:
+                        if len(verdicts) >= CACHED_VALUES:
+                            verdicts.clear()
+                        verdicts[raw] = found
+                for rule, value in found:
+                    if rule.id not in hits and rule.id not in skip:
+                        hits[rule.id] = (rule, value)
+                        score += rule.score
+            if stop_at is not None and score >= stop_at:
+                break
+        if hits or self._has_negated:
+            for rule in self.rules:
+                if rule.negate and rule.id not in skip:
+                    value = rule.matches(view)
+                    if value is not None:
+                        hits[rule.id] = (rule, value)
+                        score += rule.score
+            order = self._order
+            return Verdict(score, tuple(sorted(hits.values(), key=lambda hit: order[hit[0].id])))
+        return _CLEAN
+
+    @property
+    def _has_negated(self) -> bool:
+        return any(rule.negate for rule in self.rules)
 
     def ids(self) -> set[str]:
         return {r.id for r in self.rules} | {b.id for b in self.bursts}
@@ -435,6 +565,7 @@ def parse_rules(data: dict[str, Any], source: str) -> RuleSet:
             score=score,
             tags=tuple(entry.get("tags", ())),
             negate=bool(entry.get("negate", False)),
+            regex=_regex_source(operator, entry.get("pattern")),
         ))
     for index, entry in enumerate(data.get("burst", [])):
         rule_id = str(entry.get("id", ""))
