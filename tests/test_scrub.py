@@ -232,7 +232,7 @@ def test_the_waf_blocks_an_attack_with_an_incident_id_on_every_entry_point(net, 
     assert status == 200
     assert [r.target for r in origin.requests] == [b"/search?q=O%27Brien+%22select+a+plan%22"]
     [refused] = recorder.of(RequestRefused)
-    assert (refused.reason, refused.rule, refused.status, refused.request_id) == ("waf", "941100", 403, incident)
+    assert (refused.reason, refused.rule, refused.status, refused.request_id) == ("waf", "941100,941110", 403, incident)
     finished = [e for e in recorder.of(RequestFinished) if e.status == 403]
     assert finished and finished[0].request_id == incident
 
