@@ -241,6 +241,7 @@ class WafFilter:
         self.route_exclude = frozenset(route_exclude)
         self.trusted = trusted
         self.bursts = bursts
+        self.burst_statuses = frozenset(s for burst in rules.bursts for s in burst.statuses)
         self.refusals = refusals
 
     def _skip(self, path: bytes) -> frozenset[str]:
@@ -294,10 +295,13 @@ class _CountStatus(DownstreamWrapper):
         super().__init__(inner)
         self.waf = waf
         self.exchange = exchange
+        # The headers pass untouched: the exchange may hand over its serialized block (the fast path).
+        self.wants_block = inner.wants_block
 
     def _count(self, status: int) -> None:
         waf = self.waf
-        waf.bursts.answered(_client(self.exchange, waf.trusted), status, waf.rules.bursts)
+        if status in waf.burst_statuses:
+            waf.bursts.answered(_client(self.exchange, waf.trusted), status, waf.rules.bursts)
 
     def writeHead(self, status: int, reason: bytes, headers: Any, content_length: int | None,
                   has_body: bool) -> None:
@@ -349,6 +353,7 @@ class _Release(DownstreamWrapper):
     def __init__(self, inner: Any, admitted: set[Any]) -> None:
         super().__init__(inner)
         self.admitted = admitted
+        self.wants_block = inner.wants_block  # headers pass untouched
 
     def exchangeDone(self, exchange: Any) -> None:
         self.admitted.discard(exchange)

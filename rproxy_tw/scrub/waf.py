@@ -220,40 +220,36 @@ class RequestView:
         cache = self._cache
         found = cache.get(target)
         if found is None:
-            found = cache[target] = self._read(target)
+            reader = _READERS.get(target)
+            if reader is not None:
+                found = reader(self)
+            elif target.startswith("header:"):
+                found = self._headers().get(target[7:].lower(), [])
+            else:
+                raise KeyError(target)
+            cache[target] = found
         return found  # type: ignore[no-any-return]
 
-    def _header(self, name: bytes) -> list[str]:
-        return [v.decode("latin-1") for n, v in self.headers if n.lower() == name]
+    def _headers(self) -> dict[str, list[str]]:
+        """The header values by lower-cased name, read in one pass."""
+        by_name = self._cache.get("_headers")
+        if by_name is None:
+            by_name = {}
+            for name, value in self.headers:
+                key = name.decode("latin-1").lower()
+                found = by_name.get(key)
+                if found is None:
+                    by_name[key] = [value.decode("latin-1")]
+                else:
+                    found.append(value.decode("latin-1"))
+            self._cache["_headers"] = by_name
+        return by_name  # type: ignore[no-any-return]
 
-    def _read(self, target: str) -> list[str]:
-        if target == "method":
-            return [self.method]
-        if target == "path":
-            return [self.path]
-        if target == "query":
-            return [self.query] if self.query else []
-        if target == "args":
-            return [v for _, v in self._args()]
-        if target == "arg_names":
-            return [n for n, _ in self._args()]
-        if target == "headers":
-            return [v.decode("latin-1") for n, v in self.headers if n.lower() not in (b"cookie", b"host")]
-        if target == "header_names":
-            return [n.decode("latin-1") for n, _ in self.headers]
-        if target == "cookies":
-            return [v for _, v in self._cookies()]
-        if target == "cookie_names":
-            return [n for n, _ in self._cookies()]
-        if target == "user_agent":
-            return self._header(b"user-agent")
-        if target == "body":
-            return self._body()[0]
-        if target == "body_names":
-            return self._body()[1]
-        if target.startswith("header:"):
-            return self._header(target[7:].lower().encode("latin-1"))
-        raise KeyError(target)
+    def _header(self, name: bytes) -> list[str]:
+        return self._headers().get(name.decode("latin-1"), [])
+
+    def _all_headers(self) -> list[str]:
+        return [v for name, values in self._headers().items() if name not in ("cookie", "host") for v in values]
 
     def _args(self) -> list[tuple[str, str]]:
         args = self._cache.get("_args")
@@ -308,6 +304,22 @@ class RequestView:
                 values = out
             found = cache[key] = values
         return found  # type: ignore[no-any-return]
+
+
+_READERS: dict[str, Callable[[RequestView], list[str]]] = {
+    "method": lambda view: [view.method],
+    "path": lambda view: [view.path],
+    "query": lambda view: [view.query] if view.query else [],
+    "args": lambda view: [v for _, v in view._args()],
+    "arg_names": lambda view: [n for n, _ in view._args()],
+    "headers": RequestView._all_headers,
+    "header_names": lambda view: [n.decode("latin-1") for n, _ in view.headers],
+    "cookies": lambda view: [v for _, v in view._cookies()],
+    "cookie_names": lambda view: [n for n, _ in view._cookies()],
+    "user_agent": lambda view: view._headers().get("user-agent", []),
+    "body": lambda view: view._body()[0],
+    "body_names": lambda view: view._body()[1],
+}
 
 
 # -- rules -----------------------------------------------------------------------------------
@@ -444,6 +456,7 @@ class RuleSet:
     _by_target: tuple[tuple[str, tuple[_Group, ...]], ...] = attrs.field(init=False, eq=False, repr=False)
     _order: dict[str, int] = attrs.field(init=False, eq=False, repr=False)
     _seen: dict[str, dict[str, tuple[tuple[Rule, str], ...]]] = attrs.field(init=False, eq=False, repr=False)
+    _negated: bool = attrs.field(init=False, eq=False, repr=False)
     """
     Per target, the verdict on short values already judged (bounded):
     ordinary traffic repeats its Host, User-Agent, Accept and paths, and a
@@ -455,6 +468,7 @@ class RuleSet:
         object.__setattr__(self, "_by_target", by_target)
         object.__setattr__(self, "_order", {rule.id: i for i, rule in enumerate(self.rules)})
         object.__setattr__(self, "_seen", {target: {} for target, _ in by_target})
+        object.__setattr__(self, "_negated", any(rule.negate for rule in self.rules))
 
     def evaluate(self, view: RequestView, skip: frozenset[str] = frozenset(), stop_at: int | None = None) -> Verdict:
         """
@@ -486,7 +500,7 @@ class RuleSet:
                         score += rule.score
             if stop_at is not None and score >= stop_at:
                 break
-        if hits or self._has_negated:
+        if hits or self._negated:
             for rule in self.rules:
                 if rule.negate and rule.id not in skip:
                     value = rule.matches(view)
@@ -497,9 +511,6 @@ class RuleSet:
             return Verdict(score, tuple(sorted(hits.values(), key=lambda hit: order[hit[0].id])))
         return _CLEAN
 
-    @property
-    def _has_negated(self) -> bool:
-        return any(rule.negate for rule in self.rules)
 
     def ids(self) -> set[str]:
         return {r.id for r in self.rules} | {b.id for b in self.bursts}
