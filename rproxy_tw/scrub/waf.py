@@ -205,10 +205,12 @@ class RequestView:
     parsed, or the cookies split).
     """
 
-    __slots__ = ("method", "path", "query", "headers", "body", "content_type", "_cache")
+    __slots__ = ("method", "path", "query", "headers", "body", "content_type", "_cache", "line_key")
 
     def __init__(self, method: bytes, path: bytes, query: bytes, headers: Sequence[tuple[bytes, bytes]],
                  body: bytes | None = None) -> None:
+        self.line_key = (method, path, query)
+        """The request line's parts as sent: the key of what the rules found in them (L{RuleSet})."""
         self.method = method.decode("latin-1")
         self.path = path.decode("latin-1")
         self.query = query.decode("latin-1")
@@ -383,7 +385,7 @@ class _Group:
     finds every rule that matches it), the other operators one by one.
     """
 
-    __slots__ = ("target", "transforms", "regex_set", "regex_rules", "other_rules")
+    __slots__ = ("target", "transforms", "regex_set", "regex_rules", "other_rules", "match_set")
 
     def __init__(self, target: str, transforms: tuple[str, ...], rules: list[Rule]) -> None:
         self.target = target
@@ -400,6 +402,72 @@ class _Group:
                 regex_set.Add(rule.regex)
             regex_set.Compile()
             self.regex_set = regex_set
+        # The compiled set's own Match, without the wrapper's per-call checks (the text is always bytes).
+        self.match_set = self.regex_set._set.Match if self.regex_set is not None else None
+
+
+_PLAIN_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/_-.~"
+_PLAIN_DELETE = str.maketrans("", "", _PLAIN_CHARS)
+
+
+def _plain(value: str) -> bool:
+    """
+    Whether every transformation leaves C{value} as it is, but for case:
+    letters, digits and C{/_-.~} only, and nothing a path normalisation
+    changes.  Most path segments, tokens and ids are such values.
+    """
+    return not value.translate(_PLAIN_DELETE) and "/." not in value and "//" not in value and \
+        not value.startswith("./")
+
+
+class _PlainGroups:
+    """
+    A target's rules for plain values (L{_plain}), whose transformed forms
+    are the value itself or its lower case: two RE2 sets instead of one per
+    chain of transformations.
+    """
+
+    __slots__ = ("same", "same_rules", "lower", "lower_rules", "others")
+
+    def __init__(self, groups: Sequence[_Group]) -> None:
+        same: list[Rule] = []
+        lower: list[Rule] = []
+        self.others: list[tuple[Rule, bool]] = []
+        for group in groups:
+            lowered = "lowercase" in group.transforms or "cmdline" in group.transforms
+            (lower if lowered else same).extend(group.regex_rules)
+            self.others += [(rule, lowered) for rule in group.other_rules]
+        self.same, self.same_rules = _regex_set(same)
+        self.lower, self.lower_rules = _regex_set(lower)
+
+    def judge(self, value: str) -> tuple[tuple[Rule, str], ...]:
+        found: list[tuple[Rule, str]] = []
+        lowered = value.lower()
+        for regex_set, rules, text in ((self.same, self.same_rules, value), (self.lower, self.lower_rules, lowered)):
+            if regex_set is not None:
+                indexes = regex_set._set.Match(text.encode("ascii"))
+                if indexes:
+                    found += [(rules[i], text) for i in indexes]
+        for rule, use_lower in self.others:
+            text = lowered if use_lower else value
+            if rule.match(text):
+                found.append((rule, text))
+        # A rule in several groups may match twice: once is enough.
+        return tuple({rule.id: (rule, text) for rule, text in found}.values())
+
+
+def _regex_set(rules: Sequence[Rule]) -> tuple[Any, tuple[Rule, ...]]:
+    unique = tuple({rule.id: rule for rule in rules}.values())
+    if not unique:
+        return None, ()
+    options = re2.Options()
+    options.max_mem = 64 << 20
+    options.log_errors = False
+    regex_set = re2.Set.SearchSet(options)
+    for rule in unique:
+        regex_set.Add(rule.regex)
+    regex_set.Compile()
+    return regex_set, unique
 
 
 def _groups(rules: Sequence[Rule]) -> tuple[tuple[str, tuple[_Group, ...]], ...]:
@@ -416,35 +484,65 @@ def _groups(rules: Sequence[Rule]) -> tuple[tuple[str, tuple[_Group, ...]], ...]
     return tuple((target, tuple(groups)) for target, groups in by_target.items())
 
 
+class _Chains:
+    """
+    The chains of transformations of one target's groups as a tree of
+    prefixes (C{url_decode}, then C{url_decode, lowercase}...), so that a
+    value is put through each step once, however many chains share it.
+    """
+
+    __slots__ = ("steps", "group_at")
+
+    def __init__(self, groups: Sequence[_Group]) -> None:
+        index: dict[tuple[str, ...], int] = {(): 0}
+        self.steps: list[tuple[int, Callable[[str], str]]] = []
+        """For each prefix after the empty one: (its parent's index, its last step)."""
+        for group in groups:
+            chain = group.transforms
+            for end in range(1, len(chain) + 1):
+                prefix = chain[:end]
+                if prefix not in index:
+                    index[prefix] = len(self.steps) + 1
+                    self.steps.append((index[chain[: end - 1]], TRANSFORMS[chain[end - 1]]))
+        self.group_at = [(group, index[group.transforms]) for group in groups]
+
+    def judge(self, raw: str) -> tuple[tuple[Rule, str], ...]:
+        """Every rule of the groups that C{raw} matches, with the value as the rule saw it."""
+        values = [raw]
+        for parent, step in self.steps:
+            values.append(step(values[parent]))
+        found: list[tuple[Rule, str]] = []
+        encoded: dict[int, bytes] = {}
+        for group, at in self.group_at:
+            value = values[at]
+            match = group.match_set
+            if match is not None:
+                data = encoded.get(at)
+                if data is None:
+                    data = encoded[at] = value.encode("utf-8", "surrogatepass")
+                indexes = match(data)
+                if indexes:
+                    found += [(group.regex_rules[i], value) for i in indexes]
+            for rule in group.other_rules:
+                if rule.match(value):
+                    found.append((rule, value))
+        return tuple(found)
+
+
 def _judge_value(groups: Sequence[_Group], raw: str) -> tuple[tuple[Rule, str], ...]:
-    """Every rule of C{groups} that one value of their target matches, with the value as the rule saw it."""
-    found: list[tuple[Rule, str]] = []
-    done: dict[tuple[str, ...], str] = {(): raw}
-    """Each chain's result, so that chains sharing a start (url_decode...) share its work."""
-    for group in groups:
-        chain = group.transforms
-        value = done.get(chain)
-        if value is None:
-            start = len(chain) - 1
-            while chain[:start] not in done:
-                start -= 1
-            value = done[chain[:start]]
-            for i in range(start, len(chain)):
-                value = TRANSFORMS[chain[i]](value)
-                done[chain[: i + 1]] = value
-        regex_set = group.regex_set
-        if regex_set is not None:
-            indexes = regex_set.Match(value.encode("utf-8", "surrogatepass"))
-            if indexes:
-                found += [(group.regex_rules[i], value) for i in indexes]
-        for rule in group.other_rules:
-            if rule.match(value):
-                found.append((rule, value))
-    return tuple(found)
+    """Every rule of C{groups} that one value of their target matches (see L{_Chains})."""
+    return _Chains(groups).judge(raw)
 
 
 CACHED_VALUE_BYTES = 256
 CACHED_VALUES = 4096
+CACHED_PART_BYTES = 4096
+CACHED_PARTS = 4096
+
+_LINE_TARGETS = frozenset({"method", "path", "query", "args", "arg_names"})
+_BODY_TARGETS = frozenset({"body", "body_names"})
+
+Hits = tuple[tuple[Rule, str], ...]
 
 
 @attrs.frozen
@@ -453,35 +551,44 @@ class RuleSet:
     bursts: tuple[BurstRule, ...] = ()
     source: str = "default"
     inspects_body: bool = False
-    _by_target: tuple[tuple[str, tuple[_Group, ...]], ...] = attrs.field(init=False, eq=False, repr=False)
+    _parts: tuple[tuple[tuple[str, tuple[_Group, ...]], ...], ...] = attrs.field(init=False, eq=False, repr=False)
+    """The groups by target, split in three parts: the request line's targets, the headers', the body's."""
     _order: dict[str, int] = attrs.field(init=False, eq=False, repr=False)
-    _seen: dict[str, dict[str, tuple[tuple[Rule, str], ...]]] = attrs.field(init=False, eq=False, repr=False)
+    _seen: dict[str, dict[str, Hits]] = attrs.field(init=False, eq=False, repr=False)
+    """
+    Per target, what the rules found in short values already judged
+    (bounded): a value's verdict never changes, and ordinary traffic
+    repeats its paths, Host, User-Agent and Accept, so most values cost one
+    lookup.  The same holds a level up for a whole request line and a whole
+    header block (a browser sends the same headers request after request).
+    """
+    _lines: dict[tuple[bytes, bytes, bytes], Hits] = attrs.field(init=False, eq=False, repr=False)
+    _heads: dict[tuple[tuple[bytes, bytes], ...], Hits] = attrs.field(init=False, eq=False, repr=False)
     _negated: bool = attrs.field(init=False, eq=False, repr=False)
-    """
-    Per target, the verdict on short values already judged (bounded):
-    ordinary traffic repeats its Host, User-Agent, Accept and paths, and a
-    value's verdict never changes, so most values cost one lookup.
-    """
+    _plain: dict[str, _PlainGroups] = attrs.field(init=False, eq=False, repr=False)
+    _chains: dict[str, _Chains] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         by_target = _groups(self.rules)
-        object.__setattr__(self, "_by_target", by_target)
+        parts = (
+            tuple((t, g) for t, g in by_target if t in _LINE_TARGETS),
+            tuple((t, g) for t, g in by_target if t not in _LINE_TARGETS and t not in _BODY_TARGETS),
+            tuple((t, g) for t, g in by_target if t in _BODY_TARGETS),
+        )
+        object.__setattr__(self, "_parts", parts)
         object.__setattr__(self, "_order", {rule.id: i for i, rule in enumerate(self.rules)})
         object.__setattr__(self, "_seen", {target: {} for target, _ in by_target})
+        object.__setattr__(self, "_plain", {target: _PlainGroups(groups) for target, groups in by_target})
+        object.__setattr__(self, "_chains", {target: _Chains(groups) for target, groups in by_target})
+        object.__setattr__(self, "_lines", {})
+        object.__setattr__(self, "_heads", {})
         object.__setattr__(self, "_negated", any(rule.negate for rule in self.rules))
 
-    def evaluate(self, view: RequestView, skip: frozenset[str] = frozenset(), stop_at: int | None = None) -> Verdict:
-        """
-        Run every rule not in C{skip}: each value of each target is
-        transformed and searched once for all the rules that read it (their
-        regular expressions in one RE2 set); a target the request does not
-        have (no query, no cookies, no body) costs nothing.  C{stop_at}:
-        stop once the score reaches it (blocking needs no more evidence).
-        """
-        hits: dict[str, tuple[Rule, str]] = {}
-        score = 0
+    def _hits(self, view: RequestView, part: tuple[tuple[str, tuple[_Group, ...]], ...]) -> Hits:
+        """Every rule (and the value) that matched a target of C{part}, skip lists not applied."""
+        found_all: list[tuple[Rule, str]] = []
         seen = self._seen
-        for target, groups in self._by_target:
+        for target, groups in part:
             values = view.values(target)
             if not values:
                 continue
@@ -489,28 +596,59 @@ class RuleSet:
             for raw in values:
                 found = verdicts.get(raw)
                 if found is None:
-                    found = _judge_value(groups, raw)
+                    found = self._plain[target].judge(raw) if _plain(raw) else self._chains[target].judge(raw)
                     if len(raw) <= CACHED_VALUE_BYTES:
                         if len(verdicts) >= CACHED_VALUES:
                             verdicts.clear()
                         verdicts[raw] = found
-                for rule, value in found:
-                    if rule.id not in hits and rule.id not in skip:
-                        hits[rule.id] = (rule, value)
-                        score += rule.score
-            if stop_at is not None and score >= stop_at:
-                break
-        if hits or self._negated:
-            for rule in self.rules:
-                if rule.negate and rule.id not in skip:
-                    value = rule.matches(view)
-                    if value is not None:
-                        hits[rule.id] = (rule, value)
-                        score += rule.score
-            order = self._order
-            return Verdict(score, tuple(sorted(hits.values(), key=lambda hit: order[hit[0].id])))
-        return _CLEAN
+                if found:
+                    found_all += found
+        return tuple(found_all)
 
+    def evaluate(self, view: RequestView, skip: frozenset[str] = frozenset(), stop_at: int | None = None) -> Verdict:
+        """
+        Run every rule not in C{skip}: each value of each target is
+        transformed and searched once for all the rules that read it (their
+        regular expressions in one RE2 set); a target the request does not
+        have (no query, no cookies, no body) costs nothing.  (C{stop_at} is
+        kept for callers: all rules are run, since their findings are
+        remembered whole.)
+        """
+        line_part, head_part, body_part = self._parts
+        key = view.line_key
+        line = self._lines.get(key)
+        if line is None:
+            line = self._hits(view, line_part)
+            if len(key[1]) + len(key[2]) <= CACHED_PART_BYTES:
+                if len(self._lines) >= CACHED_PARTS:
+                    self._lines.clear()
+                self._lines[key] = line
+        headers = view.headers
+        head_key = tuple(headers)
+        head = self._heads.get(head_key)
+        if head is None:
+            head = self._hits(view, head_part)
+            if sum(len(n) + len(v) for n, v in headers) <= CACHED_PART_BYTES:
+                if len(self._heads) >= CACHED_PARTS:
+                    self._heads.clear()
+                self._heads[head_key] = head
+        body = self._hits(view, body_part) if view.body else ()
+        if not (line or head or body or self._negated):
+            return _CLEAN
+        hits: dict[str, tuple[Rule, str]] = {}
+        score = 0
+        for rule, value in (*line, *head, *body):
+            if rule.id not in hits and rule.id not in skip:
+                hits[rule.id] = (rule, value)
+                score += rule.score
+        for rule in self.rules:
+            if rule.negate and rule.id not in skip:
+                value = rule.matches(view)
+                if value is not None:
+                    hits[rule.id] = (rule, value)
+                    score += rule.score
+        order = self._order
+        return Verdict(score, tuple(sorted(hits.values(), key=lambda hit: order[hit[0].id])))
 
     def ids(self) -> set[str]:
         return {r.id for r in self.rules} | {b.id for b in self.bursts}
