@@ -390,3 +390,43 @@ def test_a_body_trickling_below_the_minimum_rate_gets_408(net):
     # A body at a fair rate is not affected.
     resp = yield _get(net, proxy.port, b"/upload", method=b"POST", body=b"y" * 50_000)
     assert resp.status == 200
+
+
+@inline
+def test_a_reload_applies_new_ip_lists_and_limits_to_new_connections(net):
+    from rproxy_tw import parse_config
+
+    origin = yield net.origin()
+    data = _config(origin)
+    proxy = yield net.proxy(data)
+    resp = yield _get(net, proxy.port)
+    assert resp.status == 200
+    data["waf"] = {"mode": "off", "deny": ["127.0.0.1/32"]}
+    proxy.service.reload(parse_config(data, source="test.toml"))
+    refused = yield net.client(proxy.port)
+    yield refused.until_closed()
+    assert refused.buf == b""
+    del data["waf"]
+    data["rate_limit"] = {"requests": 1, "per": 60.0, "burst": 1}
+    proxy.service.reload(parse_config(data, source="test.toml"))
+    statuses = []
+    for _ in range(2):
+        resp = yield _get(net, proxy.port)
+        statuses.append(resp.status)
+    assert statuses == [200, 429]
+
+
+@inline
+def test_a_listener_at_max_connections_publishes_each_refusal(net):
+    origin = yield net.origin()
+    config = _config(origin)
+    config["listen"][0]["max_connections"] = 1
+    proxy = yield net.proxy(config)
+    recorder = _recorder(proxy)
+    kept = yield net.client(proxy.port)
+    kept.send(request())
+    yield kept.until_responses([b"GET"])
+    extra = yield net.client(proxy.port)
+    yield extra.until_closed()
+    [refused] = recorder.of(ConnectionRefused)
+    assert (refused.reason, refused.rule) == ("max_connections", "max_connections 1")

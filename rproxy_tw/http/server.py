@@ -884,6 +884,11 @@ class HTTPProxyFactory(Factory):
     def buildProtocol(self, addr: Any) -> Any:
         rejected = self.connection_limit.full(addr)
         if rejected is not None:
+            if self.events.wanted:
+                from ..events import ConnectionRefused
+
+                self.events.publish(ConnectionRefused(self.listen_endpoint, getattr(addr, "host", "unknown"),
+                                                      "max_connections", f"max_connections {self.connection_limit.limit}"))
             return rejected
         if self.scheme == "https":
             # After the TLS handshake, ALPN decides: HTTP/2 or an HTTP/1.1 connection.
