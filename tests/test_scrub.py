@@ -430,3 +430,28 @@ def test_a_listener_at_max_connections_publishes_each_refusal(net):
     yield extra.until_closed()
     [refused] = recorder.of(ConnectionRefused)
     assert (refused.reason, refused.rule) == ("max_connections", "max_connections 1")
+
+
+@inline
+def test_an_http2_body_trickling_below_the_minimum_rate_gets_408(net, pki):
+    from twisted.internet import threads
+
+    from .test_tls_h2 import _H2Client, _status
+
+    origin = yield net.origin()
+    proxy = yield ScrubProxy(net, pki, origin, {"limits": {"min_body_rate": 1000, "body_rate_window": 0.3}}).start()
+    recorder = _recorder(proxy)
+
+    def run() -> Any:
+        client = _H2Client(pki, proxy.tls_port)
+        try:
+            sid = client.request(b"POST", b"/upload", b"x" * 10, end=False,
+                                 headers=[(b"content-length", b"100000")])
+            client.read(lambda: client.responses[sid]["ended"])
+            return client.responses[sid]
+        finally:
+            client.close()
+
+    answer = yield threads.deferToThread(run)
+    assert _status(answer) == 408
+    assert [(e.reason, e.status) for e in recorder.of(RequestRefused)] == [("slow_body", 408)]
