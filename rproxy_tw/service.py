@@ -793,7 +793,9 @@ class ProxyService(MultiService):
         profile = self._tls_profile(listen, index, config)
         inner = self._inner_factory(listen, runtime, config)
         outer = self._outer_factory(listen, profile, inner)
-        switch = _ListenerFactory(outer, self.guard, listen.endpoint)
+        # Behind a PROXY-protocol balancer (haproxy:) the peer is the balancer: clients are judged per request.
+        guard = None if listen.endpoint.startswith("haproxy:") else self.guard
+        switch = _ListenerFactory(outer, guard, listen.endpoint)
         service = _Listener(serverFromString(self.reactor, listen.endpoint), switch)
         service._raiseSynchronously = True
         service.label = f"listen[{index}] {listen.endpoint}"

@@ -455,3 +455,19 @@ def test_an_http2_body_trickling_below_the_minimum_rate_gets_408(net, pki):
     answer = yield threads.deferToThread(run)
     assert _status(answer) == 408
     assert [(e.reason, e.status) for e in recorder.of(RequestRefused)] == [("slow_body", 408)]
+
+
+@inline
+def test_a_trusted_proxy_is_not_refused_at_connect_but_its_clients_are_judged_per_request(net):
+    origin = yield net.origin()
+    proxy = yield net.proxy(_config(origin, server={"access_log": "off", "trusted_proxies": ["127.0.0.1/32"]},
+                                    waf={"mode": "off", "deny": ["127.0.0.0/8", "198.51.100.0/24"]},
+                                    limits={"max_connections_per_ip": 1}))
+    first = yield net.client(proxy.port)
+    second = yield net.client(proxy.port)
+    resp = yield _get(net, proxy.port, headers=[(b"X-Forwarded-For", b"203.0.113.9")])
+    assert resp.status == 200, "the trusted proxy holds three connections and its client is allowed"
+    resp = yield _get(net, proxy.port, headers=[(b"X-Forwarded-For", b"203.0.113.9, 198.51.100.7")])
+    assert resp.status == 403
+    assert not first.closed and not second.closed
+    assert [r.header(b"x-forwarded-for") for r in origin.requests] == [[b"203.0.113.9, 127.0.0.1"]]

@@ -14,6 +14,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from ..events import ConnectionRefused
+from ..headers import is_trusted
 from ..logs import observer as log_observer
 from .ippolicy import IPPolicy
 from .ratelimit import MemoryRateLimitStore, RatePolicy, client_key
@@ -34,6 +35,7 @@ class ConnectionGuard:
         self.clock = clock
         self.events = events
         self.policy = IPPolicy()
+        self.trusted: tuple[Any, ...] = ()
         self.per_ip = 0
         self.rate: RatePolicy | None = None
         self.rates = MemoryRateLimitStore(max_keys=100_000)
@@ -46,6 +48,7 @@ class ConnectionGuard:
         """Take a (new) config's IP lists and per-address limits."""
         waf, limits = config.waf, config.limits
         self.policy = IPPolicy.of(waf.deny, waf.allow) if waf is not None else IPPolicy()
+        self.trusted = tuple(config.server.trusted_proxies)
         self.per_ip = limits.max_connections_per_ip
         rate = limits.connection_rate_per_ip
         self.rate = RatePolicy(rate, 1.0, limits.connection_burst_per_ip or rate, "connections") if rate else None
@@ -74,7 +77,8 @@ class ConnectionGuard:
         None, which makes the listening port close the socket at once.
         """
         ip = getattr(addr, "host", None)
-        if not ip:
+        if not ip or (self.trusted and is_trusted(ip, self.trusted)):
+            # A trusted proxy speaks for many clients: they are judged per request, by X-Forwarded-For.
             return build()
         refusal = self.refusal(ip)
         if refusal is not None:
