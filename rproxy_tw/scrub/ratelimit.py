@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import attrs
 from zope.interface import Interface, implementer
@@ -37,19 +37,21 @@ class RatePolicy:
     per: float
     burst: int
     name: str = "default"
+    interval: float = attrs.field(init=False, eq=False)
+    """Seconds one request's token takes to come back."""
+    capacity: int = attrs.field(init=False, eq=False)
+    """Requests allowed at once: C{burst}, or C{requests} when it is 0."""
+    tolerance: float = attrs.field(init=False, eq=False)
 
-    @property
-    def interval(self) -> float:
-        """Seconds one request's token takes to come back."""
-        return self.per / self.requests
-
-    @property
-    def capacity(self) -> int:
-        return self.burst or self.requests
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "interval", self.per / self.requests)
+        object.__setattr__(self, "capacity", self.burst or self.requests)
+        object.__setattr__(self, "tolerance", self.capacity * self.interval)
 
 
-@attrs.frozen
-class RateDecision:
+class RateDecision(NamedTuple):
+    """(A tuple: one is made per request.)"""
+
     allowed: bool
     remaining: int
     """Requests that may still be made at once."""
@@ -76,7 +78,7 @@ def gcra(tat: float | None, policy: RatePolicy, now: float) -> tuple[RateDecisio
     key's stored TAT, and the TAT to store (None: leave it as it was).
     """
     interval = policy.interval
-    tolerance = policy.capacity * interval
+    tolerance = policy.tolerance
     start = now if tat is None or tat < now else tat
     new_tat = start + interval
     allow_at = new_tat - tolerance
