@@ -285,3 +285,42 @@ def test_the_filters_provide_their_interfaces():
     cap = InFlightCap(1, clock, refusals)
     verifyObject(IRequestFilter, cap)
     verifyObject(IResponseFilter, cap)
+
+
+def test_a_store_that_answers_later_is_waited_for_by_the_filter():
+    """A shared store (Redis, later) answers with a Deferred: the filter needs no change."""
+    from types import SimpleNamespace
+
+    from twisted.internet.defer import Deferred
+    from zope.interface import implementer
+
+    from rproxy_tw.events import EventBus
+    from rproxy_tw.http.request import ProxyRequest
+
+    @implementer(IRateLimitStore)
+    class RemoteStore:
+        def __init__(self) -> None:
+            self.local = MemoryRateLimitStore()
+            self.waiting: list[Any] = []
+
+        def take(self, key: str, policy: RatePolicy, now: float) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            self.waiting.append((d, self.local.take(key, policy, now)))
+            return d
+
+    clock = Clock()
+    store = RemoteStore()
+    verifyObject(IRateLimitStore, store)
+    step = RateLimitFilter(RatePolicy(1, 60.0, 1), store, "client_ip", (), 64, clock, Refusals(clock, EventBus()))
+
+    def exchange() -> Any:
+        request = ProxyRequest(b"GET", b"/", b"/", b"", b"example.test", [], b"1.1", "none", None)
+        return SimpleNamespace(request=request, info=_info("192.0.2.1"), route_name="*/")
+
+    answers = []
+    for _ in range(2):
+        ex = exchange()
+        step.filterRequest(ex.request, ex).addCallback(answers.append)
+    for d, decision in store.waiting:
+        d.callback(decision)
+    assert answers[0] is None and answers[1].status == 429
