@@ -471,3 +471,23 @@ def test_a_trusted_proxy_is_not_refused_at_connect_but_its_clients_are_judged_pe
     assert resp.status == 403
     assert not first.closed and not second.closed
     assert [r.header(b"x-forwarded-for") for r in origin.requests] == [[b"203.0.113.9, 127.0.0.1"]]
+
+
+@inline
+def test_a_client_expecting_100_continue_is_told_to_send_the_body_the_waf_reads(net):
+    from .conftest import curl
+
+    origin = yield net.origin()
+    proxy = yield net.proxy(_config(origin, waf={}))
+    form = "name=" + "O%27Brien+" * 300
+    # Without the proxy's own 100 Continue, curl would wait its whole expect100-timeout (60 s)
+    # before sending the body, past --max-time.
+    out, err, code = yield curl("--expect100-timeout", "60", "-H", "Expect: 100-continue",
+                                "-H", "Content-Type: application/x-www-form-urlencoded",
+                                "--data-binary", form, f"{proxy.url}/form")
+    assert code == 0, err
+    assert out.endswith(form.encode())
+    assert origin.requests[0].header(b"expect") == []
+    resp = yield _get(net, proxy.port, b"/form", [(b"Content-Type", b"application/x-www-form-urlencoded")],
+                      b"POST", b"q=%3Cscript%3Ealert(1)%3C/script%3E")
+    assert resp.status == 403

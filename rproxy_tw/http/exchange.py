@@ -295,6 +295,12 @@ class ProxyExchange:
             return succeed(b"")
         inspection = self._inspect = _BodyInspection(limit)
         pending = self.pending
+        request = self.request
+        if pending is None and any(len(n) == 6 and n.lower() == b"expect" for n, _ in request.headers):
+            # The client waits for a 100 before it sends the body the filter waits for: answer it
+            # here (the origin, contacted later, gets no Expect and so sends no second 100).
+            request.headers = [(n, v) for n, v in request.headers if n.lower() != b"expect"]
+            self.downstream.writeInterim(100, b"Continue", ())
         if pending:
             for data in pending:
                 if inspection.feed(data):
