@@ -5,8 +5,10 @@ C{GET /1k.bin?q=red+shoes&page=2} with a browser User-Agent, N requests in all.
 Under callgrind, the instructions of two runs (N=1000 and N=3000) differ by the cost
 of 2000 requests, whatever the start-up cost; machine load does not change them.
 
-    python bench/scrub_harness.py plain|waf|rl|waf-rl N [profile]
-    bench/scrub_callgrind.sh plain waf rl waf-rl      # instructions per request, each variant
+    python bench/scrub_harness.py direct|plain|waf|rl|waf-rl N [profile]
+    bench/scrub_callgrind.sh direct plain waf rl waf-rl   # instructions per request, each variant
+
+(direct: the clients talk to the origin without the proxy, so that plain - direct is the proxy's share.)
 """
 import sys, time, cProfile, pstats
 from twisted.internet import reactor, defer
@@ -43,9 +45,13 @@ def main(variant, n, profile):
            "pool": {"p": {"backends": [f"tcp:127.0.0.1:{o.getHost().port}"]}}, "server": {"access_log": "off"}}
     if "waf" in variant: cfg["waf"] = {}
     if "rl" in variant: cfg["rate_limit"] = {"requests": 10**7, "per": 1.0, "burst": 10**7}
-    svc = ProxyService(parse_config(cfg), reactor); svc.startService()
-    [port] = yield svc.listening()
-    p = port.getHost().port
+    if variant == "direct":
+        # No proxy: the clients talk to the origin, so that plain - direct is the proxy's own cost.
+        p = o.getHost().port
+    else:
+        svc = ProxyService(parse_config(cfg), reactor); svc.startService()
+        [port] = yield svc.listening()
+        p = port.getHost().port
     from twisted.internet.endpoints import TCP4ClientEndpoint
     ds = []
     for _ in range(10):

@@ -385,25 +385,13 @@ class _Group:
     finds every rule that matches it), the other operators one by one.
     """
 
-    __slots__ = ("target", "transforms", "regex_set", "regex_rules", "other_rules", "match_set")
+    __slots__ = ("target", "transforms", "regex_rules", "other_rules", "match_set")
 
     def __init__(self, target: str, transforms: tuple[str, ...], rules: list[Rule]) -> None:
         self.target = target
         self.transforms = transforms
-        self.regex_rules = tuple(r for r in rules if r.regex is not None)
+        self.match_set, self.regex_rules = _regex_set([r for r in rules if r.regex is not None])
         self.other_rules = tuple(r for r in rules if r.regex is None)
-        self.regex_set: Any = None
-        if self.regex_rules:
-            options = re2.Options()
-            options.max_mem = 64 << 20
-            options.log_errors = False
-            regex_set = re2.Set.SearchSet(options)
-            for rule in self.regex_rules:
-                regex_set.Add(rule.regex)
-            regex_set.Compile()
-            self.regex_set = regex_set
-        # The compiled set's own Match, without the wrapper's per-call checks (the text is always bytes).
-        self.match_set = self.regex_set._set.Match if self.regex_set is not None else None
 
 
 _PLAIN_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/_-.~"
@@ -443,9 +431,9 @@ class _PlainGroups:
     def judge(self, value: str) -> tuple[tuple[Rule, str], ...]:
         found: list[tuple[Rule, str]] = []
         lowered = value.lower()
-        for regex_set, rules, text in ((self.same, self.same_rules, value), (self.lower, self.lower_rules, lowered)):
-            if regex_set is not None:
-                indexes = regex_set._set.Match(text.encode("ascii"))
+        for match, rules, text in ((self.same, self.same_rules, value), (self.lower, self.lower_rules, lowered)):
+            if match is not None:
+                indexes = match(text.encode("ascii"))
                 if indexes:
                     found += [(rules[i], text) for i in indexes]
         for rule, use_lower in self.others:
@@ -456,7 +444,11 @@ class _PlainGroups:
         return tuple({rule.id: (rule, text) for rule, text in found}.values())
 
 
-def _regex_set(rules: Sequence[Rule]) -> tuple[Any, tuple[Rule, ...]]:
+def _regex_set(rules: Sequence[Rule]) -> tuple[Callable[[bytes], list[int]] | None, tuple[Rule, ...]]:
+    """
+    One RE2 set of the rules' expressions: a function from UTF-8 text to the
+    indexes (in the returned rules) of those that match it, or None for no rules.
+    """
     unique = tuple({rule.id: rule for rule in rules}.values())
     if not unique:
         return None, ()
@@ -467,7 +459,9 @@ def _regex_set(rules: Sequence[Rule]) -> tuple[Any, tuple[Rule, ...]]:
     for rule in unique:
         regex_set.Add(rule.regex)
     regex_set.Compile()
-    return regex_set, unique
+    # The compiled set's own Match (google-re2 keeps it as _set): the wrapper's Match only adds a
+    # str-or-bytes check per call, and every text given here is bytes already.
+    return regex_set._set.Match, unique
 
 
 def _groups(rules: Sequence[Rule]) -> tuple[tuple[str, tuple[_Group, ...]], ...]:
@@ -527,11 +521,6 @@ class _Chains:
                 if rule.match(value):
                     found.append((rule, value))
         return tuple(found)
-
-
-def _judge_value(groups: Sequence[_Group], raw: str) -> tuple[tuple[Rule, str], ...]:
-    """Every rule of C{groups} that one value of their target matches (see L{_Chains})."""
-    return _Chains(groups).judge(raw)
 
 
 CACHED_VALUE_BYTES = 256
