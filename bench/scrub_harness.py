@@ -10,7 +10,7 @@ of 2000 requests, whatever the start-up cost; machine load does not change them.
 
 (direct: the clients talk to the origin without the proxy, so that plain - direct is the proxy's share.)
 """
-import sys, time, cProfile, pstats
+import os, sys, time, cProfile, pstats
 from twisted.internet import reactor, defer
 from twisted.internet.protocol import Protocol, Factory, ClientFactory
 from rproxy_tw import ProxyService, parse_config
@@ -70,7 +70,7 @@ def main(variant, n, profile):
     cpu = time.process_time() - t0
     print(f"{variant}: {cpu / n * 1e6:.1f} us CPU per request (client, proxy and origin together)")
     if prof:
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(os.environ.get("PROFILE_FILTER", ""), 25)
     reactor.stop()
 
 variant, n = sys.argv[1], int(sys.argv[2])
