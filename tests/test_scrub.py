@@ -491,3 +491,16 @@ def test_a_client_expecting_100_continue_is_told_to_send_the_body_the_waf_reads(
     resp = yield _get(net, proxy.port, b"/form", [(b"Content-Type", b"application/x-www-form-urlencoded")],
                       b"POST", b"q=%3Cscript%3Ealert(1)%3C/script%3E")
     assert resp.status == 403
+
+
+@inline
+def test_a_refusal_while_the_body_still_comes_closes_the_connection(net):
+    origin = yield net.origin()
+    proxy = yield net.proxy(_config(origin, waf={"body_limit": 1024}))
+    client = yield net.client(proxy.port)
+    head = (b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: 100000000\r\n\r\n")
+    client.send(head + b"<script>alert(1)</script>" + b"x" * 2000)
+    yield client.until_closed()
+    assert client.buf.startswith(b"HTTP/1.1 403 ") and b"Connection: close\r\n" in client.buf
+    assert origin.requests == []

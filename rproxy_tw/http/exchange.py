@@ -359,6 +359,10 @@ class ProxyExchange:
         """A request filter answered for the origin (a refusal, a redirect, a cached response)."""
         self.status = answer.status
         self.headSent = True
+        if not self.requestComplete and answer.status >= 400:
+            # A refusal while the body still comes: the connection closes after the answer,
+            # rather than reading (and throwing away) what may be a very long body.
+            self.keep_alive = False
         has_body = self.method != b"HEAD" and answer.status not in (204, 304) and answer.status >= 200
         headers = list(answer.headers)
         server = self.settings.server_header

@@ -654,6 +654,8 @@ class HTTPServerConnection(Protocol):
             else:
                 self._close_after = True
         connection = b""
+        if not ex.keep_alive:
+            self._close_after = True  # the exchange decided so after it began (a refusal mid-body)
         if status == 101:
             pass
         elif self._close_after:
