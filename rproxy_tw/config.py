@@ -33,6 +33,7 @@ __all__ = [
     "AdminConfig",
     "AcmeConfig",
     "RateLimitConfig",
+    "RouteWafConfig",
     "WafConfig",
     "CacheConfig",
     "ClusterConfig",
@@ -151,6 +152,20 @@ class RouteConfig:
     """This route's pages for the proxy's own 4xx/5xx answers (over the global C{[error_pages]})."""
     compress: tuple[str, ...] | None = None
     """Codings to compress this route's responses with; None: C{[cache] compress}."""
+    rate_limit: Any = None
+    """C{None}: the global C{[rate_limit]}; C{False}: none on this route; a L{RateLimitConfig}: this route's own."""
+    waf: Any = None
+    """C{None}: the global C{[waf]} as it is; C{False}: no WAF rules here; a L{RouteWafConfig}: changes for this route."""
+
+
+@frozen
+class RouteWafConfig:
+    """A route's C{waf = {...}}: its own mode, rules switched off here, and IP lists added to the global ones."""
+
+    mode: str | None = None
+    exclude: tuple[str, ...] = ()
+    deny: tuple[IPNetwork, ...] = ()
+    allow: tuple[IPNetwork, ...] = ()
 
 
 @frozen
@@ -253,6 +268,17 @@ class LimitsConfig:
     max_body_bytes: int = 0
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
+    max_connections_per_ip: int = 0
+    """Connections one client address may hold open on each listener; more are closed at once (0: no limit)."""
+    connection_rate_per_ip: int = 0
+    """New connections a second one client address may open (0: no limit), with C{connection_burst_per_ip} at once."""
+    connection_burst_per_ip: int = 0
+    """0: the same as C{connection_rate_per_ip}."""
+    max_requests_in_flight: int = 0
+    """Requests being proxied at once, all routes together; over it: an immediate 503 (0: no limit)."""
+    min_body_rate: int = 0
+    """Bytes a second a request body must average over each C{body_rate_window} (else 408; 0: no minimum)."""
+    body_rate_window: float = 5.0
 
 
 @frozen
@@ -287,25 +313,36 @@ class AcmeConfig:
 
 @frozen
 class RateLimitConfig:
-    """C{[rate_limit]}: a token bucket per client key (not enforced yet)."""
+    """C{[rate_limit]}: a token bucket per client key (GCRA, L{rproxy_tw.scrub.ratelimit})."""
 
     requests: int = 100
     per: float = 1.0
     burst: int = 0
+    """Requests allowed at once; 0: C{requests}."""
     key: str = "client_ip"
     store: str = "memory"
     on_store_error: str = "allow"
+    ipv6_prefix: int = 64
+    """IPv6 clients are counted by this prefix (one subscriber usually holds a /64)."""
+    max_keys: int = 100000
+    """Clients remembered at once (least recently seen forgotten first): the table's memory bound."""
 
 
 @frozen
 class WafConfig:
-    """C{[waf]}: request filtering (not enforced yet)."""
+    """C{[waf]}: IP policy and the rule engine (L{rproxy_tw.scrub})."""
 
     mode: str = "block"
     rules: str = "default"
     """C{"default"} (the bundled rules), or the path of a rule file."""
     deny: tuple[IPNetwork, ...] = ()
     allow: tuple[IPNetwork, ...] = ()
+    threshold: int = 5
+    """The anomaly score at which a request is refused (block) or reported (detect)."""
+    body_limit: int = 16384
+    """Bytes of a request body the rules read (held before the origin is contacted; 0: bodies are not read)."""
+    exclude: tuple[tuple[str, str], ...] = ()
+    """(rule id, path prefix) pairs: the rule is off for paths under the prefix."""
 
 
 @frozen
@@ -345,11 +382,14 @@ class ProxyConfig:
     deferred_sections: Mapping[str, Any] = field(factory=dict)
     """
     Contract sections accepted, validated and not enforced yet, by name
-    (C{"admin"}: L{AdminConfig}, C{"acme"}, C{"rate_limit"}, C{"waf"},
-    C{"cluster"}); L{not_enforced_warnings} names them.
+    (C{"admin"}: L{AdminConfig}, C{"acme"}, C{"cluster"}); L{not_enforced_warnings} names them.
     """
     cache: CacheConfig = CacheConfig()
     """C{[cache]}: the shared HTTP cache's store and bounds, and the codings compression offers."""
+    rate_limit: RateLimitConfig | None = None
+    """C{[rate_limit]}, when present: every route is limited unless it says C{rate_limit = false}."""
+    waf: WafConfig | None = None
+    """C{[waf]}, when present."""
 
 
 # ---------------------------------------------------------------------------
@@ -697,6 +737,12 @@ def _parse_routes(source: str, raw: Any, base: str = ".") -> tuple[RouteConfig, 
         response_headers = _parse_header_rules(r.sub("response_headers"))
         pages_reader = r.sub("error_pages")
         pages = _parse_error_pages(pages_reader, base) if pages_reader is not None else {}
+        scrub: dict[str, Any] = {}
+        for name, parse in (("rate_limit", _parse_rate_limit), ("waf", _parse_route_waf)):
+            value = r.get(name, (bool, dict), None)
+            if value is True:
+                raise r.error(name, "must be false (off on this route) or a table of settings")
+            scrub[name] = value if value is None or value is False else parse(r.sub(name))  # type: ignore[arg-type]
         r.finish()
         if (host, path) in seen:
             raise r.error("path", f"duplicates route[{seen[(host, path)]}] (same host and path)")
@@ -714,6 +760,7 @@ def _parse_routes(source: str, raw: Any, base: str = ".") -> tuple[RouteConfig, 
                 response_headers=response_headers,
                 error_pages=pages,
                 compress=route_compress,
+                **scrub,
             )
         )
     return tuple(out)
@@ -955,6 +1002,12 @@ def _parse_limits(r: _Reader | None) -> LimitsConfig:
         max_body_bytes=r.integer("max_body_bytes", 0),
         header_timeout=r.number("header_timeout", 10.0, positive=True),
         idle_timeout=r.number("idle_timeout", 60.0, positive=True),
+        max_connections_per_ip=r.integer("max_connections_per_ip", 0),
+        connection_rate_per_ip=r.integer("connection_rate_per_ip", 0),
+        connection_burst_per_ip=r.integer("connection_burst_per_ip", 0),
+        max_requests_in_flight=r.integer("max_requests_in_flight", 0),
+        min_body_rate=r.integer("min_body_rate", 0),
+        body_rate_window=r.number("body_rate_window", 5.0, positive=True),
     )
     r.finish()
     return limits
@@ -1009,7 +1062,11 @@ def _parse_rate_limit(r: _Reader) -> RateLimitConfig:
         key=key,
         store=r.choice("store", ("memory", "redis"), _default(RateLimitConfig, "store")),
         on_store_error=r.choice("on_store_error", ("allow", "deny"), _default(RateLimitConfig, "on_store_error")),
+        ipv6_prefix=r.integer("ipv6_prefix", _default(RateLimitConfig, "ipv6_prefix"), minimum=1),
+        max_keys=r.integer("max_keys", _default(RateLimitConfig, "max_keys"), minimum=1),
     )
+    if config.ipv6_prefix > 128:
+        raise r.error("ipv6_prefix", f"must be at most 128, not {config.ipv6_prefix}")
     r.finish()
     return config
 
@@ -1023,12 +1080,44 @@ def _parse_waf(r: _Reader, base: str) -> WafConfig:
     rules = r.get("rules", str, _default(WafConfig, "rules"))
     if not rules:
         raise r.error("rules", "must be \"default\" or the path of a rule file")
+    exclude = []
+    for i, item in enumerate(r.get("exclude", list, [])):
+        er = _Reader(r.source, r.key(f"exclude[{i}]"), item)
+        rule = er.required("rule", (str, int))
+        path = er.get("path", str, "/")
+        if not path.startswith("/"):
+            raise er.error("path", f"must start with '/', not {path!r}")
+        er.finish()
+        exclude.append((str(rule), path))
     config = WafConfig(
         mode=r.choice("mode", ("off", "detect", "block"), _default(WafConfig, "mode")),
         rules=rules if rules == "default" else _resolve_path(base, rules),
         deny=r.networks("deny"),
         allow=r.networks("allow"),
+        threshold=r.integer("threshold", _default(WafConfig, "threshold"), minimum=1),
+        body_limit=r.integer("body_limit", _default(WafConfig, "body_limit")),
+        exclude=tuple(exclude),
     )
+    r.finish()
+    from .scrub.waf import RuleError, load_rules
+
+    try:
+        rule_set = load_rules(config.rules)
+    except RuleError as e:
+        raise r.error("rules", str(e)) from None
+    known = rule_set.ids()
+    for i, (rule, _) in enumerate(config.exclude):
+        if rule not in known:
+            raise r.error(f"exclude[{i}].rule", f"no rule {rule!r} in {config.rules}")
+    return config
+
+
+def _parse_route_waf(r: _Reader) -> RouteWafConfig:
+    mode = r.get("mode", str, None)
+    if mode is not None and mode not in ("off", "detect", "block"):
+        raise r.error("mode", f"must be one of 'off', 'detect', 'block', not {mode!r}")
+    config = RouteWafConfig(mode=mode, exclude=r.strings("exclude", ()), deny=r.networks("deny"),
+                            allow=r.networks("allow"))
     r.finish()
     return config
 
@@ -1063,8 +1152,6 @@ def _parse_cluster(r: _Reader) -> ClusterConfig:
 _DEFERRED_PARSERS: dict[str, Callable[[_Reader, str], Any]] = {
     "admin": lambda r, base: _parse_admin(r),
     "acme": _parse_acme,
-    "rate_limit": lambda r, base: _parse_rate_limit(r),
-    "waf": _parse_waf,
     "cluster": lambda r, base: _parse_cluster(r),
 }
 
@@ -1083,6 +1170,9 @@ def not_enforced_warnings(config: ProxyConfig) -> list[str]:
                      "(one process serves)")
     if config.cache.store == "redis":
         lines.append('cache.store = "redis" is accepted but not enforced by this version (the memory store serves)')
+    if config.rate_limit is not None and config.rate_limit.store == "redis":
+        lines.append("rate_limit.store = \"redis\" is accepted but not enforced by this version "
+                     "(each process keeps its own table)")
     return lines
 
 
@@ -1182,6 +1272,9 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
             deferred[name] = parse(section, base)
     cache_reader = top.sub("cache")
     cache_config = _parse_cache(cache_reader, base) if cache_reader is not None else CacheConfig()
+    rate_reader, waf_reader = top.sub("rate_limit"), top.sub("waf")
+    rate_limit = _parse_rate_limit(rate_reader) if rate_reader is not None else None
+    waf = _parse_waf(waf_reader, base) if waf_reader is not None else None
     top.finish()
     if "acme" not in deferred and any(profile.acme for profile in tls.values()):
         deferred["acme"] = _parse_acme(_Reader(source, "acme", {}), base)  # the defaults, storage beside the file
@@ -1203,7 +1296,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
         endpoints.append(("admin.endpoint", admin_endpoint))
     _refuse_overlapping_endpoints(source, endpoints)
     for store_of in ("rate_limit", "cache"):
-        if getattr(deferred.get(store_of), "store", None) == "redis" and "cluster" not in deferred:
+        section = rate_limit if store_of == "rate_limit" else deferred.get(store_of)
+        if getattr(section, "store", None) == "redis" and "cluster" not in deferred:
             raise ConfigError(source, f"{store_of}.store", "\"redis\" needs a [cluster] section naming the Redis server")
     if cache_config.store == "redis" and "cluster" not in deferred:
         raise ConfigError(source, "cache.store", "\"redis\" needs a [cluster] section naming the Redis server")
@@ -1220,6 +1314,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
         deferred_sections=deferred,
         error_pages=error_pages,
         cache=cache_config,
+        rate_limit=rate_limit,
+        waf=waf,
     )
 
 

@@ -27,11 +27,13 @@ __all__ = [
     "CacheStored",
     "CertificateChanged",
     "CertificateFailed",
+    "ConnectionRefused",
     "EventBus",
     "IEventObserver",
     "ReloadApplied",
     "ReloadRefused",
     "RequestFinished",
+    "RequestRefused",
     "TCPSessionClosed",
     "TLSHandshakeFailed",
 ]
@@ -273,3 +275,42 @@ class CacheEvicted:
     key: str
     bytes: int
     reason: str
+
+
+# ---------------------------------------------------------------------------
+# Scrubbing (rproxy_tw/scrub/)
+
+
+@attrs.frozen(slots=True)
+class RequestRefused:
+    """
+    A request the proxy's scrubbing refused before the origin (or, with
+    C{blocked} false, flagged in C{detect} mode and let through).  Metrics
+    count these by C{reason}; the request's own L{RequestFinished} follows.
+    """
+
+    reason: str
+    """C{"ip_policy"}, C{"rate_limit"}, C{"waf"}, C{"bad_behaviour"}, C{"overload"}, C{"slow_body"}."""
+    rule: str
+    """What decided: rule ids (C{"942100,942110"}), the CIDR, the policy name."""
+    client: str
+    status: int
+    """What the client was answered (0 when C{blocked} is false)."""
+    route: str | None = None
+    method: bytes = b""
+    target: bytes = b""
+    request_id: bytes | None = None
+    """The incident id the 403 page and the log line give."""
+    blocked: bool = True
+    score: int = 0
+
+
+@attrs.frozen(slots=True)
+class ConnectionRefused:
+    """A connection closed at once, before any byte was read (IP policy, per-address limits)."""
+
+    listener: str
+    client: str
+    reason: str
+    """C{"ip_policy"}, C{"connections_per_ip"}, C{"connection_rate"}."""
+    rule: str = ""

@@ -46,6 +46,8 @@ from .pipeline import (
     header_rule_set,
 )
 from .routing import ErrorPage, HostRouter, ProxyRoute, build_router
+from .scrub.connections import ConnectionGuard
+from .scrub.setup import Scrubbing
 from .upstream.health import HealthMonitor, PassiveConfig, PassiveHealth, monitor_for
 from .upstream.pool import BackendPool
 from .upstream.retry import RetryBudget
@@ -142,6 +144,8 @@ class ProxyRuntime:
         }
         self.cache = _shared_cache(config, reactor, self.events, previous)
         """The shared HTTP cache of the routes with C{cache = true} (an L{rproxy_tw.cache.HTTPCache}), or None."""
+        self.scrubbing = Scrubbing(config, reactor, self.events, previous.scrubbing if previous is not None else None)
+        """IP policy, rate limits, the WAF and the in-flight cap: filters put first on every route."""
         self.router: HostRouter = build_router(config.routes, self.render_route)
         for route in self.router.routes():
             if isinstance(route, ProxyRoute):
@@ -185,8 +189,12 @@ class ProxyRuntime:
         rc = route.config
         pool = self.pools[rc.pool]
         rules = HeaderRules(header_rule_set(rc.request_headers), header_rule_set(rc.response_headers))
-        request_filters: tuple[Any, ...] = (rules,) if rules.request else ()
-        response_filters: tuple[Any, ...] = (StickyCookie(pool.balancer),) if pool.sticky else ()
+        # Scrubbing first: it judges the request as the client sent it, before any rule rewrites it.
+        request_filters, response_filters = self.scrubbing.filters_for(rc, f"{rc.host or '*'}{rc.path}")
+        if rules.request:
+            request_filters += (rules,)
+        if pool.sticky:
+            response_filters += (StickyCookie(pool.balancer),)
         if rules.response:
             response_filters += (rules,)
         # The first response filter sees the origin's response first: compress, then store the
@@ -550,8 +558,10 @@ class _ListenerFactory(Factory):
 
     noisy = False
 
-    def __init__(self, current: Any) -> None:
+    def __init__(self, current: Any, guard: ConnectionGuard | None = None, listener: str = "") -> None:
         self.current = current
+        self.guard = guard
+        self.listener = listener
         self._started = False
 
     def doStart(self) -> None:
@@ -563,6 +573,10 @@ class _ListenerFactory(Factory):
         self.current.doStop()
 
     def buildProtocol(self, addr: Any) -> Any:
+        guard = self.guard
+        if guard is not None and guard.active:
+            # Refused here, the socket closes before a byte is read: before TLS, on any listener.
+            return guard.admit(self.listener, addr, lambda: self.current.buildProtocol(addr))
         return self.current.buildProtocol(addr)
 
     def logPrefix(self) -> str:
@@ -706,7 +720,7 @@ def _diff(old: Any, new: Any) -> tuple[tuple[str, ...], tuple[str, ...], tuple[s
 
 def summarize(old: ProxyConfig, new: ProxyConfig) -> ReloadSummary:
     """What changes from C{old} to C{new}."""
-    other = tuple(name for name in ("limits", "server") if getattr(old, name) != getattr(new, name))
+    other = tuple(name for name in ("limits", "server", "rate_limit", "waf") if getattr(old, name) != getattr(new, name))
     return ReloadSummary(
         (len(old.routes), len(new.routes)), old.routes != new.routes,
         _diff(old.pools, new.pools),
@@ -735,6 +749,9 @@ class ProxyService(MultiService):
         self.endpoint_for = endpoint_for
         set_log_level(config.server.log_level)
         self.runtime = ProxyRuntime(config, reactor, endpoint_for)
+        self.guard = ConnectionGuard(reactor, self.runtime.events)
+        """Refusals at connect on every listener (IP policy, per-address limits), before TLS."""
+        self.guard.configure(config)
         self.load_config: Callable[[], ProxyConfig] | None = lambda: load_config(self.config.source)
         """What L{reload_file} reads: the config file again (C{twistd rproxy} adds its command-line overrides)."""
         self._mounts: list[tuple[str, IResource, str | None]] = []
@@ -834,7 +851,9 @@ class ProxyService(MultiService):
         profile = self._tls_profile(listen, index, config)
         inner = self._inner_factory(listen, runtime, config)
         outer = self._outer_factory(listen, profile, inner)
-        switch = _ListenerFactory(outer)
+        # Behind a PROXY-protocol balancer (haproxy:) the peer is the balancer: clients are judged per request.
+        guard = None if listen.endpoint.startswith("haproxy:") else self.guard
+        switch = _ListenerFactory(outer, guard, listen.endpoint)
         service = _Listener(serverFromString(self.reactor, with_backlog(listen.endpoint)), switch)
         service._raiseSynchronously = True
         service.label = f"listen[{index}] {listen.endpoint}"
@@ -919,6 +938,7 @@ class ProxyService(MultiService):
         # Nothing below fails: the new config takes over.
         self.config, self.runtime = config, runtime
         runtime.commit(old_runtime)
+        self.guard.configure(config)
         set_log_level(config.server.log_level)
         self._retired = [f for f in self._retired if f.open_connections()]
         for slot in self._slots:

@@ -389,8 +389,6 @@ def test_log_level_option_overrides_the_config(tmp_path):
 
 CONTRACT_WARNINGS = [
     "[admin] is accepted but not enforced by this version",
-    "[rate_limit] is accepted but not enforced by this version",
-    "[waf] is accepted but not enforced by this version",
     "[cluster] is accepted but not enforced by this version",
 ]
 
@@ -405,7 +403,7 @@ def test_contract_not_enforced_parts_are_named_once_each():
     acme = config.deferred_sections["acme"]
     assert acme.challenges == ("http-01", "tls-alpn-01") and acme.ca is None
     assert config.cache.compress == ("gzip", "br") and config.routes[1].cache
-    assert config.deferred_sections["rate_limit"].burst == 200
+    assert config.rate_limit.burst == 200 and config.waf.mode == "block" and config.waf.deny == ()
     assert config.deferred_sections["cluster"].redis == "tcp:127.0.0.1:6379"
     assert config.deferred_sections["admin"].token == ""
 

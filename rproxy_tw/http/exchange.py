@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferTimeoutError, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -194,7 +194,7 @@ class ProxyExchange:
         "upgrade", "conn", "backend", "pending", "requestComplete", "requestSent", "bodyStarted",
         "headSent", "finished", "status", "tried", "attempts", "_connecting", "_producer", "_chunked_up",
         "body_limit", "body_seen", "replayable", "replay", "replay_bytes", "head", "http_version", "chain",
-        "started_at", "_waiting", "route_name", "keep_alive", "_source",
+        "started_at", "_waiting", "route_name", "keep_alive", "_source", "_inspect",
         "__weakref__",
     )
 
@@ -246,6 +246,7 @@ class ProxyExchange:
         self._chunked_up = body == "chunked"
         self._waiting: Any = None
         self._source: Any = None
+        self._inspect: _BodyInspection | None = None
         self.body_limit = request.body_limit
         self.body_seen = 0
         self.replayable = (method in IDEMPOTENT or plan.retry_non_idempotent) and not upgrade
@@ -280,11 +281,53 @@ class ProxyExchange:
             return
         self._pick()
 
+    def inspectBody(self, limit: int) -> Deferred[bytes]:
+        """
+        For a request filter (from C{filterRequest}): the first C{limit}
+        bytes of the request body, or all of it when it is shorter, once
+        they have arrived.  Until the filters have all decided, nothing is
+        sent to the origin (no backend is even picked); the client's body is
+        read until C{limit} bytes are held, then reading pauses, so at most
+        C{limit} bytes and one read are kept.  Return a Deferred chained on
+        this one from C{filterRequest}: the wait has the route's
+        C{response_timeout} as its deadline.
+        """
+        if self.body == "none" or limit <= 0 or self.finished:
+            return succeed(b"")
+        inspection = self._inspect = _BodyInspection(limit)
+        pending = self.pending
+        request = self.request
+        if pending is None and any(len(n) == 6 and n.lower() == b"expect" for n, _ in request.headers):
+            # The client waits for a 100 before it sends the body the filter waits for: answer it
+            # here (the origin, contacted later, gets no Expect and so sends no second 100).
+            request.headers = [(n, v) for n, v in request.headers if n.lower() != b"expect"]
+            self.downstream.writeInterim(100, b"Continue", ())
+        if pending:
+            for data in pending:
+                if inspection.feed(data):
+                    break
+        if self.requestComplete or inspection.full:
+            return self._inspected()
+        if pending is not None:
+            self.downstream.gate.resume("connecting")  # read on, up to the limit
+        return inspection.deferred
+
+    def _inspected(self) -> Deferred[bytes]:
+        """The body is in hand up to the limit (or complete): hold the rest back and let the filter judge."""
+        inspection, self._inspect = self._inspect, None
+        assert inspection is not None
+        if self.pending is not None and not self.requestComplete:
+            self.downstream.gate.pause("connecting")
+        d = inspection.deferred
+        d.callback(b"".join(inspection.held))
+        return d
+
     def _await(self, waiting: Deferred[Any], index: int) -> None:
         """A filter answers later: the client's body waits, and so does the filter, up to response_timeout."""
         self._waiting = waiting
         gate = self.downstream.gate
-        gate.pause("filter")
+        if self._inspect is None:
+            gate.pause("filter")
         waiting.addTimeout(self.settings.response_timeout, self.clock)
 
         def decided(result: Any) -> None:
@@ -302,6 +345,11 @@ class ProxyExchange:
             gate.resume("filter")
             if self.finished or failure.check(CancelledError):
                 return
+            if self._inspect is not None and failure.check(DeferTimeoutError):
+                # The body a filter waits to read came too slowly: the client's doing.
+                self._inspect = None
+                self._giveUp(408, "Request Timeout: the request body came too slowly")
+                return
             self._log.failure("request filter failed for {method} {target}", failure,
                               method=self.method.decode("latin-1"), target=self.request.target.decode("latin-1"))
             self._giveUp(500, "Internal Server Error")
@@ -312,6 +360,10 @@ class ProxyExchange:
         """A request filter answered for the origin (a refusal, a redirect, a cached response)."""
         self.status = answer.status
         self.headSent = True
+        if not self.requestComplete and answer.status >= 400:
+            # A refusal while the body still comes: the connection closes after the answer,
+            # rather than reading (and throwing away) what may be a very long body.
+            self.keep_alive = False
         has_body = self.method != b"HEAD" and answer.status not in (204, 304) and answer.status >= 200
         headers = answer.headers
         if type(headers) is not bytes:  # a serialized head (a stored response's) goes as it is
@@ -462,10 +514,14 @@ class ProxyExchange:
             return
         conn = self.conn
         if conn is None:
+            inspection = self._inspect
             if self.pending is None:
                 self.pending = []
-                self.downstream.gate.pause("connecting")
+                if inspection is None:
+                    self.downstream.gate.pause("connecting")
             self.pending.append(data)
+            if inspection is not None and inspection.feed(data):
+                self._inspected()
             return
         self._sendBody(data)
 
@@ -490,6 +546,9 @@ class ProxyExchange:
         if self.requestComplete:
             return
         self.requestComplete = True
+        if self._inspect is not None and not self.finished:
+            self._inspected()
+            return
         if self.conn is not None and not self.finished:
             self._requestDone()
 
@@ -769,6 +828,7 @@ class ProxyExchange:
         if self._connecting is not None:
             d, self._connecting = self._connecting, None
             d.cancel()
+        self._inspect = None
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             waiting.cancel()
@@ -787,6 +847,31 @@ class ProxyExchange:
             if conn.exchange is self:
                 conn.exchange = None
             conn.abort()
+
+
+class _BodyInspection:
+    """The first bytes of a request body, held for a request filter (L{ProxyExchange.inspectBody})."""
+
+    __slots__ = ("limit", "held", "size", "deferred")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held: list[bytes] = []
+        self.size = 0
+        self.deferred: Deferred[bytes] = Deferred()
+
+    @property
+    def full(self) -> bool:
+        return self.size >= self.limit
+
+    def feed(self, data: bytes) -> bool:
+        """Keep what fits of C{data}; whether the limit is reached."""
+        room = self.limit - self.size
+        if room > 0:
+            piece = data if len(data) <= room else data[:room]
+            self.held.append(piece)
+            self.size += len(piece)
+        return self.size >= self.limit
 
 
 def _tls_refusal(reason: Failure | None) -> bool:

@@ -204,6 +204,9 @@ class H2Stream:
         self.sent_bytes = 0
         self._stall_mark = 0
         self._stall_timer: Any = None
+        self.received_bytes = 0
+        self._rate_timer: Any = None
+        self._rate_mark = 0
 
     @property
     def disconnected(self) -> bool:
@@ -212,6 +215,7 @@ class H2Stream:
     # -- request side -----------------------------------------------------------------------
 
     def data(self, data: bytes, flow_controlled_length: int) -> None:
+        self.received_bytes += len(data)
         if self.reading:
             self.conn.acknowledge(self.stream_id, flow_controlled_length)
         else:
@@ -226,6 +230,7 @@ class H2Stream:
 
     def ended(self) -> None:
         self.request_ended = True
+        self._stopRateTimer()
         if self.exchange is not None:
             self.exchange.requestBodyEnd()
 
@@ -247,10 +252,53 @@ class H2Stream:
 
     def _abandon(self) -> None:
         """Nothing more goes to the client on this stream."""
+        self._stopRateTimer()
         self.reset = True
         self.pending.clear()
         self._release_upstream()
         self.conn.stream_done(self)
+
+    # -- a body that trickles (C{[limits] min_body_rate}) -------------------------------------
+
+    def watchBodyRate(self) -> None:
+        """The request has a body: check every C{body_rate_window} that it comes fast enough."""
+        limits = self.factory.limits
+        if limits.min_body_rate and not self.request_ended:
+            self._rate_mark = self.received_bytes
+            self._rate_timer = self.factory.clock.callLater(limits.body_rate_window, self._rateCheck)
+
+    def _rateCheck(self) -> None:
+        self._rate_timer = None
+        if self.request_ended or self.disconnected:
+            return
+        exchange = self.exchange
+        if exchange is None or exchange.finished:
+            return
+        limits = self.factory.limits
+        if self.reading and not self.gate.paused and \
+                self.received_bytes - self._rate_mark < limits.min_body_rate * limits.body_rate_window:
+            rule = f"min_body_rate {limits.min_body_rate}"
+            request = getattr(exchange, "request", None)
+            self.conn._log.warn("refused {method} {target} from {client}: slow_body rule {rule} -> 408",
+                                method=request.method.decode("latin-1") if request else "-",
+                                target=request.target[:200].decode("latin-1") if request else "-",
+                                client=self.client_ip, rule=rule)
+            events = self.factory.events
+            if events.wanted:
+                from ..events import RequestRefused
+
+                events.publish(RequestRefused("slow_body", rule, self.client_ip, 408,
+                                              getattr(exchange, "route_name", None),
+                                              request.method if request else b"",
+                                              request.target if request else b""))
+            self._reject(408, "Request Timeout: the request body came too slowly")
+            return
+        self.watchBodyRate()
+
+    def _stopRateTimer(self) -> None:
+        timer, self._rate_timer = self._rate_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     # -- a client that grants no window -----------------------------------------------------
 
@@ -883,6 +931,8 @@ class H2ServerConnection(Protocol):
         exchange.start()
         if ended and not exchange.finished:
             exchange.requestBodyEnd()
+        elif not ended:
+            stream.watchBodyRate()
 
     def _answer(self, stream: H2Stream, status: int, message: str) -> None:
         response = LocalResponse(stream, status, message)  # type: ignore[arg-type]

@@ -200,6 +200,9 @@ class HTTPServerConnection(Protocol):
         self._span = 1.0
         self._idle_limit = 0.0
         self._leftover = b""
+        self._rate_since = 0.0
+        self._rate_bytes = 0
+        """C{[limits] min_body_rate}: when the present window of the body being read began, and its bytes so far."""
         # Response state of the current exchange.
         self._chunked = False
         self._close_after = False
@@ -227,6 +230,8 @@ class HTTPServerConnection(Protocol):
         no_delay(transport)
         f.connections.add(self)
         self._span = min(f.limits.header_timeout, f.limits.idle_timeout)
+        if f.limits.min_body_rate:
+            self._span = min(self._span, f.limits.body_rate_window)
         self._since = f.clock.seconds()
         # Until a first request, a silent connection may idle only header_timeout.
         self._idle_limit = f.limits.header_timeout
@@ -336,10 +341,14 @@ class HTTPServerConnection(Protocol):
             deadline, why = since + limits.header_timeout, "head"
         elif self.parsing is not None and not self.parsing.requestComplete and not self.gate.paused:
             deadline, why = since + limits.idle_timeout, "body"
+            if limits.min_body_rate and self._bodyTooSlow(now, limits):
+                self._slowBody(limits)
+                return
         elif self.current is None and self.parsing is None:
             deadline, why = since + self._idle_limit, "idle"
         else:
             deadline, why = now + limits.idle_timeout, "busy"
+            self._rate_since, self._rate_bytes = now, 0  # reading paused by the proxy: not the client's time
         if now < deadline:
             self._timer = clock.callLater(min(deadline - now, self._span), self._timedOut)
             return
@@ -350,6 +359,37 @@ class HTTPServerConnection(Protocol):
             self._reject(408, "Request Timeout: the request head took too long")
         else:
             self._reject(408, "Request Timeout: the request body stalled")
+
+    def _bodyTooSlow(self, now: float, limits: Any) -> bool:
+        """
+        Whether the body being read averaged less than C{min_body_rate}
+        bytes a second over the window that just ended (slow POST).  Time
+        the proxy itself paused reading is not counted against the client.
+        """
+        elapsed = now - self._rate_since
+        if elapsed < limits.body_rate_window:
+            return False
+        slow = self._rate_bytes < limits.min_body_rate * elapsed
+        self._rate_since, self._rate_bytes = now, 0
+        return slow
+
+    def _slowBody(self, limits: Any) -> None:
+        """A slow POST: answer 408 and close, with one log line and a refusal event."""
+        exchange = self.parsing
+        request = getattr(exchange, "request", None)
+        rule = f"min_body_rate {limits.min_body_rate}"
+        self._log.warn("refused {method} {target} from {client}: slow_body rule {rule} -> 408",
+                       method=request.method.decode("latin-1") if request else "-",
+                       target=request.target[:200].decode("latin-1") if request else "-",
+                       client=self.client_ip, rule=rule)
+        events = self.factory.events
+        if events.wanted:
+            from ..events import RequestRefused
+
+            events.publish(RequestRefused("slow_body", rule, self.client_ip, 408,
+                                          getattr(exchange, "route_name", None),
+                                          request.method if request else b"", request.target if request else b""))
+        self._reject(408, "Request Timeout: the request body came too slowly")
 
     def _rearm(self) -> None:
         """A new phase starts now (head, body, idle): the timer finds its deadline when it fires."""
@@ -499,6 +539,7 @@ class HTTPServerConnection(Protocol):
         if not exchange.requestComplete:
             # A body follows: from now on the timer watches for it stalling.
             self._rearm()
+            self._rate_since, self._rate_bytes = self._since, 0
         if self.current is None:
             self.current = exchange
             # _beginResponse(exchange), without the call: this runs per request.
@@ -514,6 +555,7 @@ class HTTPServerConnection(Protocol):
         if self.closing:
             return
         self._rearm()
+        self._rate_bytes += len(body)
         self.parsing.requestBodyData(body)
 
     def on_message_complete(self) -> None:
@@ -647,6 +689,8 @@ class HTTPServerConnection(Protocol):
             else:
                 self._close_after = True
         connection = b""
+        if not ex.keep_alive:
+            self._close_after = True  # the exchange decided so after it began (a refusal mid-body)
         if status == 101:
             pass
         elif self._close_after:
@@ -877,6 +921,11 @@ class HTTPProxyFactory(Factory):
     def buildProtocol(self, addr: Any) -> Any:
         rejected = self.connection_limit.full(addr)
         if rejected is not None:
+            if self.events.wanted:
+                from ..events import ConnectionRefused
+
+                self.events.publish(ConnectionRefused(self.listen_endpoint, getattr(addr, "host", "unknown"),
+                                                      "max_connections", f"max_connections {self.connection_limit.limit}"))
             return rejected
         if self.scheme == "https":
             # After the TLS handshake, ALPN decides: HTTP/2 or an HTTP/1.1 connection.

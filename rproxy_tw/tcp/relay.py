@@ -760,6 +760,11 @@ class TCPProxyFactory(Factory):
         if self.max_connections and counters.connections_active >= self.max_connections:
             counters.connections_rejected += 1
             self._logRejected(addr)
+            if self.events is not None and self.events.wanted:
+                from ..events import ConnectionRefused
+
+                self.events.publish(ConnectionRefused(self.listen.endpoint, getattr(addr, "host", "unknown"),
+                                                      "max_connections", f"max_connections {self.max_connections}"))
             return _Rejected()
         counters.connections_total += 1
         counters.connections_active += 1
