@@ -55,3 +55,58 @@ wait_listening() {
     done
     return 1
 }
+
+last_error() {
+    local line
+    line=$(grep -E '^(Error|\[ALERT\]|nginx: \[emerg\]|[[:alnum:]_.]+(Error|Exception)\b|/.*: [a-z_.]+(\[[0-9]+\])?[a-z_.]*: )' "$1" \
+        2>/dev/null | tail -n 1) ||
+        line=$(grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -n 1) || true
+    printf '%s' "${line:0:160}"
+}
+
+fail() {  # fail NAME REASON
+    STATE[$1]=failed
+    REASON[$1]=$2
+    log "$1: FAILED: $2"
+    if alive "$1"; then kill -TERM "${PID[$1]}" 2>/dev/null || true; fi
+}
+
+# The two below serve run.sh and scrub.sh (origin files 1k.bin and 1m.bin; templates in bench/conf);
+# a script with other files or templates defines its own after sourcing this one.
+
+# check_fetch PORT: both files come back whole with a 200.
+check_fetch() {
+    local port=$1 file expect got
+    for file in 1k.bin:1024 1m.bin:1048576; do
+        expect="200 ${file#*:}"
+        got=$(curl --noproxy '*' -sS --max-time 10 -o /dev/null \
+            -w '%{http_code} %{size_download}' "http://127.0.0.1:$port/${file%:*}" 2>&1) || true
+        if [[ "$got" != "$expect" ]]; then
+            echo "GET /${file%:*} gave '$got', expected '$expect'"
+            return 1
+        fi
+    done
+}
+
+# render TEMPLATE OUT NAME: fill in a config template from bench/conf.
+render() {
+    local dir=$WORK/$3 user=""
+    # As root, nginx would switch its workers to a user who cannot read our
+    # mktemp directory; stay root instead (loopback-only, throwaway config).
+    [[ $EUID -eq 0 ]] && user="user root;"
+    mkdir -p "$dir/tmp"
+    sed -e "s|@DIR@|$dir|g" -e "s|@WWW@|$WORK/www|g" -e "s|@USER@|$user|g" \
+        -e "s|@PORT@|${PORT[$3]}|g" -e "s|@ORIGIN_PORT@|${PORT[origin]}|g" \
+        "$BENCH_DIR/conf/$1" >"$2"
+}
+
+# free_ports N: N free TCP ports on 127.0.0.1, asked of the kernel all held open at once so they differ.
+free_ports() {
+    "$PYTHON" - "$1" <<'EOF'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}

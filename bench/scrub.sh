@@ -75,62 +75,13 @@ LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 WORK=$(mktemp -d /tmp/rproxy-bench.XXXXXX)
 RUN_DIR=$RESULTS_DIR/scrub-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RUN_DIR"
-source "$BENCH_DIR/lib.sh"   # cleanup on exit, start, alive, wait_listening
+source "$BENCH_DIR/lib.sh"   # cleanup on exit, start, alive, wait_listening, fail, render, free_ports
 declare -A STATE=() REASON=()
 
-# check_fetch PORT: both files come back whole with a 200.
-check_fetch() {
-    local port=$1 file expect got
-    for file in 1k.bin:1024 1m.bin:1048576; do
-        expect="200 ${file#*:}"
-        got=$(curl --noproxy '*' -sS --max-time 10 -o /dev/null \
-            -w '%{http_code} %{size_download}' "http://127.0.0.1:$port/${file%:*}" 2>&1) || true
-        if [[ "$got" != "$expect" ]]; then
-            echo "GET /${file%:*} gave '$got', expected '$expect'"
-            return 1
-        fi
-    done
-}
-
-# last_error LOG: the line of a log most likely to say why a process stopped.
-last_error() {
-    local line
-    line=$(grep -E '^(Error|\[ALERT\]|nginx: \[emerg\]|[[:alnum:]_.]+(Error|Exception)\b)' "$1" \
-        2>/dev/null | tail -n 1) ||
-        line=$(grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -n 1) || true
-    printf '%s' "${line:0:160}"
-}
-
-fail() {  # fail NAME REASON
-    STATE[$1]=failed
-    REASON[$1]=$2
-    log "$1: FAILED: $2"
-    if alive "$1"; then kill -TERM "${PID[$1]}" 2>/dev/null || true; fi
-}
-
-# render TEMPLATE OUT NAME: fill in a config template from bench/conf.
-render() {
-    local dir=$WORK/$3 user=""
-    # As root, nginx would switch its workers to a user who cannot read our
-    # mktemp directory; stay root instead (loopback-only, throwaway config).
-    [[ $EUID -eq 0 ]] && user="user root;"
-    mkdir -p "$dir/tmp"
-    sed -e "s|@DIR@|$dir|g" -e "s|@WWW@|$WORK/www|g" -e "s|@USER@|$user|g" \
-        -e "s|@PORT@|${PORT[$3]}|g" -e "s|@ORIGIN_PORT@|${PORT[origin]}|g" \
-        "$BENCH_DIR/conf/$1" >"$2"
-}
 
 # --- ports -----------------------------------------------------------------
 
-# Ask the kernel for free ports, all held open at once so they differ.
-read -r -a ports <<<"$("$PYTHON" - $((1 + $(wc -w <<<"$PROXIES"))) <<'EOF'
-import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-)"
+read -r -a ports <<<"$(free_ports $((1 + $(wc -w <<<"$PROXIES"))))"
 PORT[origin]=${ports[0]}
 i=1
 for p in $PROXIES; do

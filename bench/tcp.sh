@@ -85,21 +85,6 @@ mkdir -p "$RUN_DIR"
 source "$BENCH_DIR/lib.sh"   # cleanup on exit, start, alive, wait_listening
 declare -A STATE=() REASON=() WATCH=()
 
-# last_error LOG: the line of a log most likely to say why a process stopped.
-last_error() {
-    local line
-    line=$(grep -E '^(Error|\[ALERT\]|nginx: \[emerg\]|[[:alnum:]_.]+(Error|Exception)\b)' "$1" \
-        2>/dev/null | tail -n 1) ||
-        line=$(grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -n 1) || true
-    printf '%s' "${line:0:160}"
-}
-
-fail() {  # fail NAME REASON
-    STATE[$1]=failed
-    REASON[$1]=$2
-    log "$1: FAILED: $2"
-    if alive "$1"; then kill -TERM "${PID[$1]}" 2>/dev/null || true; fi
-}
 
 # proc_kib PID FIELD: a field of /proc/PID/status (VmRSS, VmHWM) in KiB.
 proc_kib() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status" 2>/dev/null || true; }

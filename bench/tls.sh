@@ -122,20 +122,6 @@ check_fetch() {
     fi
 }
 
-last_error() {
-    local line
-    line=$(grep -E '^(Error|\[ALERT\]|nginx: \[emerg\]|[[:alnum:]_.]+(Error|Exception)\b|/.*: [a-z_.]+(\[[0-9]+\])?[a-z_.]*: )' "$1" \
-        2>/dev/null | tail -n 1) ||
-        line=$(grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -n 1) || true
-    printf '%s' "${line:0:160}"
-}
-
-fail() {  # fail NAME REASON
-    STATE[$1]=failed
-    REASON[$1]=$2
-    log "$1: FAILED: $2"
-    if alive "$1"; then kill -TERM "${PID[$1]}" 2>/dev/null || true; fi
-}
 
 # render TEMPLATE OUT NAME: fill in a config template (bench/conf or bench/tls).
 render() {
