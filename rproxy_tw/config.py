@@ -263,10 +263,11 @@ class DemoOriginConfig:
 
 @frozen
 class AdminConfig:
-    """C{[admin]}: status page, JSON API and metrics (not served yet)."""
+    """C{[admin]}: the listener of the status page, the JSON API and Prometheus C{/metrics}."""
 
-    endpoint: str | None = None
+    endpoint: str = "tcp:9901:interface=127.0.0.1"
     token: str = ""
+    """When set, the JSON API's changing calls need C{Authorization: Bearer TOKEN}."""
 
 
 @frozen
@@ -329,6 +330,7 @@ class ProxyConfig:
     source: str = "<config>"
     server: ServerConfig = ServerConfig()
     admin_endpoint: str | None = None
+    """C{[admin] endpoint} (None: no C{[admin]} section, no admin listener)."""
     listen: tuple[ListenConfig, ...] = ()
     tls: Mapping[str, TLSProfile] = field(factory=dict)
     routes: tuple[RouteConfig, ...] = ()
@@ -340,9 +342,11 @@ class ProxyConfig:
     deferred_sections: Mapping[str, Any] = field(factory=dict)
     """
     Contract sections accepted, validated and not enforced yet, by name
-    (C{"admin"}: L{AdminConfig}, C{"acme"}, C{"rate_limit"}, C{"waf"},
+    (C{"acme"}, C{"rate_limit"}, C{"waf"},
     C{"cache"}, C{"cluster"}); L{not_enforced_warnings} names them.
     """
+    admin: AdminConfig | None = None
+    """C{[admin]}: the admin listener (None: no section, no listener)."""
 
 
 # ---------------------------------------------------------------------------
@@ -953,11 +957,10 @@ def _default(cls: type, name: str) -> Any:
 
 
 def _parse_admin(r: _Reader) -> AdminConfig:
-    endpoint = r.get("endpoint", str, None)
-    if endpoint is not None:
-        problem = _endpoint_problem(endpoint, server=True)
-        if problem:
-            raise r.error("endpoint", problem)
+    endpoint = r.get("endpoint", str, _default(AdminConfig, "endpoint"))
+    problem = _endpoint_problem(endpoint, server=True)
+    if problem:
+        raise r.error("endpoint", problem)
     admin = AdminConfig(endpoint=endpoint, token=r.get("token", str, _default(AdminConfig, "token")))
     r.finish()
     return admin
@@ -1047,7 +1050,6 @@ def _parse_cluster(r: _Reader) -> ClusterConfig:
 
 # Contract sections whose capability has not landed: validated, kept, and named by not_enforced_warnings.
 _DEFERRED_PARSERS: dict[str, Callable[[_Reader, str], Any]] = {
-    "admin": lambda r, base: _parse_admin(r),
     "acme": _parse_acme,
     "rate_limit": lambda r, base: _parse_rate_limit(r),
     "waf": _parse_waf,
@@ -1167,13 +1169,15 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
         root = _resolve_path(base, dr.required("root", str))
         dr.finish()
         demo = DemoOriginConfig(endpoint=endpoint, root=root)
+    admin_reader = top.sub("admin")
+    admin = _parse_admin(admin_reader) if admin_reader is not None else None
     deferred = {}
     for name, parse in _DEFERRED_PARSERS.items():
         section = top.sub(name)
         if section is not None:
             deferred[name] = parse(section, base)
     top.finish()
-    admin_endpoint = deferred["admin"].endpoint if "admin" in deferred else None
+    admin_endpoint = admin.endpoint if admin is not None else None
 
     # Cross references.
     for i, lc in enumerate(listen):
@@ -1197,6 +1201,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
         source=source,
         server=server,
         admin_endpoint=admin_endpoint,
+        admin=admin,
         listen=listen,
         tls=tls,
         routes=routes,

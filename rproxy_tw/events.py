@@ -67,6 +67,12 @@ class RequestFinished:
     """For a tunnel (a WebSocket after its 101): the bytes the client sent through it."""
     tunnel: bool = False
     request_id: bytes | None = None
+    upstream_time: float | None = None
+    """Seconds from the request head to the origin's response head (None: no origin answered)."""
+    attempts: int = 0
+    """Backends tried (more than 1: retried)."""
+    request_bytes: int = 0
+    """Request body bytes read from the client."""
 
     @property
     def duration(self) -> float | None:
@@ -183,6 +189,8 @@ def request_finished(client: str, exchange: Any, bytes_sent: int, now: float,
         method, target, version, host, request_id = b"-", b"-", b"1.1", None, None
     backend = exchange.backend
     pool = exchange.pool
+    head_at = getattr(exchange, "head_at", None)
+    started = exchange.started_at
     return RequestFinished(
         client=client,
         method=method,
@@ -191,7 +199,7 @@ def request_finished(client: str, exchange: Any, bytes_sent: int, now: float,
         host=host,
         status=exchange.status or 0,
         bytes_sent=bytes_sent,
-        started=exchange.started_at,
+        started=started,
         finished=now,
         route=exchange.route_name,
         pool=pool.name if pool is not None else None,
@@ -201,4 +209,7 @@ def request_finished(client: str, exchange: Any, bytes_sent: int, now: float,
         bytes_received=bytes_received,
         tunnel=bytes_received is not None,
         request_id=request_id,
+        upstream_time=head_at - started if head_at is not None and started is not None else None,
+        attempts=getattr(exchange, "attempts", 0),
+        request_bytes=getattr(exchange, "body_seen", 0),
     )

@@ -725,8 +725,25 @@ class ProxyService(MultiService):
             from .demo import demo_origin_service
 
             demo_origin_service(reactor, config.demo_origin).setServiceParent(self)
+        self.admin: Any = None
+        """The admin view (L{rproxy_tw.admin.LocalSource}: metrics, status) when C{[admin]} is set."""
+        self.admin_listener: _Listener | None = None
+        if config.admin is not None:
+            self._start_admin(config.admin.endpoint)
         for line in not_enforced_warnings(config):
             self._log.warn("{warning}", warning=line)
+
+    def _start_admin(self, endpoint: str) -> None:
+        """The admin listener (metrics, JSON API, status page) and the observer that counts for it."""
+        from .admin.api import admin_site
+
+        site, self.admin = admin_site(self)
+        self.runtime.events.subscribe(self.admin)
+        service = _Listener(serverFromString(self.reactor, endpoint), site)
+        service._raiseSynchronously = True
+        service.label = f"admin {endpoint}"
+        service.setServiceParent(self)
+        self.admin_listener = service
 
     @property
     def factories(self) -> list[Any]:
@@ -882,6 +899,9 @@ class ProxyService(MultiService):
             service.disownServiceParent()
         for service in new_services - old_services:
             service.setServiceParent(self)
+        if config.admin_endpoint != old_config.admin_endpoint:
+            self._log.warn("reload: [admin] endpoint {old} -> {new} takes effect at the next restart",
+                           old=old_config.admin_endpoint, new=config.admin_endpoint)
         old_warnings = set(not_enforced_warnings(old_config))
         for line in not_enforced_warnings(config):
             if line not in old_warnings:

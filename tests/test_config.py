@@ -384,7 +384,6 @@ def test_log_level_option_overrides_the_config(tmp_path):
 # Accepted but not enforced: one warning each, the same at a start and with --check
 
 CONTRACT_WARNINGS = [
-    "[admin] is accepted but not enforced by this version",
     "[acme] is accepted but not enforced by this version",
     "[rate_limit] is accepted but not enforced by this version",
     "[waf] is accepted but not enforced by this version",
@@ -408,7 +407,8 @@ def test_contract_not_enforced_parts_are_named_once_each():
     assert config.deferred_sections["cache"].compress == ("gzip", "br")
     assert config.deferred_sections["rate_limit"].burst == 200
     assert config.deferred_sections["cluster"].redis == "tcp:127.0.0.1:6379"
-    assert config.deferred_sections["admin"].token == ""
+    assert config.admin is not None and config.admin.token == ""
+    assert config.admin.endpoint == "tcp:9901:interface=127.0.0.1"
 
 
 def test_a_config_without_them_has_no_warnings(tmp_path):
@@ -432,7 +432,6 @@ endpoint = "tcp:9901:interface=127.0.0.1"
 max_bytes = 1048576
 """
 NOT_ENFORCED_WARNINGS = [
-    "[admin] is accepted but not enforced by this version",
     "[cache] is accepted but not enforced by this version",
     "route[0].cache = true is accepted but not enforced by this version",
 ]
