@@ -1,130 +1,298 @@
 """
-Access log: one line per request, in combined log format or JSON, emitted
-through twisted.logger (namespace C{rproxy_tw.access}).
+Access log: one line per request, an observer of the proxy's events.
 
-C{access_log = "-"} sends the events to the global log (twistd's output);
-a path sends them to an observer that appends lines to that file.
+Formats: C{"combined"} (Apache/nginx combined log format), C{"json"} (JSON
+lines) or a format string with named fields, as nginx's C{log_format}:
+C{'$remote_addr $request_id "$request" $status $upstream_time'}
+(L{FIELDS} lists them).
+
+Cheap on purpose: a line is formatted when its request ends, kept in a
+buffer, and written with one system call per flush (at most a second after
+the line, when 64 KiB are waiting, at a stop, and when the file is reopened).
+C{access_log = "-"} writes to standard output (the process's file
+descriptor 1: the terminal or journal of C{twistd -n}); a path is opened
+for appending and reopened by L{AccessLog.reopen} (SIGUSR1), so that
+logrotate can move the file without C{copytruncate}.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
-from typing import IO, Any, Callable
+from typing import Any, Callable
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from .events import IEventObserver, RequestFinished
+from .logs import observer as log_observer
 
-__all__ = ["AccessLog", "AccessLogFileObserver", "make_access_log"]
+__all__ = ["FIELDS", "AccessLog", "LineWriter", "compile_format", "make_access_log"]
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+FLUSH_SECONDS = 1.0
+FLUSH_BYTES = 65536
 
 
 def _quote(value: bytes | None) -> str:
     if not value:
         return "-"
     text = value.decode("latin-1")
-    return text.replace("\\", "\\\\").replace('"', '\\"')
+    if "\\" in text or '"' in text:
+        text = text.replace("\\", "\\\\").replace('"', '\\"')
+    return text
 
 
-@implementer(ILogObserver)
-class AccessLogFileObserver:
-    """Writes each access event's line to a file."""
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value else None
 
-    def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
 
-    def __call__(self, event: dict[str, Any]) -> None:
-        line = event.get("access_line")
-        if line is not None:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+class _Clock:
+    """The log's time stamps, formatted once a second."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.local = ""
+        self.iso = ""
+
+    def at(self, now: float) -> None:
+        second = int(now)
+        if second != self.second:
+            t = time.gmtime(second)
+            self.local = "%02d/%s/%04d:%02d:%02d:%02d +0000" % (
+                t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)
+            self.iso = "%04d-%02d-%02dT%02d:%02d:%02dZ" % (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min,
+                                                         t.tm_sec)
+            self.second = second
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else "%.3f" % value
+
+
+FIELDS: dict[str, Callable[[RequestFinished, _Clock], str]] = {
+    "remote_addr": lambda e, c: e.client,
+    "time_local": lambda e, c: c.local,
+    "time_iso8601": lambda e, c: c.iso,
+    "msec": lambda e, c: "%.3f" % e.finished,
+    "request": lambda e, c: "%s %s HTTP/%s" % (_quote(e.method), _quote(e.target), e.http_version.decode("latin-1")),
+    "request_method": lambda e, c: _quote(e.method),
+    "request_uri": lambda e, c: _quote(e.target),
+    "server_protocol": lambda e, c: "HTTP/" + e.http_version.decode("latin-1"),
+    "host": lambda e, c: _quote(e.host),
+    "status": lambda e, c: str(e.status),
+    "body_bytes_sent": lambda e, c: str(e.bytes_sent),
+    "request_length": lambda e, c: str(e.request_bytes if not e.tunnel else e.bytes_received or 0),
+    "http_referer": lambda e, c: _quote(e.referer),
+    "http_user_agent": lambda e, c: _quote(e.user_agent),
+    "request_id": lambda e, c: _quote(e.request_id),
+    "route": lambda e, c: e.route or "-",
+    "pool": lambda e, c: e.pool or "-",
+    "backend": lambda e, c: e.backend or "-",
+    "upstream_time": lambda e, c: _seconds(e.upstream_time),
+    "request_time": lambda e, c: _seconds(e.duration),
+    "attempts": lambda e, c: str(e.attempts),
+    "tunnel": lambda e, c: "1" if e.tunnel else "0",
+}
+"""The named fields of a format string (C{$name}; C{${name}} when a letter follows)."""
+
+COMBINED = '$remote_addr - - [$time_local] "$request" $status $body_bytes_sent "$http_referer" "$http_user_agent"'
+
+
+def _parse_template(fmt: str) -> list[tuple[bool, str]]:
+    """(is a field, text) parts of a format string.  @raise ValueError: an unknown field."""
+    parts: list[tuple[bool, str]] = []
+    rest = fmt
+    while rest:
+        at = rest.find("$")
+        if at == -1:
+            parts.append((False, rest))
+            break
+        if at:
+            parts.append((False, rest[:at]))
+        if rest[at + 1 : at + 2] == "{":
+            end = rest.find("}", at)
+            if end == -1:
+                raise ValueError("a ${ without its }")
+            name, rest = rest[at + 2 : end], rest[end + 1 :]
+        else:
+            name = ""
+            for ch in rest[at + 1 :]:
+                if not (ch.isalnum() or ch == "_"):
+                    break
+                name += ch
+            rest = rest[at + 1 + len(name) :]
+        if name not in FIELDS:
+            raise ValueError(f"unknown field ${name} (known: {', '.join('$' + f for f in FIELDS)})")
+        parts.append((True, name))
+    return parts
+
+
+def compile_format(fmt: str) -> Callable[[RequestFinished, _Clock], str]:
+    """
+    The function that makes a line of C{fmt}: C{"combined"}, C{"json"}, or a
+    format string of named fields.  @raise ValueError: an unknown field.
+    """
+    if fmt == "json":
+        return _json_line
+    if fmt == "combined":
+        return _combined_line
+    parts = _parse_template(fmt)
+    # One %-format with a tuple of field values: about as cheap as a line can be made in Python.
+    template = "".join("%s" if is_field else text.replace("%", "%%") for is_field, text in parts)
+    getters = tuple(FIELDS[text] for is_field, text in parts if is_field)
+
+    def line(event: RequestFinished, clock: _Clock) -> str:
+        return template % tuple(get(event, clock) for get in getters)
+
+    return line
+
+
+def _combined_line(e: RequestFinished, c: _Clock) -> str:
+    line = '%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s"' % (
+        e.client, c.local, _quote(e.method), _quote(e.target), e.http_version.decode("latin-1"), e.status,
+        e.bytes_sent, _quote(e.referer), _quote(e.user_agent))
+    if e.tunnel:
+        # A tunnel: what the client sent and how long it stayed open, after the combined fields.
+        started = e.started
+        line += " tunnel_received=%d duration=%.3f" % (e.bytes_received or 0, e.finished - started if started else 0.0)
+    return line
+
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _json_line(e: RequestFinished, c: _Clock) -> str:
+    started = e.started
+    fields: dict[str, Any] = {
+        "time": e.finished,
+        "client": e.client,
+        "method": e.method.decode("latin-1"),
+        "uri": e.target.decode("latin-1"),
+        "protocol": "HTTP/" + e.http_version.decode("latin-1"),
+        "host": _text(e.host),
+        "status": e.status,
+        "bytes": e.bytes_sent,
+        "referer": _text(e.referer),
+        "user_agent": _text(e.user_agent),
+        "route": e.route,
+        "pool": e.pool,
+        "backend": e.backend,
+        "duration": round(e.finished - started, 6) if started else None,
+        "upstream_time": round(e.upstream_time, 6) if e.upstream_time is not None else None,
+        "request_id": _text(e.request_id),
+    }
+    if e.tunnel:
+        fields["bytes_received"] = e.bytes_received
+    elif e.request_bytes:
+        fields["request_bytes"] = e.request_bytes
+    if e.attempts > 1:
+        fields["attempts"] = e.attempts
+    return _dumps(fields)
+
+
+class LineWriter:
+    """
+    Lines kept in memory and written in one C{os.write} per flush: at most
+    C{FLUSH_SECONDS} after a line, or when C{FLUSH_BYTES} wait.  A path is
+    opened for appending (created C{0640}); C{None} writes to standard output.
+    """
+
+    _log = Logger(observer=log_observer)
+
+    def __init__(self, clock: IReactorTime, path: str | None) -> None:
+        self.clock = clock
+        self.path = path
+        self.lines: list[str] = []
+        self.size = 0
+        self._call: Any = None
+        self.fd = self._open()
+
+    def _open(self) -> int:
+        if self.path is None:
+            return 1
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def write(self, line: str) -> None:
+        lines = self.lines
+        lines.append(line)
+        self.size += len(line)
+        if self.size >= FLUSH_BYTES:
+            self.flush()
+        elif self._call is None:
+            self._call = self.clock.callLater(FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        if not self.lines:
+            return
+        data = ("\n".join(self.lines) + "\n").encode("utf-8", "replace")
+        self.lines = []
+        self.size = 0
+        try:
+            while data:
+                written = os.write(self.fd, data)
+                data = data[written:]
+        except OSError as e:
+            self._log.error("access log {path}: cannot write ({why}): lines lost", path=self.path or "stdout",
+                            why=e.strerror or str(e))
+
+    def reopen(self) -> None:
+        """Flush, then open the path again (after logrotate moved the file away)."""
+        self.flush()
+        if self.path is None:
+            return
+        try:
+            fd = self._open()
+        except OSError as e:
+            self._log.error("access log {path}: cannot reopen ({why}): still writing to the old file",
+                            path=self.path, why=e.strerror or str(e))
+            return
+        old, self.fd = self.fd, fd
+        os.close(old)
+
+    def close(self) -> None:
+        self.flush()
+        if self.path is not None and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @implementer(IEventObserver)
 class AccessLog:
-    """Formats and emits one line per finished request: an observer of the proxy's events."""
+    """Formats and writes one line per finished request (a tunnel's when it closes, with the bytes each way)."""
 
-    def __init__(self, clock: IReactorTime, fmt: str, observer: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def __init__(self, clock: IReactorTime, fmt: str, writer: LineWriter | None = None,
+                 path: str | None = None) -> None:
         self.clock = clock
         self.json = fmt == "json"
-        self._log = Logger(namespace="rproxy_tw.access", observer=observer or globalLogPublisher)
-        self._stamp_second = -1
-        self._stamp = ""
-
-    def _timestamp(self, now: float) -> str:
-        second = int(now)
-        if second != self._stamp_second:
-            t = time.gmtime(second)
-            self._stamp = "%02d/%s/%04d:%02d:%02d:%02d +0000" % (
-                t.tm_mday,
-                _MONTHS[t.tm_mon - 1],
-                t.tm_year,
-                t.tm_hour,
-                t.tm_min,
-                t.tm_sec,
-            )
-            self._stamp_second = second
-        return self._stamp
+        self.format = compile_format(fmt)
+        self.writer = writer if writer is not None else LineWriter(clock, path)
+        self._clock = _Clock()
 
     def observe(self, event: Any) -> None:
-        """One line for each finished request (a tunnel's when it closes, with the bytes each way)."""
-        if not isinstance(event, RequestFinished):
+        if type(event) is not RequestFinished:
             return
-        now = event.finished
-        started = event.started
-        version = event.http_version.decode("latin-1")
-        received_bytes = event.bytes_received
-        if self.json:
-            fields = {
-                "time": now,
-                "client": event.client,
-                "method": event.method.decode("latin-1"),
-                "uri": event.target.decode("latin-1"),
-                "protocol": "HTTP/" + version,
-                "host": event.host.decode("latin-1") if event.host else None,
-                "status": event.status,
-                "bytes": event.bytes_sent,
-                "referer": event.referer.decode("latin-1") if event.referer else None,
-                "user_agent": event.user_agent.decode("latin-1") if event.user_agent else None,
-                "route": event.route,
-                "backend": event.backend,
-                "duration": round(now - started, 6) if started else None,
-            }
-            if event.request_id is not None:
-                fields["request_id"] = event.request_id.decode("latin-1")
-            if received_bytes is not None:
-                fields["bytes_received"] = received_bytes
-            line = json.dumps(fields, separators=(",", ":"))
-        else:
-            line = '%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s"' % (
-                event.client,
-                self._timestamp(now),
-                _quote(event.method),
-                _quote(event.target),
-                version,
-                event.status,
-                event.bytes_sent,
-                _quote(event.referer),
-                _quote(event.user_agent),
-            )
-            if received_bytes is not None:
-                # A tunnel: what the client sent and how long it stayed open, after the combined fields.
-                line += " tunnel_received=%d duration=%.3f" % (received_bytes, now - started if started else 0.0)
-        self._log.info("{access_line}", access_line=line)
+        self._clock.at(event.finished)
+        self.writer.write(self.format(event, self._clock))
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def reopen(self) -> None:
+        self.writer.reopen()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
-def make_access_log(
-    clock: IReactorTime, target: str, fmt: str, open_file: Callable[[str], IO[str]] | None = None
-) -> AccessLog | None:
+def make_access_log(clock: IReactorTime, target: str, fmt: str) -> AccessLog | None:
     """The access log a C{[server]} section asks for, or None when it is off."""
     if target == "off":
         return None
-    if target == "-":
-        return AccessLog(clock, fmt)
-    stream = (open_file or (lambda p: open(p, "a", buffering=1, encoding="utf-8")))(target)
-    publisher = LogPublisher(AccessLogFileObserver(stream))
-    return AccessLog(clock, fmt, publisher)
+    return AccessLog(clock, fmt, path=None if target == "-" else target)

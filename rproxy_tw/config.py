@@ -113,6 +113,8 @@ class ServerConfig:
     """Reactor processes sharing the listeners (C{"auto"}: one per core); only 1 is enforced yet."""
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     """Seconds a graceful stop (SIGTERM) waits for requests, downloads and tunnels in flight before cutting them."""
+    request_id_header: str = "X-Request-Id"
+    """The header carrying each request's id to the origin (a trusted peer's is kept); empty: no ids."""
 
 
 @frozen
@@ -523,7 +525,16 @@ def _parse_server(r: _Reader | None) -> ServerConfig:
     if r is None:
         return ServerConfig()
     access_log = r.get("access_log", str, "-")
-    fmt = r.choice("access_log_format", ("combined", "json"), "combined")
+    fmt = r.get("access_log_format", str, "combined")
+    if fmt not in ("combined", "json"):
+        if "$" not in fmt:
+            raise r.error("access_log_format", f"must be 'combined', 'json' or a format string of $fields, not {fmt!r}")
+        from .accesslog import compile_format
+
+        try:
+            compile_format(fmt)
+        except ValueError as e:
+            raise r.error("access_log_format", str(e)) from None
     trusted = r.networks("trusted_proxies")
     via = r.get("via", str, "rproxy")
     server_header = r.get("server_header", str, "rproxy")
@@ -536,6 +547,11 @@ def _parse_server(r: _Reader | None) -> ServerConfig:
         optional["workers"] = workers
     if "shutdown_timeout" in r.table:
         optional["shutdown_timeout"] = r.number("shutdown_timeout", 0.0)
+    if "request_id_header" in r.table:
+        header = r.get("request_id_header", str, "")
+        if header and not _is_token(header):
+            raise r.error("request_id_header", f"must be a header name (or \"\" for no request ids), not {header!r}")
+        optional["request_id_header"] = header
     r.finish()
     return ServerConfig(
         access_log=access_log,

@@ -45,6 +45,7 @@ from .pipeline import (
     StickyCookie,
     header_rule_set,
 )
+from .request_id import RequestIdFilter
 from .routing import ErrorPage, HostRouter, ProxyRoute, build_router
 from .upstream.health import HealthMonitor, PassiveConfig, PassiveHealth, monitor_for
 from .upstream.pool import BackendPool
@@ -138,6 +139,9 @@ class ProxyRuntime:
             )
             for name, pc in config.pools.items()
         }
+        header = config.server.request_id_header
+        self.request_ids = RequestIdFilter(header) if header else None
+        """The first request filter of every route: gives each request its id (L{rproxy_tw.request_id})."""
         self.router: HostRouter = build_router(config.routes, self.render_route)
         for route in self.router.routes():
             if isinstance(route, ProxyRoute):
@@ -150,7 +154,11 @@ class ProxyRuntime:
                     (old_server.access_log, old_server.access_log_format):
                 access_log = previous.access_log  # type: ignore[union-attr]
             else:
-                access_log = make_access_log(reactor, server.access_log, server.access_log_format)
+                try:
+                    access_log = make_access_log(reactor, server.access_log, server.access_log_format)
+                except OSError as e:
+                    raise ConfigError(config.source, "server.access_log",
+                                      f"cannot open {server.access_log!r}: {e.strerror or e}") from None
         self.access_log = access_log
         if previous is None and access_log is not None:
             self.events.subscribe(access_log)
@@ -176,6 +184,8 @@ class ProxyRuntime:
         pool = self.pools[rc.pool]
         rules = HeaderRules(header_rule_set(rc.request_headers), header_rule_set(rc.response_headers))
         request_filters: tuple[Any, ...] = (rules,) if rules.request else ()
+        if self.request_ids is not None:
+            request_filters = (self.request_ids, *request_filters)
         response_filters: tuple[Any, ...] = (StickyCookie(pool.balancer),) if pool.sticky else ()
         if rules.response:
             response_filters += (rules,)
@@ -207,6 +217,7 @@ class ProxyRuntime:
         if previous.access_log is not self.access_log:
             if previous.access_log is not None:
                 self.events.unsubscribe(previous.access_log)
+                previous.access_log.close()
             if self.access_log is not None:
                 self.events.subscribe(self.access_log)
         kept = {b for pool in self.pools.values() for b in pool.backends}
@@ -955,7 +966,21 @@ class ProxyService(MultiService):
         stop = self._stopping = _GracefulStop(self.reactor, [*self._listener_factories(), *self._retired],
                                               self.config.server.shutdown_timeout)
         drained = stop.start()
-        return d.addBoth(lambda result: drained.addCallback(lambda _: result))
+
+        def flushed(result: Any) -> Any:
+            # Every line of the requests that finished while draining, before the process exits.
+            if self.runtime.access_log is not None:
+                self.runtime.access_log.flush()
+            return result
+
+        return d.addBoth(lambda result: drained.addCallback(lambda _: flushed(result)))
+
+    def reopen_logs(self) -> None:
+        """Open the access log file again (SIGUSR1, after logrotate moved it); lines waiting are written first."""
+        access_log = self.runtime.access_log
+        if access_log is not None:
+            access_log.reopen()
+            self._log.info("access log reopened")
 
     def abort_connections(self, why: str = "stopping at once") -> None:
         """Cut every connection now (a second SIGTERM), whether or not a graceful stop is waiting."""

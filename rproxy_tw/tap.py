@@ -148,6 +148,7 @@ def makeService(options: Options) -> MultiService:
     else:
         service.load_config = None  # --listen/--backend: no file to read again
     _reload_on_hangup(reactor, service)
+    _reopen_on_usr1(reactor, service)
     _second_signal_cuts(reactor, service)
     _one_line_listen_errors()
     return service
@@ -191,6 +192,19 @@ def _reload_on_hangup(reactor: Any, service: ProxyService) -> None:
             previous(signum, frame)
 
     signal.signal(signal.SIGHUP, hangup)
+
+
+def _reopen_on_usr1(reactor: Any, service: Any) -> None:
+    """SIGUSR1 reopens the access log file (logrotate's postrotate sends it; no copytruncate needed)."""
+    import signal
+
+    if not hasattr(signal, "SIGUSR1"):
+        return
+
+    def usr1(signum: int, frame: Any) -> None:
+        reactor.callFromThread(service.reopen_logs)
+
+    signal.signal(signal.SIGUSR1, usr1)
 
 
 def _second_signal_cuts(reactor: Any, service: ProxyService) -> None:
