@@ -110,7 +110,7 @@ class ServerConfig:
     log_level: str = "info"
     """The least severe of the proxy's own log events written (the access log is apart)."""
     workers: int | str = 1
-    """Reactor processes sharing the listeners (C{"auto"}: one per core); only 1 is enforced yet."""
+    """Reactor processes sharing the listeners under one supervisor (C{"auto"}: one per core); C{twistd rproxy} only."""
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     """Seconds a graceful stop (SIGTERM) waits for requests, downloads and tunnels in flight before cutting them."""
     request_id_header: str = "X-Request-Id"
@@ -1081,10 +1081,6 @@ def not_enforced_warnings(config: ProxyConfig) -> list[str]:
     service start logs these and C{--check} prints them: the same list.
     """
     lines = [f"[{name}] is accepted but not enforced by this version" for name in config.deferred_sections]
-    server = config.server
-    if server.workers != 1:
-        lines.append(f"server.workers = {server.workers!r} is accepted but not enforced by this version "
-                     "(one process serves)")
     for name, profile in config.tls.items():
         if profile.acme:
             lines.append(f"tls.{name}.acme is accepted but not enforced by this version"

@@ -705,11 +705,18 @@ class ProxyService(MultiService):
 
     _log = Logger(observer=log_observer)
 
-    def __init__(self, config: ProxyConfig, reactor: Any, endpoint_for: Callable[[str], Any] | None = None) -> None:
+    def __init__(self, config: ProxyConfig, reactor: Any, endpoint_for: Callable[[str], Any] | None = None,
+                 listen_endpoint_for: Callable[[str], Any] | None = None) -> None:
+        """
+        @param endpoint_for: the client endpoint of a backend's endpoint string (default: Twisted's parser).
+        @param listen_endpoint_for: the server endpoint of a listener's endpoint string (default: Twisted's
+            parser; a worker under the supervisor adopts the sockets it was given).
+        """
         super().__init__()
         self.reactor = reactor
         self.config = config
         self.endpoint_for = endpoint_for
+        self.listen_endpoint_for = listen_endpoint_for or (lambda description: serverFromString(reactor, description))
         set_log_level(config.server.log_level)
         self.runtime = ProxyRuntime(config, reactor, endpoint_for)
         self.load_config: Callable[[], ProxyConfig] | None = lambda: load_config(self.config.source)
@@ -805,7 +812,7 @@ class ProxyService(MultiService):
         inner = self._inner_factory(listen, runtime, config)
         outer = self._outer_factory(listen, profile, inner)
         switch = _ListenerFactory(outer)
-        service = _Listener(serverFromString(self.reactor, listen.endpoint), switch)
+        service = _Listener(self.listen_endpoint_for(listen.endpoint), switch)
         service._raiseSynchronously = True
         service.label = f"listen[{index}] {listen.endpoint}"
         return _Slot(listen, inner, outer, switch, service)

@@ -420,8 +420,7 @@ def test_a_config_without_them_has_no_warnings(tmp_path):
     timed = load_config(write(tmp_path, BASE + "[server]\nshutdown_timeout = 5\n"))
     assert not_enforced_warnings(timed) == [] and timed.server.shutdown_timeout == 5.0
     assert load_config(write(tmp_path, BASE)).server.shutdown_timeout == 30.0
-    assert not_enforced_warnings(load_config(write(tmp_path, BASE + '[server]\nworkers = "auto"\n'))) == [
-        "server.workers = 'auto' is accepted but not enforced by this version (one process serves)"]
+    assert not_enforced_warnings(load_config(write(tmp_path, BASE + '[server]\nworkers = "auto"\n'))) == []
 
 
 NOT_ENFORCED = BASE.replace('pool = "web"', 'pool = "web"\ncache = true') + """

@@ -153,6 +153,13 @@ class _Metrics(_Leaf):
         return _answer(request, self.admin.source.metrics, text)
 
 
+class _Snapshot(_Leaf):
+    """C{GET /api/snapshot}: the metrics as JSON (what a supervisor adds up over its workers)."""
+
+    def render_GET(self, request: Any) -> Any:
+        return _answer(request, self.admin.source.metrics, _json)
+
+
 class _Status(_Leaf):
     """C{GET /api/status} (everything), C{/api/listeners}, C{/api/routes}, C{/api/pools}."""
 
@@ -263,6 +270,7 @@ class AdminSite(Site):
         root.putChild(b"metrics", _Metrics(self))
         api = _Dir(self)
         api.putChild(b"status", _Status(self))
+        api.putChild(b"snapshot", _Snapshot(self))
         for part in ("listeners", "routes", "pools"):
             api.putChild(part.encode("ascii"), _Status(self, part))
         api.putChild(b"drain", _Drain(self, True))
@@ -272,6 +280,9 @@ class AdminSite(Site):
         super().__init__(root)
         self.displayTracebacks = False
         self.noisy = False
+
+    def log(self, request: Any) -> None:
+        """The admin API is polled (status page, Prometheus, the supervisor): no line per call."""
 
     def refusal(self, request: Any) -> tuple[int, str] | None:
         """Why a changing call may not go on (status, message), or None."""
