@@ -11,7 +11,7 @@ and every observer sees the same thing whatever path the traffic took.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 from twisted.logger import Logger
@@ -42,9 +42,15 @@ class IEventObserver(Interface):
         """
 
 
-@attrs.frozen(slots=True)
-class RequestFinished:
-    """An HTTP exchange ended: answered, refused, failed, or, for a tunnel, closed."""
+class RequestFinished(NamedTuple):
+    """
+    An HTTP exchange ended: answered, refused, failed, or, for a tunnel, closed.
+
+    An immutable value like the other events, as a C{NamedTuple} rather than
+    an attrs frozen class: one is built per request, and a frozen attrs
+    class sets each of its fields through C{object.__setattr__} (12 us here
+    against under 1 us for a tuple: measured, bench/README.md).
+    """
 
     client: str
     method: bytes
@@ -191,25 +197,10 @@ def request_finished(client: str, exchange: Any, bytes_sent: int, now: float,
     pool = exchange.pool
     head_at = getattr(exchange, "head_at", None)
     started = exchange.started_at
+    head_at_time = head_at - started if head_at is not None and started is not None else None
     return RequestFinished(
-        client=client,
-        method=method,
-        target=target,
-        http_version=version,
-        host=host,
-        status=exchange.status or 0,
-        bytes_sent=bytes_sent,
-        started=started,
-        finished=now,
-        route=exchange.route_name,
-        pool=pool.name if pool is not None else None,
-        backend=backend.name if backend is not None else None,
-        referer=referer,
-        user_agent=agent,
-        bytes_received=bytes_received,
-        tunnel=bytes_received is not None,
-        request_id=request_id,
-        upstream_time=head_at - started if head_at is not None and started is not None else None,
-        attempts=getattr(exchange, "attempts", 0),
-        request_bytes=getattr(exchange, "body_seen", 0),
+        client, method, target, version, host, exchange.status or 0, bytes_sent, started, now,
+        exchange.route_name, pool.name if pool is not None else None, backend.name if backend is not None else None,
+        referer, agent, bytes_received, bytes_received is not None, request_id, head_at_time,
+        getattr(exchange, "attempts", 0), getattr(exchange, "body_seen", 0),
     )
