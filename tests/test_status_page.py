@@ -117,9 +117,23 @@ backends = ["tcp:127.0.0.1:{api.port}"]
                 assert page.locator("tr.backend.down").count() == 1
                 shot = os.environ.get("RPROXY_SCREENSHOT")
                 if shot:
+                    import threading
+
+                    def traffic() -> None:
+                        end = time.monotonic() + 5
+                        while time.monotonic() < end:
+                            for target in (b"/", b"/api/x"):
+                                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                                    s.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                                    while s.recv(65536):
+                                        pass
+
+                    loader = threading.Thread(target=traffic)
+                    loader.start()
                     page.set_viewport_size({"width": 900, "height": 620})
-                    time.sleep(2.5)  # a second poll: rates shown
+                    time.sleep(4.5)  # polls during traffic: rates shown
                     page.screenshot(path=shot, full_page=True)
+                    loader.join()
             finally:
                 browser.close()
     finally:
