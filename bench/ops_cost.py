@@ -7,6 +7,7 @@ through HTTPServerConnection and UpstreamConnection on StringTransports.
     bench/ops_cost.sh                           # every variant under callgrind: instructions per request
 
 Variants: bare (no request ids, no log, no metrics), ids (request ids),
+events (ids + an observer that does nothing: the cost of the events themselves),
 metrics (ids + the admin's event observer), log (ids + access log to a file),
 stdout (ids + access log "-", stdout sent to /dev/null), ops (ids + log + metrics).
 """
@@ -56,6 +57,17 @@ def build(variant: str) -> tuple[MemoryReactorClock, HTTPProxyFactory, ProxyRunt
         service.runtime = runtime  # type: ignore[attr-defined]
         service._slots = []  # type: ignore[attr-defined]
         runtime.events.subscribe(LocalSource(service))
+    if variant == "events":
+        from zope.interface import implementer
+
+        from rproxy_tw.events import IEventObserver
+
+        @implementer(IEventObserver)
+        class _Nothing:
+            def observe(self, event: object) -> None:
+                pass
+
+        runtime.events.subscribe(_Nothing())
     return reactor, HTTPProxyFactory(runtime, reactor), runtime
 
 

@@ -6,9 +6,9 @@ lines) or a format string with named fields, as nginx's C{log_format}:
 C{'$remote_addr $request_id "$request" $status $upstream_time'}
 (L{FIELDS} lists them).
 
-Cheap on purpose: a line is formatted when its request ends, kept in a
-buffer, and written with one system call per flush (at most a second after
-the line, when 64 KiB are waiting, at a stop, and when the file is reopened).
+Cheap on purpose: a request's event is kept in a buffer, and the lines are
+made and written with one system call per flush (at most a second after the
+request, when 512 are waiting, at a stop, and when the file is reopened).
 C{access_log = "-"} writes to standard output (the process's file
 descriptor 1: the terminal or journal of C{twistd -n}); a path is opened
 for appending and reopened by L{AccessLog.reopen} (SIGUSR1), so that
@@ -35,6 +35,8 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 
 FLUSH_SECONDS = 1.0
 FLUSH_BYTES = 65536
+FLUSH_ITEM = 128
+"""What an event waiting to be formatted counts for against FLUSH_BYTES (512 of them fill it)."""
 
 
 def _quote(value: bytes | None) -> str:
@@ -203,10 +205,15 @@ class LineWriter:
 
     _log = Logger(observer=log_observer)
 
-    def __init__(self, clock: IReactorTime, path: str | None) -> None:
+    def __init__(self, clock: IReactorTime, path: str | None, format: Callable[[Any], str] | None = None) -> None:
+        """
+        @param format: makes a line of what L{write} is given, at flush time
+            (the access log hands it events: formatting leaves the request's path).
+        """
         self.clock = clock
         self.path = path
-        self.lines: list[str] = []
+        self.format = format
+        self.lines: list[Any] = []
         self.size = 0
         self._call: Any = None
         self.fd = self._open()
@@ -216,10 +223,11 @@ class LineWriter:
             return 1
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
-    def write(self, line: str) -> None:
+    def write(self, line: Any) -> None:
+        """A line (or, with C{format}, what becomes one) to write within a second."""
         lines = self.lines
         lines.append(line)
-        self.size += len(line)
+        self.size += FLUSH_ITEM if self.format is not None else len(line)
         if self.size >= FLUSH_BYTES:
             self.flush()
         elif self._call is None:
@@ -231,7 +239,8 @@ class LineWriter:
             call.cancel()
         if not self.lines:
             return
-        data = ("\n".join(self.lines) + "\n").encode("utf-8", "replace")
+        lines = self.lines if self.format is None else [self.format(item) for item in self.lines]
+        data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
         self.lines = []
         self.size = 0
         try:
@@ -272,14 +281,18 @@ class AccessLog:
         self.clock = clock
         self.json = fmt == "json"
         self.format = compile_format(fmt)
-        self.writer = writer if writer is not None else LineWriter(clock, path)
         self._clock = _Clock()
+        self.writer = writer if writer is not None else LineWriter(clock, path, self._line)
+        self._write = self.writer.write
+
+    def _line(self, event: RequestFinished) -> str:
+        self._clock.at(event.finished)
+        return self.format(event, self._clock)
 
     def observe(self, event: Any) -> None:
-        if type(event) is not RequestFinished:
-            return
-        self._clock.at(event.finished)
-        self.writer.write(self.format(event, self._clock))
+        """The event is kept; its line is made when the buffer is written (once a second, or 512 events)."""
+        if type(event) is RequestFinished:
+            self._write(event)
 
     def flush(self) -> None:
         self.writer.flush()

@@ -67,8 +67,12 @@ class RequestFinished(NamedTuple):
     route: str | None = None
     pool: str | None = None
     backend: str | None = None
-    referer: bytes | None = None
-    user_agent: bytes | None = None
+    request_headers: Any = ()
+    """
+    The request's header fields as the origin got them, (name, value) pairs:
+    the request's own list, not a copy (nothing changes it once the exchange
+    is over), so that building the event does not search it.
+    """
     bytes_received: int | None = None
     """For a tunnel (a WebSocket after its 101): the bytes the client sent through it."""
     tunnel: bool = False
@@ -83,6 +87,26 @@ class RequestFinished(NamedTuple):
     @property
     def duration(self) -> float | None:
         return None if self.started is None else self.finished - self.started
+
+    def header(self, lower_name: bytes) -> bytes | None:
+        """The last value of a request header (its name in lower case), or None."""
+        size = len(lower_name)
+        found = None
+        for name, value in self.request_headers:
+            if len(name) == size and name.lower() == lower_name:
+                found = value
+        return found
+
+    @property
+    def user_agent(self) -> bytes | None:
+        return self.header(b"user-agent")
+
+    @property
+    def referer(self) -> bytes | None:
+        return self.header(b"referer")
+
+
+_tuple_new = tuple.__new__
 
 
 @attrs.frozen(slots=True)
@@ -181,26 +205,20 @@ def request_finished(client: str, exchange: Any, bytes_sent: int, now: float,
     proxied, answered by the proxy, or by an application's resource).
     """
     request = exchange.request
-    referer = agent = None
     if request is not None:
-        for name, value in request.headers:
-            size = len(name)
-            if size == 10 and name.lower() == b"user-agent":
-                agent = value
-            elif size == 7 and name.lower() == b"referer":
-                referer = value
         method, target, version, host = request.method, request.target, request.http_version, request.host
-        request_id = request.request_id
+        request_id, headers = request.request_id, request.headers
     else:
-        method, target, version, host, request_id = b"-", b"-", b"1.1", None, None
+        method, target, version, host, request_id, headers = b"-", b"-", b"1.1", None, None, ()
     backend = exchange.backend
     pool = exchange.pool
-    head_at = getattr(exchange, "head_at", None)
     started = exchange.started_at
-    head_at_time = head_at - started if head_at is not None and started is not None else None
-    return RequestFinished(
+    head_at = getattr(exchange, "head_at", None)
+    # tuple.__new__ straight away: the NamedTuple's own __new__ is a Python function of 20 arguments.
+    return _tuple_new(RequestFinished, (  # type: ignore[no-any-return]
         client, method, target, version, host, exchange.status or 0, bytes_sent, started, now,
         exchange.route_name, pool.name if pool is not None else None, backend.name if backend is not None else None,
-        referer, agent, bytes_received, bytes_received is not None, request_id, head_at_time,
+        headers, bytes_received, bytes_received is not None, request_id,
+        head_at - started if head_at is not None and started is not None else None,
         getattr(exchange, "attempts", 0), getattr(exchange, "body_seen", 0),
-    )
+    ))

@@ -25,7 +25,7 @@ from tests.conftest import proxy_config, request, until
 EVENT = RequestFinished(
     client="192.0.2.7", method=b"GET", target=b'/a?"b"', http_version=b"1.1", host=b"www.example.com", status=201,
     bytes_sent=5, started=1000.0, finished=1000.25, route="*/", pool="web", backend="tcp:10.0.0.1:80",
-    user_agent=b"t/1", request_id=b"abc123", upstream_time=0.125, attempts=1, request_bytes=3,
+    request_headers=[(b"Host", b"www.example.com"), (b"User-Agent", b"t/1")], request_id=b"abc123", upstream_time=0.125, attempts=1, request_bytes=3,
 )
 
 

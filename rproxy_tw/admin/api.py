@@ -24,7 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import Interface, implementer
 
-from ..events import IEventObserver, ReloadApplied, ReloadRefused
+from ..events import IEventObserver, ReloadApplied, ReloadRefused, RequestFinished
 from ..logs import observer as log_observer
 from .metrics import ProxyMetrics, exposition
 from .status import RecentErrors, gauges, status
@@ -62,16 +62,21 @@ class LocalSource:
     def __init__(self, service: Any) -> None:
         self.service = service
         self.recent = RecentErrors()
-        self.counters = ProxyMetrics(lambda: gauges(self.service))
+        self.counters = ProxyMetrics(lambda: gauges(self.service), also=self.recent.observe)
         self._last_reload: Any = None
 
     def observe(self, event: Any) -> None:
+        """Finished requests go straight to the counters (the per-request path); the rest is rare."""
+        if type(event) is RequestFinished:
+            self.counters.observe(event)
+            return
         self.counters.observe(event)
         self.recent.observe(event)
         if type(event) in (ReloadApplied, ReloadRefused):
             self._last_reload = event
 
     def status(self) -> Deferred[dict[str, Any]]:
+        self.counters.fold()
         return succeed(status(self.service, self.counters, self.recent))
 
     def metrics(self) -> Deferred[dict[str, Any]]:

@@ -65,8 +65,19 @@ class ProxyMetrics:
         Later features add theirs with L{count}.
     """
 
-    def __init__(self, gauges: Callable[[], dict[str, Any]] | None = None) -> None:
+    FOLD_AT = 512
+    """Finished requests kept before they are counted (they are counted at every scrape too)."""
+
+    def __init__(self, gauges: Callable[[], dict[str, Any]] | None = None,
+                 also: Callable[[RequestFinished], None] | None = None) -> None:
+        """
+        @param gauges: what L{snapshot} adds, read from the runtime at each scrape.
+        @param also: called with each finished request as it is counted (the admin's recent errors).
+        """
         self.gauges = gauges
+        self.also = also
+        self.pending: list[RequestFinished] = []
+        """Finished requests not counted yet: a request costs one append; L{fold} counts them in one loop."""
         self.requests: dict[tuple[str, str, str, str], list[int]] = {}
         """(route, pool, backend, status class) -> [requests, request body bytes, response body bytes]."""
         self.total_latency: dict[tuple[str, str], _Histogram] = {}
@@ -94,9 +105,25 @@ class ProxyMetrics:
     # -- IEventObserver -----------------------------------------------------------------------
 
     def observe(self, event: Any) -> None:
+        if type(event) is RequestFinished:
+            pending = self.pending
+            pending.append(event)
+            if len(pending) >= self.FOLD_AT:
+                self.fold()
+            return
         count = self.counting.get(type(event))
         if count is not None:
             count(event)
+
+    def fold(self) -> None:
+        """Count the finished requests kept so far."""
+        pending, self.pending = self.pending, []
+        count = self._request
+        also = self.also
+        for event in pending:
+            count(event)
+            if also is not None:
+                also(event)
 
     def count(self, event_type: type, name: str, help: str, labels: Callable[[Any], dict[str, str]]) -> None:
         """
@@ -140,13 +167,16 @@ class ProxyMetrics:
             histogram = self.total_latency.get(hkey)
             if histogram is None:
                 histogram = self.total_latency[hkey] = _Histogram()
-            histogram.observe(event.finished - started)
+            duration = event.finished - started
+            histogram.counts[bisect_left(LATENCY_BUCKETS, duration)] += 1
+            histogram.total += duration
             upstream = event.upstream_time
             if upstream is not None:
                 histogram = self.upstream_latency.get(hkey)
                 if histogram is None:
                     histogram = self.upstream_latency[hkey] = _Histogram()
-                histogram.observe(upstream)
+                histogram.counts[bisect_left(LATENCY_BUCKETS, upstream)] += 1
+                histogram.total += upstream
         if event.attempts > 1:
             self.retries[pool] = self.retries.get(pool, 0) + event.attempts - 1
 
@@ -179,6 +209,7 @@ class ProxyMetrics:
         histogram's C{[label values, bucket counts, sum]}.  JSON-able, so a
         supervisor can fetch it from each worker and add them up.
         """
+        self.fold()
         out: dict[str, Any] = {}
 
         def family(name: str, kind: str, help: str, labels: Iterable[str], samples: list[Any],
