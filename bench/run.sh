@@ -30,6 +30,7 @@ CONNS_1M=${CONNS_1M:-8}
 WRK_TIMEOUT=${WRK_TIMEOUT:-5s}
 PROXY_CPU=${PROXY_CPU:-0}       # the proxies
 LOAD_CPU=${LOAD_CPU:-1}         # origin and wrk
+ALL_CPUS=${ALL_CPUS:-0-$(($(nproc) - 1))}  # rproxy-w1/-w2: every CPU
 START_TIMEOUT=${START_TIMEOUT:-20}  # seconds for a process to start listening
 RESULTS_DIR=${RESULTS_DIR:-$BENCH_DIR/results}
 
@@ -38,8 +39,8 @@ die() { log "error: $*"; exit 1; }
 
 for p in $PROXIES; do
     case $p in
-    nginx | haproxy | twisted | rproxy | rproxy-log | rproxy-stdout | rproxy-metrics | rproxy-ops) ;;
-    *) die "unknown proxy '$p' in PROXIES (nginx haproxy twisted rproxy rproxy-log rproxy-stdout rproxy-metrics rproxy-ops)" ;;
+    nginx | haproxy | twisted | rproxy | rproxy-log | rproxy-stdout | rproxy-metrics | rproxy-ops | rproxy-w1 | rproxy-w2) ;;
+    *) die "unknown proxy '$p' in PROXIES (nginx haproxy twisted rproxy rproxy-log rproxy-stdout rproxy-metrics rproxy-ops rproxy-w1 rproxy-w2)" ;;
     esac
 done
 
@@ -173,9 +174,14 @@ for p in $PROXIES; do
         rproxy-stdout) extra=(--access-log -) ;;
         rproxy-metrics) extra=(--access-log off --admin tcp:0:interface=127.0.0.1) ;;
         rproxy-ops) extra=(--access-log "$WORK/access-$p.log" --admin tcp:0:interface=127.0.0.1) ;;
+        # All cores: one process, or a supervisor and two workers, free to run on every CPU
+        # (with the origin and wrk: on two cores there is no core left for the load alone).
+        rproxy-w1 | rproxy-w2) extra=(--access-log off --workers "${p#rproxy-w}") ;;
         esac
+        cpu=$PROXY_CPU
+        [[ $p == rproxy-w* ]] && cpu=$ALL_CPUS
         pushd "$REPO_ROOT" >/dev/null
-        start "$p" "$PROXY_CPU" "$PYTHON" -c 'from twisted.scripts.twistd import run; run()' \
+        start "$p" "$cpu" "$PYTHON" -c 'from twisted.scripts.twistd import run; run()' \
             -n --pidfile= rproxy \
             --listen "tcp:${PORT[$p]}:interface=127.0.0.1" \
             --backend "tcp:127.0.0.1:${PORT[origin]}" "${extra[@]}"

@@ -218,3 +218,66 @@ def test_the_status_page_is_one_self_contained_file(net) -> None:
     assert b"api/status" in body
     for external in (b"http://", b"https://", b"<link", b"src="):
         assert external not in body
+
+
+@inlineCallbacks
+def test_a_drain_set_through_the_api_survives_a_reload_that_keeps_the_backend(net, tmp_path) -> None:
+    from rproxy_tw.config import load_config
+
+    a = yield net.origin(lambda req: req.respond(200, b"a"))
+    b = yield net.origin(lambda req: req.respond(200, b"b"))
+    proxy = yield net.proxy(admin_config(a.backend, b.backend))
+    code, _ = yield post(admin_url(proxy) + "/api/drain", {"pool": "p", "backend": a.backend})
+    assert code == 200
+    path = tmp_path / "rproxy.toml"
+    path.write_text('[[listen]]\nendpoint = "tcp:0:interface=127.0.0.1"\n[[route]]\npath = "/"\npool = "p"\n'
+                    f'[pool.p]\nbackends = ["{a.backend}", "{b.backend}"]\nretries = 2\n'
+                    '[admin]\nendpoint = "tcp:0:interface=127.0.0.1"\n[server]\naccess_log = "off"\n')
+    proxy.service.load_config = lambda: load_config(str(path))
+    code, result = yield post(admin_url(proxy) + "/api/reload")
+    assert code == 200 and result["ok"] is True
+    code, body = yield get(admin_url(proxy) + "/api/pools")
+    [pool] = json.loads(body)
+    states = {x["endpoint"]: x["draining"] for x in pool["backends"]}
+    assert states == {a.backend: True, b.backend: False}
+    client = web_client()
+    for _ in range(4):
+        response = yield client.get(proxy.url + "/")
+        assert (yield response.content()) == b"b"
+
+
+def test_a_new_event_type_is_counted_by_adding_one_entry() -> None:
+    import attrs
+
+    from rproxy_tw.admin.metrics import ProxyMetrics, exposition
+
+    @attrs.frozen
+    class Refused:
+        reason: str
+
+    metrics = ProxyMetrics()
+    metrics.count(Refused, "refusals", "Requests refused by scrubbing", lambda e: {"reason": e.reason})
+    for reason in ("rate_limit", "waf", "rate_limit"):
+        metrics.observe(Refused(reason))
+    found = samples(exposition(metrics.snapshot()).decode())
+    assert found[("rproxy_refusals_total", (("reason", "rate_limit"),))] == 2
+    assert found[("rproxy_refusals_total", (("reason", "waf"),))] == 1
+
+
+def test_workers_snapshots_add_up_and_gauges_follow_their_rule() -> None:
+    from rproxy_tw.admin.metrics import ProxyMetrics, exposition, gauge_family, merge_snapshots
+    from rproxy_tw.events import RequestFinished
+
+    def worker(healthy: int) -> dict[str, Any]:
+        metrics = ProxyMetrics(lambda: gauge_family("backend_healthy", "h", ("backend",), [[["b"], healthy]],
+                                                    merge="min"))
+        for status in (200, 200, 502):
+            metrics.observe(RequestFinished("c", b"GET", b"/", b"1.1", None, status, 10, 1.0, 1.004, "*/", "p", "b"))
+        return metrics.snapshot()
+
+    merged = merge_snapshots([worker(1), worker(0)])
+    found = samples(exposition(merged).decode())
+    assert found[("rproxy_requests_total", (("backend", "b"), ("code", "2xx"), ("pool", "p"), ("route", "*/")))] == 4
+    assert found[("rproxy_request_duration_seconds_count", (("pool", "p"), ("route", "*/")))] == 6
+    assert found[("rproxy_request_duration_seconds_bucket", (("le", "0.005"), ("pool", "p"), ("route", "*/")))] == 6
+    assert found[("rproxy_backend_healthy", (("backend", "b"),))] == 0
