@@ -281,3 +281,50 @@ def test_workers_snapshots_add_up_and_gauges_follow_their_rule() -> None:
     assert found[("rproxy_request_duration_seconds_count", (("pool", "p"), ("route", "*/")))] == 6
     assert found[("rproxy_request_duration_seconds_bucket", (("le", "0.005"), ("pool", "p"), ("route", "*/")))] == 6
     assert found[("rproxy_backend_healthy", (("backend", "b"),))] == 0
+
+
+def _events_strategy() -> Any:
+    from hypothesis import strategies as st
+
+    from rproxy_tw.events import RequestFinished
+
+    def build(route: Any, backend: Any, status: int, started: Any, duration: float, upstream: Any, attempts: int,
+              tunnel: bool, sent: int, body: int) -> RequestFinished:
+        return RequestFinished("c", b"GET", b"/", b"1.1", None, status, sent, started,
+                               (started or 0.0) + duration, route, "p" if route else None, backend, (),
+                               body if tunnel else None, tunnel, None, upstream, attempts, body)
+
+    return st.lists(st.builds(
+        build, st.sampled_from([None, "*/", "*/api/"]), st.sampled_from([None, "b1", "b2"]),
+        st.sampled_from([101, 200, 204, 304, 404, 499, 502, 503]), st.sampled_from([None, 100.0]),
+        st.floats(0, 40), st.one_of(st.none(), st.floats(0, 40)), st.integers(0, 3), st.booleans(),
+        st.integers(0, 10**6), st.integers(0, 10**6)), max_size=40)
+
+
+def test_the_batch_count_is_the_per_event_count() -> None:
+    from hypothesis import given, settings
+
+    from rproxy_tw.admin.metrics import ProxyMetrics
+
+    @settings(max_examples=200, deadline=None, derandomize=True)
+    @given(_events_strategy())
+    def check(events: list[Any]) -> None:
+        batch, single = ProxyMetrics(), ProxyMetrics()
+        seen_batch: list[Any] = []
+        batch.also = seen_batch.append
+        batch.pending = list(events)
+        batch.fold()
+        for event in events:
+            single._request(event)
+        assert batch.requests == single.requests
+        assert batch.tunnels == single.tunnels
+        assert batch.retries == single.retries
+        for mine, theirs in ((batch.total_latency, single.total_latency),
+                             (batch.upstream_latency, single.upstream_latency)):
+            assert mine.keys() == theirs.keys()
+            for key in mine:
+                assert mine[key].counts == theirs[key].counts
+                assert mine[key].total == pytest.approx(theirs[key].total)
+        assert seen_batch == [e for e in events if e.status >= 500]
+
+    check()

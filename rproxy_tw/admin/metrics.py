@@ -17,6 +17,9 @@ New event types are counted by adding an entry to L{ProxyMetrics.counting}
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import Counter
+from functools import partial
+from operator import itemgetter, sub
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -39,6 +42,13 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 """Upper bounds in seconds (C{+Inf} follows)."""
 
 _STATUS_CLASS = {i: f"{i}xx" for i in range(1, 6)}
+
+# RequestFinished's fields by position, for the batch count (see ProxyMetrics.fold).
+_STATUS, _SENT, _STARTED, _FINISHED = itemgetter(5), itemgetter(6), itemgetter(7), itemgetter(8)
+_KEY = itemgetter(9, 10, 11, 5)
+_ROUTE_POOL = itemgetter(9, 10)
+_TUNNEL, _UPSTREAM, _ATTEMPTS, _BODY_IN = itemgetter(14), itemgetter(16), itemgetter(17), itemgetter(18)
+_BUCKET = partial(bisect_left, LATENCY_BUCKETS)
 
 
 class _Histogram:
@@ -116,14 +126,87 @@ class ProxyMetrics:
             count(event)
 
     def fold(self) -> None:
-        """Count the finished requests kept so far."""
+        """
+        Count the finished requests kept so far, a batch at a time: keys,
+        durations and buckets are taken with C{operator.itemgetter},
+        C{map} and C{Counter} (loops in C), which costs a fraction of
+        L{_request} per event.  A property test holds it to L{_request}.
+        """
         pending, self.pending = self.pending, []
-        count = self._request
+        if not pending:
+            return
         also = self.also
-        for event in pending:
-            count(event)
-            if also is not None:
-                also(event)
+        if also is not None and max(map(_STATUS, pending)) >= 500:
+            for event in pending:
+                if event[5] >= 500:
+                    also(event)
+        if any(map(_TUNNEL, pending)):
+            for event in pending:
+                if event[14]:
+                    self._request(event)
+            pending = [event for event in pending if not event[14]]
+            if not pending:
+                return
+        requests = self.requests
+        keys = list(map(_KEY, pending))
+        sent = list(map(_SENT, pending))
+        body = list(map(_BODY_IN, pending))
+        counted = Counter(keys)
+        if len(counted) == 1:
+            sums = {keys[0]: (sum(body), sum(sent))}
+        else:
+            sums = {}
+            for key, body_in, body_out in zip(keys, body, sent):
+                have = sums.get(key)
+                sums[key] = (body_in, body_out) if have is None else (have[0] + body_in, have[1] + body_out)
+        for key, n in counted.items():
+            route, pool, backend, status = key
+            name = (route or "-", pool or "-", backend or "-", _STATUS_CLASS.get(status // 100, "other"))
+            counts = requests.get(name)
+            if counts is None:
+                counts = requests[name] = [0, 0, 0]
+            body_in, body_out = sums[key]
+            counts[0] += n
+            counts[1] += body_in
+            counts[2] += body_out
+        if max(map(_ATTEMPTS, pending), default=0) > 1:
+            retries = self.retries
+            for event in pending:
+                if event[17] > 1:
+                    pool = event[10] or "-"
+                    retries[pool] = retries.get(pool, 0) + event[17] - 1
+        if None in map(_STARTED, pending):
+            pending = [event for event in pending if event[7] is not None]
+        self._histograms(self.total_latency, list(map(_ROUTE_POOL, pending)),
+                         list(map(sub, map(_FINISHED, pending), map(_STARTED, pending))))
+        upstream = list(map(_UPSTREAM, pending))
+        if None in upstream:
+            pairs = [(key, up) for key, up in zip(map(_ROUTE_POOL, pending), upstream) if up is not None]
+            self._histograms(self.upstream_latency, [k for k, _ in pairs], [u for _, u in pairs])
+        else:
+            self._histograms(self.upstream_latency, list(map(_ROUTE_POOL, pending)), upstream)
+
+    @staticmethod
+    def _histograms(into: dict[tuple[str, str], _Histogram], keys: list[Any], values: list[float]) -> None:
+        if not keys:
+            return
+        buckets = Counter(zip(keys, map(_BUCKET, values)))
+        if len(set(keys)) == 1:
+            totals = {keys[0]: sum(values)}
+        else:
+            totals = {}
+            for key, value in zip(keys, values):
+                totals[key] = totals.get(key, 0.0) + value
+        histograms = {}
+        for key in totals:
+            name = (key[0] or "-", key[1] or "-")
+            histogram = into.get(name)
+            if histogram is None:
+                histogram = into[name] = _Histogram()
+            histograms[key] = histogram
+            histogram.total += totals[key]
+        for (key, bucket), n in buckets.items():
+            histograms[key].counts[bucket] += n
 
     def count(self, event_type: type, name: str, help: str, labels: Callable[[Any], dict[str, str]]) -> None:
         """
