@@ -231,3 +231,10 @@ def test_twistd_access_log_dash_writes_lines_to_stdout(tmp_path) -> None:
     out = proc.stdout.read().decode()  # type: ignore[union-attr]
     [line] = [line for line in out.splitlines() if line.startswith("/to-stdout ")]
     assert line.split()[1] == "200" and len(line.split()[2]) == 32
+
+
+def test_the_combined_format_quotes_what_the_client_sent() -> None:
+    event = EVENT._replace(request_headers=[(b"Referer", b"http://r/"), (b"user-agent", b'a "b" \\c')], tunnel=False)
+    line = compile_format("combined")(event, _clock_at(EVENT.finished))
+    assert line == (b'192.0.2.7 - - [01/Jan/1970:00:16:40 +0000] "GET /a?\\"b\\" HTTP/1.1" 201 5 '
+                    b'"http://r/" "a \\"b\\" \\\\c"')
