@@ -750,6 +750,11 @@ class ProxyService(MultiService):
             self._start_admin(config.admin.endpoint)
         for line in not_enforced_warnings(config):
             self._log.warn("{warning}", warning=line)
+        from .workers import worker_count
+
+        if worker_count(config.server.workers) > 1:
+            self._log.warn("server.workers = {workers!r}: workers are started by twistd rproxy's supervisor; "
+                           "this service is one process", workers=config.server.workers)
 
     def _start_admin(self, endpoint: str) -> None:
         """The admin listener (metrics, JSON API, status page) and the observer that counts for it."""
