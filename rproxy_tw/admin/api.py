@@ -76,7 +76,6 @@ class LocalSource:
             self._last_reload = event
 
     def status(self) -> Deferred[dict[str, Any]]:
-        self.counters.fold()
         return succeed(status(self.service, self.counters, self.recent))
 
     def metrics(self) -> Deferred[dict[str, Any]]:

@@ -17,9 +17,6 @@ New event types are counted by adding an entry to L{ProxyMetrics.counting}
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import Counter
-from functools import partial
-from operator import itemgetter, sub
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -43,12 +40,6 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 _STATUS_CLASS = {i: f"{i}xx" for i in range(1, 6)}
 
-# RequestFinished's fields by position, for the batch count (see ProxyMetrics.fold).
-_STATUS, _SENT, _STARTED, _FINISHED = itemgetter(5), itemgetter(6), itemgetter(7), itemgetter(8)
-_KEY = itemgetter(9, 10, 11, 5)
-_ROUTE_POOL = itemgetter(9, 10)
-_TUNNEL, _UPSTREAM, _ATTEMPTS, _BODY_IN = itemgetter(14), itemgetter(16), itemgetter(17), itemgetter(18)
-_BUCKET = partial(bisect_left, LATENCY_BUCKETS)
 
 
 class _Histogram:
@@ -75,20 +66,17 @@ class ProxyMetrics:
         Later features add theirs with L{count}.
     """
 
-    FOLD_AT = 512
-    """Finished requests kept before they are counted (they are counted at every scrape too)."""
-
     def __init__(self, gauges: Callable[[], dict[str, Any]] | None = None,
                  also: Callable[[RequestFinished], None] | None = None) -> None:
         """
         @param gauges: what L{snapshot} adds, read from the runtime at each scrape.
-        @param also: called with each finished request as it is counted (the admin's recent errors).
+        @param also: called with each finished request answered 5xx (the admin's recent errors).
         """
         self.gauges = gauges
         self.also = also
-        self.pending: list[RequestFinished] = []
-        """Finished requests not counted yet: a request costs one append; L{fold} counts them in one loop."""
         self.requests: dict[tuple[str, str, str, str], list[int]] = {}
+        self._records: dict[tuple[Any, ...], tuple[list[int], _Histogram, _Histogram]] = {}
+        """(route, pool, backend, status) as events carry them -> their counts and their route's histograms."""
         """(route, pool, backend, status class) -> [requests, request body bytes, response body bytes]."""
         self.total_latency: dict[tuple[str, str], _Histogram] = {}
         self.upstream_latency: dict[tuple[str, str], _Histogram] = {}
@@ -116,97 +104,13 @@ class ProxyMetrics:
 
     def observe(self, event: Any) -> None:
         if type(event) is RequestFinished:
-            pending = self.pending
-            pending.append(event)
-            if len(pending) >= self.FOLD_AT:
-                self.fold()
+            self._request(event)
+            if event[5] >= 500 and self.also is not None:
+                self.also(event)
             return
         count = self.counting.get(type(event))
         if count is not None:
             count(event)
-
-    def fold(self) -> None:
-        """
-        Count the finished requests kept so far, a batch at a time: keys,
-        durations and buckets are taken with C{operator.itemgetter},
-        C{map} and C{Counter} (loops in C), which costs a fraction of
-        L{_request} per event.  A property test holds it to L{_request}.
-        """
-        pending, self.pending = self.pending, []
-        if not pending:
-            return
-        also = self.also
-        if also is not None and max(map(_STATUS, pending)) >= 500:
-            for event in pending:
-                if event[5] >= 500:
-                    also(event)
-        if any(map(_TUNNEL, pending)):
-            for event in pending:
-                if event[14]:
-                    self._request(event)
-            pending = [event for event in pending if not event[14]]
-            if not pending:
-                return
-        requests = self.requests
-        keys = list(map(_KEY, pending))
-        sent = list(map(_SENT, pending))
-        body = list(map(_BODY_IN, pending))
-        counted = Counter(keys)
-        if len(counted) == 1:
-            sums = {keys[0]: (sum(body), sum(sent))}
-        else:
-            sums = {}
-            for key, body_in, body_out in zip(keys, body, sent):
-                have = sums.get(key)
-                sums[key] = (body_in, body_out) if have is None else (have[0] + body_in, have[1] + body_out)
-        for key, n in counted.items():
-            route, pool, backend, status = key
-            name = (route or "-", pool or "-", backend or "-", _STATUS_CLASS.get(status // 100, "other"))
-            counts = requests.get(name)
-            if counts is None:
-                counts = requests[name] = [0, 0, 0]
-            body_in, body_out = sums[key]
-            counts[0] += n
-            counts[1] += body_in
-            counts[2] += body_out
-        if max(map(_ATTEMPTS, pending), default=0) > 1:
-            retries = self.retries
-            for event in pending:
-                if event[17] > 1:
-                    pool = event[10] or "-"
-                    retries[pool] = retries.get(pool, 0) + event[17] - 1
-        if None in map(_STARTED, pending):
-            pending = [event for event in pending if event[7] is not None]
-        self._histograms(self.total_latency, list(map(_ROUTE_POOL, pending)),
-                         list(map(sub, map(_FINISHED, pending), map(_STARTED, pending))))
-        upstream = list(map(_UPSTREAM, pending))
-        if None in upstream:
-            pairs = [(key, up) for key, up in zip(map(_ROUTE_POOL, pending), upstream) if up is not None]
-            self._histograms(self.upstream_latency, [k for k, _ in pairs], [u for _, u in pairs])
-        else:
-            self._histograms(self.upstream_latency, list(map(_ROUTE_POOL, pending)), upstream)
-
-    @staticmethod
-    def _histograms(into: dict[tuple[str, str], _Histogram], keys: list[Any], values: list[float]) -> None:
-        if not keys:
-            return
-        buckets = Counter(zip(keys, map(_BUCKET, values)))
-        if len(set(keys)) == 1:
-            totals = {keys[0]: sum(values)}
-        else:
-            totals = {}
-            for key, value in zip(keys, values):
-                totals[key] = totals.get(key, 0.0) + value
-        histograms = {}
-        for key in totals:
-            name = (key[0] or "-", key[1] or "-")
-            histogram = into.get(name)
-            if histogram is None:
-                histogram = into[name] = _Histogram()
-            histograms[key] = histogram
-            histogram.total += totals[key]
-        for (key, bucket), n in buckets.items():
-            histograms[key].counts[bucket] += n
 
     def count(self, event_type: type, name: str, help: str, labels: Callable[[Any], dict[str, str]]) -> None:
         """
@@ -226,42 +130,62 @@ class ProxyMetrics:
     # -- per event ----------------------------------------------------------------------------
 
     def _request(self, event: RequestFinished) -> None:
-        route = event.route or "-"
-        pool = event.pool or "-"
-        if event.tunnel:
-            tkey = (route, pool)
-            tunnel = self.tunnels.get(tkey)
-            if tunnel is None:
-                tunnel = self.tunnels[tkey] = [0, 0, 0]
-            tunnel[0] += 1
-            tunnel[1] += event.bytes_received or 0
-            tunnel[2] += event.bytes_sent
+        """
+        One finished request: one dictionary lookup finds its counts and its
+        route's two histograms (fields read by position: the cheapest read
+        of a NamedTuple).
+        """
+        if event[14]:
+            self._tunnel(event)
             return
-        key = (route, pool, event.backend or "-", _STATUS_CLASS.get(event.status // 100, "other"))
-        counts = self.requests.get(key)
-        if counts is None:
-            counts = self.requests[key] = [0, 0, 0]
+        key = (event[9], event[10], event[11], event[5])
+        record = self._records.get(key)
+        if record is None:
+            record = self._record(key)
+        counts, total, upstream = record
         counts[0] += 1
-        counts[1] += event.request_bytes
-        counts[2] += event.bytes_sent
-        started = event.started
+        counts[1] += event[18]
+        counts[2] += event[6]
+        started = event[7]
         if started is not None:
-            hkey = (route, pool)
-            histogram = self.total_latency.get(hkey)
+            duration = event[8] - started
+            total.counts[bisect_left(LATENCY_BUCKETS, duration)] += 1
+            total.total += duration
+            head = event[16]
+            if head is not None:
+                upstream.counts[bisect_left(LATENCY_BUCKETS, head)] += 1
+                upstream.total += head
+        if event[17] > 1:
+            pool = event[10] or "-"
+            self.retries[pool] = self.retries.get(pool, 0) + event[17] - 1
+
+    def _record(self, key: tuple[Any, ...]) -> tuple[list[int], _Histogram, _Histogram]:
+        """The counts of a (route, pool, backend, status) seen for the first time, and its route's histograms."""
+        route, pool, backend, status = key
+        route, pool = route or "-", pool or "-"
+        name = (route, pool, backend or "-", _STATUS_CLASS.get(status // 100, "other"))
+        counts = self.requests.get(name)
+        if counts is None:
+            counts = self.requests[name] = [0, 0, 0]
+        histograms = []
+        for into in (self.total_latency, self.upstream_latency):
+            histogram = into.get((route, pool))
             if histogram is None:
-                histogram = self.total_latency[hkey] = _Histogram()
-            duration = event.finished - started
-            histogram.counts[bisect_left(LATENCY_BUCKETS, duration)] += 1
-            histogram.total += duration
-            upstream = event.upstream_time
-            if upstream is not None:
-                histogram = self.upstream_latency.get(hkey)
-                if histogram is None:
-                    histogram = self.upstream_latency[hkey] = _Histogram()
-                histogram.counts[bisect_left(LATENCY_BUCKETS, upstream)] += 1
-                histogram.total += upstream
-        if event.attempts > 1:
-            self.retries[pool] = self.retries.get(pool, 0) + event.attempts - 1
+                histogram = into[(route, pool)] = _Histogram()
+            histograms.append(histogram)
+        if len(self._records) >= 10000:
+            self._records.clear()  # bounded: the counts stay in self.requests
+        record = self._records[key] = (counts, histograms[0], histograms[1])
+        return record
+
+    def _tunnel(self, event: RequestFinished) -> None:
+        tkey = (event.route or "-", event.pool or "-")
+        tunnel = self.tunnels.get(tkey)
+        if tunnel is None:
+            tunnel = self.tunnels[tkey] = [0, 0, 0]
+        tunnel[0] += 1
+        tunnel[1] += event.bytes_received or 0
+        tunnel[2] += event.bytes_sent
 
     def _tcp(self, event: TCPSessionClosed) -> None:
         key = (event.listener, event.backend or "-", event.reason)
@@ -292,7 +216,6 @@ class ProxyMetrics:
         histogram's C{[label values, bucket counts, sum]}.  JSON-able, so a
         supervisor can fetch it from each worker and add them up.
         """
-        self.fold()
         out: dict[str, Any] = {}
 
         def family(name: str, kind: str, help: str, labels: Iterable[str], samples: list[Any],
