@@ -56,7 +56,7 @@ def build(variant: str) -> tuple[MemoryReactorClock, HTTPProxyFactory, ProxyRunt
         service = _Service()
         service.runtime = runtime  # type: ignore[attr-defined]
         service._slots = []  # type: ignore[attr-defined]
-        runtime.events.subscribe(LocalSource(service))
+        runtime.events.subscribe(LocalSource(service).counters)
     if variant == "events":
         from zope.interface import implementer
 

@@ -12,6 +12,7 @@ N1=${N1:-500}
 N2=${N2:-2500}
 WORK=$(mktemp -d /tmp/rproxy-ops-cost.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
+export PYTHONHASHSEED=0   # the same dictionaries in every run
 count() {  # count VARIANT N: total instructions (Ir) of one run
     valgrind --tool=callgrind --callgrind-out-file="$WORK/out.$1.$2" "$PYTHON" "$BENCH_DIR/ops_cost.py" "$1" "$2" \
         >/dev/null 2>&1

@@ -761,7 +761,7 @@ class ProxyService(MultiService):
         from .admin.api import admin_site
 
         site, self.admin = admin_site(self)
-        self.runtime.events.subscribe(self.admin)
+        self.runtime.events.subscribe(self.admin.counters)
         service = _Listener(serverFromString(self.reactor, endpoint), site)
         service._raiseSynchronously = True
         service.label = f"admin {endpoint}"

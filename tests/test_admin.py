@@ -61,7 +61,7 @@ def test_the_sources_provide_their_interfaces() -> None:
     service = ProxyService(parse_config(admin_config("tcp:127.0.0.1:1")), reactor)
     assert isinstance(service.admin, LocalSource)
     verifyObject(IAdminSource, service.admin)
-    verifyObject(IEventObserver, service.admin)
+    verifyObject(IEventObserver, service.admin.counters)
 
 
 @inlineCallbacks

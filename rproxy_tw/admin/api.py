@@ -24,7 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import Interface, implementer
 
-from ..events import IEventObserver, ReloadApplied, ReloadRefused, RequestFinished
+from ..events import BackendStateChanged, ReloadApplied, ReloadRefused
 from ..logs import observer as log_observer
 from .metrics import ProxyMetrics, exposition
 from .status import RecentErrors, gauges, status
@@ -55,25 +55,32 @@ class ApiError(Exception):
         self.message = message
 
 
-@implementer(IAdminSource, IEventObserver)
+@implementer(IAdminSource)
 class LocalSource:
-    """The admin view of a L{rproxy_tw.service.ProxyService} in this process."""
+    """
+    The admin view of a L{rproxy_tw.service.ProxyService} in this process.
+    Its L{counters} are what observes the service's events (subscribe them):
+    the recent errors and the last reload's outcome ride on their counting.
+    """
 
     def __init__(self, service: Any) -> None:
         self.service = service
         self.recent = RecentErrors()
         self.counters = ProxyMetrics(lambda: gauges(self.service), also=self.recent.observe)
         self._last_reload: Any = None
+        counting = self.counters.counting
+        for kind in (ReloadApplied, ReloadRefused, BackendStateChanged):
+            counting[kind] = self._also(counting[kind])
 
-    def observe(self, event: Any) -> None:
-        """Finished requests go straight to the counters (the per-request path); the rest is rare."""
-        if type(event) is RequestFinished:
-            self.counters.observe(event)
-            return
-        self.counters.observe(event)
-        self.recent.observe(event)
-        if type(event) in (ReloadApplied, ReloadRefused):
-            self._last_reload = event
+    def _also(self, counted: Callable[[Any], None]) -> Callable[[Any], None]:
+        def count(event: Any) -> None:
+            counted(event)
+            if type(event) is BackendStateChanged:
+                self.recent.observe(event)
+            else:
+                self._last_reload = event
+
+        return count
 
     def status(self) -> Deferred[dict[str, Any]]:
         return succeed(status(self.service, self.counters, self.recent))
