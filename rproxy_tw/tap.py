@@ -175,7 +175,11 @@ def makeService(options: Options) -> MultiService:
     count = worker_count(options.proxy_config.server.workers)
     if count > 1:
         reload_config = options.reload_config if options["config"] else None
-        supervisor = Supervisor(options.proxy_config, reactor, count, worker_argv(options), reload_config)
+        try:
+            supervisor = Supervisor(options.proxy_config, reactor, count, worker_argv(options), reload_config)
+        except ConfigError as e:
+            sys.stderr.write(f"{e}\n")
+            sys.exit(1)
         _supervisor_signals(reactor, supervisor)
         _one_line_listen_errors()
         return supervisor

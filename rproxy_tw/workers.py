@@ -189,6 +189,11 @@ class Supervisor(MultiService):
     def __init__(self, config: ProxyConfig, reactor: Any, count: int, argv: list[str],
                  reload_config: Callable[[], ProxyConfig] | None = None) -> None:
         super().__init__()
+        for index, listen in enumerate(config.listen):
+            if _split(listen.endpoint)[0] not in ("tcp", "tcp6", "unix", "systemd"):
+                raise ConfigError(config.source, f"listen[{index}].endpoint",
+                                  f"{listen.endpoint!r}: with workers > 1 only tcp:, tcp6:, unix: and systemd: "
+                                  "listeners can be shared")
         self.config = config
         self.reactor = reactor
         self.count = count
