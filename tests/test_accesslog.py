@@ -238,3 +238,28 @@ def test_the_combined_format_quotes_what_the_client_sent() -> None:
     line = compile_format("combined")(event, _clock_at(EVENT.finished))
     assert line == (b'192.0.2.7 - - [01/Jan/1970:00:16:40 +0000] "GET /a?\\"b\\" HTTP/1.1" 201 5 '
                     b'"http://r/" "a \\"b\\" \\\\c"')
+
+
+def test_the_json_line_is_what_json_dumps_makes() -> None:
+    from hypothesis import given, settings, strategies as st
+
+    from rproxy_tw.accesslog import _json_line, _json_line_plain
+
+    text = st.one_of(st.none(), st.binary(max_size=12), st.sampled_from([b"", b'a"b\\c', "é\u2028".encode()]))
+    name = st.one_of(st.none(), st.text(max_size=8))
+    events = st.builds(
+        RequestFinished, st.text(max_size=8), st.binary(min_size=1, max_size=6), st.binary(min_size=1, max_size=12),
+        st.sampled_from([b"1.0", b"1.1", b"2"]), text, st.integers(0, 599), st.integers(0, 10**12),
+        st.one_of(st.none(), st.just(0.0), st.floats(1, 2e9)), st.floats(1, 2e9), name, name, name,
+        st.lists(st.tuples(st.sampled_from([b"User-Agent", b"referer", b"Host"]), st.binary(max_size=8)), max_size=4),
+        st.one_of(st.none(), st.integers(0, 10**9)), st.booleans(), text, st.one_of(st.none(), st.floats(0, 100)),
+        st.integers(0, 4), st.integers(0, 10**9))
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(events)
+    def check(event: RequestFinished) -> None:
+        clock = _clock_at(event.finished)
+        assert _json_line(event, clock) == _json_line_plain(event, clock)
+        json.loads(_json_line(event, clock))
+
+    check()
