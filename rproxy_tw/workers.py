@@ -317,6 +317,9 @@ class Supervisor(MultiService):
                 kill.cancel()
             for sock in self.sockets.values():
                 sock.close()
+            import shutil
+
+            shutil.rmtree(self.rundir, ignore_errors=True)
             return None
 
         return gatherResults([d, *waiting]).addBoth(done)
@@ -471,6 +474,12 @@ class GroupSource:
 
 
 def _worker_main(spec: dict[str, Any]) -> None:
+    # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which passes one
+    # SIGTERM on (a second signal would cut this worker's connections instead of draining them).
+    try:
+        os.setsid()
+    except OSError:
+        pass
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
