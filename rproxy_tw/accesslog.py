@@ -18,9 +18,9 @@ logrotate can move the file without C{copytruncate}.
 from __future__ import annotations
 
 import json
-from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 import os
 import time
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any, Callable
 
 from twisted.internet.interfaces import IReactorTime

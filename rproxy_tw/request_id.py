@@ -59,7 +59,7 @@ class RequestIdFilter:
                 count += 1
         if given is not None and count == 1 and exchange.info.trusted and acceptable_id(given):
             request.request_id = given
-            return None
+            return
         if request.request_id is None:
             request.request_id = new_id()
         if given is not None:
@@ -69,4 +69,3 @@ class RequestIdFilter:
             headers.append((self.header, request.request_id))
         else:
             request.headers = [*headers, (self.header, request.request_id)]
-        return None

@@ -320,7 +320,6 @@ class Supervisor(MultiService):
             import shutil
 
             shutil.rmtree(self.rundir, ignore_errors=True)
-            return None
 
         return gatherResults([d, *waiting]).addBoth(done)
 

@@ -241,7 +241,8 @@ def test_the_combined_format_quotes_what_the_client_sent() -> None:
 
 
 def test_the_json_line_is_what_json_dumps_makes() -> None:
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 
     from rproxy_tw.accesslog import _json_line, _json_line_plain
 

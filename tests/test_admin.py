@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
@@ -17,6 +16,7 @@ from zope.interface.verify import verifyObject
 from rproxy_tw.admin.api import IAdminSource, LocalSource
 from rproxy_tw.events import IEventObserver
 from tests.conftest import proxy_config, until, web_client
+
 
 def admin_config(*backends: str, token: str = "", **kw: Any) -> dict[str, Any]:
     config = proxy_config(*backends, **kw)
@@ -55,8 +55,8 @@ def post(url: str, body: Any = None, headers: dict[bytes, list[bytes]] | None = 
 
 
 def test_the_sources_provide_their_interfaces() -> None:
-    from rproxy_tw.service import ProxyService
     from rproxy_tw.config import parse_config
+    from rproxy_tw.service import ProxyService
 
     service = ProxyService(parse_config(admin_config("tcp:127.0.0.1:1")), reactor)
     assert isinstance(service.admin, LocalSource)
@@ -265,7 +265,12 @@ def test_a_new_event_type_is_counted_by_adding_one_entry() -> None:
 
 
 def test_workers_snapshots_add_up_and_gauges_follow_their_rule() -> None:
-    from rproxy_tw.admin.metrics import ProxyMetrics, exposition, gauge_family, merge_snapshots
+    from rproxy_tw.admin.metrics import (
+        ProxyMetrics,
+        exposition,
+        gauge_family,
+        merge_snapshots,
+    )
     from rproxy_tw.events import RequestFinished
 
     def worker(healthy: int) -> dict[str, Any]:

@@ -139,9 +139,15 @@ backends = ["tcp:127.0.0.1:{a.port}", "tcp:127.0.0.1:{b.port}"]
     output.close()
     out = (tmp_path / "twistd.out").read_text()
     assert "Traceback" not in out, out
+    def gone(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+
     for pid in status["pid"]:
-        _until(lambda: not os.path.exists(f"/proc/{pid}") or
-               open(f"/proc/{pid}/stat").read().split()[2] == "Z", "workers gone")
+        _until(lambda pid=pid: gone(pid), "workers gone")
     # Both workers appended to the one access log: every request is in it once.
     lines = log.read_text().splitlines()
     assert sum(1 for line in lines if line.startswith("/r")) == 20
