@@ -95,7 +95,7 @@ class TLSProfile:
     client_ca: str | None = None
     """Optional CA file: when set, clients must present a certificate it signed."""
     acme: bool | tuple[str, ...] = False
-    """Names to get certificates for from the C{[acme]} CA (C{True}: the routes' host names); not enforced yet."""
+    """Names to get certificates for from the C{[acme]} CA (C{True}: the routes' host names); see docs/acme.md."""
 
 
 @frozen
@@ -151,6 +151,8 @@ class RouteConfig:
     """Rules applied to the response (the proxy's own answers included) before it goes to the client."""
     error_pages: Mapping[int, ErrorPageConfig] = field(factory=dict)
     """This route's pages for the proxy's own 4xx/5xx answers (over the global C{[error_pages]})."""
+    compress: tuple[str, ...] | None = None
+    """Codings to compress this route's responses with; None: C{[cache] compress}."""
 
 
 @frozen
@@ -274,7 +276,7 @@ class AdminConfig:
 
 @frozen
 class AcmeConfig:
-    """C{[acme]}: automatic certificates from an RFC 8555 CA (not built yet)."""
+    """C{[acme]}: automatic certificates from an RFC 8555 CA (L{rproxy_tw.acme})."""
 
     directory: str = "https://acme-v02.api.letsencrypt.org/directory"
     email: str = ""
@@ -282,6 +284,8 @@ class AcmeConfig:
     """Folder for the account key and certificates (resolved against the config's folder)."""
     ca: str | None = None
     challenges: tuple[str, ...] = ("http-01", "tls-alpn-01")
+    unissued: str = "self-signed"
+    """A name the CA has not issued for yet: C{"self-signed"} serves a temporary certificate, C{"refuse"} fails its handshakes."""
 
 
 @frozen
@@ -309,7 +313,7 @@ class WafConfig:
 
 @frozen
 class CacheConfig:
-    """C{[cache]}: the shared HTTP cache (not built yet)."""
+    """C{[cache]}: the shared HTTP cache (routes with C{cache = true}) and compression."""
 
     max_bytes: int = 268435456
     max_object_bytes: int = 10485760
@@ -317,6 +321,7 @@ class CacheConfig:
     store: str = "memory"
     path: str | None = None
     max_disk_bytes: int = 0
+    """The disk store's bound; 0: 1 GiB."""
 
 
 @frozen
@@ -345,8 +350,10 @@ class ProxyConfig:
     """
     Contract sections accepted, validated and not enforced yet, by name
     (C{"acme"}, C{"rate_limit"}, C{"waf"},
-    C{"cache"}, C{"cluster"}); L{not_enforced_warnings} names them.
+    C{"cluster"}); L{not_enforced_warnings} names them.
     """
+    cache: CacheConfig = CacheConfig()
+    """C{[cache]}: the shared HTTP cache's store and bounds, and the codings compression offers."""
     admin: AdminConfig | None = None
     """C{[admin]}: the admin listener (None: no section, no listener)."""
 
@@ -699,6 +706,11 @@ def _parse_routes(source: str, raw: Any, base: str = ".") -> tuple[RouteConfig, 
         pool = r.required("pool", str)
         strip_prefix = r.get("strip_prefix", bool, False)
         cache = r.get("cache", bool, False)
+        route_compress = r.get("compress", (bool, list), None)
+        if isinstance(route_compress, list):
+            route_compress = r.strings("compress", (), ("gzip", "br"))
+        elif route_compress is not None:
+            route_compress = ("gzip", "br") if route_compress else ()
         retry_non_idempotent = r.get("retry_non_idempotent", bool, False)
         route_hsts = r.get("hsts", str, None)
         request_headers = _parse_header_rules(r.sub("request_headers"))
@@ -721,6 +733,7 @@ def _parse_routes(source: str, raw: Any, base: str = ".") -> tuple[RouteConfig, 
                 request_headers=request_headers,
                 response_headers=response_headers,
                 error_pages=pages,
+                compress=route_compress,
             )
         )
     return tuple(out)
@@ -996,6 +1009,7 @@ def _parse_acme(r: _Reader, base: str) -> AcmeConfig:
         storage=_resolve_path(base, r.get("storage", str, _default(AcmeConfig, "storage"))),
         ca=_resolve_path(base, ca) if ca else None,
         challenges=r.strings("challenges", _default(AcmeConfig, "challenges"), ("http-01", "tls-alpn-01")),
+        unissued=r.choice("unissued", ("self-signed", "refuse"), _default(AcmeConfig, "unissued")),
     )
     if not acme.challenges:
         raise r.error("challenges", "needs at least one of 'http-01', 'tls-alpn-01'")
@@ -1069,7 +1083,6 @@ _DEFERRED_PARSERS: dict[str, Callable[[_Reader, str], Any]] = {
     "acme": _parse_acme,
     "rate_limit": lambda r, base: _parse_rate_limit(r),
     "waf": _parse_waf,
-    "cache": _parse_cache,
     "cluster": lambda r, base: _parse_cluster(r),
 }
 
@@ -1080,15 +1093,10 @@ def not_enforced_warnings(config: ProxyConfig) -> list[str]:
     (it is in the configuration contract) but does not act on yet.  The
     service start logs these and C{--check} prints them: the same list.
     """
-    lines = [f"[{name}] is accepted but not enforced by this version" for name in config.deferred_sections]
-    for name, profile in config.tls.items():
-        if profile.acme:
-            lines.append(f"tls.{name}.acme is accepted but not enforced by this version"
-                         + ("" if profile.certificates else
-                            f" (a listener on [tls.{name}] will not start without certificates)"))
-    for i, route in enumerate(config.routes):
-        if route.cache:
-            lines.append(f"route[{i}].cache = true is accepted but not enforced by this version")
+    lines = [f"[{name}] is accepted but not enforced by this version" for name in config.deferred_sections
+             if name != "acme"]
+    if config.cache.store == "redis":
+        lines.append('cache.store = "redis" is accepted but not enforced by this version (the memory store serves)')
     return lines
 
 
@@ -1188,7 +1196,11 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
         section = top.sub(name)
         if section is not None:
             deferred[name] = parse(section, base)
+    cache_reader = top.sub("cache")
+    cache_config = _parse_cache(cache_reader, base) if cache_reader is not None else CacheConfig()
     top.finish()
+    if "acme" not in deferred and any(profile.acme for profile in tls.values()):
+        deferred["acme"] = _parse_acme(_Reader(source, "acme", {}), base)  # the defaults, storage beside the file
     admin_endpoint = admin.endpoint if admin is not None else None
 
     # Cross references.
@@ -1209,6 +1221,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
     for store_of in ("rate_limit", "cache"):
         if getattr(deferred.get(store_of), "store", None) == "redis" and "cluster" not in deferred:
             raise ConfigError(source, f"{store_of}.store", "\"redis\" needs a [cluster] section naming the Redis server")
+    if cache_config.store == "redis" and "cluster" not in deferred:
+        raise ConfigError(source, "cache.store", "\"redis\" needs a [cluster] section naming the Redis server")
     return ProxyConfig(
         source=source,
         server=server,
@@ -1222,6 +1236,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
         demo_origin=demo,
         deferred_sections=deferred,
         error_pages=error_pages,
+        cache=cache_config,
     )
 
 

@@ -1,7 +1,7 @@
 """
 What happened, as values: a request finished, a tunnel or a TCP session
 closed, a backend changed state, a TLS handshake failed, a reload was
-applied or refused.
+applied or refused, an ACME certificate changed or could not be had.
 
 Why events rather than counters: the access log, and the metrics and
 status page to come, all want the same facts; each front end (HTTP/1.1,
@@ -21,6 +21,12 @@ from .logs import observer as log_observer
 
 __all__ = [
     "BackendStateChanged",
+    "CacheEvicted",
+    "CacheHit",
+    "CacheMiss",
+    "CacheStored",
+    "CertificateChanged",
+    "CertificateFailed",
     "EventBus",
     "IEventObserver",
     "ReloadApplied",
@@ -152,6 +158,29 @@ class ReloadRefused:
     error: str
 
 
+@attrs.frozen(slots=True)
+class CertificateChanged:
+    """An ACME certificate was issued, renewed or picked up from the storage folder (L{rproxy_tw.acme})."""
+
+    name: str
+    how: str
+    """C{"issued"}, C{"renewed"} or C{"picked up"}."""
+    not_after: float
+    next_attempt: float
+
+
+@attrs.frozen(slots=True)
+class CertificateFailed:
+    """Getting an ACME certificate failed; the certificate serving (if any) keeps serving."""
+
+    name: str
+    error: str
+    failures: int
+    """In a row."""
+    rate_limited: bool
+    next_attempt: float
+
+
 class EventBus:
     """
     Hands each event to every observer.  Front ends ask L{wanted} first, so
@@ -222,3 +251,45 @@ def request_finished(client: str, exchange: Any, bytes_sent: int, now: float,
         head_at - started if head_at is not None and started is not None else None,
         getattr(exchange, "attempts", 0), getattr(exchange, "body_seen", 0),
     ))
+
+
+# ---------------------------------------------------------------------------
+# The shared HTTP cache (rproxy_tw/cache/)
+
+
+@attrs.frozen(slots=True)
+class CacheHit:
+    """A response served from the cache: fresh, stale (stale-while-revalidate, stale-if-error, max-stale), or revalidated (304)."""
+
+    route: str | None
+    key: str
+    bytes: int
+    """Body bytes served from the store."""
+    kind: str = "hit"
+    """C{"hit"}, C{"stale"} or C{"revalidated"}."""
+
+
+@attrs.frozen(slots=True)
+class CacheMiss:
+    """A request on a cached route went to the origin."""
+
+    route: str | None
+    key: str
+    reason: str
+    """Cache-Status's fwd: C{"uri-miss"}, C{"vary-miss"}, C{"stale"}, C{"request"}, C{"method"}."""
+
+
+@attrs.frozen(slots=True)
+class CacheStored:
+    route: str | None
+    key: str
+    bytes: int
+
+
+@attrs.frozen(slots=True)
+class CacheEvicted:
+    """A stored response left the cache: C{"lru"} (room), C{"invalidated"} (an unsafe method), C{"purged"}."""
+
+    key: str
+    bytes: int
+    reason: str

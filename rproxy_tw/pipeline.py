@@ -48,8 +48,17 @@ class LocalAnswer:
 
     status: int
     body: bytes = b""
-    headers: tuple[tuple[bytes, bytes], ...] = ()
+    headers: tuple[tuple[bytes, bytes], ...] | bytes = ()
+    """The fields; or, with C{complete_headers}, already serialized for a client connection that C{wants_block}."""
     reason: bytes = b""
+    source: Any = None
+    """
+    An L{rproxy_tw.cache.store.IBodySource} streaming the body (a stored
+    response), in place of C{body}; C{content_length} then gives its length.
+    """
+    content_length: int | None = None
+    complete_headers: bool = False
+    """The headers are a whole response's (a stored one, with its own Date): nothing is added."""
 
 
 class IRequestFilter(Interface):
@@ -124,6 +133,16 @@ class DownstreamWrapper:
 
     def startTunnel(self, conn: Any, leftover: bytes) -> None:
         self.inner.startTunnel(conn, leftover)
+
+    def exchangeCancelled(self, exchange: Any) -> None:
+        """
+        The client left before the response ended: nothing more will be
+        written.  A filter holding something for the exchange (the cache,
+        a body being stored) lets it go here.
+        """
+        inner = self.inner
+        if isinstance(inner, DownstreamWrapper):
+            inner.exchangeCancelled(exchange)
 
 
 @attrs.frozen

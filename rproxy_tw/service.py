@@ -79,6 +79,8 @@ class ProxyRuntime:
         self.config = config
         self.reactor = reactor
         self.endpoint_for = endpoint_for
+        self.acme_challenges: Any = previous.acme_challenges if previous is not None else None
+        """The ACME challenges pending (L{rproxy_tw.acme.ChallengeResponder}) when a TLS profile uses C{acme}."""
         self.events = previous.events if previous is not None else EventBus()
         """
         What happened (requests, tunnels, backends, reloads...): the access
@@ -142,6 +144,8 @@ class ProxyRuntime:
         header = config.server.request_id_header
         self.request_ids = RequestIdFilter(header) if header else None
         """The first request filter of every route: gives each request its id (L{rproxy_tw.request_id})."""
+        self.cache = _shared_cache(config, reactor, self.events, previous)
+        """The shared HTTP cache of the routes with C{cache = true} (an L{rproxy_tw.cache.HTTPCache}), or None."""
         self.router: HostRouter = build_router(config.routes, self.render_route)
         for route in self.router.routes():
             if isinstance(route, ProxyRoute):
@@ -176,7 +180,13 @@ class ProxyRuntime:
                 continue
             if (host is not None and route.config.host != host) or (path is not None and route.config.path != path):
                 continue
-            route.plan = attrs.evolve(route.plan, chain=route.plan.chain + added)
+            chain = route.plan.chain
+            if self.cache is not None and chain.request[-1:] == (self.cache,):
+                # The cache answers hits without going further: it stays the last request filter.
+                chain = FilterChain(chain.request[:-1], chain.response) + added + FilterChain((self.cache,))
+            else:
+                chain = chain + added
+            route.plan = attrs.evolve(route.plan, chain=chain)
 
     def _plan(self, route: ProxyRoute) -> RoutePlan:
         """What an exchange on C{route} needs, found once: its pool's objects and its own filters."""
@@ -189,6 +199,18 @@ class ProxyRuntime:
         response_filters: tuple[Any, ...] = (StickyCookie(pool.balancer),) if pool.sticky else ()
         if rules.response:
             response_filters += (rules,)
+        # The first response filter sees the origin's response first: compress, then store the
+        # compressed variant, then the per-client steps (sticky cookie, header rules) on every answer.
+        closest: tuple[Any, ...] = ()
+        compress = rc.compress if rc.compress is not None else self.config.cache.compress
+        if compress:
+            from .compress import Compression
+
+            closest += (Compression(compress),)
+        if rc.cache and self.cache is not None:
+            closest += (self.cache,)
+            request_filters += (self.cache,)
+        response_filters = closest + response_filters
         return RoutePlan(
             route=route,
             name=f"{rc.host or '*'}{rc.path}",
@@ -294,6 +316,18 @@ class ProxyRuntime:
                 exchange.requestBodyData(chunk)
             exchange.requestBodyEnd()
         return NOT_DONE_YET
+
+
+def _shared_cache(config: ProxyConfig, reactor: Any, events: Any, previous: ProxyRuntime | None) -> Any:
+    """The cache for C{config}: the one serving, when C{[cache]} did not change (a reload keeps what is stored)."""
+    if not any(route.cache for route in config.routes):
+        return None
+    if previous is not None and previous.cache is not None and previous.config.cache == config.cache and \
+            previous.config.server.via == config.server.via:
+        return previous.cache
+    from .cache import build_cache
+
+    return build_cache(config.cache, reactor, events, name=config.server.via)
 
 
 def _same_endpoints(old: Any, new: Any) -> bool:
@@ -730,6 +764,9 @@ class ProxyService(MultiService):
         """Factories of listeners a reload removed or replaced, while they still have connections."""
         """Factories a reload took off a port: their connections finish, and a stop waits for them."""
         self._stopping: _GracefulStop | None = None
+        self.acme: Any = None
+        """The L{rproxy_tw.acme.AcmeManager} once a TLS profile uses C{acme} (its C{renew()} forces a renewal)."""
+        self._configure_acme(config, self.runtime)
         for index, listen in enumerate(config.listen):
             slot = self._slot(listen, index, self.runtime, config)
             slot.service.setServiceParent(self)
@@ -788,11 +825,31 @@ class ProxyService(MultiService):
 
     def _tls_profile(self, listen: Any, index: int, config: ProxyConfig) -> Any:
         profile = config.tls.get(listen.tls) if listen.tls else None
-        if profile is not None and not profile.certificates:
+        if profile is not None and not profile.certificates and not profile.acme:
             raise ConfigError(config.source, f"listen[{index}].tls",
-                              f"{listen.endpoint!r} cannot start: [tls.{listen.tls}] has no certificates "
-                              "until ACME is built")
+                              f"{listen.endpoint!r} cannot start: [tls.{listen.tls}] has no certificates")
         return profile
+
+    def _configure_acme(self, config: ProxyConfig, runtime: ProxyRuntime) -> None:
+        """
+        Certificates from the C{[acme]} CA for the profiles with C{acme}: the
+        manager is made with the first such config and takes each later one.
+        @raise ConfigError: the storage folder cannot be used.
+        """
+        if self.acme is None and not any(profile.acme for profile in config.tls.values()):
+            return
+        try:
+            if self.acme is None:
+                from .acme import AcmeManager
+
+                self.acme = AcmeManager(self.reactor, config, events=runtime.events)
+                self.acme.setServiceParent(self)
+            else:
+                self.acme.configure(config)
+        except OSError as e:
+            raise ConfigError(config.source, "acme.storage", f"cannot use {e.filename or ''}: {e.strerror or e}") \
+                from None
+        runtime.acme_challenges = self.acme.responder
 
     def _inner_factory(self, listen: Any, runtime: ProxyRuntime, config: ProxyConfig) -> Any:
         if listen.protocol == "http":
@@ -809,8 +866,9 @@ class ProxyService(MultiService):
             return inner
         from .tls import tls_server_factory
 
+        options = {"acme": self.acme} if profile.acme and self.acme is not None else {}
         return tls_server_factory(self.reactor, profile, inner, http=listen.protocol == "http",
-                                  events=self.runtime.events, listener=listen.endpoint)
+                                  events=self.runtime.events, listener=listen.endpoint, **options)
 
     def _slot(self, listen: Any, index: int, runtime: ProxyRuntime, config: ProxyConfig) -> _Slot:
         profile = self._tls_profile(listen, index, config)
@@ -837,6 +895,16 @@ class ProxyService(MultiService):
     # -- reload ----------------------------------------------------------------------------
 
     def reload(self, config: ProxyConfig) -> ReloadSummary:
+        """See L{_reload}; a refused reload also leaves the ACME names as they were."""
+        old_config = self.config
+        try:
+            return self._reload(config)
+        except (ConfigError, ListenError):
+            if self.acme is not None and self.config is old_config:
+                self.acme.configure(old_config)
+            raise
+
+    def _reload(self, config: ProxyConfig) -> ReloadSummary:
         """
         Apply C{config} to the running service: routes, pools, balancing,
         health checks, limits, TLS profiles, header rules and listeners.
@@ -856,6 +924,7 @@ class ProxyService(MultiService):
         old_config, old_runtime = self.config, self.runtime
         summary = summarize(old_config, config)
         runtime = ProxyRuntime(config, self.reactor, self.endpoint_for, previous=old_runtime)
+        self._configure_acme(config, runtime)
         for path, resource, host in self._mounts:
             runtime.mount(path, resource, host)
         for step, host, path in self._filters:
@@ -1029,6 +1098,11 @@ class ProxyService(MultiService):
         for slot in self._slots:
             if isinstance(slot.inner, HTTPProxyFactory):
                 slot.inner.forget_chains()
+
+    @property
+    def cache(self) -> Any:
+        """The shared HTTP cache (L{rproxy_tw.cache.HTTPCache}: C{purge(url_or_prefix)}), or None when no route caches."""
+        return self.runtime.cache
 
     def pool(self, name: str) -> BackendPool:
         return self.runtime.pools[name]

@@ -145,6 +145,10 @@ def _check_files(config: Any) -> None:
         ServerTLSContexts(clock, profile, watch_interval=None)
         if profile.client_ca is None:
             StdlibTLSContexts(clock, profile, watch_interval=None)
+    if any(profile.acme for profile in config.tls.values()):
+        from .acme.manager import check_acme
+
+        check_acme(config)
     for name, pool in config.pools.items():
         if pool.ca is not None or pool.client_cert is not None:
             client_tls_options("localhost", pool.ca, pool.client_cert, pool.client_key, now=clock.seconds(), pool=name)

@@ -104,6 +104,8 @@ _OPTIONS = (
 
 _log = Logger(observer=log_observer)
 
+_QUIET = Logger(observer=lambda event: None)
+
 _STDLIB_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 _STDLIB_OPTIONS = ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -235,12 +237,17 @@ class _Generation:
     """
 
     def __init__(self, certificates: list[_Certificate], contexts: list[Any],
-                 exact: dict[str, Any], wildcard: dict[str, Any]) -> None:
+                 exact: dict[str, Any], wildcard: dict[str, Any], refused: frozenset[Any] = frozenset(),
+                 refusal: Any = None) -> None:
         self.certificates = certificates
         self.contexts = contexts
         self.default = contexts[0]
         self.exact = exact
         self.wildcard = wildcard
+        self.refused = refused
+        """Contexts whose handshakes fail: ACME names not issued yet, with C{[acme] unissued = "refuse"}."""
+        self.refusal = refusal
+        """A context with no certificate (pyOpenSSL): switching to it fails the handshake."""
 
     def context_for(self, server_name: bytes | str | None) -> Any:
         """The certificate context for a client's SNI name (exact, then C{*.} one label up, then the default)."""
@@ -261,11 +268,18 @@ class _Generation:
 
     def select(self, connection: SSL.Connection) -> None:
         """The SNI callback (pyOpenSSL): OpenSSL calls it for every ClientHello, with or without a name."""
-        connection.set_context(self.context_for(connection.get_servername()))
+        ctx = self.context_for(connection.get_servername())
+        if ctx in self.refused:
+            ctx = self.refusal  # no certificate: the handshake fails there
+        connection.set_context(ctx)
 
-    def select_stdlib(self, connection: ssl.SSLObject, server_name: str | None, front: ssl.SSLContext) -> None:
+    def select_stdlib(self, connection: ssl.SSLObject, server_name: str | None, front: ssl.SSLContext) -> int | None:
         """The SNI callback (the standard library's C{ssl}): the same choice."""
-        connection.context = self.context_for(server_name)
+        ctx = self.context_for(server_name)
+        if ctx in self.refused:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        connection.context = ctx
+        return None
 
 
 class _ProfileContexts:
@@ -279,8 +293,12 @@ class _ProfileContexts:
 
     _log = Logger(observer=log_observer)
 
+    challenges: Any = None
+    """The ACME challenges pending (L{rproxy_tw.acme.ChallengeResponder}), for an C{acme} profile's transport."""
+
     def __init__(self, clock: IReactorTime, profile: TLSProfile, http: bool = True,
-                 ticket_rotation: float = TICKET_ROTATION, watch_interval: float | None = WATCH_INTERVAL) -> None:
+                 ticket_rotation: float = TICKET_ROTATION, watch_interval: float | None = WATCH_INTERVAL,
+                 acme: Any = None) -> None:
         """
         @param http: offer ALPN (the profile's C{alpn} list); a raw TCP
             listener offers none, since the bytes after the handshake are not HTTP.
@@ -288,10 +306,16 @@ class _ProfileContexts:
             the lifetime of a session.
         @param watch_interval: seconds between file checks, or C{None} for
             no watcher (reload only when L{reload} is called).
+        @param acme: the L{rproxy_tw.acme.AcmeManager} of an C{acme} profile:
+            its certificates are served after the profile's own files, and it
+            reloads these contexts when one changes.
         @raise ConfigError: if a file cannot be used.
         """
         self.clock = clock
         self.profile = profile
+        self.acme = acme
+        if acme is not None and profile.acme:
+            self.challenges = acme.responder
         self.alpn = tuple(p.encode("ascii") for p in profile.alpn) if http else ()
         self.ticket_rotation = ticket_rotation
         self.watch_interval = watch_interval
@@ -304,6 +328,8 @@ class _ProfileContexts:
         self._previous_front: Any = None
         self._rotator: LoopingCall | None = None
         self._watcher: LoopingCall | None = None
+        if self.challenges is not None:
+            acme.attach(profile.name, self)
 
     # -- building ---------------------------------------------------------------------------
 
@@ -325,6 +351,16 @@ class _ProfileContexts:
                               (f"tls.{profile.name}.certificates[{i}].cert", f"tls.{profile.name}.certificates[{i}].key"))
             for i, cc in enumerate(profile.certificates)
         ]
+        refused_files = self.acme.refused_for(profile.name) if self.challenges is not None else frozenset()
+        refused_certificates = []
+        for cc in self._acme_certificates():
+            # No expiry warnings: the ACME manager renews these, and logs when it cannot.
+            certificates.append(_load_certificate(len(certificates), cc.cert, cc.key, now, _QUIET,
+                                                  (f"tls.{profile.name}.acme", f"tls.{profile.name}.acme")))
+            if cc.cert in refused_files:
+                refused_certificates.append(certificates[-1])
+        if not certificates:
+            raise ConfigError(profile.name, f"tls.{profile.name}", "no certificate to serve (no file, no acme name)")
         if profile.client_ca is not None:
             _load_client_ca(profile.name, profile.client_ca)
         # Group certificates serving the same names: one context, one slot per key type.
@@ -356,7 +392,9 @@ class _ProfileContexts:
                 else:
                     exact.setdefault(name, ctx)
         unique = list(dict.fromkeys(contexts))
-        return _Generation(certificates, unique, exact, wildcard)
+        refused = frozenset(by_group[frozenset(c.names)] for c in refused_certificates)
+        return _Generation(certificates, unique, exact, wildcard, refused,
+                           self._base_context() if refused else None)
 
     # -- reload and rotation -----------------------------------------------------------------
 
@@ -393,9 +431,15 @@ class _ProfileContexts:
         # The old front's Python callbacks must outlive handshakes that started on it.
         self._previous_front, self._front = self._front, front
 
+    def _acme_certificates(self) -> tuple[Any, ...]:
+        """The files of the profile's ACME names now (issued, or temporary until then)."""
+        if self.challenges is None:
+            return ()
+        return tuple(self.acme.certificates_for(self.profile.name))
+
     def _files(self) -> tuple[str, ...]:
         profile = self.profile
-        files = [path for cc in profile.certificates for path in (cc.cert, cc.key)]
+        files = [path for cc in (*profile.certificates, *self._acme_certificates()) for path in (cc.cert, cc.key)]
         if profile.client_ca is not None:
             files.append(profile.client_ca)
         return tuple(dict.fromkeys(files))

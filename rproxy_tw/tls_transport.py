@@ -110,7 +110,12 @@ class TLSServerConnection(Protocol):
     # -- the TCP connection's protocol ---------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self._tls = self.factory.contexts.wrap(self._incoming, self._outgoing)
+        contexts = self.factory.contexts
+        challenges = getattr(contexts, "challenges", None)
+        if challenges is not None and challenges.tls_alpn01:
+            self._hello = b""  # a TLS-ALPN-01 challenge is pending: read the ClientHello first
+        else:
+            self._tls = contexts.wrap(self._incoming, self._outgoing)
         self._send = self._direct = direct_writer(self.transport)
         # No TCP_NODELAY here: each handshake flight is one write, and the
         # HTTP/1.1 and HTTP/2 connections set it (through us) when they start.
@@ -119,9 +124,34 @@ class TLSServerConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._incoming.write(data)
         if not self._handshaken:
+            if self._tls is None and not self._choose_context(data):
+                return
             if not self._handshake():
                 return
         self._deliver()
+
+    def _choose_context(self, data: bytes) -> bool:
+        """
+        While an ACME TLS-ALPN-01 challenge is pending: once the ClientHello
+        is in, start TLS on the challenge's context if it is the CA's
+        validator asking (SNI a pending name, ALPN C{acme-tls/1}), else on the
+        usual one.  The bytes stay in the incoming buffer for OpenSSL.
+
+        @return: whether TLS has started (C{False}: the hello is not whole yet).
+        """
+        from .acme.challenges import client_hello
+
+        self._hello += data
+        hello = client_hello(self._hello)
+        if hello is None:
+            return False
+        self._hello = b""
+        challenge = self.factory.contexts.challenges.tls_alpn01_for(hello)
+        if challenge is not None:
+            self._tls = challenge.stdlib.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        else:
+            self._tls = self.factory.contexts.wrap(self._incoming, self._outgoing)
+        return True
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.disconnected = True

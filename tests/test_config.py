@@ -130,6 +130,10 @@ CASES = {
     "cache store": (BASE + '[cache]\nstore = "tape"\n', "cache.store", "'tape'"),
     "cache disk without path": (BASE + '[cache]\nstore = "disk"\n', "cache.path", "required"),
     "cache redis without cluster": (BASE + '[cache]\nstore = "redis"\n', "cache.store", "[cluster]"),
+    "route compress coding": (BASE.replace('pool = "web"', 'pool = "web"\ncompress = ["zstd"]'),
+                              "route[0].compress[0]", "'zstd'"),
+    "route compress kind": (BASE.replace('pool = "web"', 'pool = "web"\ncompress = 3'), "route[0].compress",
+                            "must be"),
     "waf mode": (BASE + '[waf]\nmode = "strict"\n', "waf.mode", "'strict'"),
     "waf deny": (BASE + '[waf]\ndeny = ["10.0.0.0/8", "ten"]\n', "waf.deny[1]", "not an IP network"),
     "waf unknown key": (BASE + '[waf]\nrule = "default"\n', "waf.rule", "not a known key"),
@@ -384,14 +388,9 @@ def test_log_level_option_overrides_the_config(tmp_path):
 # Accepted but not enforced: one warning each, the same at a start and with --check
 
 CONTRACT_WARNINGS = [
-    "[acme] is accepted but not enforced by this version",
     "[rate_limit] is accepted but not enforced by this version",
     "[waf] is accepted but not enforced by this version",
-    "[cache] is accepted but not enforced by this version",
     "[cluster] is accepted but not enforced by this version",
-    "tls.auto.acme is accepted but not enforced by this version "
-    "(a listener on [tls.auto] will not start without certificates)",
-    "route[1].cache = true is accepted but not enforced by this version",
 ]
 
 
@@ -404,7 +403,7 @@ def test_contract_not_enforced_parts_are_named_once_each():
     assert config.tls["auto"].acme == ("www.example.com", "example.com") and config.tls["auto"].certificates == ()
     acme = config.deferred_sections["acme"]
     assert acme.challenges == ("http-01", "tls-alpn-01") and acme.ca is None
-    assert config.deferred_sections["cache"].compress == ("gzip", "br")
+    assert config.cache.compress == ("gzip", "br") and config.routes[1].cache
     assert config.deferred_sections["rate_limit"].burst == 200
     assert config.deferred_sections["cluster"].redis == "tcp:127.0.0.1:6379"
     assert config.admin is not None and config.admin.token == ""
@@ -429,10 +428,12 @@ endpoint = "tcp:9901:interface=127.0.0.1"
 
 [cache]
 max_bytes = 1048576
+
+[waf]
+mode = "detect"
 """
 NOT_ENFORCED_WARNINGS = [
-    "[cache] is accepted but not enforced by this version",
-    "route[0].cache = true is accepted but not enforced by this version",
+    "[waf] is accepted but not enforced by this version",
 ]
 
 
@@ -460,25 +461,37 @@ def test_service_start_logs_the_same_warnings(tmp_path):
     assert warnings == NOT_ENFORCED_WARNINGS
 
 
-def test_acme_profile_loads_but_a_listener_on_it_does_not_start(tmp_path):
+def test_acme_profile_starts_on_a_temporary_certificate_and_check_accepts_it(tmp_path):
+    import stat
+
     from twisted.internet.task import Clock
 
     from rproxy_tw import ProxyService
 
-    text = BASE + '[[listen]]\nendpoint = "tcp:8443"\ntls = "auto"\n\n[tls.auto]\nacme = ["www.example.com"]\n'
+    text = BASE + '[[listen]]\nendpoint = "tcp:8443"\ntls = "auto"\n\n[tls.auto]\nacme = ["www.example.com"]\n' \
+        '\n[acme]\nstorage = "state"\n'
     path = write(tmp_path, text)
     config = load_config(path)
     assert config.tls["auto"].certificates == ()
-    with pytest.raises(ConfigError) as info:
-        ProxyService(config, Clock())
-    assert str(info.value) == (f"{path}: listen[1].tls: 'tcp:8443' cannot start: "
-                               "[tls.auto] has no certificates until ACME is built")
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    service = ProxyService(config, clock)
+    assert service.acme.status()["www.example.com"]["not_after"] is None  # nothing issued yet
+    temporary = tmp_path / "state" / "temporary" / "www.example.com.pem"
+    assert stat.S_IMODE(temporary.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
     result = run(TWISTD + ["rproxy", "--config", path, "--check"], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "tls.auto.acme is accepted but not enforced" in result.stderr
-    result = run(TWISTD + ["-n", "rproxy", "--config", path], tmp_path)
+    assert "acme" not in result.stderr
+
+
+def test_check_refuses_an_acme_ca_bundle_that_is_not_pem(tmp_path):
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    text = BASE + '[tls.auto]\nacme = ["www.example.com"]\n\n[acme]\nca = "ca.pem"\nstorage = "state"\n'
+    path = write(tmp_path, text)
+    result = run(TWISTD + ["rproxy", "--config", path, "--check"], tmp_path)
     assert result.returncode == 1
-    assert result.stderr.splitlines() == [str(info.value)]
+    assert result.stderr.strip().splitlines()[-1] == f"{tmp_path / 'ca.pem'}: acme.ca: no PEM certificate in the file"
 
 
 def test_idle_timeout_zero_means_none():
@@ -492,3 +505,13 @@ def test_idle_timeout_zero_means_none():
     default = parse_config({"listen": [{"endpoint": "tcp:6380", "protocol": "tcp", "pool": "p"}],
                             "pool": {"p": {"backends": ["tcp:127.0.0.1:6379"]}}})
     assert default.listen[0].idle_timeout >= 3600, "raw TCP sessions may be quiet for long"
+
+
+def test_route_compress_follows_the_cache_section_unless_it_says(tmp_path):
+    def route_compress(line: str) -> object:
+        return load_config(write(tmp_path, BASE.replace('pool = "web"', 'pool = "web"\n' + line))).routes[0].compress
+
+    assert route_compress("") is None
+    assert route_compress("compress = false") == ()
+    assert route_compress("compress = true") == ("gzip", "br")
+    assert route_compress('compress = ["gzip"]') == ("gzip",)

@@ -380,3 +380,20 @@ def test_connect_method_refused(limited, no_traceback):
     assert resp.status in (400, 405, 501)
     no_traceback(resp.body)
     assert origin.requests == []
+
+
+@inline
+def test_origin_response_with_unknown_final_transfer_coding_is_read_until_close(net):
+    """RFC 9112 6.3: Transfer-Encoding whose final coding is not chunked means the body ends at the close."""
+    origin = yield net.origin(lambda req: (req.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: x-custom\r\n\r\n"
+                                                     + b"body-until-close"), req.conn.transport.loseConnection()))
+    proxy = yield net.proxy(proxy_config(origin.backend))
+    client = yield net.client(proxy.port)
+    client.send(request())
+    yield until(lambda: client.closed or (client.responses([b"GET"]) and client.responses([b"GET"])[0].complete),
+                "a complete response or a closed connection")
+    [resp] = client.responses([b"GET"])
+    assert resp.status == 200
+    assert resp.body == b"body-until-close"
+    assert resp.complete, "a clean close ended the origin's body: the client must see a complete response"
+    assert b"x-custom" not in resp.header(b"transfer-encoding")

@@ -194,7 +194,7 @@ class ProxyExchange:
         "upgrade", "conn", "backend", "pending", "requestComplete", "requestSent", "bodyStarted",
         "headSent", "finished", "status", "tried", "attempts", "_connecting", "_producer", "_chunked_up",
         "body_limit", "body_seen", "replayable", "replay", "replay_bytes", "head", "http_version", "chain",
-        "started_at", "_waiting", "route_name", "keep_alive", "head_at",
+        "started_at", "_waiting", "route_name", "keep_alive", "head_at", "_source",
         "__weakref__",
     )
 
@@ -245,6 +245,7 @@ class ProxyExchange:
         self._producer: GateProducer | None = None
         self._chunked_up = body == "chunked"
         self._waiting: Any = None
+        self._source: Any = None
         self.body_limit = request.body_limit
         self.body_seen = 0
         self.replayable = (method in IDEMPOTENT or plan.retry_non_idempotent) and not upgrade
@@ -314,17 +315,45 @@ class ProxyExchange:
         self.status = answer.status
         self.headSent = True
         has_body = self.method != b"HEAD" and answer.status not in (204, 304) and answer.status >= 200
-        headers = list(answer.headers)
-        server = self.settings.server_header
-        if server:
-            headers.append((b"Server", server))
-        headers.append((b"Date", http_date(self.clock)))
+        headers = answer.headers
+        if type(headers) is not bytes:  # a serialized head (a stored response's) goes as it is
+            headers = list(headers)
+        if not answer.complete_headers:
+            server = self.settings.server_header
+            if server:
+                headers.append((b"Server", server))
+            headers.append((b"Date", http_date(self.clock)))
         downstream = self.downstream
-        downstream.writeHead(answer.status, answer.reason, headers, len(answer.body), has_body)
+        source = answer.source
+        if source is not None:
+            downstream.writeHead(answer.status, answer.reason, headers, answer.content_length, has_body)
+            if has_body:
+                self._source = source
+                source.streamTo(downstream, self._streamed)
+                return
+            downstream.finishBody(())
+            self._finish(True)
+            return
+        length = answer.content_length
+        if length is None and answer.status != 304:  # a 304's Content-Length would describe the stored body
+            length = len(answer.body)
+        downstream.writeHead(answer.status, answer.reason, headers, length, has_body)
         if has_body and answer.body:
             downstream.writeBody(answer.body)
         downstream.finishBody(())
         self._finish(True)
+
+    def _streamed(self, failure: Failure | None) -> None:
+        """A streamed local answer (a stored response) is written, or its source failed."""
+        self._source = None
+        if self.finished:
+            return
+        if failure is None:
+            self.downstream.finishBody(())
+            self._finish(True)
+            return
+        self._log.failure("stored body failed for {target}", failure, target=self.request.target.decode("latin-1"))
+        self._giveUp(502, "Bad Gateway: the stored response could not be read")
 
     def _serialize(self) -> bytes:
         """
@@ -746,6 +775,14 @@ class ProxyExchange:
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             waiting.cancel()
+        if self._source is not None:
+            source, self._source = self._source, None
+            source.stopStreaming()
+        if self.chain is not None and self.chain.response:
+            from ..pipeline import DownstreamWrapper
+
+            if isinstance(self.downstream, DownstreamWrapper):
+                self.downstream.exchangeCancelled(self)
         conn = self.conn
         if conn is not None:
             self.conn = None

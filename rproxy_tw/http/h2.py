@@ -333,6 +333,10 @@ class H2Stream:
             conn.blocked.discard(self)
             if self.upstream_gate is not None:
                 self.upstream_gate.resume(_WINDOW)
+                if pending:
+                    # The resume wrote more at once (a stored body does) and that pump
+                    # found the window shut again: the stream must not end before it is sent.
+                    return
             end = self.pending_end
             if end is not None and not self.response_ended:
                 self.response_ended = True

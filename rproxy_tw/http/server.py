@@ -137,6 +137,33 @@ class LocalResponse:
         self.finished = True
 
 
+class _ChallengeBody:
+    """The body of an ACME HTTP-01 answer, in the shape of an error page (what C{writeLocal} sends)."""
+
+    content_type = "application/octet-stream"
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+
+class ChallengeAnswer(LocalResponse):
+    """
+    The key authorization for an ACME HTTP-01 token (L{rproxy_tw.acme}):
+    answered by a plain HTTP listener before routing and before any https
+    redirect, exactly the bytes the CA expects.
+    """
+
+    def __init__(self, conn: Any, key_authorization: bytes, keep_alive: bool, request: Any,
+                 started: float | None) -> None:
+        super().__init__(conn, 200, "OK", close=not keep_alive, request=request, started_at=started)
+        self.page = _ChallengeBody(key_authorization)
+
+    def start(self) -> None:
+        self.conn.writeLocal(self.status, self.message, self.close, self.extra, self.page)
+        self.finished = True
+        self.conn.exchangeDone(self)
+
+
 @implementer(IDownstream)
 class HTTPServerConnection(Protocol):
     """One client connection speaking HTTP/1.1 (or 1.0) to the proxy."""
@@ -879,6 +906,11 @@ class HTTPProxyFactory(Factory):
             request = read_request_head(method, url, http_version, headers, self.limits, keep_alive, sizes_checked)
         except _Reject as e:
             return self._refuse(conn, e.status, e.message, keep_alive and not e.close, started=started)
+        challenges = runtime.acme_challenges
+        if challenges is not None and self.scheme == "http" and challenges.http01:
+            answer = challenges.http01_answer(request.path)
+            if answer is not None:
+                return ChallengeAnswer(conn, answer, keep_alive, request, started)
         if self.redirect_https is not None:
             return self._redirect(conn, request, keep_alive)
         resource, _ = runtime.router.resolve(request.host, request.path)

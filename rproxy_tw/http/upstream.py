@@ -292,14 +292,18 @@ class UpstreamConnection(Protocol):
         body_allowed = not (self.no_body or status in (204, 304))
         content_length = None
         chunked = False
+        transfer_encoded = False
         for name, value in self._headers:
             # Compare lengths first: most headers are neither, and this runs per response.
             size = len(name)
             if size == 14 and name.lower() == b"content-length":
                 content_length = int(value)
             elif size == 17 and name.lower() == b"transfer-encoding":
-                chunked = True
-        if chunked:
+                transfer_encoded = True
+                # RFC 9112 6.3: chunked framing only when chunked is the final coding;
+                # any other final coding means the body ends when the connection closes.
+                chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+        if transfer_encoded:
             content_length = None
         framed = chunked or content_length is not None
         self._close_delimited = body_allowed and not framed
