@@ -349,3 +349,19 @@ def test_the_counts_are_those_of_the_events() -> None:
         assert errors == [e for e in events if e.status >= 500]
 
     check()
+
+
+def test_the_cache_events_are_counted() -> None:
+    from rproxy_tw.admin.metrics import ProxyMetrics, exposition
+    from rproxy_tw.events import CacheEvicted, CacheHit, CacheMiss, CacheStored
+
+    metrics = ProxyMetrics()
+    for event in (CacheMiss("*/", "k", "uri-miss"), CacheStored("*/", "k", 10), CacheHit("*/", "k", 10),
+                  CacheHit("*/", "k", 10, "stale"), CacheHit("*/", "k", 10), CacheEvicted("k", 10, "lru")):
+        metrics.observe(event)
+    found = samples(exposition(metrics.snapshot()).decode())
+    assert found[("rproxy_cache_hits_total", (("kind", "hit"), ("route", "*/")))] == 2
+    assert found[("rproxy_cache_hits_total", (("kind", "stale"), ("route", "*/")))] == 1
+    assert found[("rproxy_cache_misses_total", (("reason", "uri-miss"), ("route", "*/")))] == 1
+    assert found[("rproxy_cache_stores_total", (("route", "*/"),))] == 1
+    assert found[("rproxy_cache_evictions_total", (("reason", "lru"),))] == 1

@@ -29,6 +29,12 @@ from zope.interface import implementer
 
 from ..events import (
     BackendStateChanged,
+    CacheEvicted,
+    CacheHit,
+    CacheMiss,
+    CacheStored,
+    CertificateChanged,
+    CertificateFailed,
     IEventObserver,
     ReloadApplied,
     ReloadRefused,
@@ -103,6 +109,19 @@ class ProxyMetrics:
             ReloadApplied: lambda e: self._reload("applied"),
             ReloadRefused: lambda e: self._reload("refused"),
         }
+        # The other issues' events, each counted by one entry (issue 14's cache, issue 13's ACME).
+        self.count(CacheHit, "cache_hits", "Responses served from the shared cache, by route and kind",
+                   lambda e: {"route": e.route or "-", "kind": e.kind})
+        self.count(CacheMiss, "cache_misses", "Requests on cached routes that went to the origin, by reason",
+                   lambda e: {"route": e.route or "-", "reason": e.reason})
+        self.count(CacheStored, "cache_stores", "Responses stored in the shared cache",
+                   lambda e: {"route": e.route or "-"})
+        self.count(CacheEvicted, "cache_evictions", "Stored responses that left the cache, by reason",
+                   lambda e: {"reason": e.reason})
+        self.count(CertificateChanged, "acme_certificates", "ACME certificates issued, renewed or picked up",
+                   lambda e: {"name": e.name, "how": e.how})
+        self.count(CertificateFailed, "acme_failures", "Failed attempts to get an ACME certificate",
+                   lambda e: {"name": e.name})
 
     # -- IEventObserver -----------------------------------------------------------------------
 
