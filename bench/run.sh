@@ -23,12 +23,14 @@ PROXIES=${PROXIES:-"nginx haproxy twisted rproxy"}
 DURATION=${DURATION:-10s}       # measured part of each wrk run
 WARMUP=${WARMUP:-2s}            # unmeasured wrk run just before it; 0 to skip
 ROUNDS=${ROUNDS:-2}
+TESTS=${TESTS:-"1k 1m"}         # which files: 1k, 1m or both
 PICK=${PICK:-best}              # best | median round per proxy and test
 CONNS_1K=${CONNS_1K:-50}
 CONNS_1M=${CONNS_1M:-8}
 WRK_TIMEOUT=${WRK_TIMEOUT:-5s}
 PROXY_CPU=${PROXY_CPU:-0}       # the proxies
 LOAD_CPU=${LOAD_CPU:-1}         # origin and wrk
+ALL_CPUS=${ALL_CPUS:-0-$(($(nproc) - 1))}  # rproxy-w1/-w2: every CPU
 START_TIMEOUT=${START_TIMEOUT:-20}  # seconds for a process to start listening
 RESULTS_DIR=${RESULTS_DIR:-$BENCH_DIR/results}
 
@@ -37,8 +39,8 @@ die() { log "error: $*"; exit 1; }
 
 for p in $PROXIES; do
     case $p in
-    nginx | haproxy | twisted | rproxy) ;;
-    *) die "unknown proxy '$p' in PROXIES (nginx haproxy twisted rproxy)" ;;
+    nginx | haproxy | twisted | rproxy | rproxy-log | rproxy-stdout | rproxy-metrics | rproxy-ops | rproxy-w1 | rproxy-w2) ;;
+    *) die "unknown proxy '$p' in PROXIES (nginx haproxy twisted rproxy rproxy-log rproxy-stdout rproxy-metrics rproxy-ops rproxy-w1 rproxy-w2)" ;;
     esac
 done
 
@@ -109,16 +111,31 @@ for p in $PROXIES; do
     twisted)
         start twisted "$PROXY_CPU" "$PYTHON" "$BENCH_DIR/twisted_web_proxy.py" "${PORT[twisted]}" "${PORT[origin]}"
         ;;
-    rproxy)
+    rproxy | rproxy-*)
         # twistd in the foreground, without a pidfile. (`python -m twisted`
         # is twist, which takes no -n/--pidfile=; twistd has no __main__.)
         # From the repo root, so that twisted/plugins is found even before
-        # `pip install -e`.
+        # `pip install -e`.  The variants measure what operations cost:
+        # rproxy-log writes the access log to a file, rproxy-stdout to its
+        # standard output (a file here), rproxy-metrics counts for /metrics,
+        # rproxy-ops does all of it (file log + metrics).
+        case $p in
+        rproxy) extra=(--access-log off) ;;
+        rproxy-log) extra=(--access-log "$WORK/access-$p.log") ;;
+        rproxy-stdout) extra=(--access-log -) ;;
+        rproxy-metrics) extra=(--access-log off --admin tcp:0:interface=127.0.0.1) ;;
+        rproxy-ops) extra=(--access-log "$WORK/access-$p.log" --admin tcp:0:interface=127.0.0.1) ;;
+        # All cores: one process, or a supervisor and two workers, free to run on every CPU
+        # (with the origin and wrk: on two cores there is no core left for the load alone).
+        rproxy-w1 | rproxy-w2) extra=(--access-log off --workers "${p#rproxy-w}") ;;
+        esac
+        cpu=$PROXY_CPU
+        [[ $p == rproxy-w* ]] && cpu=$ALL_CPUS
         pushd "$REPO_ROOT" >/dev/null
-        start rproxy "$PROXY_CPU" "$PYTHON" -c 'from twisted.scripts.twistd import run; run()' \
+        start "$p" "$cpu" "$PYTHON" -c 'from twisted.scripts.twistd import run; run()' \
             -n --pidfile= rproxy \
-            --listen "tcp:${PORT[rproxy]}:interface=127.0.0.1" \
-            --backend "tcp:127.0.0.1:${PORT[origin]}" --access-log off
+            --listen "tcp:${PORT[$p]}:interface=127.0.0.1" \
+            --backend "tcp:127.0.0.1:${PORT[origin]}" "${extra[@]}"
         popd >/dev/null
         ;;
     esac
@@ -174,7 +191,7 @@ drive() {
 }
 
 for ((round = 1; round <= ROUNDS; round++)); do
-    for test in 1k 1m; do
+    for test in $TESTS; do
         for p in $PROXIES; do
             [[ ${STATE[$p]} == ok ]] || continue
             if ! alive "$p"; then

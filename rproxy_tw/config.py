@@ -111,9 +111,11 @@ class ServerConfig:
     log_level: str = "info"
     """The least severe of the proxy's own log events written (the access log is apart)."""
     workers: int | str = 1
-    """Reactor processes sharing the listeners (C{"auto"}: one per core); only 1 is enforced yet."""
+    """Reactor processes sharing the listeners under one supervisor (C{"auto"}: one per core); C{twistd rproxy} only."""
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     """Seconds a graceful stop (SIGTERM) waits for requests, downloads and tunnels in flight before cutting them."""
+    request_id_header: str = "X-Request-Id"
+    """The header carrying each request's id to the origin (a trusted peer's is kept); empty: no ids."""
 
 
 @frozen
@@ -291,10 +293,11 @@ class DemoOriginConfig:
 
 @frozen
 class AdminConfig:
-    """C{[admin]}: status page, JSON API and metrics (not served yet)."""
+    """C{[admin]}: the listener of the status page, the JSON API and Prometheus C{/metrics}."""
 
-    endpoint: str | None = None
+    endpoint: str = "tcp:9901:interface=127.0.0.1"
     token: str = ""
+    """When set, the JSON API's changing calls need C{Authorization: Bearer TOKEN}."""
 
 
 @frozen
@@ -371,6 +374,7 @@ class ProxyConfig:
     source: str = "<config>"
     server: ServerConfig = ServerConfig()
     admin_endpoint: str | None = None
+    """C{[admin] endpoint} (None: no C{[admin]} section, no admin listener)."""
     listen: tuple[ListenConfig, ...] = ()
     tls: Mapping[str, TLSProfile] = field(factory=dict)
     routes: tuple[RouteConfig, ...] = ()
@@ -382,7 +386,7 @@ class ProxyConfig:
     deferred_sections: Mapping[str, Any] = field(factory=dict)
     """
     Contract sections accepted, validated and not enforced yet, by name
-    (C{"admin"}: L{AdminConfig}, C{"acme"}, C{"cluster"}); L{not_enforced_warnings} names them.
+    (C{"acme"}, C{"cluster"}); L{not_enforced_warnings} names them.
     """
     cache: CacheConfig = CacheConfig()
     """C{[cache]}: the shared HTTP cache's store and bounds, and the codings compression offers."""
@@ -390,6 +394,8 @@ class ProxyConfig:
     """C{[rate_limit]}, when present: every route is limited unless it says C{rate_limit = false}."""
     waf: WafConfig | None = None
     """C{[waf]}, when present."""
+    admin: AdminConfig | None = None
+    """C{[admin]}: the admin listener (None: no section, no listener)."""
 
 
 # ---------------------------------------------------------------------------
@@ -566,7 +572,16 @@ def _parse_server(r: _Reader | None) -> ServerConfig:
     if r is None:
         return ServerConfig()
     access_log = r.get("access_log", str, "-")
-    fmt = r.choice("access_log_format", ("combined", "json"), "combined")
+    fmt = r.get("access_log_format", str, "combined")
+    if fmt not in ("combined", "json"):
+        if "$" not in fmt:
+            raise r.error("access_log_format", f"must be 'combined', 'json' or a format string of $fields, not {fmt!r}")
+        from .accesslog import compile_format
+
+        try:
+            compile_format(fmt)
+        except ValueError as e:
+            raise r.error("access_log_format", str(e)) from None
     trusted = r.networks("trusted_proxies")
     via = r.get("via", str, "rproxy")
     server_header = r.get("server_header", str, "rproxy")
@@ -579,6 +594,11 @@ def _parse_server(r: _Reader | None) -> ServerConfig:
         optional["workers"] = workers
     if "shutdown_timeout" in r.table:
         optional["shutdown_timeout"] = r.number("shutdown_timeout", 0.0)
+    if "request_id_header" in r.table:
+        header = r.get("request_id_header", str, "")
+        if header and not _is_token(header):
+            raise r.error("request_id_header", f"must be a header name (or \"\" for no request ids), not {header!r}")
+        optional["request_id_header"] = header
     r.finish()
     return ServerConfig(
         access_log=access_log,
@@ -1019,11 +1039,10 @@ def _default(cls: type, name: str) -> Any:
 
 
 def _parse_admin(r: _Reader) -> AdminConfig:
-    endpoint = r.get("endpoint", str, None)
-    if endpoint is not None:
-        problem = _endpoint_problem(endpoint, server=True)
-        if problem:
-            raise r.error("endpoint", problem)
+    endpoint = r.get("endpoint", str, _default(AdminConfig, "endpoint"))
+    problem = _endpoint_problem(endpoint, server=True)
+    if problem:
+        raise r.error("endpoint", problem)
     admin = AdminConfig(endpoint=endpoint, token=r.get("token", str, _default(AdminConfig, "token")))
     r.finish()
     return admin
@@ -1150,7 +1169,6 @@ def _parse_cluster(r: _Reader) -> ClusterConfig:
 
 # Contract sections whose capability has not landed: validated, kept, and named by not_enforced_warnings.
 _DEFERRED_PARSERS: dict[str, Callable[[_Reader, str], Any]] = {
-    "admin": lambda r, base: _parse_admin(r),
     "acme": _parse_acme,
     "cluster": lambda r, base: _parse_cluster(r),
 }
@@ -1164,10 +1182,6 @@ def not_enforced_warnings(config: ProxyConfig) -> list[str]:
     """
     lines = [f"[{name}] is accepted but not enforced by this version" for name in config.deferred_sections
              if name != "acme"]
-    server = config.server
-    if server.workers != 1:
-        lines.append(f"server.workers = {server.workers!r} is accepted but not enforced by this version "
-                     "(one process serves)")
     if config.cache.store == "redis":
         lines.append('cache.store = "redis" is accepted but not enforced by this version (the memory store serves)')
     if config.rate_limit is not None and config.rate_limit.store == "redis":
@@ -1265,6 +1279,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
         root = _resolve_path(base, dr.required("root", str))
         dr.finish()
         demo = DemoOriginConfig(endpoint=endpoint, root=root)
+    admin_reader = top.sub("admin")
+    admin = _parse_admin(admin_reader) if admin_reader is not None else None
     deferred = {}
     for name, parse in _DEFERRED_PARSERS.items():
         section = top.sub(name)
@@ -1278,7 +1294,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
     top.finish()
     if "acme" not in deferred and any(profile.acme for profile in tls.values()):
         deferred["acme"] = _parse_acme(_Reader(source, "acme", {}), base)  # the defaults, storage beside the file
-    admin_endpoint = deferred["admin"].endpoint if "admin" in deferred else None
+    admin_endpoint = admin.endpoint if admin is not None else None
 
     # Cross references.
     for i, lc in enumerate(listen):
@@ -1305,6 +1321,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
         source=source,
         server=server,
         admin_endpoint=admin_endpoint,
+        admin=admin,
         listen=listen,
         tls=tls,
         routes=routes,

@@ -46,6 +46,8 @@ class ConnectionLimit:
         self.active = 0
         self.open: set[Any] = set()
         self.rejected = 0
+        self.accepted = 0
+        """Connections counted since the listener started (metrics read it)."""
         self.on_close: Callable[[], None] | None = None
         self._logged_at: float | None = None
         self._unlogged = 0
@@ -70,6 +72,7 @@ class ConnectionLimit:
     def track(self, protocol: Any) -> Any:
         """Count C{protocol} as open until its C{connectionLost}."""
         self.active += 1
+        self.accepted += 1
         self.open.add(protocol)
         lost = protocol.connectionLost
         counted = [True]

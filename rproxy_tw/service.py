@@ -45,6 +45,7 @@ from .pipeline import (
     StickyCookie,
     header_rule_set,
 )
+from .request_id import RequestIdFilter
 from .routing import ErrorPage, HostRouter, ProxyRoute, build_router
 from .scrub.connections import ConnectionGuard
 from .scrub.setup import Scrubbing
@@ -142,6 +143,9 @@ class ProxyRuntime:
             )
             for name, pc in config.pools.items()
         }
+        header = config.server.request_id_header
+        self.request_ids = RequestIdFilter(header) if header else None
+        """The first request filter of every route: gives each request its id (L{rproxy_tw.request_id})."""
         self.cache = _shared_cache(config, reactor, self.events, previous)
         """The shared HTTP cache of the routes with C{cache = true} (an L{rproxy_tw.cache.HTTPCache}), or None."""
         self.scrubbing = Scrubbing(config, reactor, self.events, previous.scrubbing if previous is not None else None)
@@ -158,7 +162,11 @@ class ProxyRuntime:
                     (old_server.access_log, old_server.access_log_format):
                 access_log = previous.access_log  # type: ignore[union-attr]
             else:
-                access_log = make_access_log(reactor, server.access_log, server.access_log_format)
+                try:
+                    access_log = make_access_log(reactor, server.access_log, server.access_log_format)
+                except OSError as e:
+                    raise ConfigError(config.source, "server.access_log",
+                                      f"cannot open {server.access_log!r}: {e.strerror or e}") from None
         self.access_log = access_log
         if previous is None and access_log is not None:
             self.events.subscribe(access_log)
@@ -189,8 +197,11 @@ class ProxyRuntime:
         rc = route.config
         pool = self.pools[rc.pool]
         rules = HeaderRules(header_rule_set(rc.request_headers), header_rule_set(rc.response_headers))
-        # Scrubbing first: it judges the request as the client sent it, before any rule rewrites it.
+        # Request ids first (every answer, a refusal too, carries one), then scrubbing: it judges
+        # the request as the client sent it, before any rule rewrites it.
         request_filters, response_filters = self.scrubbing.filters_for(rc, f"{rc.host or '*'}{rc.path}")
+        if self.request_ids is not None:
+            request_filters = (self.request_ids, *request_filters)
         if rules.request:
             request_filters += (rules,)
         if pool.sticky:
@@ -237,6 +248,7 @@ class ProxyRuntime:
         if previous.access_log is not self.access_log:
             if previous.access_log is not None:
                 self.events.unsubscribe(previous.access_log)
+                previous.access_log.close()
             if self.access_log is not None:
                 self.events.subscribe(self.access_log)
         kept = {b for pool in self.pools.values() for b in pool.backends}
@@ -742,11 +754,19 @@ class ProxyService(MultiService):
 
     _log = Logger(observer=log_observer)
 
-    def __init__(self, config: ProxyConfig, reactor: Any, endpoint_for: Callable[[str], Any] | None = None) -> None:
+    def __init__(self, config: ProxyConfig, reactor: Any, endpoint_for: Callable[[str], Any] | None = None,
+                 listen_endpoint_for: Callable[[str], Any] | None = None) -> None:
+        """
+        @param endpoint_for: the client endpoint of a backend's endpoint string (default: Twisted's parser).
+        @param listen_endpoint_for: the server endpoint of a listener's endpoint string (default: Twisted's
+            parser; a worker under the supervisor adopts the sockets it was given).
+        """
         super().__init__()
         self.reactor = reactor
         self.config = config
         self.endpoint_for = endpoint_for
+        self.listen_endpoint_for = listen_endpoint_for or (
+            lambda description: serverFromString(reactor, with_backlog(description)))
         set_log_level(config.server.log_level)
         self.runtime = ProxyRuntime(config, reactor, endpoint_for)
         self.guard = ConnectionGuard(reactor, self.runtime.events)
@@ -779,8 +799,30 @@ class ProxyService(MultiService):
             from .demo import demo_origin_service
 
             demo_origin_service(reactor, config.demo_origin).setServiceParent(self)
+        self.admin: Any = None
+        """The admin view (L{rproxy_tw.admin.LocalSource}: metrics, status) when C{[admin]} is set."""
+        self.admin_listener: _Listener | None = None
+        if config.admin is not None:
+            self._start_admin(config.admin.endpoint)
         for line in not_enforced_warnings(config):
             self._log.warn("{warning}", warning=line)
+        from .workers import worker_count
+
+        if worker_count(config.server.workers) > 1:
+            self._log.warn("server.workers = {workers!r}: workers are started by twistd rproxy's supervisor; "
+                           "this service is one process", workers=config.server.workers)
+
+    def _start_admin(self, endpoint: str) -> None:
+        """The admin listener (metrics, JSON API, status page) and the observer that counts for it."""
+        from .admin.api import admin_site
+
+        site, self.admin = admin_site(self)
+        self.runtime.events.subscribe(self.admin.counters)
+        service = _Listener(serverFromString(self.reactor, endpoint), site)
+        service._raiseSynchronously = True
+        service.label = f"admin {endpoint}"
+        service.setServiceParent(self)
+        self.admin_listener = service
 
     @property
     def factories(self) -> list[Any]:
@@ -854,7 +896,7 @@ class ProxyService(MultiService):
         # Behind a PROXY-protocol balancer (haproxy:) the peer is the balancer: clients are judged per request.
         guard = None if listen.endpoint.startswith("haproxy:") else self.guard
         switch = _ListenerFactory(outer, guard, listen.endpoint)
-        service = _Listener(serverFromString(self.reactor, with_backlog(listen.endpoint)), switch)
+        service = _Listener(self.listen_endpoint_for(listen.endpoint), switch)
         service._raiseSynchronously = True
         service.label = f"listen[{index}] {listen.endpoint}"
         return _Slot(listen, inner, outer, switch, service)
@@ -971,6 +1013,9 @@ class ProxyService(MultiService):
             service.disownServiceParent()
         for service in new_services - old_services:
             service.setServiceParent(self)
+        if config.admin_endpoint != old_config.admin_endpoint:
+            self._log.warn("reload: [admin] endpoint {old} -> {new} takes effect at the next restart",
+                           old=old_config.admin_endpoint, new=config.admin_endpoint)
         old_warnings = set(not_enforced_warnings(old_config))
         for line in not_enforced_warnings(config):
             if line not in old_warnings:
@@ -1024,7 +1069,21 @@ class ProxyService(MultiService):
         stop = self._stopping = _GracefulStop(self.reactor, [*self._listener_factories(), *self._retired],
                                               self.config.server.shutdown_timeout)
         drained = stop.start()
-        return d.addBoth(lambda result: drained.addCallback(lambda _: result))
+
+        def flushed(result: Any) -> Any:
+            # Every line of the requests that finished while draining, before the process exits.
+            if self.runtime.access_log is not None:
+                self.runtime.access_log.flush()
+            return result
+
+        return d.addBoth(lambda result: drained.addCallback(lambda _: flushed(result)))
+
+    def reopen_logs(self) -> None:
+        """Open the access log file again (SIGUSR1, after logrotate moved it); lines waiting are written first."""
+        access_log = self.runtime.access_log
+        if access_log is not None:
+            access_log.reopen()
+            self._log.info("access log reopened")
 
     def abort_connections(self, why: str = "stopping at once") -> None:
         """Cut every connection now (a second SIGTERM), whether or not a graceful stop is waiting."""

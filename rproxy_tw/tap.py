@@ -28,6 +28,10 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "Configuration file (TOML)."],
         ["access-log", None, None, 'Access log target: "-" (stdout), a path, or "off". Overrides the config.'],
+        ["admin", None, None, "Serve the admin listener (status page, JSON API, /metrics) on this endpoint, "
+         "e.g. tcp:9901:interface=127.0.0.1. Overrides the config's [admin] endpoint."],
+        ["workers", None, None, 'Worker processes sharing the listeners under one supervisor: a number, or "auto" '
+         "(one per core). Overrides the config's [server] workers."],
         ["log-level", None, None, "The least severe of the proxy's own log events written: debug, info (the "
          "default), warn, error or critical. Overrides the config."],
     ]
@@ -95,6 +99,21 @@ class Options(usage.Options):
             config = attrs.evolve(config, server=attrs.evolve(config.server, access_log=self["access-log"]))
         if self["log-level"] is not None:
             config = attrs.evolve(config, server=attrs.evolve(config.server, log_level=self["log-level"]))
+        if self["workers"] is not None:
+            workers: int | str = self["workers"]
+            if workers != "auto":
+                try:
+                    workers = int(workers)
+                except ValueError:
+                    workers = 0
+                if workers < 1:
+                    raise usage.UsageError(f'--workers must be a positive number or "auto", not {self["workers"]!r}')
+            config = attrs.evolve(config, server=attrs.evolve(config.server, workers=workers))
+        if self["admin"] is not None:
+            from .config import AdminConfig
+
+            admin = attrs.evolve(config.admin or AdminConfig(), endpoint=self["admin"])
+            config = attrs.evolve(config, admin=admin, admin_endpoint=admin.endpoint)
         return config
 
     def reload_config(self) -> Any:
@@ -135,9 +154,39 @@ def _check_files(config: Any) -> None:
             client_tls_options("localhost", pool.ca, pool.client_cert, pool.client_key, now=clock.seconds(), pool=name)
 
 
+def worker_argv(options: Options) -> list[str]:
+    """The options a worker parses: the same config file (absolute) and overrides, as one process would."""
+    import os
+
+    argv: list[str] = []
+    if options["config"]:
+        argv += ["--config", os.path.abspath(options["config"])]
+    for endpoint in options["listen"]:
+        argv += ["--listen", endpoint]
+    for endpoint in options["backend"]:
+        argv += ["--backend", endpoint]
+    for name in ("access-log", "log-level"):
+        if options[name] is not None:
+            argv += [f"--{name}", options[name]]
+    return argv
+
+
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
+    from .workers import Supervisor, worker_count
+
+    count = worker_count(options.proxy_config.server.workers)
+    if count > 1:
+        reload_config = options.reload_config if options["config"] else None
+        try:
+            supervisor = Supervisor(options.proxy_config, reactor, count, worker_argv(options), reload_config)
+        except ConfigError as e:
+            sys.stderr.write(f"{e}\n")
+            sys.exit(1)
+        _supervisor_signals(reactor, supervisor)
+        _one_line_listen_errors()
+        return supervisor
     try:
         service = ProxyService(options.proxy_config, reactor)
     except ConfigError as e:
@@ -152,6 +201,7 @@ def makeService(options: Options) -> MultiService:
     else:
         service.load_config = None  # --listen/--backend: no file to read again
     _reload_on_hangup(reactor, service)
+    _reopen_on_usr1(reactor, service)
     _second_signal_cuts(reactor, service)
     _one_line_listen_errors()
     reactor.callWhenRunning(freeze_startup_objects)
@@ -212,6 +262,19 @@ def _reload_on_hangup(reactor: Any, service: ProxyService) -> None:
     signal.signal(signal.SIGHUP, hangup)
 
 
+def _reopen_on_usr1(reactor: Any, service: Any) -> None:
+    """SIGUSR1 reopens the access log file (logrotate's postrotate sends it; no copytruncate needed)."""
+    import signal
+
+    if not hasattr(signal, "SIGUSR1"):
+        return
+
+    def usr1(signum: int, frame: Any) -> None:
+        reactor.callFromThread(service.reopen_logs)
+
+    signal.signal(signal.SIGUSR1, usr1)
+
+
 def _second_signal_cuts(reactor: Any, service: ProxyService) -> None:
     """
     The first SIGTERM (or SIGINT) stops as the reactor does: the service
@@ -235,6 +298,32 @@ def _second_signal_cuts(reactor: Any, service: ProxyService) -> None:
                     previous(number, frame)
                 else:
                     reactor.callFromThread(service.abort_connections, f"{signal.Signals(number).name} again")
+
+            signal.signal(signum, handler)
+
+    reactor.callWhenRunning(install)
+
+
+def _supervisor_signals(reactor: Any, supervisor: Any) -> None:
+    """SIGHUP and SIGUSR1 go on to every worker; a second SIGTERM too (each worker then cuts what remains)."""
+    import signal
+
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(supervisor.reload_file))
+    signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(supervisor.signal_workers, signal.SIGUSR1))
+    seen = [0]
+
+    def install() -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+            if not callable(previous):
+                continue
+
+            def handler(number: int, frame: Any, previous: Any = previous) -> None:
+                seen[0] += 1
+                if seen[0] == 1:
+                    previous(number, frame)
+                else:
+                    reactor.callFromThread(supervisor.signal_workers, signal.SIGTERM)
 
             signal.signal(signum, handler)
 

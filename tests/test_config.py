@@ -388,7 +388,6 @@ def test_log_level_option_overrides_the_config(tmp_path):
 # Accepted but not enforced: one warning each, the same at a start and with --check
 
 CONTRACT_WARNINGS = [
-    "[admin] is accepted but not enforced by this version",
     "[cluster] is accepted but not enforced by this version",
 ]
 
@@ -405,7 +404,8 @@ def test_contract_not_enforced_parts_are_named_once_each():
     assert config.cache.compress == ("gzip", "br") and config.routes[1].cache
     assert config.rate_limit.burst == 200 and config.waf.mode == "block" and config.waf.deny == ()
     assert config.deferred_sections["cluster"].redis == "tcp:127.0.0.1:6379"
-    assert config.deferred_sections["admin"].token == ""
+    assert config.admin is not None and config.admin.token == ""
+    assert config.admin.endpoint == "tcp:9901:interface=127.0.0.1"
 
 
 def test_a_config_without_them_has_no_warnings(tmp_path):
@@ -417,8 +417,7 @@ def test_a_config_without_them_has_no_warnings(tmp_path):
     timed = load_config(write(tmp_path, BASE + "[server]\nshutdown_timeout = 5\n"))
     assert not_enforced_warnings(timed) == [] and timed.server.shutdown_timeout == 5.0
     assert load_config(write(tmp_path, BASE)).server.shutdown_timeout == 30.0
-    assert not_enforced_warnings(load_config(write(tmp_path, BASE + '[server]\nworkers = "auto"\n'))) == [
-        "server.workers = 'auto' is accepted but not enforced by this version (one process serves)"]
+    assert not_enforced_warnings(load_config(write(tmp_path, BASE + '[server]\nworkers = "auto"\n'))) == []
 
 
 NOT_ENFORCED = BASE.replace('pool = "web"', 'pool = "web"\ncache = true') + """
@@ -427,9 +426,12 @@ endpoint = "tcp:9901:interface=127.0.0.1"
 
 [cache]
 max_bytes = 1048576
+
+[waf]
+mode = "detect"
 """
 NOT_ENFORCED_WARNINGS = [
-    "[admin] is accepted but not enforced by this version",
+    "[waf] is accepted but not enforced by this version",
 ]
 
 

@@ -7,6 +7,8 @@ byte by byte.  Timeouts are driven by advancing the clock, never by waiting.
 
 from __future__ import annotations
 
+import re
+
 from typing import Any
 
 import pytest
@@ -87,11 +89,15 @@ def test_request_head_sent_to_origin():
     host, port = h.reactor.tcpClients[0][:2]
     assert (host, port) == ("10.0.0.1", 8000)
     _up, origin = h.accept_origin()
-    assert take(origin) == (
+    sent = take(origin)
+    request_id = re.search(rb"\r\nX-Request-Id: ([0-9a-f]{32})\r\n", sent)
+    assert request_id is not None, sent
+    assert sent == (
         b"GET /x?y=1 HTTP/1.1\r\n"
         b"Host: Example.com\r\n"
         b"X-A: 1\r\n"
         b"X-A: 2\r\n"
+        b"X-Request-Id: " + request_id.group(1) + b"\r\n"
         b"X-Forwarded-For: 192.0.2.10\r\n"
         b"X-Forwarded-Proto: http\r\n"
         b"X-Forwarded-Host: Example.com\r\n"

@@ -280,7 +280,7 @@ def test_a_response_filter_passes_pieces_on_before_the_response_ends(net, pki) -
 
 RULES = {
     "request_headers": {"set": {"X-Route": "$route", "X-Seen-By": "rproxy for $client_ip"},
-                        "add": {"X-Request-Id": "$request_id"}, "remove": ["Cookie"]},
+                        "add": {"X-Trace": "$request_id"}, "remove": ["Cookie"]},
     "response_headers": {"set": {"X-Frame-Options": "DENY"}, "remove": ["X-Powered-By"],
                          "add": {"X-Served-Route": "$route"}},
 }
@@ -300,6 +300,7 @@ def test_header_rules_rewrite_the_request_and_the_response(net, pki, entry: str)
     assert got.one(b"cookie") is None
     request_id = got.one(b"x-request-id")
     assert request_id is not None and len(request_id) == 32
+    assert got.one(b"x-trace") == request_id  # $request_id is the id the request carries
     names = {n.lower(): v for n, v in headers}
     assert names[b"x-frame-options"] == b"DENY"
     assert b"x-powered-by" not in names

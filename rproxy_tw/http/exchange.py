@@ -194,7 +194,7 @@ class ProxyExchange:
         "upgrade", "conn", "backend", "pending", "requestComplete", "requestSent", "bodyStarted",
         "headSent", "finished", "status", "tried", "attempts", "_connecting", "_producer", "_chunked_up",
         "body_limit", "body_seen", "replayable", "replay", "replay_bytes", "head", "http_version", "chain",
-        "started_at", "_waiting", "route_name", "keep_alive", "_source", "_inspect",
+        "started_at", "_waiting", "route_name", "keep_alive", "head_at", "_source", "_inspect",
         "__weakref__",
     )
 
@@ -254,6 +254,8 @@ class ProxyExchange:
         self.replay_bytes = 0
         self.head = b""
         self.started_at = started_at
+        self.head_at: float | None = None
+        """When the origin's response head arrived (kept only while events are observed)."""
         if settings.budget is not None:
             settings.budget.deposit()
 
@@ -506,10 +508,9 @@ class ProxyExchange:
     # -- request body -----------------------------------------------------------------------
 
     def requestBodyData(self, data: bytes) -> None:
-        if self.body_limit:
-            self.body_seen += len(data)
-            if self.body_seen > self.body_limit:
-                raise RequestRejected(413, "Content Too Large")
+        self.body_seen += len(data)
+        if self.body_limit and self.body_seen > self.body_limit:
+            raise RequestRejected(413, "Content Too Large")
         if self.finished:
             return
         conn = self.conn
@@ -586,6 +587,8 @@ class ProxyExchange:
                 raise ResponseDiscarded()
         self.status = status
         self.headSent = True
+        if self.started_at is not None:
+            self.head_at = self.clock.seconds()
         s = self.settings
         upgrade = status == 101 and self.upgrade
         has_body = not (self.method == b"HEAD" or status in (204, 304) or status < 200)

@@ -1,0 +1,377 @@
+"""
+Prometheus metrics: counters kept by an observer of the proxy's events,
+gauges read from the runtime when scraped, exposed by C{prometheus_client}.
+
+Why plain dictionaries rather than C{prometheus_client} metric objects on the
+request path: a labelled C{Counter.labels(...).inc()} takes a lock and
+several calls per sample, while a request here costs one dictionary lookup
+and a few additions (see bench/README.md, "metrics cost").  At scrape time
+the counts become C{prometheus_client} metric families in a L{snapshot}, a
+plain JSON-able value that the supervisor of several workers sums
+(L{merge_snapshots}) before C{prometheus_client} writes the exposition.
+
+New event types are counted by adding an entry to L{ProxyMetrics.counting}
+(event type -> function of the event), e.g. refusals by reason, cache hits.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from zope.interface import implementer
+
+from ..events import (
+    BackendStateChanged,
+    CacheEvicted,
+    CacheHit,
+    CacheMiss,
+    CacheStored,
+    CertificateChanged,
+    CertificateFailed,
+    IEventObserver,
+    ReloadApplied,
+    ReloadRefused,
+    RequestFinished,
+    TCPSessionClosed,
+    TLSHandshakeFailed,
+)
+
+__all__ = ["LATENCY_BUCKETS", "ProxyMetrics", "exposition", "merge_snapshots", "registry_for"]
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Upper bounds in seconds (C{+Inf} follows)."""
+
+_STATUS_CLASS = {i: f"{i}xx" for i in range(1, 6)}
+
+
+
+class _Histogram:
+    """Bucket counts and a sum: what one label set of a histogram keeps."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.total += value
+
+
+@implementer(IEventObserver)
+class ProxyMetrics:
+    """
+    Counts what the proxy's events say; L{snapshot} adds what the runtime
+    holds now (connections, pools, health) through C{gauges}.
+
+    @ivar counting: event type -> the function that counts one such event.
+        Later features add theirs with L{count}.
+    """
+
+    def __init__(self, gauges: Callable[[], dict[str, Any]] | None = None,
+                 also: Callable[[RequestFinished], None] | None = None) -> None:
+        """
+        @param gauges: what L{snapshot} adds, read from the runtime at each scrape.
+        @param also: called with each finished request answered 5xx (the admin's recent errors).
+        """
+        self.gauges = gauges
+        self.also = also
+        self.requests: dict[tuple[str, str, str, str], list[int]] = {}
+        self._records: dict[tuple[Any, ...], tuple[list[int], _Histogram, _Histogram]] = {}
+        """(route, pool, backend, status) as events carry them -> their counts and their route's histograms."""
+        """(route, pool, backend, status class) -> [requests, request body bytes, response body bytes]."""
+        self.total_latency: dict[tuple[str, str], _Histogram] = {}
+        self.upstream_latency: dict[tuple[str, str], _Histogram] = {}
+        self.retries: dict[str, int] = {}
+        self.tunnels: dict[tuple[str, str], list[int]] = {}
+        """(route, pool) -> [tunnels closed, bytes from clients, bytes to clients]."""
+        self.tcp: dict[tuple[str, str, str], list[int]] = {}
+        """(listener, backend, reason) -> [sessions, bytes from clients, bytes to clients]."""
+        self.tls_failures: dict[tuple[str, str], int] = {}
+        self.backend_changes: dict[tuple[str, str, str], int] = {}
+        self.reloads: dict[str, int] = {}
+        self.other: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
+        """Counts added by L{count}: (metric name, label pairs) -> count."""
+        self.other_help: dict[str, str] = {}
+        self.counting: dict[type, Callable[[Any], None]] = {
+            RequestFinished: self._request,
+            TCPSessionClosed: self._tcp,
+            TLSHandshakeFailed: self._tls_failed,
+            BackendStateChanged: self._backend_changed,
+            ReloadApplied: lambda e: self._reload("applied"),
+            ReloadRefused: lambda e: self._reload("refused"),
+        }
+        # The other issues' events, each counted by one entry (issue 14's cache, issue 13's ACME).
+        self.count(CacheHit, "cache_hits", "Responses served from the shared cache, by route and kind",
+                   lambda e: {"route": e.route or "-", "kind": e.kind})
+        self.count(CacheMiss, "cache_misses", "Requests on cached routes that went to the origin, by reason",
+                   lambda e: {"route": e.route or "-", "reason": e.reason})
+        self.count(CacheStored, "cache_stores", "Responses stored in the shared cache",
+                   lambda e: {"route": e.route or "-"})
+        self.count(CacheEvicted, "cache_evictions", "Stored responses that left the cache, by reason",
+                   lambda e: {"reason": e.reason})
+        self.count(CertificateChanged, "acme_certificates", "ACME certificates issued, renewed or picked up",
+                   lambda e: {"name": e.name, "how": e.how})
+        self.count(CertificateFailed, "acme_failures", "Failed attempts to get an ACME certificate",
+                   lambda e: {"name": e.name})
+
+    # -- IEventObserver -----------------------------------------------------------------------
+
+    def observe(self, event: Any) -> None:
+        if type(event) is RequestFinished:
+            self._request(event)
+            if event[5] >= 500 and self.also is not None:
+                self.also(event)
+            return
+        count = self.counting.get(type(event))
+        if count is not None:
+            count(event)
+
+    def count(self, event_type: type, name: str, help: str, labels: Callable[[Any], dict[str, str]]) -> None:
+        """
+        Count events of C{event_type} as the counter C{rproxy_NAME_total},
+        with the labels C{labels(event)} gives.  For features that bring
+        their own events (refusals by reason, cache hits and misses).
+        """
+        self.other_help[name] = help
+        other = self.other
+
+        def counted(event: Any) -> None:
+            key = (name, tuple(sorted(labels(event).items())))
+            other[key] = other.get(key, 0) + 1
+
+        self.counting[event_type] = counted
+
+    # -- per event ----------------------------------------------------------------------------
+
+    def _request(self, event: RequestFinished) -> None:
+        """
+        One finished request: one dictionary lookup finds its counts and its
+        route's two histograms (fields read by position: the cheapest read
+        of a NamedTuple).
+        """
+        if event[14]:
+            self._tunnel(event)
+            return
+        key = (event[9], event[10], event[11], event[5])
+        record = self._records.get(key)
+        if record is None:
+            record = self._record(key)
+        counts, total, upstream = record
+        counts[0] += 1
+        counts[1] += event[18]
+        counts[2] += event[6]
+        started = event[7]
+        if started is not None:
+            duration = event[8] - started
+            total.counts[bisect_left(LATENCY_BUCKETS, duration)] += 1
+            total.total += duration
+            head = event[16]
+            if head is not None:
+                upstream.counts[bisect_left(LATENCY_BUCKETS, head)] += 1
+                upstream.total += head
+        if event[17] > 1:
+            pool = event[10] or "-"
+            self.retries[pool] = self.retries.get(pool, 0) + event[17] - 1
+
+    def _record(self, key: tuple[Any, ...]) -> tuple[list[int], _Histogram, _Histogram]:
+        """The counts of a (route, pool, backend, status) seen for the first time, and its route's histograms."""
+        route, pool, backend, status = key
+        route, pool = route or "-", pool or "-"
+        name = (route, pool, backend or "-", _STATUS_CLASS.get(status // 100, "other"))
+        counts = self.requests.get(name)
+        if counts is None:
+            counts = self.requests[name] = [0, 0, 0]
+        histograms = []
+        for into in (self.total_latency, self.upstream_latency):
+            histogram = into.get((route, pool))
+            if histogram is None:
+                histogram = into[(route, pool)] = _Histogram()
+            histograms.append(histogram)
+        if len(self._records) >= 10000:
+            self._records.clear()  # bounded: the counts stay in self.requests
+        record = self._records[key] = (counts, histograms[0], histograms[1])
+        return record
+
+    def _tunnel(self, event: RequestFinished) -> None:
+        tkey = (event.route or "-", event.pool or "-")
+        tunnel = self.tunnels.get(tkey)
+        if tunnel is None:
+            tunnel = self.tunnels[tkey] = [0, 0, 0]
+        tunnel[0] += 1
+        tunnel[1] += event.bytes_received or 0
+        tunnel[2] += event.bytes_sent
+
+    def _tcp(self, event: TCPSessionClosed) -> None:
+        key = (event.listener, event.backend or "-", event.reason)
+        counts = self.tcp.get(key)
+        if counts is None:
+            counts = self.tcp[key] = [0, 0, 0]
+        counts[0] += 1
+        counts[1] += event.bytes_from_client
+        counts[2] += event.bytes_to_client
+
+    def _tls_failed(self, event: TLSHandshakeFailed) -> None:
+        key = (event.listener, _short_reason(event.reason))
+        self.tls_failures[key] = self.tls_failures.get(key, 0) + 1
+
+    def _backend_changed(self, event: BackendStateChanged) -> None:
+        key = (event.pool, event.backend, event.reason)
+        self.backend_changes[key] = self.backend_changes.get(key, 0) + 1
+
+    def _reload(self, result: str) -> None:
+        self.reloads[result] = self.reloads.get(result, 0) + 1
+
+    # -- scrape ---------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """
+        Every metric now, as C{{name: {"type", "help", "labels", "samples"}}}:
+        a counter's or gauge's samples are C{[label values, value]}, a
+        histogram's C{[label values, bucket counts, sum]}.  JSON-able, so a
+        supervisor can fetch it from each worker and add them up.
+        """
+        out: dict[str, Any] = {}
+
+        def family(name: str, kind: str, help: str, labels: Iterable[str], samples: list[Any],
+                   merge: str = "sum") -> None:
+            out[name] = {"type": kind, "help": help, "labels": list(labels), "samples": samples, "merge": merge}
+
+        req = sorted(self.requests.items())
+        family("requests", "counter", "HTTP requests answered, by route, pool, backend and status class",
+               ("route", "pool", "backend", "code"), [[list(k), v[0]] for k, v in req])
+        family("request_body_bytes", "counter", "Request body bytes received from clients",
+               ("route", "pool", "backend", "code"), [[list(k), v[1]] for k, v in req])
+        family("response_body_bytes", "counter", "Response body bytes sent to clients",
+               ("route", "pool", "backend", "code"), [[list(k), v[2]] for k, v in req])
+        family("request_duration_seconds", "histogram", "Time from the request head to the response's end",
+               ("route", "pool"), [[list(k), list(h.counts), h.total] for k, h in sorted(self.total_latency.items())])
+        family("upstream_head_seconds", "histogram", "Time from the request head to the origin's response head",
+               ("route", "pool"),
+               [[list(k), list(h.counts), h.total] for k, h in sorted(self.upstream_latency.items())])
+        family("retries", "counter", "Requests sent again to another backend", ("pool",),
+               [[[k], v] for k, v in sorted(self.retries.items())])
+        tunnels = sorted(self.tunnels.items())
+        family("tunnels", "counter", "Tunnels (WebSocket) closed", ("route", "pool"), [[list(k), v[0]] for k, v in tunnels])
+        family("tunnel_bytes_from_clients", "counter", "Bytes clients sent through tunnels", ("route", "pool"),
+               [[list(k), v[1]] for k, v in tunnels])
+        family("tunnel_bytes_to_clients", "counter", "Bytes origins sent through tunnels", ("route", "pool"),
+               [[list(k), v[2]] for k, v in tunnels])
+        tcp = sorted(self.tcp.items())
+        family("tcp_sessions", "counter", "Raw TCP sessions closed", ("listener", "backend", "reason"),
+               [[list(k), v[0]] for k, v in tcp])
+        family("tcp_bytes_from_clients", "counter", "Bytes clients sent on raw TCP sessions",
+               ("listener", "backend", "reason"), [[list(k), v[1]] for k, v in tcp])
+        family("tcp_bytes_to_clients", "counter", "Bytes backends sent on raw TCP sessions",
+               ("listener", "backend", "reason"), [[list(k), v[2]] for k, v in tcp])
+        family("tls_handshake_failures", "counter", "Failed TLS handshakes, by listener and reason",
+               ("listener", "reason"), [[list(k), v] for k, v in sorted(self.tls_failures.items())])
+        family("backend_state_changes", "counter", "Backends entering or leaving rotation, by reason",
+               ("pool", "backend", "reason"), [[list(k), v] for k, v in sorted(self.backend_changes.items())])
+        family("reloads", "counter", "Configuration reloads, applied or refused", ("result",),
+               [[[k], v] for k, v in sorted(self.reloads.items())])
+        by_name: dict[str, list[Any]] = {}
+        for (name, pairs), value in sorted(self.other.items()):
+            by_name.setdefault(name, []).append((pairs, value))
+        for name, items in by_name.items():
+            label_names = sorted({k for pairs, _ in items for k, _ in pairs})
+            family(name, "counter", self.other_help[name], label_names,
+                   [[[dict(pairs).get(n, "") for n in label_names], v] for pairs, v in items])
+        if self.gauges is not None:
+            out.update(self.gauges())
+        return out
+
+
+def _short_reason(reason: str) -> str:
+    """A TLS failure's reason as a label: bounded, so that a peer cannot grow the label set without end."""
+    reason = reason.split(":")[0].strip().lower() or "unknown"
+    return reason[:60]
+
+
+def gauge_family(name: str, help: str, labels: Iterable[str], samples: list[Any], merge: str = "sum") -> dict[str, Any]:
+    """One gauge in L{ProxyMetrics.snapshot}'s form (C{merge}: how workers' values combine: sum, min or max)."""
+    return {name: {"type": "gauge", "help": help, "labels": list(labels), "samples": samples, "merge": merge}}
+
+
+def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several workers' snapshots as one: counters and histograms add up, gauges by their C{merge} rule."""
+    out: dict[str, Any] = {}
+    for snap in snapshots:
+        for name, fam in snap.items():
+            into = out.get(name)
+            if into is None:
+                out[name] = {**fam, "samples": [list(s) for s in fam["samples"]]}
+                continue
+            index = {tuple(s[0]): s for s in into["samples"]}
+            for sample in fam["samples"]:
+                key = tuple(sample[0])
+                have = index.get(key)
+                if have is None:
+                    into["samples"].append(list(sample))
+                    index[key] = into["samples"][-1]
+                elif fam["type"] == "histogram":
+                    have[1] = [a + b for a, b in zip(have[1], sample[1])]
+                    have[2] += sample[2]
+                elif fam.get("merge") == "min":
+                    have[1] = min(have[1], sample[1])
+                elif fam.get("merge") == "max":
+                    have[1] = max(have[1], sample[1])
+                else:
+                    have[1] += sample[1]
+    return out
+
+
+class _SnapshotCollector:
+    """A C{prometheus_client} collector over a snapshot function."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.snapshot = snapshot
+
+    def describe(self) -> list[Any]:
+        return []  # families vary with traffic: described when collected
+
+    def collect(self) -> Iterable[Any]:
+        return families(self.snapshot())
+
+
+def families(snap: dict[str, Any]) -> Iterable[Any]:
+    """C{prometheus_client} metric families of a snapshot (names get the C{rproxy_} prefix)."""
+    for name, fam in snap.items():
+        full, labels, kind = "rproxy_" + name, fam["labels"], fam["type"]
+        if kind == "counter":
+            metric = CounterMetricFamily(full, fam["help"], labels=labels)
+            for values, value in fam["samples"]:
+                metric.add_metric(values, value)
+        elif kind == "histogram":
+            metric = HistogramMetricFamily(full, fam["help"], labels=labels)
+            for values, counts, total in fam["samples"]:
+                buckets, running = [], 0
+                for bound, count in zip([*(repr(b) for b in LATENCY_BUCKETS), "+Inf"], counts):
+                    running += count
+                    buckets.append((bound, running))
+                metric.add_metric(values, buckets, total)
+        else:
+            metric = GaugeMetricFamily(full, fam["help"], labels=labels)
+            for values, value in fam["samples"]:
+                metric.add_metric(values, value)
+        yield metric
+
+
+def registry_for(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    """A registry of its own (not the process-global one): two services in one process do not collide."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SnapshotCollector(snapshot))  # type: ignore[arg-type]
+    return registry
+
+
+def exposition(snap: dict[str, Any]) -> bytes:
+    """The Prometheus text format of a snapshot, written by C{prometheus_client}."""
+    return generate_latest(registry_for(lambda: snap))

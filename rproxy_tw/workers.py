@@ -1,0 +1,528 @@
+"""
+All cores: C{[server] workers = N} runs N reactor processes under one
+supervisor process.
+
+The supervisor opens every listener's socket once (before twistd drops
+privileges) and hands the same sockets to each worker, which adopts them
+(C{adoptStreamPort}): the kernel gives each new connection to one worker,
+and a worker that dies leaves the others accepting, with nothing queued
+lost.  The supervisor restarts a worker that dies (backing off when it dies
+young), passes SIGHUP, SIGUSR1 and SIGTERM on, and serves the admin listener
+for the whole group: it asks each worker, over a private unix socket, for
+its status and metrics and adds them up; drains and reloads go to every
+worker, and a drain is applied again to a worker that restarts.
+
+Health checks: each worker runs its own (its own pools, its own verdicts),
+so an origin sees N times the probes of one process; see docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+from typing import Any, Callable
+
+import attrs
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .admin.api import AdminSite, IAdminSource
+from .admin.metrics import gauge_family, merge_snapshots
+from .admin.status import merge_status
+from .listener import DEFAULT_BACKLOG
+from .config import ConfigError, ProxyConfig
+from .logs import observer as log_observer
+
+__all__ = ["Supervisor", "listening_socket", "worker_count"]
+
+
+def worker_count(workers: int | str) -> int:
+    """C{workers} as a number: C{"auto"} is one per core this process may run on."""
+    if workers == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - not Linux
+            return max(1, os.cpu_count() or 1)
+    return int(workers)
+
+
+def _split(description: str) -> tuple[str, list[str], dict[str, str]]:
+    """An endpoint string's kind, positional and keyword arguments (backslash escapes a colon)."""
+    parts, current, escaped = [], "", False
+    for ch in description:
+        if escaped:
+            current += ch
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    args, kwargs = [], {}
+    for part in parts[1:]:
+        key, eq, value = part.partition("=")
+        if eq:
+            kwargs[key] = value
+        else:
+            args.append(part)
+    return parts[0], args, kwargs
+
+
+def listening_socket(description: str) -> socket.socket:
+    """
+    A listening socket for a listener's endpoint string, to be shared by the
+    workers: C{tcp:}, C{tcp6:}, C{unix:} and C{systemd:} (the socket systemd passed).
+
+    @raise CannotListenError: it cannot listen (port in use...).
+    @raise ValueError: another kind of endpoint (it cannot be shared).
+    """
+    kind, args, kwargs = _split(description)
+    if kind == "systemd":
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+        index = int(kwargs.get("index", "0"))
+        if os.environ.get("LISTEN_PID") != str(os.getpid()) or index >= count:
+            raise ValueError(f"{description}: systemd passed no socket with index {index}")
+        family = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}[kwargs.get("domain", "INET")]
+        return socket.socket(family, socket.SOCK_STREAM, fileno=3 + index)
+    backlog = int(kwargs.get("backlog", DEFAULT_BACKLOG))
+    if kind in ("tcp", "tcp6"):
+        port = int(args[0] if args else kwargs["port"])
+        family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
+        host = kwargs.get("interface", "::" if kind == "tcp6" else "")
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        address: Any = (host, port)
+    elif kind == "unix":
+        path = args[0] if args else kwargs["address"]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address = path
+    else:
+        raise ValueError(f"{description}: only tcp:, tcp6:, unix: and systemd: listeners can be shared by workers")
+    try:
+        sock.bind(address)
+        if kind == "unix" and "mode" in kwargs:
+            os.chmod(address, int(kwargs["mode"], 8))
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise CannotListenError(str(address), None, e) from None
+    sock.setblocking(False)
+    return sock
+
+
+@implementer(IStreamServerEndpoint)
+class AdoptedEndpoint:
+    """A worker's listener: the socket the supervisor opened, at file descriptor C{fd}."""
+
+    def __init__(self, reactor: Any, fd: int, family: int) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.family = family
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        return succeed(self.reactor.adoptStreamPort(self.fd, self.family, factory))
+
+
+@implementer(IStreamServerEndpoint)
+class _NotShared:
+    """A listener a reload added under the supervisor: it has no shared socket until a restart."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        raise CannotListenError(self.description, None, "added by a reload: restart the supervisor to share it")
+
+
+# ---------------------------------------------------------------------------
+# The supervisor
+
+
+@attrs.define(eq=False)
+class _Worker:
+    index: int
+    admin_path: str
+    process: Any = None
+    started_at: float = 0.0
+    quick_deaths: int = 0
+    ended: Deferred[None] | None = None
+    ready: bool = False
+
+
+class _WorkerProtocol(ProcessProtocol):
+    def __init__(self, supervisor: Supervisor, worker: _Worker) -> None:
+        self.supervisor = supervisor
+        self.worker = worker
+
+    def processEnded(self, reason: Any) -> None:
+        self.supervisor._ended(self.worker, reason)
+
+
+class Supervisor(MultiService):
+    """
+    N worker processes sharing the listeners' sockets, and the admin
+    listener of the group.
+
+    @param argv: the C{twistd rproxy} options a worker parses (its config
+        file and overrides), so that a worker reads the same config, and
+        re-reads it on SIGHUP, as one process would.
+    """
+
+    _log = Logger(observer=log_observer)
+
+    RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+    """Seconds before restarting a worker that died, by how many times in a row it died within QUICK."""
+    QUICK = 10.0
+
+    def __init__(self, config: ProxyConfig, reactor: Any, count: int, argv: list[str],
+                 reload_config: Callable[[], ProxyConfig] | None = None) -> None:
+        super().__init__()
+        for index, listen in enumerate(config.listen):
+            if _split(listen.endpoint)[0] not in ("tcp", "tcp6", "unix", "systemd"):
+                raise ConfigError(config.source, f"listen[{index}].endpoint",
+                                  f"{listen.endpoint!r}: with workers > 1 only tcp:, tcp6:, unix: and systemd: "
+                                  "listeners can be shared")
+        self.config = config
+        self.reactor = reactor
+        self.count = count
+        self.argv = argv
+        self.reload_config = reload_config
+        self.sockets: dict[str, socket.socket] = {}
+        self.rundir = tempfile.mkdtemp(prefix="rproxy-workers-")
+        os.chmod(self.rundir, 0o700)
+        self.workers = [_Worker(i, os.path.join(self.rundir, f"worker-{i}.sock")) for i in range(count)]
+        self.stopping = False
+        self.restarts = 0
+        self.drains: dict[tuple[str, str], bool] = {}
+        """Drains asked through the admin API: applied again to a worker that restarts."""
+        self.source = GroupSource(self)
+        if config.admin is not None:
+            site = AdminSite(self.source, lambda: self.config.admin.token if self.config.admin else "")
+            from twisted.internet.endpoints import serverFromString
+
+            admin = StreamServerEndpointService(serverFromString(reactor, config.admin.endpoint), site)
+            admin._raiseSynchronously = True
+            admin.setServiceParent(self)
+            self.admin_listener = admin
+
+    # -- start -------------------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        from .service import ListenError
+
+        for index, listen in enumerate(self.config.listen):
+            if listen.endpoint in self.sockets:
+                continue
+            try:
+                self.sockets[listen.endpoint] = listening_socket(listen.endpoint)
+            except CannotListenError as e:
+                error = e.socketError
+                why = getattr(error, "strerror", None) or str(error)
+                line = f"listen[{index}]: cannot listen ({why}): {listen.endpoint}"
+                self._log.error("{line}", line=line)
+                raise ListenError(line) from None
+            except ValueError as e:
+                raise ConfigError(self.config.source, f"listen[{index}].endpoint", str(e)) from None
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        self._log.info("supervisor: starting {count} workers", count=self.count)
+        for worker in self.workers:
+            self._spawn(worker)
+
+    def _spawn(self, worker: _Worker) -> None:
+        if self.stopping:
+            return
+        try:
+            os.unlink(worker.admin_path)
+        except FileNotFoundError:
+            pass
+        fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        shared = {}
+        for i, (endpoint, sock) in enumerate(self.sockets.items()):
+            fds[3 + i] = sock.fileno()
+            shared[endpoint] = [3 + i, int(sock.family)]
+        spec = {"argv": self.argv, "index": worker.index, "admin": f"unix:{worker.admin_path}", "shared": shared}
+        env = dict(os.environ)
+        env.pop("LISTEN_FDS", None)
+        env.pop("LISTEN_PID", None)
+        worker.ready = False
+        worker.ended = Deferred()
+        worker.started_at = self.reactor.seconds()
+        worker.process = self.reactor.spawnProcess(
+            _WorkerProtocol(self, worker), sys.executable,
+            [sys.executable, "-m", "rproxy_tw.workers", json.dumps(spec)], env=env, childFDs=fds)
+        self._log.info("supervisor: worker {index} started (pid {pid})", index=worker.index, pid=worker.process.pid)
+        self.source.when_ready(worker)
+
+    def _ended(self, worker: _Worker, reason: Any) -> None:
+        ended, worker.ended = worker.ended, None
+        worker.process = None
+        worker.ready = False
+        if ended is not None:
+            ended.callback(None)
+        if self.stopping:
+            return
+        lived = self.reactor.seconds() - worker.started_at
+        worker.quick_deaths = worker.quick_deaths + 1 if lived < self.QUICK else 0
+        delay = self.RESTART_DELAYS[min(worker.quick_deaths, len(self.RESTART_DELAYS) - 1)]
+        self.restarts += 1
+        self._log.warn("supervisor: worker {index} ended ({why}) after {lived:.1f}s: restarting in {delay}s",
+                       index=worker.index, why=reason.value, lived=lived, delay=delay)
+        self.reactor.callLater(delay, self._spawn, worker)
+
+    # -- signals -----------------------------------------------------------------------
+
+    def signal_workers(self, signum: int) -> None:
+        for worker in self.workers:
+            if worker.process is not None:
+                try:
+                    worker.process.signalProcess(signum)
+                except Exception:  # noqa: BLE001 - it has just ended: its restart will come
+                    pass
+
+    def reload_file(self) -> None:
+        """SIGHUP: every worker re-reads the config file; the supervisor takes the admin token from it."""
+        self.signal_workers(signal.SIGHUP)
+        if self.reload_config is not None:
+            try:
+                self.config = self.reload_config()
+            except ConfigError as e:
+                self._log.error("supervisor: reload refused: {error}", error=str(e))
+
+    def stopService(self) -> Deferred[None]:
+        """SIGTERM: each worker drains (for up to its shutdown_timeout), then the supervisor ends."""
+        self.stopping = True
+        self.signal_workers(signal.SIGTERM)
+        waiting = [w.ended for w in self.workers if w.ended is not None]
+        timeout = self.config.server.shutdown_timeout + 10.0
+        kill = self.reactor.callLater(timeout, self.signal_workers, signal.SIGKILL)
+        d = super().stopService()
+
+        def done(_: Any) -> None:
+            if kill.active():
+                kill.cancel()
+            for sock in self.sockets.values():
+                sock.close()
+            import shutil
+
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+        return gatherResults([d, *waiting]).addBoth(done)
+
+
+# ---------------------------------------------------------------------------
+# The group's admin view
+
+
+@implementer(IAdminSource)
+class GroupSource:
+    """The admin API over every worker: reads add up, changes go to all."""
+
+    _log = Logger(observer=log_observer)
+    TIMEOUT = 5.0
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.reactor = supervisor.reactor
+        self._clients: dict[str, Any] = {}
+
+    def _client(self, worker: _Worker) -> Any:
+        """An HTTP client to one worker's private admin socket (kept-alive: the status page polls)."""
+        client = self._clients.get(worker.admin_path)
+        if client is not None:
+            return client
+        import treq.client
+        from twisted.internet.endpoints import UNIXClientEndpoint
+        from twisted.web.client import Agent, HTTPConnectionPool
+        from twisted.web.iweb import IAgentEndpointFactory
+
+        reactor, timeout, path = self.reactor, self.TIMEOUT, worker.admin_path
+
+        @implementer(IAgentEndpointFactory)
+        class _ToWorker:
+            def endpointForURI(self, uri: Any) -> Any:
+                return UNIXClientEndpoint(reactor, path, timeout=timeout)
+
+        class _QuietPool(HTTPConnectionPool):
+            # The one private name here: Twisted's pool logs "Starting factory" for each
+            # connection it makes, and the supervisor polls its workers.
+            _factory = type("_QuietFactory", (HTTPConnectionPool._factory,), {"noisy": False})  # type: ignore
+
+        pool = _QuietPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 4
+        client = self._clients[path] = treq.client.HTTPClient(Agent.usingEndpointFactory(reactor, _ToWorker(),
+                                                                                          pool=pool))
+        return client
+
+    def _call(self, worker: _Worker, method: str, path: str, body: Any = None) -> Deferred[Any]:
+        client = self._client(worker)
+        url = "http://worker" + path
+        if method == "GET":
+            d = client.get(url)
+        else:
+            d = client.post(url, data=json.dumps(body or {}).encode(), headers={b"Content-Type": [b"application/json"]})
+        d.addCallback(lambda response: response.json().addCallback(lambda value: (response.code, value)))
+        d.addTimeout(self.TIMEOUT, self.reactor)
+        return d
+
+    def _all(self, method: str, path: str, body: Any = None) -> Deferred[list[tuple[_Worker, Any]]]:
+        """Each running worker's answer (workers that fail to answer are left out)."""
+        workers = [w for w in self.supervisor.workers if w.process is not None]
+        d = DeferredList([self._call(w, method, path, body) for w in workers], consumeErrors=True)
+        return d.addCallback(lambda results: [(w, value) for w, (ok, value) in zip(workers, results) if ok])
+
+    def when_ready(self, worker: _Worker) -> None:
+        """Once a (re)started worker answers, give it the drains asked so far."""
+        started = worker.started_at
+
+        def attempt() -> None:
+            if worker.process is None or worker.started_at != started:
+                return
+            d = self._call(worker, "GET", "/api/listeners")
+
+            def answered(_: Any) -> Any:
+                worker.ready = True
+                return gatherResults([self._call(worker, "POST", "/api/" + ("drain" if draining else "undrain"),
+                                                 {"pool": pool, "backend": backend})
+                                      for (pool, backend), draining in self.supervisor.drains.items()],
+                                     consumeErrors=True)
+
+            def again(_: Any) -> None:
+                if self.reactor.seconds() - started < 60:
+                    self.reactor.callLater(0.1, attempt)
+
+            d.addCallbacks(answered, again).addErrback(lambda f: self._log.failure("re-applying drains failed", f))
+
+        self.reactor.callLater(0.05, attempt)
+
+    def status(self) -> Deferred[dict[str, Any]]:
+        def merged(answers: list[tuple[_Worker, Any]]) -> dict[str, Any]:
+            views = [value for _, (code, value) in answers if code == 200]
+            out = merge_status(views) if views else {"pools": [], "listeners": [], "routes": [], "totals": {}}
+            out["workers"] = self.supervisor.count
+            out["workers_answering"] = len(views)
+            return out
+
+        return self._all("GET", "/api/status").addCallback(merged)
+
+    def metrics(self) -> Deferred[dict[str, Any]]:
+        def merged(answers: list[tuple[_Worker, Any]]) -> dict[str, Any]:
+            snap = merge_snapshots([value for _, (code, value) in answers if code == 200])
+            supervisor = self.supervisor
+            snap.update(gauge_family("workers", "Worker processes configured", (), [[[], supervisor.count]]))
+            snap.update(gauge_family("workers_running", "Worker processes running", (),
+                                     [[[], sum(1 for w in supervisor.workers if w.process is not None)]]))
+            restarts = gauge_family("worker_restarts", "Workers restarted after they ended", (),
+                                    [[[], supervisor.restarts]])
+            restarts["worker_restarts"]["type"] = "counter"
+            snap.update(restarts)
+            return snap
+
+        return self._all("GET", "/api/snapshot").addCallback(merged)
+
+    def drain(self, pool: str, backend: str, draining: bool) -> Deferred[dict[str, Any]]:
+        def merged(answers: list[tuple[_Worker, Any]]) -> dict[str, Any]:
+            if not answers:
+                raise RuntimeError("no worker answered")
+            errors = [value for _, (code, value) in answers if code != 200]
+            if errors:
+                raise KeyError(errors[0].get("error", "refused"))
+            self.supervisor.drains[(pool, backend)] = draining
+            first = answers[0][1][1]
+            return {**first, "inflight": sum(value["inflight"] for _, (code, value) in answers),
+                    "workers": len(answers)}
+
+        return self._all("POST", "/api/" + ("drain" if draining else "undrain"),
+                         {"pool": pool, "backend": backend}).addCallback(merged)
+
+    def reload(self) -> Deferred[dict[str, Any]]:
+        supervisor = self.supervisor
+        if supervisor.reload_config is not None:
+            try:
+                supervisor.config = supervisor.reload_config()
+            except ConfigError as e:
+                return succeed({"ok": False, "error": str(e)})
+
+        def merged(answers: list[tuple[_Worker, Any]]) -> dict[str, Any]:
+            results = [value for _, (code, value) in answers]
+            refused = [r for r in results if not r.get("ok")]
+            if refused:
+                return {"ok": False, "error": refused[0].get("error"), "workers": len(results)}
+            return {"ok": bool(results), "summary": results[0]["summary"] if results else "no worker answered",
+                    "workers": len(results)}
+
+        return self._all("POST", "/api/reload").addCallback(merged)
+
+
+# ---------------------------------------------------------------------------
+# A worker process
+
+
+def _worker_main(spec: dict[str, Any]) -> None:
+    # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which passes one
+    # SIGTERM on (a second signal would cut this worker's connections instead of draining them).
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from .config import AdminConfig
+    from .service import ProxyService
+    from .tap import Options, _reopen_on_usr1, _second_signal_cuts
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    options = Options()
+    options.parseOptions(spec["argv"])
+    index = spec["index"]
+
+    def for_worker(config: ProxyConfig) -> ProxyConfig:
+        admin = AdminConfig(endpoint=spec["admin"], token="")
+        return attrs.evolve(config, admin=admin, admin_endpoint=admin.endpoint,
+                            server=attrs.evolve(config.server, workers=1))
+
+    shared = {endpoint: AdoptedEndpoint(reactor, fd, family) for endpoint, (fd, family) in spec["shared"].items()}
+    service = ProxyService(for_worker(options.proxy_config), reactor,
+                           listen_endpoint_for=lambda description: shared.get(description) or _NotShared(description))
+    if options["config"]:
+        service.load_config = lambda: for_worker(options.reload_config())
+    else:
+        service.load_config = None
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload_file))
+    _reopen_on_usr1(reactor, service)
+    _second_signal_cuts(reactor, service)
+    # The supervisor gone (even by SIGKILL): stdin, its pipe, ends; so does this worker, gracefully.
+    from twisted.internet import stdio
+    from twisted.internet.protocol import Protocol
+
+    class _Parent(Protocol):
+        def connectionLost(self, reason: Any = None) -> None:
+            if reactor.running:
+                reactor.stop()
+
+    stdio.StandardIO(_Parent(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY), reactor=reactor)
+    service.privilegedStartService()
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    Logger(observer=log_observer).info("worker {index} (pid {pid}) serving", index=index, pid=os.getpid())
+    reactor.run()
+
+
+if __name__ == "__main__":
+    _worker_main(json.loads(sys.argv[1]))
