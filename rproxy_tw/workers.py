@@ -450,6 +450,19 @@ class GroupSource:
         return self._all("POST", "/api/" + ("drain" if draining else "undrain"),
                          {"pool": pool, "backend": backend}).addCallback(merged)
 
+    def purge(self, url: str) -> Deferred[dict[str, Any]]:
+        """Every worker has its own cache: each purges, and the counts add up."""
+        def merged(answers: list[tuple[_Worker, Any]]) -> dict[str, Any]:
+            if not answers:
+                raise RuntimeError("no worker answered")
+            errors = [value for _, (code, value) in answers if code != 200]
+            if errors:
+                raise KeyError(errors[0].get("error", "refused"))
+            return {"url": url, "purged": sum(value["purged"] for _, (code, value) in answers),
+                    "workers": len(answers)}
+
+        return self._all("POST", "/api/purge", {"url": url}).addCallback(merged)
+
     def reload(self) -> Deferred[dict[str, Any]]:
         supervisor = self.supervisor
         if supervisor.reload_config is not None:

@@ -365,3 +365,57 @@ def test_the_cache_events_are_counted() -> None:
     assert found[("rproxy_cache_misses_total", (("reason", "uri-miss"), ("route", "*/")))] == 1
     assert found[("rproxy_cache_stores_total", (("route", "*/"),))] == 1
     assert found[("rproxy_cache_evictions_total", (("reason", "lru"),))] == 1
+
+
+@inlineCallbacks
+def test_purge_through_the_api_makes_the_next_request_go_to_the_origin(net) -> None:
+    def handler(req: Any) -> None:
+        req.respond(200, b"page " + req.target, [(b"Cache-Control", b"max-age=600")])
+
+    origin = yield net.origin(handler)
+    proxy = yield net.proxy(admin_config(origin.backend, token="t0k",
+                                         routes=[{"path": "/", "pool": "p", "cache": True}]))
+    client = web_client()
+    for path in ("/a/1", "/a/1", "/a/2", "/b"):
+        response = yield client.get(proxy.url + path)
+        assert (yield response.content()) == b"page " + path.encode()
+    assert len(origin.requests) == 3  # the second /a/1 was a hit
+    purge = admin_url(proxy) + "/api/purge"
+    code, result = yield post(purge, {"url": "127.0.0.1/a/*"})
+    assert code == 401  # a changing call: the token guards it
+    auth = {b"Authorization": [b"Bearer t0k"]}
+    host = f"127.0.0.1:{proxy.port}"
+    code, result = yield post(purge, {"url": f"{host}/a/*"}, auth)
+    assert code == 200 and result["purged"] == 2
+    code, result = yield post(purge, {}, auth)
+    assert code == 400
+    for path in ("/a/1", "/b"):
+        response = yield client.get(proxy.url + path)
+        yield response.content()
+    assert [r.target for r in origin.requests][3:] == [b"/a/1"]  # /b is still a hit
+
+
+@inlineCallbacks
+def test_purge_without_a_cached_route_is_a_clear_404(net) -> None:
+    origin = yield net.origin()
+    proxy = yield net.proxy(admin_config(origin.backend))
+    code, result = yield post(admin_url(proxy) + "/api/purge", {"url": "example.com/*"})
+    assert code == 404 and "cache" in result["error"]
+
+
+@inlineCallbacks
+def test_scrubbing_refusals_are_counted_by_reason(net) -> None:
+    origin = yield net.origin()
+    config = admin_config(origin.backend)
+    config["waf"] = {"mode": "block"}
+    proxy = yield net.proxy(config)
+    client = web_client()
+    response = yield client.get(proxy.url + "/search?q=1'%20OR%20'1'='1")
+    yield response.content()
+    assert response.code == 403
+    response = yield client.get(proxy.url + "/search?q=shoes")
+    yield response.content()
+    assert response.code == 200 and len(origin.requests) == 1
+    code, body = yield get(admin_url(proxy) + "/metrics")
+    found = samples(body.decode())
+    assert found[("rproxy_requests_refused_total", (("blocked", "true"), ("reason", "waf"), ("route", "*/")))] == 1

@@ -1,6 +1,6 @@
 """
 The admin listener's Resource tree: C{/metrics} (Prometheus), C{/api/...}
-(JSON: status, drain, reload) and C{/} (the status page).
+(JSON: status, drain, reload, purge) and C{/} (the status page).
 
 Everything it shows or changes goes through an L{IAdminSource}: the service
 in this process (L{LocalSource}), or, under a supervisor, every worker of
@@ -43,6 +43,12 @@ class IAdminSource(Interface):
 
     def drain(pool: str, backend: str, draining: bool) -> Deferred[dict[str, Any]]:
         """Drain or undrain a backend.  @raise KeyError: no such pool or backend."""
+
+    def purge(url: str) -> Deferred[dict[str, Any]]:
+        """
+        Remove one URL, or every URL under a prefix ending in C{*}, from the
+        shared cache.  @raise KeyError: no route caches.
+        """
 
     def reload() -> Deferred[dict[str, Any]]:
         """Re-read the config file and apply it, as SIGHUP does: C{{"ok": bool, "summary"|"error": str}}."""
@@ -98,6 +104,12 @@ class LocalSource:
             raise KeyError(f"pool {pool!r} has no backend {backend!r}") from None
         return succeed({"pool": pool, "backend": b.name, "draining": b.draining, "healthy": b.healthy,
                         "inflight": b.inflight})
+
+    def purge(self, url: str) -> Deferred[dict[str, Any]]:
+        cache = self.service.cache
+        if cache is None:
+            raise KeyError("no route caches (cache = true): nothing to purge")
+        return succeed({"url": url, "purged": cache.purge(url)})
 
     def reload(self) -> Deferred[dict[str, Any]]:
         self._last_reload = None
@@ -215,6 +227,15 @@ class _Drain(_Change):
         return self.admin.source.drain(pool, backend, self.draining)
 
 
+class _Purge(_Change):
+    def call(self, args: dict[str, str]) -> Deferred[Any]:
+        url = args.get("url")
+        if not url:
+            raise ApiError(400, "give url: HOST/PATH or SCHEME://HOST/PATH, ending in * for a prefix")
+        self.admin._log.info("admin API: purge {url}", url=url)
+        return self.admin.source.purge(url)
+
+
 class _Reload(_Change):
     def call(self, args: dict[str, str]) -> Deferred[Any]:
         self.admin._log.info("admin API: reload")
@@ -287,6 +308,7 @@ class AdminSite(Site):
         api.putChild(b"drain", _Drain(self, True))
         api.putChild(b"undrain", _Drain(self, False))
         api.putChild(b"reload", _Reload(self))
+        api.putChild(b"purge", _Purge(self))
         root.putChild(b"api", api)
         super().__init__(root)
         self.displayTracebacks = False

@@ -35,10 +35,12 @@ from ..events import (
     CacheStored,
     CertificateChanged,
     CertificateFailed,
+    ConnectionRefused,
     IEventObserver,
     ReloadApplied,
     ReloadRefused,
     RequestFinished,
+    RequestRefused,
     TCPSessionClosed,
     TLSHandshakeFailed,
 )
@@ -122,6 +124,12 @@ class ProxyMetrics:
                    lambda e: {"name": e.name, "how": e.how})
         self.count(CertificateFailed, "acme_failures", "Failed attempts to get an ACME certificate",
                    lambda e: {"name": e.name})
+        # Issue 13's scrubbing: refusals by reason (detect mode's flagged requests apart).
+        self.count(RequestRefused, "requests_refused",
+                   "Requests refused (or, blocked=false, only flagged) by scrubbing, by reason and route",
+                   lambda e: {"reason": e.reason, "route": e.route or "-", "blocked": "true" if e.blocked else "false"})
+        self.count(ConnectionRefused, "connections_refused", "Connections closed at accept, by reason and listener",
+                   lambda e: {"reason": e.reason, "listener": e.listener})
 
     # -- IEventObserver -----------------------------------------------------------------------
 
