@@ -421,17 +421,16 @@ def test_a_config_without_them_has_no_warnings(tmp_path):
 
 
 NOT_ENFORCED = BASE.replace('pool = "web"', 'pool = "web"\ncache = true') + """
-[admin]
-endpoint = "tcp:9901:interface=127.0.0.1"
+[cluster]
+redis = "tcp:127.0.0.1:6379"
 
 [cache]
 max_bytes = 1048576
-
-[waf]
-mode = "detect"
+store = "redis"
 """
 NOT_ENFORCED_WARNINGS = [
-    "[waf] is accepted but not enforced by this version",
+    "[cluster] is accepted but not enforced by this version",
+    'cache.store = "redis" is accepted but not enforced by this version (the memory store serves)',
 ]
 
 
