@@ -35,6 +35,7 @@ __all__ = [
     "RequestFinished",
     "RequestRefused",
     "TCPSessionClosed",
+    "TLSHandshakeCompleted",
     "TLSHandshakeFailed",
 ]
 
@@ -146,6 +147,15 @@ class TLSHandshakeFailed:
     listener: str
     client: str
     reason: str
+
+
+@attrs.frozen(slots=True)
+class TLSHandshakeCompleted:
+    """A client's TLS handshake on an HTTP listener succeeded (metrics count them by listener and ALPN)."""
+
+    listener: str
+    alpn: str
+    """The protocol ALPN chose (C{"h2"}, C{"http/1.1"}), or C{"-"} for none."""
 
 
 @attrs.frozen(slots=True)

@@ -16,6 +16,7 @@ from zope.interface.verify import verifyObject
 from rproxy_tw.admin.api import IAdminSource, LocalSource
 from rproxy_tw.events import IEventObserver
 from tests.conftest import proxy_config, until, web_client
+from tests.test_tls import pki  # noqa: F401 - a fixture
 
 
 def admin_config(*backends: str, token: str = "", **kw: Any) -> dict[str, Any]:
@@ -419,3 +420,51 @@ def test_scrubbing_refusals_are_counted_by_reason(net) -> None:
     code, body = yield get(admin_url(proxy) + "/metrics")
     found = samples(body.decode())
     assert found[("rproxy_requests_refused_total", (("blocked", "true"), ("reason", "waf"), ("route", "*/")))] == 1
+
+
+def _handshake(ca: str, port: int, alpn: list[str] | None) -> str | None:
+    """A blocking TLS handshake (in a thread): the protocol ALPN chose."""
+    import socket
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=ca)
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="www.example.test") as tls:
+            return tls.selected_alpn_protocol()
+
+
+@inlineCallbacks
+def test_tls_handshakes_are_counted_by_alpn_and_failures_by_reason(net, pki) -> None:
+    import socket
+
+    from twisted.internet.threads import deferToThread
+
+    origin = yield net.origin()
+    config = admin_config(origin.backend)
+    config["listen"][0]["tls"] = "main"
+    config["tls"] = {"main": {"certificates": [{"cert": pki.path("www-ec.pem"), "key": pki.path("www-ec.key")}]}}
+    proxy = yield net.proxy(config)
+    assert (yield deferToThread(_handshake, pki.ca_path, proxy.port, ["h2", "http/1.1"])) == "h2"
+    assert (yield deferToThread(_handshake, pki.ca_path, proxy.port, ["http/1.1"])) == "http/1.1"
+    assert (yield deferToThread(_handshake, pki.ca_path, proxy.port, None)) is None
+
+    def plain_bytes() -> None:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            raw.recv(100)
+
+    yield deferToThread(plain_bytes)
+    listener = config["listen"][0]["endpoint"]
+
+    def counted() -> Any:
+        d = get(admin_url(proxy) + "/metrics")
+        return d.addCallback(lambda answer: samples(answer[1].decode()))
+
+    found = yield counted()
+    for alpn in ("h2", "http/1.1", "-"):
+        assert found[("rproxy_tls_handshakes_total", (("alpn", alpn), ("listener", listener)))] == 1
+    failures = [v for (name, labels), v in found.items()
+                if name == "rproxy_tls_handshake_failures_total" and dict(labels)["listener"] == listener]
+    assert sum(failures) == 1

@@ -42,6 +42,7 @@ from ..events import (
     RequestFinished,
     RequestRefused,
     TCPSessionClosed,
+    TLSHandshakeCompleted,
     TLSHandshakeFailed,
 )
 
@@ -124,6 +125,8 @@ class ProxyMetrics:
                    lambda e: {"name": e.name, "how": e.how})
         self.count(CertificateFailed, "acme_failures", "Failed attempts to get an ACME certificate",
                    lambda e: {"name": e.name})
+        self.count(TLSHandshakeCompleted, "tls_handshakes", "Completed TLS handshakes on HTTP listeners, by listener and ALPN",
+                   lambda e: {"listener": e.listener, "alpn": e.alpn})
         # Issue 13's scrubbing: refusals by reason (detect mode's flagged requests apart).
         self.count(RequestRefused, "requests_refused",
                    "Requests refused (or, blocked=false, only flagged) by scrubbing, by reason and route",

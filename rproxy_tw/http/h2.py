@@ -1025,7 +1025,9 @@ class ALPNSwitch(Protocol):
     def handshakeCompleted(self) -> None:
         if self.protocol is not None:
             return
-        if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+        alpn = getattr(self.transport, "negotiatedProtocol", None)
+        self.factory.tls_handshake_completed(alpn)
+        if alpn == b"h2":
             # HTTP/2 speaks first (its SETTINGS preface): start it now.
             self._start(H2ServerConnection(self.factory))
         # HTTP/1.1 waits for its first bytes: many TLS connections (pre-connects,

@@ -1019,6 +1019,14 @@ class HTTPProxyFactory(Factory):
         return LocalResponse(conn, status, message, close=not keep_alive or status == 400, request=request,
                              started_at=started)
 
+    def tls_handshake_completed(self, alpn: bytes | None) -> None:
+        """A client's TLS handshake on this listener succeeded (either TLS transport): tell the observers."""
+        events = self.events
+        if events.wanted:
+            from ..events import TLSHandshakeCompleted
+
+            events.publish(TLSHandshakeCompleted(self.listen_endpoint, alpn.decode("ascii", "replace") if alpn else "-"))
+
     def tls_handshake_failed(self, peer: Any, reason: str) -> None:
         """A client's TLS handshake on this listener failed (Twisted's TLS; the ssl transport reports its own)."""
         events = self.events
