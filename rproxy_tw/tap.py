@@ -7,7 +7,7 @@ The only module that touches the global reactor.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import MultiService
 from twisted.python import usage
@@ -275,12 +275,11 @@ def _reopen_on_usr1(reactor: Any, service: Any) -> None:
     signal.signal(signal.SIGUSR1, usr1)
 
 
-def _second_signal_cuts(reactor: Any, service: ProxyService) -> None:
+def _on_second_stop_signal(reactor: Any, again: Callable[[int], None]) -> None:
     """
-    The first SIGTERM (or SIGINT) stops as the reactor does: the service
-    drains for up to C{shutdown_timeout}.  A second one cuts every
-    connection still open at once, and the stop completes.  Installed once
-    the reactor runs, around the handlers it installs then.
+    The first SIGTERM (or SIGINT) stops as the reactor does (a graceful
+    drain); a second one calls C{again(signum)} on the reactor thread.
+    Installed once the reactor runs, around the handlers it installs then.
     """
     import signal
 
@@ -297,11 +296,23 @@ def _second_signal_cuts(reactor: Any, service: ProxyService) -> None:
                 if seen[0] == 1:
                     previous(number, frame)
                 else:
-                    reactor.callFromThread(service.abort_connections, f"{signal.Signals(number).name} again")
+                    reactor.callFromThread(again, number)
 
             signal.signal(signum, handler)
 
     reactor.callWhenRunning(install)
+
+
+def _second_signal_cuts(reactor: Any, service: ProxyService) -> None:
+    """
+    The first SIGTERM (or SIGINT) stops as the reactor does: the service
+    drains for up to C{shutdown_timeout}.  A second one cuts every
+    connection still open at once, and the stop completes.
+    """
+    import signal
+
+    _on_second_stop_signal(
+        reactor, lambda number: service.abort_connections(f"{signal.Signals(number).name} again"))
 
 
 def _supervisor_signals(reactor: Any, supervisor: Any) -> None:
@@ -310,21 +321,4 @@ def _supervisor_signals(reactor: Any, supervisor: Any) -> None:
 
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(supervisor.reload_file))
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(supervisor.signal_workers, signal.SIGUSR1))
-    seen = [0]
-
-    def install() -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            previous = signal.getsignal(signum)
-            if not callable(previous):
-                continue
-
-            def handler(number: int, frame: Any, previous: Any = previous) -> None:
-                seen[0] += 1
-                if seen[0] == 1:
-                    previous(number, frame)
-                else:
-                    reactor.callFromThread(supervisor.signal_workers, signal.SIGTERM)
-
-            signal.signal(signum, handler)
-
-    reactor.callWhenRunning(install)
+    _on_second_stop_signal(reactor, lambda number: supervisor.signal_workers(signal.SIGTERM))

@@ -329,6 +329,15 @@ class Supervisor(MultiService):
 # The group's admin view
 
 
+def _all_answered(answers: list[tuple[Any, Any]]) -> None:
+    """A changing call fanned out to the workers: raise unless some answered and every one said yes."""
+    if not answers:
+        raise RuntimeError("no worker answered")
+    errors = [value for _, (code, value) in answers if code != 200]
+    if errors:
+        raise KeyError(errors[0].get("error", "refused"))
+
+
 @implementer(IAdminSource)
 class GroupSource:
     """The admin API over every worker: reads add up, changes go to all."""
@@ -437,11 +446,7 @@ class GroupSource:
 
     def drain(self, pool: str, backend: str, draining: bool) -> Deferred[dict[str, Any]]:
         def merged(answers: list[tuple[_Worker, Any]]) -> dict[str, Any]:
-            if not answers:
-                raise RuntimeError("no worker answered")
-            errors = [value for _, (code, value) in answers if code != 200]
-            if errors:
-                raise KeyError(errors[0].get("error", "refused"))
+            _all_answered(answers)
             self.supervisor.drains[(pool, backend)] = draining
             first = answers[0][1][1]
             return {**first, "inflight": sum(value["inflight"] for _, (code, value) in answers),
@@ -453,11 +458,7 @@ class GroupSource:
     def purge(self, url: str) -> Deferred[dict[str, Any]]:
         """Every worker has its own cache: each purges, and the counts add up."""
         def merged(answers: list[tuple[_Worker, Any]]) -> dict[str, Any]:
-            if not answers:
-                raise RuntimeError("no worker answered")
-            errors = [value for _, (code, value) in answers if code != 200]
-            if errors:
-                raise KeyError(errors[0].get("error", "refused"))
+            _all_answered(answers)
             return {"url": url, "purged": sum(value["purged"] for _, (code, value) in answers),
                     "workers": len(answers)}
 

@@ -277,20 +277,7 @@ class H2Stream:
         limits = self.factory.limits
         if self.reading and not self.gate.paused and \
                 self.received_bytes - self._rate_mark < limits.min_body_rate * limits.body_rate_window:
-            rule = f"min_body_rate {limits.min_body_rate}"
-            request = getattr(exchange, "request", None)
-            self.conn._log.warn("refused {method} {target} from {client}: slow_body rule {rule} -> 408",
-                                method=request.method.decode("latin-1") if request else "-",
-                                target=request.target[:200].decode("latin-1") if request else "-",
-                                client=self.client_ip, rule=rule)
-            events = self.factory.events
-            if events.wanted:
-                from ..events import RequestRefused
-
-                events.publish(RequestRefused("slow_body", rule, self.client_ip, 408,
-                                              getattr(exchange, "route_name", None),
-                                              request.method if request else b"",
-                                              request.target if request else b""))
+            self.factory.runtime.scrubbing.refusals.slow_body(exchange, self.client_ip, limits.min_body_rate)
             self._reject(408, "Request Timeout: the request body came too slowly")
             return
         self.watchBodyRate()

@@ -91,6 +91,22 @@ class Refusals:
                                           request.method, request.target, incident, blocked, score))
         return incident
 
+    def slow_body(self, exchange: Any, client: str, min_body_rate: int) -> None:
+        """
+        A request body that came slower than C{min_body_rate} (HTTP/1.1 and
+        HTTP/2 alike): told like any refusal, on a request that may not have
+        reached a route yet (no exchange).
+        """
+        rule = f"min_body_rate {min_body_rate}"
+        if getattr(exchange, "request", None) is not None and hasattr(exchange, "route_name"):
+            self.refused(exchange, "slow_body", rule, 408, client)
+            return
+        if self._mayLog("slow_body"):
+            self._log.warn("refused a request body from {client}: slow_body rule {rule} -> 408",
+                           client=client, rule=rule)
+        if self.events.wanted:
+            self.events.publish(RequestRefused("slow_body", rule, client, 408))
+
 
 def _client(exchange: Any, trusted: Sequence[Any]) -> str:
     return client_address(exchange.info, exchange.request.headers, trusted)
