@@ -832,3 +832,27 @@ def test_backup_serves_only_while_no_primary_is_healthy(net, farm):
     yield until(lambda: backend.healthy, "the primary to return")
     for _ in range(4):
         assert _served((yield fetch(net, proxy.port))) == "primary"
+
+
+@inline
+def test_a_post_takes_an_idle_connection_only_if_it_waited_briefly(net):
+    """
+    An origin may close an idle connection (its own keep-alive timeout) just
+    as a request goes out on it; a GET is then retried, a POST cannot be.  So
+    a POST takes only a connection idle for less than the connector's
+    C{unreplayable_reuse}, and otherwise a new one: here that limit is 0.
+    """
+    origin = yield net.origin()
+    proxy = yield net.proxy(proxy_config(origin.backend))
+    connector = proxy.service.runtime.connectors["p"]
+    connector.unreplayable_reuse = 3600.0  # (not the default 1 s: a loaded machine must not change the outcome)
+    first = yield fetch(net, proxy.port, b"POST", b"/order", body=b"item=1")
+    assert first.status == 200 and len(origin.connections) == 1
+    quick = yield fetch(net, proxy.port, b"POST", b"/order", body=b"item=2")
+    assert quick.status == 200 and len(origin.connections) == 1  # idle for less than the limit: reused
+    connector.unreplayable_reuse = 0.0
+    post = yield fetch(net, proxy.port, b"POST", b"/order", body=b"item=3")
+    assert post.status == 200 and len(origin.connections) == 2  # a new connection
+    get = yield fetch(net, proxy.port, b"GET", b"/page")
+    assert get.status == 200 and len(origin.connections) == 2  # a GET reuses an idle one
+    assert [r.body for r in origin.requests if r.method == b"POST"] == [b"item=1", b"item=2", b"item=3"]

@@ -440,7 +440,7 @@ class ProxyExchange:
         self.backend = backend
         self.tried.append(backend)
         self.attempts += 1
-        conn = self.connector.idle(backend)
+        conn = self.connector.idle(backend, self.replayable)
         if conn is not None:
             self._begin(conn)
             return

@@ -365,6 +365,15 @@ class UpstreamConnector:
 
     _log = Logger(observer=log_observer)
 
+    unreplayable_reuse: float = 1.0
+    """
+    Seconds an idle connection may have waited and still carry a request that
+    cannot be sent again (a POST): an origin closing a connection after its
+    own idle timeout (Node's and Apache's are 5 s) can cross such a request on
+    the wire, and it would get a 502 with no retry.  Requests that can be
+    replayed take any idle connection, and are retried if that happens.
+    """
+
     def __init__(self, clock: IReactorTime, keepalive: int, keepalive_timeout: float, connect_timeout: float,
                  span: float | None = None, limits: LimitsConfig | None = None) -> None:
         self.clock = clock
@@ -383,8 +392,12 @@ class UpstreamConnector:
         self.max_head_bytes = self.max_status_line + self.max_header_bytes + 1024
         """The most bytes a response head or trailer section may take, line breaks and all."""
 
-    def idle(self, backend: Backend) -> UpstreamConnection | None:
-        """A kept-alive connection to C{backend}, or None."""
+    def idle(self, backend: Backend, replayable: bool = True) -> UpstreamConnection | None:
+        """
+        A kept-alive connection to C{backend}, or None.  Not C{replayable}:
+        only one idle for less than L{unreplayable_reuse} (the one released
+        last is the freshest; older ones stay for requests that can be replayed).
+        """
         idle = backend.idle
         if not idle:
             return None
@@ -392,6 +405,9 @@ class UpstreamConnector:
         while idle:
             conn = idle.pop()
             if conn.connected and now - conn.idle_since < self.keepalive_timeout:
+                if not replayable and now - conn.idle_since >= self.unreplayable_reuse:
+                    idle.append(conn)
+                    return None
                 return conn
             conn.close()
         return None
