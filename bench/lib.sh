@@ -110,3 +110,34 @@ for s in socks:
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
+
+# run_rounds: ROUNDS rounds of every test of TESTS on every proxy of PROXIES still ok,
+# interleaved, each through the script's own drive PROXY TEST ROUND.
+run_rounds() {
+    local round test p
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for test in $TESTS; do
+            for p in $PROXIES; do
+                [[ ${STATE[$p]} == ok ]] || continue
+                if ! alive "$p"; then
+                    fail "$p" "died during the run (see $RUN_DIR/$p.log)"
+                    continue
+                fi
+                drive "$p" "$test" "$round"
+            done
+        done
+    done
+}
+
+# write_status: each proxy's state (ok or failed) and why, in $RUN_DIR/status.tsv for the report.
+write_status() {
+    local p
+    for p in $PROXIES; do
+        printf '%s\t%s\t%s\n' "$p" "${STATE[$p]}" "${REASON[$p]}"
+    done >"$RUN_DIR/status.tsv"
+}
+
+# machine_line: this machine, for a report's header.
+machine_line() {
+    echo "$(uname -n), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(uname -sr)"
+}

@@ -174,28 +174,15 @@ drive() {
     grep -h '^Requests/sec\|^Transfer/sec\|Non-2xx\|Socket errors' "$out" | sed 's/^/    /' >&2 || true
 }
 
-for ((round = 1; round <= ROUNDS; round++)); do
-    for test in $TESTS; do
-        for p in $PROXIES; do
-            [[ ${STATE[$p]} == ok ]] || continue
-            if ! alive "$p"; then
-                fail "$p" "died during the run (see $RUN_DIR/$p.log)"
-                continue
-            fi
-            drive "$p" "$test" "$round"
-        done
-    done
-done
+run_rounds
 
 # --- report ----------------------------------------------------------------
 
-for p in $PROXIES; do
-    printf '%s\t%s\t%s\n' "$p" "${STATE[$p]}" "${REASON[$p]}"
-done >"$RUN_DIR/status.tsv"
+write_status
 
 {
     echo "date=$(date '+%Y-%m-%d %H:%M %Z')"
-    echo "machine=$(uname -n), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(uname -sr)"
+    echo "machine=$(machine_line)"
     echo "pinning=proxies on CPU $PROXY_CPU; origin nginx and wrk on CPU $LOAD_CPU"
     echo "load=load average $LOAD_AT_START at start, $(cut -d' ' -f1-3 /proc/loadavg) at end"
     warm="after a $WARMUP warm-up"
