@@ -141,3 +141,17 @@ write_status() {
 machine_line() {
     echo "$(uname -n), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(uname -sr)"
 }
+
+# start_origin_1k: the nginx origin (conf/origin-nginx.conf.in) serving /1k.bin on a free
+# port, PORT[origin], pinned to LOAD_CPU; exits if it does not start.
+start_origin_1k() {
+    local user=""
+    PORT[origin]=$(free_ports 1)
+    mkdir -p "$WORK/www" "$WORK/origin/tmp"
+    head -c 1024 /dev/urandom >"$WORK/www/1k.bin"
+    [[ $EUID -eq 0 ]] && user="user root;"
+    sed -e "s|@DIR@|$WORK/origin|g" -e "s|@WWW@|$WORK/www|g" -e "s|@USER@|$user|g" -e "s|@PORT@|${PORT[origin]}|g" \
+        "$BENCH_DIR/conf/origin-nginx.conf.in" >"$WORK/origin.conf"
+    start origin "$LOAD_CPU" nginx -p "$WORK/origin/" -c "$WORK/origin.conf" -e "$WORK/origin/error.log"
+    wait_listening origin || { echo "origin did not start" >&2; exit 1; }
+}

@@ -20,19 +20,10 @@ export PATH="$PATH:/usr/sbin:/sbin"
 WORK=$(mktemp -d /tmp/rproxy-ops-cpu.XXXXXX)
 RUN_DIR=$WORK
 source "$BENCH_DIR/lib.sh"
-free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-PORT[origin]=$(free_port)
-mkdir -p "$WORK/www" "$WORK/origin/tmp"
-head -c 1024 /dev/urandom >"$WORK/www/1k.bin"
-user=""
-[[ $EUID -eq 0 ]] && user="user root;"
-sed -e "s|@DIR@|$WORK/origin|g" -e "s|@WWW@|$WORK/www|g" -e "s|@USER@|$user|g" -e "s|@PORT@|${PORT[origin]}|g" \
-    "$BENCH_DIR/conf/origin-nginx.conf.in" >"$WORK/origin.conf"
-start origin "$LOAD_CPU" nginx -p "$WORK/origin/" -c "$WORK/origin.conf" -e "$WORK/origin/error.log"
-wait_listening origin || { echo "origin did not start" >&2; exit 1; }
+start_origin_1k
 ticks=$(getconf CLK_TCK)
 for v in $VARIANTS; do
-    PORT[$v]=$(free_port)
+    PORT[$v]=$(free_ports 1)
     server="" admin=""
     case $v in
     bare) server='access_log = "off"'$'\n''request_id_header = ""' ;;

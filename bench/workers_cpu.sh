@@ -19,16 +19,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 WORK=$(mktemp -d /tmp/rproxy-workers-cpu.XXXXXX)
 RUN_DIR=$WORK
 source "$BENCH_DIR/lib.sh"
-free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-PORT[origin]=$(free_port)
-mkdir -p "$WORK/www" "$WORK/origin/tmp"
-head -c 1024 /dev/urandom >"$WORK/www/1k.bin"
-user=""
-[[ $EUID -eq 0 ]] && user="user root;"
-sed -e "s|@DIR@|$WORK/origin|g" -e "s|@WWW@|$WORK/www|g" -e "s|@USER@|$user|g" -e "s|@PORT@|${PORT[origin]}|g" \
-    "$BENCH_DIR/conf/origin-nginx.conf.in" >"$WORK/origin.conf"
-start origin "$LOAD_CPU" nginx -p "$WORK/origin/" -c "$WORK/origin.conf" -e "$WORK/origin/error.log"
-wait_listening origin || { echo "origin did not start" >&2; exit 1; }
+start_origin_1k
 ticks=$(getconf CLK_TCK)
 cpu_of() {  # cpu_of PID...: user+system ticks of these processes
     local total=0 pid
@@ -40,7 +31,7 @@ cpu_of() {  # cpu_of PID...: user+system ticks of these processes
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-8s %9s %12s %16s  %s\n' workers "req/s" "CPU s" "req per CPU s" "CPU s per worker"
 for n in $COUNTS; do
-    PORT[w$n]=$(free_port)
+    PORT[w$n]=$(free_ports 1)
     start "w$n" "0-$(($(nproc) - 1))" "$PYTHON" -c 'from twisted.scripts.twistd import run; run()' -n --pidfile= \
         rproxy --listen "tcp:${PORT[w$n]}:interface=127.0.0.1" --backend "tcp:127.0.0.1:${PORT[origin]}" \
         --access-log off --workers "$n"
