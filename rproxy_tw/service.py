@@ -49,7 +49,7 @@ from .request_id import RequestIdFilter
 from .routing import ErrorPage, HostRouter, ProxyRoute, build_router
 from .scrub.connections import ConnectionGuard
 from .scrub.setup import Scrubbing
-from .upstream.health import HealthMonitor, PassiveConfig, PassiveHealth, monitor_for
+from .upstream.health import FollowedHealth, HealthMonitor, PassiveConfig, PassiveHealth, monitor_for
 from .upstream.pool import BackendPool
 from .upstream.retry import RetryBudget
 
@@ -77,7 +77,13 @@ class ProxyRuntime:
         endpoint_for: Callable[[str], Any] | None = None,
         access_log: Any = "config",
         previous: ProxyRuntime | None = None,
+        active_health: Callable[[BackendPool, Any], Any] = monitor_for,
     ) -> None:
+        """
+        @param active_health: the service that gives a pool with a C{[health]}
+            section its active verdicts (L{monitor_for}: this process probes;
+            a worker under the supervisor follows the group's verdicts).
+        """
         self.config = config
         self.reactor = reactor
         self.endpoint_for = endpoint_for
@@ -106,7 +112,7 @@ class ProxyRuntime:
         via = config.server.via.encode("ascii")
         server_header = config.server.server_header.encode("ascii")
         self.passive: dict[str, PassiveHealth] = {}
-        self.monitors: dict[str, HealthMonitor] = {}
+        self.monitors: dict[str, HealthMonitor | FollowedHealth] = {}
         self._adopt: list[Callable[[], None]] = []
         """What L{commit} does to carried-over monitors and passive health."""
         for name, pc in config.pools.items():
@@ -126,7 +132,7 @@ class ProxyRuntime:
                 self.monitors[name] = old_monitor
                 self._adopt.append(lambda m=old_monitor, pool=pool: m.adopt(pool))
             else:
-                monitor = monitor_for(pool, reactor)
+                monitor = active_health(pool, reactor)
                 if monitor is not None:
                     self.monitors[name] = monitor
         self.exchange_settings: dict[str, ExchangeSettings] = {
@@ -755,20 +761,24 @@ class ProxyService(MultiService):
     _log = Logger(observer=log_observer)
 
     def __init__(self, config: ProxyConfig, reactor: Any, endpoint_for: Callable[[str], Any] | None = None,
-                 listen_endpoint_for: Callable[[str], Any] | None = None) -> None:
+                 listen_endpoint_for: Callable[[str], Any] | None = None,
+                 active_health: Callable[[BackendPool, Any], Any] = monitor_for) -> None:
         """
         @param endpoint_for: the client endpoint of a backend's endpoint string (default: Twisted's parser).
         @param listen_endpoint_for: the server endpoint of a listener's endpoint string (default: Twisted's
             parser; a worker under the supervisor adopts the sockets it was given).
+        @param active_health: what gives each pool its active health verdicts (default: this process's own
+            monitors; a worker under the supervisor follows the group's, L{rproxy_tw.upstream.health.VerdictBoard}).
         """
         super().__init__()
         self.reactor = reactor
         self.config = config
         self.endpoint_for = endpoint_for
+        self.active_health = active_health
         self.listen_endpoint_for = listen_endpoint_for or (
             lambda description: serverFromString(reactor, with_backlog(description)))
         set_log_level(config.server.log_level)
-        self.runtime = ProxyRuntime(config, reactor, endpoint_for)
+        self.runtime = ProxyRuntime(config, reactor, endpoint_for, active_health=active_health)
         self.guard = ConnectionGuard(reactor, self.runtime.events)
         """Refusals at connect on every listener (IP policy, per-address limits), before TLS."""
         self.guard.configure(config)
@@ -944,7 +954,8 @@ class ProxyService(MultiService):
             raise ConfigError(config.source, "", "not reloaded: the service is stopping")
         old_config, old_runtime = self.config, self.runtime
         summary = summarize(old_config, config)
-        runtime = ProxyRuntime(config, self.reactor, self.endpoint_for, previous=old_runtime)
+        runtime = ProxyRuntime(config, self.reactor, self.endpoint_for, previous=old_runtime,
+                               active_health=self.active_health)
         self._configure_acme(config, runtime)
         for path, resource, host in self._mounts:
             runtime.mount(path, resource, host)

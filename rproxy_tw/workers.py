@@ -12,8 +12,13 @@ for the whole group: it asks each worker, over a private unix socket, for
 its status and metrics and adds them up; drains and reloads go to every
 worker, and a drain is applied again to a worker that restarts.
 
-Health checks: each worker runs its own (its own pools, its own verdicts),
-so an origin sees N times the probes of one process; see docs/operations.md.
+Health checks run once for the group: the supervisor runs the active
+monitors (L{GroupHealth}) and writes the table of the backends they hold down
+to every worker's stdin, one JSON line each time it changes.  A worker waits
+for the first line before it serves, so a worker (re)started while a backend
+is down never sends it a request; it applies each table to its pools as its
+own verdicts (L{rproxy_tw.upstream.health.VerdictBoard}).  Passive health
+stays each worker's own.
 """
 
 from __future__ import annotations
@@ -31,19 +36,23 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
 from .admin.api import AdminSite, IAdminSource
 from .admin.metrics import gauge_family, merge_snapshots
 from .admin.status import merge_status
+from .events import BackendStateChanged, EventBus, IEventObserver
 from .listener import DEFAULT_BACKLOG
 from .config import ConfigError, ProxyConfig
 from .logs import observer as log_observer
+from .upstream.health import VerdictBoard, Verdicts, monitor_for, verdicts_of
+from .upstream.pool import BackendPool
 
-__all__ = ["Supervisor", "listening_socket", "worker_count"]
+__all__ = ["GroupHealth", "Supervisor", "VerdictPipe", "VerdictReceiver", "listening_socket", "worker_count"]
 
 
 def worker_count(workers: int | str) -> int:
@@ -148,6 +157,161 @@ class _NotShared:
 
 
 # ---------------------------------------------------------------------------
+# Health checks, once for the group
+
+
+@implementer(IEventObserver)
+class GroupHealth(MultiService):
+    """
+    The group's active health checks, run once in the supervisor: the same
+    L{HealthMonitor<rproxy_tw.upstream.health.HealthMonitor>} one process
+    runs, over pools of the supervisor's own that serve no traffic (their
+    backends' C{active_down} is all they hold).  Each time what the monitors
+    hold down changes, C{publish} gets the whole table (L{verdicts}).  A
+    reload (L{configure}) rebuilds them as a process's reload would: a pool
+    whose C{[health]} section is unchanged keeps its monitor, and backends
+    that stay keep their verdicts.
+
+    @param monitor_for: the monitor of one pool (tests inject probes and a clock).
+    """
+
+    def __init__(self, reactor: Any, config: ProxyConfig, publish: Callable[[Verdicts], None],
+                 monitor_for: Callable[[BackendPool, Any], Any] = monitor_for) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.publish = publish
+        self._monitor_for = monitor_for
+        self.events = EventBus()
+        self.events.subscribe(self)
+        self.pools: dict[str, BackendPool] = {}
+        self.monitors: dict[str, Any] = {}
+        self.verdicts: Verdicts = {}
+        """What the monitors hold down, as last published."""
+        self.configure(config)
+
+    def configure(self, config: ProxyConfig) -> None:
+        from .service import _endpoint_factory, _same_endpoints
+
+        old_pools, old_monitors = self.pools, self.monitors
+        self.pools, self.monitors = {}, {}
+        for name, pc in config.pools.items():
+            if pc.health is None:
+                continue
+            old = old_pools.get(name)
+            reuse = {b.name: b for b in old.backends} if old is not None and _same_endpoints(old.config, pc) else None
+            pool = self.pools[name] = BackendPool(pc, self.reactor, _endpoint_factory(self.reactor, pc, name),
+                                                  reuse=reuse, events=self.events)
+            pool.take_over()
+            monitor = old_monitors.get(name)
+            if monitor is not None and monitor.config == pc.health:
+                monitor.adopt(pool)
+            else:
+                monitor = self._monitor_for(pool, self.reactor)
+                monitor.setServiceParent(self)
+            self.monitors[name] = monitor
+        for name, monitor in old_monitors.items():
+            if self.monitors.get(name) is not monitor:
+                monitor.disownServiceParent()
+        self._check()
+
+    def observe(self, event: Any) -> None:
+        if isinstance(event, BackendStateChanged):
+            self._check()
+
+    def _check(self) -> None:
+        verdicts = verdicts_of(self.pools.values())
+        if verdicts != self.verdicts:
+            self.verdicts = verdicts
+            self.publish(verdicts)
+
+
+def verdict_line(verdicts: Verdicts) -> bytes:
+    """One message of the supervisor's pipe to a worker: the whole table, one JSON line."""
+    return json.dumps({"down": verdicts}, separators=(",", ":")).encode() + b"\n"
+
+
+@implementer(IPushProducer)
+class VerdictPipe:
+    """
+    The supervisor's end of a worker's stdin (any C{IConsumer}: the
+    process).  Each line is the whole verdict table, so while the pipe is
+    full (the worker reads slowly) only the latest line waits, written once
+    the pipe drains: memory stays bounded, and the worker ends with the
+    table in force.
+    """
+
+    def __init__(self, consumer: IConsumer) -> None:
+        self.consumer = consumer
+        self.paused = False
+        self.closed = False
+        self.waiting: bytes | None = None
+        consumer.registerProducer(self, True)
+
+    def send(self, line: bytes) -> None:
+        if self.closed:
+            return
+        if self.paused:
+            self.waiting = line
+        else:
+            self.consumer.write(line)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        line, self.waiting = self.waiting, None
+        if line is not None and not self.closed:
+            self.consumer.write(line)
+
+    def stopProducing(self) -> None:
+        """The pipe closed (the worker ended)."""
+        self.closed = True
+        self.waiting = None
+
+
+class VerdictReceiver(LineOnlyReceiver):
+    """
+    A worker's end of the supervisor's pipe (its stdin): each line is the
+    group's verdict table, given to C{board}; the first one also starts
+    the worker serving (C{start}), so that it never sends a request to a
+    backend the group already holds down.  The pipe's end means the
+    supervisor is gone, even by SIGKILL: C{gone} is called.
+    """
+
+    _log = Logger(observer=log_observer)
+    delimiter = b"\n"
+    MAX_LENGTH = 4 * 1024 * 1024
+    """A line longer than this (a table of tens of thousands of backends down) closes the pipe."""
+
+    def __init__(self, board: VerdictBoard, start: Callable[[], None], gone: Callable[[], None]) -> None:
+        self.board = board
+        self.start: Callable[[], None] | None = start
+        self.gone = gone
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            down = json.loads(line)["down"]
+            if not isinstance(down, dict) or not all(isinstance(v, dict) for v in down.values()):
+                raise TypeError(type(down).__name__)
+        except (ValueError, KeyError, TypeError) as e:
+            self._log.error("worker: a line from the supervisor was not a verdict table ({error}); ignored",
+                            error=f"{type(e).__name__}: {e}")
+            return
+        self.board.update(down)
+        start, self.start = self.start, None
+        if start is not None:
+            start()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._log.error("worker: a line from the supervisor longer than {limit} bytes: closing", limit=self.MAX_LENGTH)
+        super().lineLengthExceeded(line)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.gone()
+
+
+# ---------------------------------------------------------------------------
 # The supervisor
 
 
@@ -160,6 +324,8 @@ class _Worker:
     quick_deaths: int = 0
     ended: Deferred[None] | None = None
     ready: bool = False
+    pipe: VerdictPipe | None = None
+    """Its stdin, where the verdict tables go."""
 
 
 class _WorkerProtocol(ProcessProtocol):
@@ -209,6 +375,9 @@ class Supervisor(MultiService):
         self.drains: dict[tuple[str, str], bool] = {}
         """Drains asked through the admin API: applied again to a worker that restarts."""
         self.source = GroupSource(self)
+        self.health = GroupHealth(reactor, config, self._send_verdicts)
+        """The group's active health checks: probes once for all workers."""
+        self.health.setServiceParent(self)
         if config.admin is not None:
             site = AdminSite(self.source, lambda: self.config.admin.token if self.config.admin else "")
             from twisted.internet.endpoints import serverFromString
@@ -266,12 +435,20 @@ class Supervisor(MultiService):
         worker.process = self.reactor.spawnProcess(
             _WorkerProtocol(self, worker), sys.executable,
             [sys.executable, "-m", "rproxy_tw.workers", json.dumps(spec)], env=env, childFDs=fds)
+        worker.pipe = VerdictPipe(worker.process)
+        worker.pipe.send(verdict_line(self.health.verdicts))  # the first line: it may start serving
         self._log.info("supervisor: worker {index} started (pid {pid})", index=worker.index, pid=worker.process.pid)
         self.source.when_ready(worker)
 
+    def _send_verdicts(self, verdicts: Verdicts) -> None:
+        line = verdict_line(verdicts)
+        for worker in self.workers:
+            if worker.pipe is not None:
+                worker.pipe.send(line)
+
     def _ended(self, worker: _Worker, reason: Any) -> None:
         ended, worker.ended = worker.ended, None
-        worker.process = None
+        worker.process = worker.pipe = None
         worker.ready = False
         if ended is not None:
             ended.callback(None)
@@ -296,13 +473,18 @@ class Supervisor(MultiService):
                     pass
 
     def reload_file(self) -> None:
-        """SIGHUP: every worker re-reads the config file; the supervisor takes the admin token from it."""
+        """SIGHUP: every worker re-reads the config file; the supervisor takes its admin token and health checks."""
         self.signal_workers(signal.SIGHUP)
         if self.reload_config is not None:
             try:
-                self.config = self.reload_config()
+                self.reconfigure(self.reload_config())
             except ConfigError as e:
                 self._log.error("supervisor: reload refused: {error}", error=str(e))
+
+    def reconfigure(self, config: ProxyConfig) -> None:
+        """A reload: the admin token and the group's health checks take the new config."""
+        self.config = config
+        self.health.configure(config)
 
     def stopService(self) -> Deferred[None]:
         """SIGTERM: each worker drains (for up to its shutdown_timeout), then the supervisor ends."""
@@ -468,7 +650,7 @@ class GroupSource:
         supervisor = self.supervisor
         if supervisor.reload_config is not None:
             try:
-                supervisor.config = supervisor.reload_config()
+                supervisor.reconfigure(supervisor.reload_config())
             except ConfigError as e:
                 return succeed({"ok": False, "error": str(e)})
 
@@ -512,8 +694,10 @@ def _worker_main(spec: dict[str, Any]) -> None:
                             server=attrs.evolve(config.server, workers=1))
 
     shared = {endpoint: AdoptedEndpoint(reactor, fd, family) for endpoint, (fd, family) in spec["shared"].items()}
+    board = VerdictBoard(reactor)
     service = ProxyService(for_worker(options.proxy_config), reactor,
-                           listen_endpoint_for=lambda description: shared.get(description) or _NotShared(description))
+                           listen_endpoint_for=lambda description: shared.get(description) or _NotShared(description),
+                           active_health=board.follower_for)
     if options["config"]:
         service.load_config = lambda: for_worker(options.reload_config())
     else:
@@ -521,20 +705,29 @@ def _worker_main(spec: dict[str, Any]) -> None:
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(service.reload_file))
     _reopen_on_usr1(reactor, service)
     _second_signal_cuts(reactor, service)
-    # The supervisor gone (even by SIGKILL): stdin, its pipe, ends; so does this worker, gracefully.
+    log = Logger(observer=log_observer)
+
+    def start() -> None:
+        try:
+            service.privilegedStartService()
+            service.startService()
+        except Exception:  # noqa: BLE001 - the supervisor restarts a worker that ends
+            log.failure("worker {index} could not start", index=index)
+            reactor.stop()
+            return
+        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+        log.info("worker {index} (pid {pid}) serving", index=index, pid=os.getpid())
+
+    def gone() -> None:
+        # The supervisor gone (even by SIGKILL): stdin, its pipe, ends; so does this worker, gracefully.
+        if reactor.running:
+            reactor.stop()
+
+    # The supervisor's verdict tables come on stdin: the first one starts the service.
     from twisted.internet import stdio
-    from twisted.internet.protocol import Protocol
 
-    class _Parent(Protocol):
-        def connectionLost(self, reason: Any = None) -> None:
-            if reactor.running:
-                reactor.stop()
-
-    stdio.StandardIO(_Parent(), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY), reactor=reactor)
-    service.privilegedStartService()
-    service.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    Logger(observer=log_observer).info("worker {index} (pid {pid}) serving", index=index, pid=os.getpid())
+    stdio.StandardIO(VerdictReceiver(board, start, gone), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY),
+                     reactor=reactor)
     reactor.run()
 
 

@@ -20,6 +20,11 @@ fails), and an ejection that ends while probes still fail does not bring a dead
 backend back.  Both go through L{BackendPool.mark_down}, which logs
 C{backend {b} of pool {p} down: {why}} once, when the backend leaves rotation.
 
+Under the supervisor (C{[server] workers = N}) the active verdict is decided
+once for the group: the supervisor runs the L{HealthMonitor}s and each worker
+applies the verdicts it is sent through a L{FollowedHealth} per pool, exactly
+as it would its own; passive health stays each worker's own.
+
 Scheduling and time
 ===================
 Every timer is on the injected C{IReactorTime}: probe schedules, probe
@@ -59,6 +64,7 @@ from .pool import Backend, BackendPool
 
 __all__ = [
     "FAILURE_KINDS",
+    "FollowedHealth",
     "HTTPProbe",
     "HealthMonitor",
     "IProbe",
@@ -67,8 +73,11 @@ __all__ = [
     "ProbeFailed",
     "SlowStart",
     "TCPProbe",
+    "VerdictBoard",
+    "Verdicts",
     "monitor_for",
     "probe_for",
+    "verdicts_of",
 ]
 
 
@@ -411,6 +420,19 @@ def _return_to_rotation(pool: BackendPool, backend: Backend, slow_start: SlowSta
 # Active health
 
 
+def _hold_down(pool: BackendPool, backend: Backend, slow_start: SlowStart, why: str) -> None:
+    """Active health's verdict turns to down: out of rotation (the pool logs and publishes it once)."""
+    backend.active_down = True
+    slow_start.cancel(backend)
+    pool.mark_down(backend, why)
+
+
+def _release(pool: BackendPool, backend: Backend, slow_start: SlowStart) -> None:
+    """Active health's verdict turns to up: back in rotation unless passive health still holds it out."""
+    backend.active_down = False
+    _return_to_rotation(pool, backend, slow_start)
+
+
 @attrs.define(eq=False)
 class _ProbeState:
     timer: IDelayedCall | None = None
@@ -551,9 +573,7 @@ class HealthMonitor(Service):
         state.failures += 1
         backend.last_error = why
         if not backend.active_down and state.failures >= self.config.fall:
-            backend.active_down = True
-            self.slow_start.cancel(backend)
-            self.pool.mark_down(backend, why)
+            _hold_down(self.pool, backend, self.slow_start, why)
         elif not backend.active_down:
             # Failures short of `fall` are worth a line; a backend already down is not
             # re-announced every interval.
@@ -569,8 +589,7 @@ class HealthMonitor(Service):
         state.failures = 0
         state.successes += 1
         if backend.active_down and state.successes >= self.config.rise:
-            backend.active_down = False
-            _return_to_rotation(self.pool, backend, self.slow_start)
+            _release(self.pool, backend, self.slow_start)
 
 
 def monitor_for(
@@ -588,6 +607,93 @@ def monitor_for(
     if config is None:
         return None
     return HealthMonitor(pool, config, reactor, probe_for(config, reactor, client), random=random)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------
+# Active health decided by another process
+
+
+Verdicts = dict[str, dict[str, str]]
+"""The backends active health holds down: pool name -> backend endpoint -> why."""
+
+
+def verdicts_of(pools: Any) -> Verdicts:
+    """What the monitors of C{pools} (L{BackendPool}s) hold down now, with each backend's last error."""
+    return {pool.name: down for pool in pools
+            if (down := {b.name: b.last_error or "down" for b in pool.backends if b.active_down})}
+
+
+class VerdictBoard:
+    """
+    Active health verdicts a process is given instead of probing itself: a
+    worker under the supervisor, whose monitors probe once for the whole group
+    (L{rproxy_tw.workers}).  It keeps the latest table and applies it to the
+    pools of its L{FollowedHealth} services, when the table changes and when a
+    reload brings new pools, so a backend the group holds down is down in
+    every pool of this process, whatever the order of reload and verdict.
+
+    L{follower_for} takes the place of L{monitor_for}.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self.down: Verdicts = {}
+        self._followers: list[FollowedHealth] = []
+
+    def follower_for(self, pool: BackendPool, reactor: Any = None) -> FollowedHealth | None:
+        """The follower of a pool with a C{[pool.NAME.health]} section, or L{None}."""
+        config = pool.config.health
+        if config is None:
+            return None
+        return FollowedHealth(self, pool, config, self.clock)
+
+    def update(self, down: Verdicts) -> None:
+        """The group's verdicts now: applied to every running follower's pool."""
+        self.down = down
+        for follower in list(self._followers):
+            follower.apply()
+
+
+class FollowedHealth(Service):
+    """
+    Active health of one pool as a L{VerdictBoard} says: a backend on the
+    board is held down as if this process's own monitor had seen C{fall}
+    probes fail (same log line, same event, passive health unchanged), and
+    one that leaves the board comes back through the slow-start ramp.
+    """
+
+    def __init__(self, board: VerdictBoard, pool: BackendPool, config: HealthConfig, clock: IReactorTime) -> None:
+        self.board = board
+        self.pool = pool
+        self.config = config
+        self.name = f"health:{pool.name}"
+        self.slow_start = SlowStart(clock, config.slow_start)
+
+    def startService(self) -> None:
+        super().startService()
+        self.board._followers.append(self)
+        self.apply()
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self in self.board._followers:
+            self.board._followers.remove(self)
+        self.slow_start.stop()
+
+    def adopt(self, pool: BackendPool) -> None:
+        """A reload kept this pool's health check: follow the board on C{pool} (the new pool object)."""
+        self.pool = pool
+        if self.running:
+            self.apply()
+
+    def apply(self) -> None:
+        down = self.board.down.get(self.pool.name, {})
+        for backend in self.pool.backends:
+            why = down.get(backend.name)
+            if why is not None and not backend.active_down:
+                _hold_down(self.pool, backend, self.slow_start, why)
+            elif why is None and backend.active_down:
+                _release(self.pool, backend, self.slow_start)
 
 
 # ---------------------------------------------------------------------------
