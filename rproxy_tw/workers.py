@@ -207,11 +207,13 @@ class GroupHealth(MultiService):
                 monitor.adopt(pool)
             else:
                 monitor = self._monitor_for(pool, self.reactor)
-                monitor.setServiceParent(self)
             self.monitors[name] = monitor
         for name, monitor in old_monitors.items():
             if self.monitors.get(name) is not monitor:
                 monitor.disownServiceParent()
+        for monitor in self.monitors.values():
+            if monitor.parent is None:
+                monitor.setServiceParent(self)
         self._check()
 
     def observe(self, event: Any) -> None:
