@@ -190,20 +190,26 @@ class GroupHealth(MultiService):
         self.configure(config)
 
     def configure(self, config: ProxyConfig) -> None:
+        """
+        Probe what C{config} asks for.  @raise ConfigError: a pool's TLS
+        client files cannot be used (nothing has changed then).
+        """
         from .service import _endpoint_factory, _same_endpoints
 
-        old_pools, old_monitors = self.pools, self.monitors
-        self.pools, self.monitors = {}, {}
+        pools: dict[str, BackendPool] = {}
         for name, pc in config.pools.items():
             if pc.health is None:
                 continue
-            old = old_pools.get(name)
+            old = self.pools.get(name)
             reuse = {b.name: b for b in old.backends} if old is not None and _same_endpoints(old.config, pc) else None
-            pool = self.pools[name] = BackendPool(pc, self.reactor, _endpoint_factory(self.reactor, pc, name),
-                                                  reuse=reuse, events=self.events)
+            pools[name] = BackendPool(pc, self.reactor, _endpoint_factory(self.reactor, pc, name), reuse=reuse,
+                                      events=self.events)
+        # Nothing below fails: the new config takes over.
+        old_monitors, self.pools, self.monitors = self.monitors, pools, {}
+        for name, pool in pools.items():
             pool.take_over()
             monitor = old_monitors.get(name)
-            if monitor is not None and monitor.config == pc.health:
+            if monitor is not None and monitor.config == pool.config.health:
                 monitor.adopt(pool)
             else:
                 monitor = self._monitor_for(pool, self.reactor)
@@ -485,8 +491,8 @@ class Supervisor(MultiService):
 
     def reconfigure(self, config: ProxyConfig) -> None:
         """A reload: the admin token and the group's health checks take the new config."""
-        self.config = config
         self.health.configure(config)
+        self.config = config
 
     def stopService(self) -> Deferred[None]:
         """SIGTERM: each worker drains (for up to its shutdown_timeout), then the supervisor ends."""

@@ -388,8 +388,16 @@ class _NamedOrigin:
                     if not chunk:
                         break
                     data += chunk
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                             % (len(self.name), self.name))
+                status, body = self.answer(data)
+                try:
+                    conn.sendall(b"HTTP/1.1 %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                                 % (status, len(body), body))
+                except OSError:
+                    pass
+
+    def answer(self, head: bytes) -> tuple[bytes, bytes]:
+        """The status line's end and the body for a request with this C{head}."""
+        return b"200 OK", self.name
 
 
 def test_twistd_sighup_reloads_the_file_and_refuses_a_bad_one(tmp_path):

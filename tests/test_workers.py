@@ -61,17 +61,25 @@ def _metric(text: bytes, name: str, **labels: str) -> float:
     return total
 
 
-def test_two_workers_share_the_listener_add_up_their_metrics_and_survive_a_sigkill(tmp_path) -> None:
-    a, b = _NamedOrigin(b"A"), _NamedOrigin(b"B")
-    port, admin = _free_port(), _free_port()
-    log = tmp_path / "access.log"
+def _twistd(tmp_path: Any, config: Any) -> tuple[Any, subprocess.Popen[bytes]]:
+    """C{twistd -n rproxy --config CONFIG}, its output to twistd.out (a file: nobody reads a pipe until the end)."""
+    output = open(tmp_path / "twistd.out", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "rproxy", "--config",
+         str(config)], cwd=str(tmp_path), stdout=output, stderr=subprocess.STDOUT)
+    return output, proc
+
+
+def _group_config(tmp_path: Any, port: int, admin: int, origins: list[_NamedOrigin],
+                  server: str = 'access_log = "off"', health: str = "") -> Any:
+    """A config file: 2 workers, the admin listener, one pool of C{origins} (with C{health} when given)."""
     config = tmp_path / "rproxy.toml"
+    backends = ", ".join(f'"tcp:127.0.0.1:{o.port}"' for o in origins)
     config.write_text(f"""
 [server]
 workers = 2
-access_log = "{log}"
-access_log_format = "$request_uri $status"
 shutdown_timeout = 5
+{server}
 
 [admin]
 endpoint = "tcp:{admin}:interface=127.0.0.1"
@@ -83,16 +91,47 @@ endpoint = "tcp:{port}:interface=127.0.0.1"
 pool = "web"
 
 [pool.web]
-backends = ["tcp:127.0.0.1:{a.port}", "tcp:127.0.0.1:{b.port}"]
+backends = [{backends}]
+{f"health = {{ {health} }}" if health else ""}
 """)
-    output = open(tmp_path / "twistd.out", "wb")  # a file, not a pipe: nobody reads a pipe until the end
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "rproxy", "--config",
-         str(config)], cwd=str(tmp_path), stdout=output, stderr=subprocess.STDOUT)
+    return config
+
+
+def _run_group(tmp_path: Any, origins: list[_NamedOrigin], check: Any, **config: str) -> None:
+    """
+    Start twistd with 2 workers in front of C{origins} (L{_group_config}'s
+    C{config}), run C{check(port, admin, proc)}, stop it with SIGTERM.
+    """
+    port, admin = _free_port(), _free_port()
+    output, proc = _twistd(tmp_path, _group_config(tmp_path, port, admin, origins, **config))
     try:
-        status = _until(lambda: (s := _admin(admin, "/api/status")) and s.get("workers_answering") == 2 and s,
-                        "two workers answering")
-        pids = status["pid"]
+        _until(lambda: (s := _admin(admin, "/api/status")) and s.get("workers_answering") == 2, "two workers")
+        check(port, admin, proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+    except BaseException:
+        proc.kill()
+        print((tmp_path / "twistd.out").read_text())
+        raise
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        output.close()
+        for origin in origins:
+            origin.sock.close()
+    out = (tmp_path / "twistd.out").read_text()
+    assert "Traceback" not in out, out
+
+
+def test_two_workers_share_the_listener_add_up_their_metrics_and_survive_a_sigkill(tmp_path) -> None:
+    a, b = _NamedOrigin(b"A"), _NamedOrigin(b"B")
+    log = tmp_path / "access.log"
+    pids: list[int] = []
+
+    def check(port: int, admin: int, proc: Any) -> None:
+        status = _admin(admin, "/api/status")
+        pids.extend(status["pid"])
         assert len(set(pids)) == 2 and proc.pid not in pids
         answers = [_get(port, f"/r{i}") for i in range(20)]
         assert all(x.startswith(b"HTTP/1.1 200") for x in answers)
@@ -117,6 +156,7 @@ backends = ["tcp:127.0.0.1:{a.port}", "tcp:127.0.0.1:{b.port}"]
         status = _until(lambda: (s := _admin(admin, "/api/status")) and s.get("workers_answering") == 2
                         and pids[0] not in s["pid"] and s, "the killed worker replaced")
         assert pids[1] in status["pid"]
+        pids[:] = status["pid"]
         assert _metric(_admin(admin, "/metrics"), "rproxy_worker_restarts_total") == 1
 
         # A drain reaches both workers, and the one started later too.
@@ -124,21 +164,10 @@ backends = ["tcp:127.0.0.1:{a.port}", "tcp:127.0.0.1:{b.port}"]
         assert drained["draining"] is True and drained["workers"] == 2
         bodies = {_get(port, "/d").partition(b"\r\n\r\n")[2] for _ in range(10)}
         assert bodies == {b"B"}
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) in (0, -signal.SIGTERM)
-    except BaseException:
-        proc.kill()
-        print((tmp_path / "twistd.out").read_text())
-        raise
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        a.sock.close()
-        b.sock.close()
-    output.close()
-    out = (tmp_path / "twistd.out").read_text()
-    assert "Traceback" not in out, out
+
+    _run_group(tmp_path, [a, b], check,
+               server=f'access_log = "{log}"\naccess_log_format = "$request_uri $status"')
+
     def gone(pid: int) -> bool:
         try:
             with open(f"/proc/{pid}/stat") as stat:
@@ -146,7 +175,7 @@ backends = ["tcp:127.0.0.1:{a.port}", "tcp:127.0.0.1:{b.port}"]
         except FileNotFoundError:
             return True
 
-    for pid in status["pid"]:
+    for pid in pids:
         _until(lambda pid=pid: gone(pid), "workers gone")
     # Both workers appended to the one access log: every request is in it once.
     lines = log.read_text().splitlines()
@@ -154,3 +183,84 @@ backends = ["tcp:127.0.0.1:{a.port}", "tcp:127.0.0.1:{b.port}"]
     # The killed worker's last second of lines is lost with it (SIGKILL: nothing is flushed); every
     # request after the kill is logged by the workers that ran.
     assert {f"/k{i}" for i in range(10, 40)} <= {line.split()[0] for line in lines}
+
+
+# ---------------------------------------------------------------------------
+# Health checks once for the group
+
+
+class _HealthOrigin(_NamedOrigin):
+    """
+    C{/healthz} answers 200 or 503 as C{healthy} says, and each health check
+    is counted with its time; any other path answers the origin's name.
+    """
+
+    def __init__(self, name: bytes) -> None:
+        self.healthy = True
+        self.probes: list[float] = []
+        super().__init__(name)
+
+    def answer(self, head: bytes) -> tuple[bytes, bytes]:
+        if not head.startswith(b"GET /healthz "):
+            return super().answer(head)
+        self.probes.append(time.monotonic())
+        return (b"200 OK", b"ok") if self.healthy else (b"503 Unavailable", b"sick")
+
+
+def _bodies(port: int, n: int) -> list[bytes]:
+    """C{n} requests, each on its own connection (the kernel gives them to either worker)."""
+    return [_get(port, f"/x{i}").partition(b"\r\n\r\n")[2] for i in range(n)]
+
+
+def test_two_workers_probe_each_backend_once_per_interval(tmp_path) -> None:
+    origin = _HealthOrigin(b"A")
+
+    def check(port: int, admin: int, proc: Any) -> None:
+        time.sleep(1.0)  # every first probe (at a random offset within one interval) made
+        start, window = time.monotonic(), 4.0
+        time.sleep(window)
+        probes = sum(1 for t in origin.probes if start <= t < start + window)
+        # One prober: 4 s / (0.5 s +/- 10%) is 8 or 9 probes; one per worker would be twice that.
+        assert 6 <= probes <= 10, probes
+
+    _run_group(tmp_path, [origin], check, health='type = "http", path = "/healthz", interval = 0.5, timeout = 1')
+
+
+def test_a_failing_backend_leaves_the_rotation_of_both_workers(tmp_path) -> None:
+    a, b = _HealthOrigin(b"A"), _HealthOrigin(b"B")
+
+    def check(port: int, admin: int, proc: Any) -> None:
+        assert set(_bodies(port, 20)) == {b"A", b"B"}
+        a.healthy = False  # A still answers requests, but its health checks fail
+        name = f"tcp:127.0.0.1:{a.port}"
+        # Both workers took A out: one state change each, summed over the group.
+        _until(lambda: _metric(_admin(admin, "/metrics"), "rproxy_backend_state_changes_total", backend=name) == 2,
+               "A out of both workers' rotation")
+        assert set(_bodies(port, 40)) == {b"B"}
+        a.healthy = True
+        _until(lambda: _metric(_admin(admin, "/metrics"), "rproxy_backend_state_changes_total", backend=name) == 4,
+               "A back in both workers")
+        assert set(_bodies(port, 40)) == {b"A", b"B"}
+
+    _run_group(tmp_path, [a, b], check,
+               health='type = "http", path = "/healthz", interval = 0.3, timeout = 1, fall = 1, rise = 1')
+
+
+def test_a_worker_restarted_after_sigkill_already_knows_a_backend_is_down(tmp_path) -> None:
+    a, b = _HealthOrigin(b"A"), _HealthOrigin(b"B")
+    a.healthy = False
+
+    def check(port: int, admin: int, proc: Any) -> None:
+        name = f"tcp:127.0.0.1:{a.port}"
+        _until(lambda: _metric(_admin(admin, "/metrics"), "rproxy_backend_state_changes_total", backend=name) == 2,
+               "A out of both workers' rotation")
+        pids = _admin(admin, "/api/status")["pid"]
+        os.kill(pids[0], signal.SIGKILL)
+        _until(lambda: (s := _admin(admin, "/api/status")) and s.get("workers_answering") == 2
+               and pids[0] not in s["pid"], "the killed worker replaced")
+        # A long interval: the new worker's own probe, if it made one, would come seconds later.
+        assert set(_bodies(port, 40)) == {b"B"}
+        assert _metric(_admin(admin, "/metrics"), "rproxy_backend_healthy", backend=name) == 0
+
+    _run_group(tmp_path, [a, b], check,
+               health='type = "http", path = "/healthz", interval = 4, timeout = 1, fall = 1, rise = 1')
