@@ -264,3 +264,22 @@ def test_a_worker_restarted_after_sigkill_already_knows_a_backend_is_down(tmp_pa
 
     _run_group(tmp_path, [a, b], check,
                health='type = "http", path = "/healthz", interval = 4, timeout = 1, fall = 1, rise = 1')
+
+
+def test_a_reload_gives_the_supervisor_the_new_health_checks(tmp_path) -> None:
+    a, b = _HealthOrigin(b"A"), _HealthOrigin(b"B")
+    a.healthy = False
+
+    def check(port: int, admin: int, proc: Any) -> None:
+        assert set(_bodies(port, 20)) == {b"A", b"B"}  # no health checks yet
+        assert a.probes == []
+        config = tmp_path / "rproxy.toml"
+        config.write_text(config.read_text() + 'health = { type = "http", path = "/healthz", interval = 0.3, '
+                          'timeout = 1, fall = 1, rise = 1 }\n')
+        proc.send_signal(signal.SIGHUP)
+        name = f"tcp:127.0.0.1:{a.port}"
+        _until(lambda: _metric(_admin(admin, "/metrics"), "rproxy_backend_state_changes_total", backend=name) == 2,
+               "A out of both workers' rotation")
+        assert set(_bodies(port, 40)) == {b"B"}
+
+    _run_group(tmp_path, [a, b], check)
