@@ -112,6 +112,8 @@ class ServerConfig:
     """The least severe of the proxy's own log events written (the access log is apart)."""
     workers: int | str = 1
     """Reactor processes sharing the listeners under one supervisor (C{"auto"}: one per core); C{twistd rproxy} only."""
+    reuseport: bool = True
+    """With workers: each worker its own C{SO_REUSEPORT} socket of each C{tcp:} listener; false: one socket shared."""
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     """Seconds a graceful stop (SIGTERM) waits for requests, downloads and tunnels in flight before cutting them."""
     request_id_header: str = "X-Request-Id"
@@ -592,6 +594,8 @@ def _parse_server(r: _Reader | None) -> ServerConfig:
         if workers != "auto" and not (isinstance(workers, int) and workers >= 1):
             raise r.error("workers", f"must be a positive integer or \"auto\", not {workers!r}")
         optional["workers"] = workers
+    if "reuseport" in r.table:
+        optional["reuseport"] = r.get("reuseport", bool, True)
     if "shutdown_timeout" in r.table:
         optional["shutdown_timeout"] = r.number("shutdown_timeout", 0.0)
     if "request_id_header" in r.table:

@@ -52,7 +52,8 @@ from .logs import observer as log_observer
 from .upstream.health import VerdictBoard, Verdicts, monitor_for, verdicts_of
 from .upstream.pool import BackendPool
 
-__all__ = ["GroupHealth", "Supervisor", "VerdictPipe", "VerdictReceiver", "listening_socket", "worker_count"]
+__all__ = ["GroupHealth", "Supervisor", "VerdictPipe", "VerdictReceiver", "listening_socket",
+           "listening_sockets", "worker_count"]
 
 
 def worker_count(workers: int | str) -> int:
@@ -90,11 +91,38 @@ def _split(description: str) -> tuple[str, list[str], dict[str, str]]:
     return parts[0], args, kwargs
 
 
-def listening_socket(description: str) -> socket.socket:
+def listening_sockets(description: str, copies: int = 1) -> list[socket.socket]:
+    """
+    The listening sockets of a listener's endpoint string for the workers:
+    one to share (C{tcp:}, C{tcp6:}, C{unix:} and C{systemd:}), or C{copies}
+    C{tcp:}/C{tcp6:} sockets on the same address with C{SO_REUSEPORT}, one
+    per worker, among which the kernel spreads new connections evenly.
+
+    @raise CannotListenError: it cannot listen (port in use...).
+    @raise ValueError: another kind of endpoint (it cannot be shared).
+    """
+    if copies == 1:
+        return [listening_socket(description)]
+    first = listening_socket(description, reuseport=True)
+    port = first.getsockname()[1]  # the port tcp:0 was given: the others join it
+    sockets = [first]
+    try:
+        for _ in range(copies - 1):
+            sockets.append(listening_socket(description, reuseport=True, port=port))
+    except CannotListenError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def listening_socket(description: str, reuseport: bool = False, port: int | None = None) -> socket.socket:
     """
     A listening socket for a listener's endpoint string, to be shared by the
     workers: C{tcp:}, C{tcp6:}, C{unix:} and C{systemd:} (the socket systemd passed).
 
+    @param reuseport: set C{SO_REUSEPORT} (C{tcp:} and C{tcp6:}), to join other sockets on that address.
+    @param port: listen on this port rather than the description's.
     @raise CannotListenError: it cannot listen (port in use...).
     @raise ValueError: another kind of endpoint (it cannot be shared).
     """
@@ -108,11 +136,13 @@ def listening_socket(description: str) -> socket.socket:
         return socket.socket(family, socket.SOCK_STREAM, fileno=3 + index)
     backlog = int(kwargs.get("backlog", DEFAULT_BACKLOG))
     if kind in ("tcp", "tcp6"):
-        port = int(args[0] if args else kwargs["port"])
+        port = int(args[0] if args else kwargs["port"]) if port is None else port
         family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
         host = kwargs.get("interface", "::" if kind == "tcp6" else "")
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         address: Any = (host, port)
     elif kind == "unix":
         path = args[0] if args else kwargs["address"]
@@ -374,7 +404,8 @@ class Supervisor(MultiService):
         self.count = count
         self.argv = argv
         self.reload_config = reload_config
-        self.sockets: dict[str, socket.socket] = {}
+        self.sockets: dict[str, list[socket.socket]] = {}
+        """Each listener's sockets: one all workers share, or one per worker (C{[server] reuseport})."""
         self.rundir = tempfile.mkdtemp(prefix="rproxy-workers-")
         os.chmod(self.rundir, 0o700)
         self.workers = [_Worker(i, os.path.join(self.rundir, f"worker-{i}.sock")) for i in range(count)]
@@ -403,8 +434,9 @@ class Supervisor(MultiService):
         for index, listen in enumerate(self.config.listen):
             if listen.endpoint in self.sockets:
                 continue
+            own = self.config.server.reuseport and _split(listen.endpoint)[0] in ("tcp", "tcp6")
             try:
-                self.sockets[listen.endpoint] = listening_socket(listen.endpoint)
+                self.sockets[listen.endpoint] = listening_sockets(listen.endpoint, self.count if own else 1)
             except CannotListenError as e:
                 error = e.socketError
                 why = getattr(error, "strerror", None) or str(error)
@@ -430,7 +462,8 @@ class Supervisor(MultiService):
             pass
         fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         shared = {}
-        for i, (endpoint, sock) in enumerate(self.sockets.items()):
+        for i, (endpoint, sockets) in enumerate(self.sockets.items()):
+            sock = sockets[worker.index % len(sockets)]  # a restarted worker takes the same one back
             fds[3 + i] = sock.fileno()
             shared[endpoint] = [3 + i, int(sock.family)]
         spec = {"argv": self.argv, "index": worker.index, "admin": f"unix:{worker.admin_path}", "shared": shared}
@@ -506,8 +539,9 @@ class Supervisor(MultiService):
         def done(_: Any) -> None:
             if kill.active():
                 kill.cancel()
-            for sock in self.sockets.values():
-                sock.close()
+            for sockets in self.sockets.values():
+                for sock in sockets:
+                    sock.close()
             import shutil
 
             shutil.rmtree(self.rundir, ignore_errors=True)

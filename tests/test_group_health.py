@@ -14,10 +14,12 @@ import random
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IPushProducer, IStreamServerEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -371,3 +373,99 @@ def test_a_worker_service_follows_the_board_across_its_reloads() -> None:
     assert [b.healthy for b in service.pool("web").backends] == [False, True, False]
     board.update({})
     assert [b.healthy for b in service.pool("web").backends] == [True, True, True]
+
+
+# ---------------------------------------------------------------------------
+# The supervisor with a fake reactor: what each worker is given
+
+
+class _FakeProcess(StringTransport):
+    """A worker process: its stdin is this transport."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__()
+        self.pid = pid
+
+    def signalProcess(self, signum: int) -> None:
+        pass
+
+
+class _SpawningClock(Clock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[Any, _FakeProcess, dict[int, Any]]] = []
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], env: Any = None,
+                     childFDs: Any = None) -> _FakeProcess:
+        process = _FakeProcess(1000 + len(self.spawned))
+        self.spawned.append((protocol, process, childFDs))
+        return process
+
+
+def _supervisor(reuseport: bool) -> tuple[Any, _SpawningClock]:
+    from rproxy_tw.workers import Supervisor
+
+    cfg = parse_config({"listen": [{"endpoint": "tcp:0:interface=127.0.0.1"}], "route": [{"path": "/", "pool": "web"}],
+                        "pool": {"web": {"backends": [A, B], "health": health()}},
+                        "server": {"workers": 2, "reuseport": reuseport}}, source="test.toml")
+    clock = _SpawningClock()
+    supervisor = Supervisor(cfg, clock, 2, [])
+    supervisor.health.monitors["web"].disownServiceParent()  # no probes: the test sets the verdicts
+    supervisor.privilegedStartService()
+    return supervisor, clock
+
+
+def _stop(supervisor: Any) -> None:
+    supervisor.stopping = True
+    for sockets in supervisor.sockets.values():
+        for sock in sockets:
+            sock.close()
+
+
+def test_each_worker_gets_its_own_reuseport_socket_and_a_restarted_one_the_same() -> None:
+    import socket
+
+    supervisor, clock = _supervisor(reuseport=True)
+    try:
+        [sockets] = supervisor.sockets.values()
+        assert len(sockets) == 2 and len({s.getsockname() for s in sockets}) == 1  # one address
+        assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in sockets)
+        supervisor.startService()
+        fds = [spawn[2][3] for spawn in clock.spawned]
+        assert fds == [sockets[0].fileno(), sockets[1].fileno()]
+        protocol = clock.spawned[0][0]
+        protocol.processEnded(Failure(ProcessTerminated(signal=9)))  # worker 0 died
+        clock.advance(1)
+        assert clock.spawned[2][2][3] == sockets[0].fileno()
+    finally:
+        _stop(supervisor)
+
+
+def test_without_reuseport_the_workers_share_one_socket() -> None:
+    supervisor, clock = _supervisor(reuseport=False)
+    try:
+        [sockets] = supervisor.sockets.values()
+        assert len(sockets) == 1
+        supervisor.startService()
+        assert [spawn[2][3] for spawn in clock.spawned] == [sockets[0].fileno()] * 2
+    finally:
+        _stop(supervisor)
+
+
+def test_every_worker_gets_the_verdicts_first_and_each_change_after() -> None:
+    supervisor, clock = _supervisor(reuseport=True)
+    try:
+        supervisor.startService()
+        web = supervisor.health.pools["web"]
+        web.backend(A).active_down = True
+        web.mark_down(web.backend(A), "refused")  # as the monitor does
+        first, second = (spawn[1] for spawn in clock.spawned)
+        for process in (first, second):
+            assert [json.loads(line) for line in process.value().splitlines()] == [
+                {"down": {}}, {"down": {"web": {A: "refused"}}}]
+        clock.spawned[0][0].processEnded(Failure(ProcessTerminated(signal=9)))
+        clock.advance(1)
+        restarted = clock.spawned[2][1]
+        assert [json.loads(line) for line in restarted.value().splitlines()] == [{"down": {"web": {A: "refused"}}}]
+    finally:
+        _stop(supervisor)
