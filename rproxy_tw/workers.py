@@ -2,13 +2,16 @@
 All cores: C{[server] workers = N} runs N reactor processes under one
 supervisor process.
 
-The supervisor opens every listener's socket once (before twistd drops
-privileges) and hands the same sockets to each worker, which adopts them
-(C{adoptStreamPort}): the kernel gives each new connection to one worker,
-and a worker that dies leaves the others accepting, with nothing queued
-lost.  The supervisor restarts a worker that dies (backing off when it dies
-young), passes SIGHUP, SIGUSR1 and SIGTERM on, and serves the admin listener
-for the whole group: it asks each worker, over a private unix socket, for
+The supervisor opens every listener's sockets (before twistd drops
+privileges) and hands them to the workers, which adopt them
+(C{adoptStreamPort}): for C{tcp:} listeners one C{SO_REUSEPORT} socket per
+worker on the same address, among which the kernel spreads new connections
+evenly (a restarted worker takes its socket back; what the kernel queued
+there meanwhile waits for it); otherwise (C{[server] reuseport = false},
+C{unix:}, C{systemd:}) one socket all workers share, where a worker that
+dies leaves the others accepting.  The supervisor restarts a worker that
+dies (backing off when it dies young), passes SIGHUP, SIGUSR1 and SIGTERM
+on, and serves the admin listener for the whole group: it asks each worker, over a private unix socket, for
 its status and metrics and adds them up; drains and reloads go to every
 worker, and a drain is applied again to a worker that restarts.
 
