@@ -11,9 +11,10 @@ there meanwhile waits for it); otherwise (C{[server] reuseport = false},
 C{unix:}, C{systemd:}) one socket all workers share, where a worker that
 dies leaves the others accepting.  The supervisor restarts a worker that
 dies (backing off when it dies young), passes SIGHUP, SIGUSR1 and SIGTERM
-on, and serves the admin listener for the whole group: it asks each worker, over a private unix socket, for
-its status and metrics and adds them up; drains and reloads go to every
-worker, and a drain is applied again to a worker that restarts.
+on, and serves the admin listener for the whole group: it asks each
+worker, over a private unix socket, for its status and metrics and adds
+them up; drains and reloads go to every worker, and a drain is applied
+again to a worker that restarts.
 
 Health checks run once for the group: the supervisor runs the active
 monitors (L{GroupHealth}) and writes the table of the backends they hold down
