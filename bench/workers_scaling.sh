@@ -4,7 +4,8 @@
 # PROXY_CPU, and wrk (pipelining DEPTH requests per write, bench/pipeline.lua) and the nginx
 # origin to LOAD_CPU: one worker has the core to itself; two workers share it. Both keep the
 # core busy, so each mode's requests per CPU second of the group (supervisor and workers,
-# user + system from /proc) say what a worker costs per request; with two workers that cost
+# user + system from /proc) say what a worker costs per request (and perf counts its system
+# calls per request, which the machine's other load does not change); with two workers that cost
 # includes whatever splitting the group adds (more processes, fewer ready connections per
 # epoll wake-up). Scaling on two free cores would be 2 x (efficiency of 2 / efficiency of 1),
 # less whatever two cores add that one does not (shared caches, memory bandwidth).
@@ -77,8 +78,8 @@ done
 sleep 2   # every worker up
 echo "$(machine_line)"
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg); DEPTH=$DEPTH CONNS=$CONNS LOAD=$LOAD"
-printf '%-9s %5s %9s %8s %8s %11s %10s %10s  %s\n' mode round "req/s" "CPU s" "busy" "req/CPU s" \
-    "vcsw/kreq" "ivcsw/kreq" "CPU s per process (supervisor first)"
+printf '%-16s %5s %9s %6s %5s %9s %9s %9s %10s  %s\n' mode round "req/s" "CPU s" "busy" "req/CPU s" \
+    "sysc/kreq" "vcsw/kreq" "ivcsw/kreq" "CPU s per process (supervisor first)"
 for ((round = 1; round <= ROUNDS; round++)); do
     for mode in $MODES; do
         pids=("${PID[$mode]}" $(pgrep -P "${PID[$mode]}" || true))
@@ -86,7 +87,9 @@ for ((round = 1; round <= ROUNDS; round++)); do
         taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d1s -s "$BENCH_DIR/pipeline.lua" "$url" >/dev/null 2>&1
         before=() ; for pid in "${pids[@]}"; do before+=("$(stat_of "$pid")"); done
         t0=$(date +%s.%N)
-        taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$LOAD" -s "$BENCH_DIR/pipeline.lua" "$url" >"$WORK/wrk" 2>&1
+        # perf counts the group's system calls (a tracepoint: no hardware counters needed) during the run.
+        perf stat -x, -e raw_syscalls:sys_enter -p "$(IFS=,; echo "${pids[*]}")" -o "$WORK/perf" -- \
+            taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$LOAD" -s "$BENCH_DIR/pipeline.lua" "$url" >"$WORK/wrk" 2>&1
         t1=$(date +%s.%N)
         used=0 vol=0 inv=0 per=""
         for i in "${!pids[@]}"; do
@@ -96,13 +99,15 @@ for ((round = 1; round <= ROUNDS; round++)); do
             per+="$(echo "scale=2; ($c - $c0) / $ticks" | bc) "
         done
         requests=$(awk '/requests in/ {print $1}' "$WORK/wrk")
+        syscalls=$(awk -F, '/raw_syscalls:sys_enter/ {print $1}' "$WORK/perf")
         rps=$(awk '/^Requests\/sec/ {print $2}' "$WORK/wrk")
         if grep -q "Non-2xx\|Socket errors" "$WORK/wrk"; then
             echo "$mode: errors: $(grep 'Non-2xx\|Socket errors' "$WORK/wrk")" >&2
         fi
-        printf '%-9s %5s %9s %8s %8s %11s %10s %10s  %s\n' "$mode" "$round" "$rps" \
+        printf '%-16s %5s %9s %6s %5s %9s %9s %9s %10s  %s\n' "$mode" "$round" "$rps" \
             "$(echo "scale=2; $used / $ticks" | bc)" "$(echo "scale=2; $used / $ticks / ($t1 - $t0)" | bc)" \
-            "$(echo "$requests * $ticks / $used" | bc)" "$(echo "$vol * 1000 / $requests" | bc)" \
+            "$(echo "$requests * $ticks / $used" | bc)" "$(echo "$syscalls * 1000 / $requests" | bc)" \
+            "$(echo "$vol * 1000 / $requests" | bc)" \
             "$(echo "$inv * 1000 / $requests" | bc)" "$per"
     done
 done
