@@ -14,7 +14,7 @@
 # two workers free on every core (the real placement, sharing CPUs with the load). Modes run
 # interleaved, ROUNDS times, each against its own long-running twistd; each round's wrk opens
 # CONNS new connections, which the kernel hands to the workers.
-#   bench/workers_scaling.sh      # MODES="w1 w2" ROUNDS=4 LOAD=6s CONNS=50 DEPTH=8
+#   bench/workers_scaling.sh      # MODES="w1 w2" ROUNDS=4 LOAD=6s CONNS=50 DEPTH=8 CLOSE=0
 set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(dirname "$BENCH_DIR")
@@ -24,6 +24,7 @@ ROUNDS=${ROUNDS:-4}
 LOAD=${LOAD:-6s}
 CONNS=${CONNS:-50}
 export DEPTH=${DEPTH:-8}
+CLOSE=${CLOSE:-0}        # 1: a new connection per request (Connection: close, no pipelining)
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 START_TIMEOUT=${START_TIMEOUT:-30}
@@ -34,6 +35,11 @@ RUN_DIR=$WORK
 source "$BENCH_DIR/lib.sh"
 start_origin_1k
 ticks=$(getconf CLK_TCK)
+if ((CLOSE)); then
+    WRK_REQUESTS=(-H "Connection: close")
+else
+    WRK_REQUESTS=(-s "$BENCH_DIR/pipeline.lua")
+fi
 # stat_of PID...: "CPU-ticks voluntary-switches involuntary-switches" summed over these processes
 stat_of() {
     local cpu=0 vol=0 inv=0 pid
@@ -77,19 +83,19 @@ TOML
 done
 sleep 2   # every worker up
 echo "$(machine_line)"
-echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg); DEPTH=$DEPTH CONNS=$CONNS LOAD=$LOAD"
+echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg); DEPTH=$DEPTH CLOSE=$CLOSE CONNS=$CONNS LOAD=$LOAD"
 printf '%-16s %5s %9s %6s %5s %9s %9s %9s %10s  %s\n' mode round "req/s" "CPU s" "busy" "req/CPU s" \
     "sysc/kreq" "vcsw/kreq" "ivcsw/kreq" "CPU s per process (supervisor first)"
 for ((round = 1; round <= ROUNDS; round++)); do
     for mode in $MODES; do
         pids=("${PID[$mode]}" $(pgrep -P "${PID[$mode]}" || true))
         url="http://127.0.0.1:${PORT[$mode]}/1k.bin"
-        taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d1s -s "$BENCH_DIR/pipeline.lua" "$url" >/dev/null 2>&1
+        taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d1s "${WRK_REQUESTS[@]}" "$url" >/dev/null 2>&1
         before=() ; for pid in "${pids[@]}"; do before+=("$(stat_of "$pid")"); done
         t0=$(date +%s.%N)
         # perf counts the group's system calls (a tracepoint: no hardware counters needed) during the run.
         perf stat -x, -e raw_syscalls:sys_enter -p "$(IFS=,; echo "${pids[*]}")" -o "$WORK/perf" -- \
-            taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$LOAD" -s "$BENCH_DIR/pipeline.lua" "$url" >"$WORK/wrk" 2>&1
+            taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"$LOAD" "${WRK_REQUESTS[@]}" "$url" >"$WORK/wrk" 2>&1
         t1=$(date +%s.%N)
         used=0 vol=0 inv=0 per=""
         for i in "${!pids[@]}"; do
