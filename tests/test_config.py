@@ -157,6 +157,7 @@ CASES = {
                                          "required"),
     "workers zero": (BASE + "[server]\nworkers = 0\n", "server.workers", "positive integer or \"auto\""),
     "workers word": (BASE + '[server]\nworkers = "many"\n', "server.workers", "'many'"),
+    "reuseport word": (BASE + '[server]\nreuseport = "yes"\n', "server.reuseport", "true or false"),
     "shutdown timeout negative": (BASE + "[server]\nshutdown_timeout = -1\n", "server.shutdown_timeout",
                                   "at least 0"),
     "pool idle timeout negative": (BASE.replace('backends = ["tcp:127.0.0.1:8001"]',
@@ -397,7 +398,7 @@ def test_contract_not_enforced_parts_are_named_once_each():
 
     config = load_config(CONTRACT)
     assert not_enforced_warnings(config) == CONTRACT_WARNINGS
-    assert config.server.workers == 1 and config.server.shutdown_timeout == 30.0
+    assert config.server.workers == 1 and config.server.shutdown_timeout == 30.0 and config.server.reuseport
     assert config.tls["auto"].acme == ("www.example.com", "example.com") and config.tls["auto"].certificates == ()
     acme = config.deferred_sections["acme"]
     assert acme.challenges == ("http-01", "tls-alpn-01") and acme.ca is None
