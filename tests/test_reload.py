@@ -383,13 +383,13 @@ class _NamedOrigin:
                 return
             with conn:
                 data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
-                status, body = self.answer(data)
-                try:
+                try:  # a health check may close its connection first
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    status, body = self.answer(data)
                     conn.sendall(b"HTTP/1.1 %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
                                  % (status, len(body), body))
                 except OSError:
