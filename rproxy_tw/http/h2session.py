@@ -222,8 +222,14 @@ class _ConnectionError(Exception):
         self.message = message
 
 
-RESET_MEMORY = 1024
-"""Streams we reset whose late frames are ignored, not an error (5.1: the client may have sent them already)."""
+CLOSED_MEMORY = 1024
+"""
+Closed streams remembered (between this and twice this many): frames on one
+we reset are ignored (5.1: the client may have sent them before it saw the
+reset), frames on one closed otherwise are STREAM_CLOSED, and a HEADERS
+frame on a stream below the last one and never opened is a PROTOCOL_ERROR
+(5.1.1).
+"""
 
 BLOCK_CACHE_ENTRIES = 64
 BLOCK_CACHE_BYTES = 1024
@@ -277,7 +283,9 @@ class H2Session:
         self._block_flags = 0
         self._block_parts: list[bytes] = []
         self._block_size = 0
-        self._reset: dict[int, None] = {}
+        self._closed: dict[int, bool] = {}
+        """Recently closed streams: C{True} for those we reset."""
+        self._closed_before: dict[int, bool] = {}
         self._blocks: dict[bytes, tuple[list[tuple[bytes, bytes]], int | None]] = {}
         self._handlers = (self._data, self._headers, self._priority, self._rst_stream, self._settings,
                           self._push_promise, self._ping, self._goaway, self._window_update, self._continuation)
@@ -381,7 +389,7 @@ class H2Session:
                 self._stream_error(sid, ErrorCode.STREAM_CLOSED, events)
             elif self._is_idle(sid):
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"DATA on idle stream {sid}")
-            elif sid not in self._reset:
+            elif not self._reset_by_us(sid):
                 raise _ConnectionError(ErrorCode.STREAM_CLOSED, f"DATA on closed stream {sid}")
             return
         if length > stream.recv_window:
@@ -402,7 +410,7 @@ class H2Session:
             stream.remote_open = False
             events.append(StreamEnded(sid))
             if not stream.local_open:
-                del self.streams[sid]
+                self._close_stream(sid, False)
 
     def _headers(self, flags: int, sid: int, payload: bytes, events: list[Any]) -> None:
         if not sid:
@@ -453,7 +461,10 @@ class H2Session:
             if not sid & 1:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"HEADERS on even stream {sid}")
             if sid <= self.last_stream_id:
-                if sid not in self._reset:
+                how = self._closed.get(sid, self._closed_before.get(sid))
+                if how is None:
+                    raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"HEADERS on stream {sid}, below the last one")
+                if not how:
                     raise _ConnectionError(ErrorCode.STREAM_CLOSED, f"HEADERS on closed stream {sid}")
                 self._decode(block)  # the dynamic table must follow, even for a stream we dropped
                 return
@@ -491,7 +502,7 @@ class H2Session:
         stream.remote_open = False
         events.append(StreamEnded(sid))
         if not stream.local_open:
-            del self.streams[sid]
+            self._close_stream(sid, False)
 
     def _request_head(self, block: bytes, sid: int,
                       events: list[Any]) -> tuple[list[tuple[bytes, bytes]] | None, int | None]:
@@ -540,6 +551,7 @@ class H2Session:
         if len(payload) != 4:
             raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "RST_STREAM not 4 bytes long")
         if self.streams.pop(sid, None) is not None:
+            self._remember(sid, False)
             events.append(StreamReset(sid, _word(payload)[0], True))
         elif self._is_idle(sid):
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
@@ -630,16 +642,24 @@ class H2Session:
     def _stream_error(self, sid: int, code: ErrorCode, events: list[Any]) -> None:
         """RST_STREAM with C{code} (5.4.2); the stream's owner is told if it had one."""
         self._out.append(rst_stream(sid, code))
-        self._forget(sid)
+        self._remember(sid, True)
         if self.streams.pop(sid, None) is not None:
             events.append(StreamReset(sid, code, False))
 
-    def _forget(self, sid: int) -> None:
-        """Frames the client sent on C{sid} before it saw our reset are ignored, not errors."""
-        reset = self._reset
-        reset[sid] = None
-        if len(reset) > RESET_MEMORY:
-            del reset[next(iter(reset))]
+    def _close_stream(self, sid: int, by_us: bool) -> None:
+        del self.streams[sid]
+        self._remember(sid, by_us)
+
+    def _remember(self, sid: int, reset_by_us: bool) -> None:
+        """See L{CLOSED_MEMORY}."""
+        closed = self._closed
+        closed[sid] = reset_by_us
+        if len(closed) >= CLOSED_MEMORY:
+            self._closed_before = closed
+            self._closed = {}
+
+    def _reset_by_us(self, sid: int) -> bool:
+        return self._closed.get(sid, self._closed_before.get(sid, False))
 
     def _give_back(self, length: int) -> None:
         """DATA nobody will read still counted against the connection window: acknowledge it."""
@@ -680,13 +700,13 @@ class H2Session:
     def _end(self, sid: int, stream: _Stream) -> None:
         stream.local_open = False
         if not stream.remote_open:
-            del self.streams[sid]
+            self._close_stream(sid, False)
 
     def reset_stream(self, sid: int, code: ErrorCode) -> None:
         """Reset a stream still open; nothing for one already closed."""
         if self.streams.pop(sid, None) is not None and not self.closed:
             self._out.append(rst_stream(sid, code))
-            self._forget(sid)
+            self._remember(sid, True)
 
     def acknowledge(self, sid: int, size: int) -> None:
         """
