@@ -38,6 +38,7 @@ from ..logs import observer as log_observer
 from .exchange import IDownstream, ProxyExchange, RequestRejected
 from .h2frames import ErrorCode
 from .h2session import (
+    CONNECTION_SPECIFIC,
     ConnectionTerminated,
     DataReceived,
     H2Session,
@@ -62,10 +63,8 @@ STREAM_WINDOW = 256 * 1024
 CONNECTION_WINDOW = MAX_CONCURRENT_STREAMS * STREAM_WINDOW
 """Large enough that one stalled upload never blocks the connection's other streams."""
 
-CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
-)
-"""Forbidden in HTTP/2 messages (RFC 9113 section 8.2.2)."""
+NOT_FORWARDED = CONNECTION_SPECIFIC | {b"te"}
+"""Connection-specific fields (RFC 9113 8.2.2): an origin's never reach an HTTP/2 client."""
 
 RESET_ALLOWANCE = 2 * MAX_CONCURRENT_STREAMS
 """Client stream resets tolerated before the reset-to-request ratio is checked."""
@@ -352,14 +351,14 @@ class H2Stream:
         if self.disconnected:
             return
         conn = self.conn
-        h2 = conn.h2
+        session = conn.session
         sid = self.stream_id
         pending = self.pending
         end = self.pending_end
         ended = False
         try:
             while pending:
-                window = h2.window(sid)
+                window = session.window(sid)
                 if window <= 0:
                     if self.upstream_gate is not None:
                         self.upstream_gate.pause(_WINDOW)
@@ -374,7 +373,7 @@ class H2Stream:
                     chunk = chunk[:window]
                 # The last chunk of a body without trailers ends the stream itself.
                 ended = not pending and end is not None and not end and not self.response_ended
-                h2.send_data(sid, chunk, end=ended)
+                session.send_data(sid, chunk, end=ended)
                 self.sent_bytes += len(chunk)
             conn.blocked.discard(self)
             if self.upstream_gate is not None:
@@ -388,9 +387,9 @@ class H2Stream:
                 self.response_ended = True
                 if not ended:
                     if end:
-                        h2.send_headers(sid, end, end=True)  # trailers
+                        session.send_headers(sid, end, end=True)  # trailers
                     else:
-                        h2.send_data(sid, b"", end=True)  # no body, or its last DATA went out in an earlier turn
+                        session.send_data(sid, b"", end=True)  # no body, or its last DATA went out in an earlier turn
                 self._response_complete()
         except ProtocolError:
             # The stream or the connection closed under us (StreamClosedError
@@ -482,7 +481,7 @@ def _h2_fields(headers: Headers) -> list[tuple[bytes, bytes]]:
     out = []
     for name, value in headers:
         lname = name.lower()
-        if lname not in CONNECTION_SPECIFIC and lname[:1] != b":":
+        if lname not in NOT_FORWARDED and lname[:1] != b":":
             out.append((lname, value.strip()))
     return out
 
@@ -495,7 +494,7 @@ class H2ServerConnection(Protocol):
 
     def __init__(self, factory: Any) -> None:
         self.factory = factory
-        self.h2: H2Session = None  # type: ignore[assignment]  # made when the limits are known
+        self.session: H2Session = None  # type: ignore[assignment]  # made when the limits are known
         self.streams: dict[int, H2Stream] = {}
         self.blocked: set[H2Stream] = set()
         self.producer_paused = False
@@ -522,7 +521,7 @@ class H2ServerConnection(Protocol):
         self.client_ip = ip
         self.info = forwarding_info(f, transport, ip)
         limits = f.limits
-        self.h2 = H2Session(
+        self.session = H2Session(
             ResponseEncoder(),
             max_concurrent_streams=MAX_CONCURRENT_STREAMS,
             stream_window=STREAM_WINDOW,
@@ -531,7 +530,7 @@ class H2ServerConnection(Protocol):
             flood_allowance=CONTROL_ALLOWANCE,
             per_useful=CONTROL_PER_USEFUL,
         )
-        self.h2.initiate()
+        self.session.initiate()
         transport.registerProducer(self, True)
         no_delay(transport)
         f.connections.add(self)
@@ -587,7 +586,7 @@ class H2ServerConnection(Protocol):
         if left > 0:
             self._timer = clock.callLater(left, self._timedOut)
             return
-        self.h2.close(ErrorCode.NO_ERROR)
+        self.session.close(ErrorCode.NO_ERROR)
         self._close()
 
     def _close(self) -> None:
@@ -647,7 +646,7 @@ class H2ServerConnection(Protocol):
             self._dirty = {}
             for stream in dirty:
                 stream.pump()
-        data = self.h2.data_to_send()
+        data = self.session.data_to_send()
         if data and not self.disconnected:
             if self.producer_paused:
                 # The client is not reading: what we write now waits in memory.
@@ -664,7 +663,7 @@ class H2ServerConnection(Protocol):
             return
         self.calmed = True
         self._log.warn("HTTP/2 client {client} {why}: disconnecting", client=self.client_ip, why=why)
-        self.h2.close(ErrorCode.ENHANCE_YOUR_CALM)
+        self.session.close(ErrorCode.ENHANCE_YOUR_CALM)
         self._close()
 
     # -- IPushProducer: the client's TCP buffer ----------------------------------------------
@@ -700,7 +699,7 @@ class H2ServerConnection(Protocol):
         if self.closing:
             return  # a GOAWAY went out: what follows would only be answered with errors
         try:
-            events = self.h2.receive(data)
+            events = self.session.receive(data)
         except ProtocolError as e:
             # A GOAWAY is queued; RFC 9113 allows a connection error for a malformed request.
             if e.code == ErrorCode.ENHANCE_YOUR_CALM and not self.calmed:
@@ -746,7 +745,7 @@ class H2ServerConnection(Protocol):
         if self.resets > RESET_ALLOWANCE and self.resets * 2 > self.requests:
             self._log.warn("HTTP/2 client {client} reset {resets} of {requests} streams: disconnecting",
                            client=self.client_ip, resets=self.resets, requests=self.requests)
-            self.h2.close(ErrorCode.ENHANCE_YOUR_CALM)
+            self.session.close(ErrorCode.ENHANCE_YOUR_CALM)
             self._close()
             return True
         return False
@@ -762,7 +761,7 @@ class H2ServerConnection(Protocol):
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         if size and not self.disconnected and not self.closing:
-            self.h2.acknowledge(stream_id, size)
+            self.session.acknowledge(stream_id, size)
 
     def _request(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
         self.requests += 1
@@ -839,7 +838,7 @@ class H2ServerConnection(Protocol):
 
     def send_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]], end: bool) -> None:
         try:
-            self.h2.send_headers(stream_id, fields, end)
+            self.session.send_headers(stream_id, fields, end)
         except ProtocolError:
             # The stream was reset, or the connection closed (after a GOAWAY):
             # the response has nowhere to go.
@@ -848,7 +847,7 @@ class H2ServerConnection(Protocol):
                 stream.cancelled()
 
     def reset_stream(self, stream_id: int, code: ErrorCode) -> None:
-        self.h2.reset_stream(stream_id, code)
+        self.session.reset_stream(stream_id, code)
 
     def stream_done(self, stream: H2Stream) -> None:
         if self.streams.get(stream.stream_id) is stream:
@@ -877,7 +876,7 @@ class H2ServerConnection(Protocol):
             return
         if not self.draining:
             self.draining = True
-            self.h2.drain()
+            self.session.drain()
             self.transmit()
         if not self.streams:
             self._close()
