@@ -306,19 +306,6 @@ def test_a_client_that_shrinks_the_header_table_still_reads_every_head() -> None
         assert field(headers, b"x-field") == [b"%d" % i] and body == b"ok" and ended
 
 
-def test_hpack_debug_lines_stop_at_the_level_check_even_under_a_debug_root_logger() -> None:
-    """hpack would log every decoded field (cookies included), eleven calls a request."""
-    import logging
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.DEBUG)
-    try:
-        assert not logging.getLogger("hpack.hpack").isEnabledFor(logging.DEBUG)
-    finally:
-        root.setLevel(level)
-
-
 def test_an_interim_response_is_sent_at_the_end_of_the_turn() -> None:
     """A client waiting for 100 Continue must get it without anything else happening on the connection."""
     h = H2Harness()

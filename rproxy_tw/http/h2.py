@@ -22,7 +22,6 @@ one the client chose.
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections import deque
 from typing import Any, Sequence
@@ -102,11 +101,6 @@ past this bound the client is told ENHANCE_YOUR_CALM and disconnected,
 as nginx cuts a client that floods it without reading the answers.
 """
 
-# hpack logs every field it decodes at DEBUG, values included (cookies,
-# credentials), eleven calls a request: with the level set here, each call
-# stops at logging's cached level check, even in an application that sends
-# its root logger's DEBUG somewhere.
-logging.getLogger("hpack").setLevel(logging.WARNING)
 
 class _StreamFlow:
     """
