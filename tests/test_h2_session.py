@@ -8,11 +8,15 @@ frame ignored.  Client header blocks come from C{hpack}'s encoder.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import Any
 
 import hpack
 import pytest
+import hypothesis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rproxy_tw.http.h2frames import (
     CONTINUATION,
@@ -40,6 +44,7 @@ from rproxy_tw.http.h2session import (
     StreamEnded,
     StreamReset,
     WindowUpdated,
+    check_request,
 )
 from rproxy_tw.http.hpack_out import ResponseEncoder
 
@@ -628,3 +633,71 @@ def test_drain_sends_goaway_and_ignores_later_streams() -> None:
     assert c.send(c.headers(3)) == []
     c.session.send_headers(1, [(b":status", b"204")], end=True)
     assert [k for k, *_ in c.out()] == [HEADERS]
+
+
+# ---------------------------------------------------------------------------
+# The head checks, done a few fields at a time in C, against one field at a time
+
+
+def _one_by_one(fields: list[tuple[bytes, bytes]]) -> int | None | str:
+    """RFC 9113 8.2 and 8.3.1 as written: the content length, or "malformed"."""
+    token = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")
+    pseudo: dict[bytes, bytes] = {}
+    regular = False
+    length = None
+    for name, value in fields:
+        if any(c in value for c in b"\x00\r\n") or value[:1] in (b" ", b"\t") or value[-1:] in (b" ", b"\t"):
+            return "malformed"
+        if name.startswith(b":"):
+            if regular or name in pseudo or name not in (b":method", b":scheme", b":path", b":authority"):
+                return "malformed"
+            pseudo[name] = value
+            continue
+        regular = True
+        if not token.match(name) or name in (b"connection", b"keep-alive", b"proxy-connection",
+                                             b"transfer-encoding", b"upgrade"):
+            return "malformed"
+        if name == b"te" and value != b"trailers":
+            return "malformed"
+        if name == b"content-length":
+            if not re.fullmatch(rb"[0-9]{1,18}", value) or length is not None and int(value) != length:
+                return "malformed"
+            length = int(value)
+    if pseudo.get(b":method") == b"CONNECT":
+        if b":scheme" in pseudo or b":path" in pseudo or b":authority" not in pseudo:
+            return "malformed"
+    elif not all(k in pseudo for k in (b":method", b":scheme", b":path")) or not pseudo[b":path"]:
+        return "malformed"
+    return length
+
+
+_field_names = st.one_of(
+    st.sampled_from([b":method", b":scheme", b":path", b":authority", b":status", b"te", b"content-length",
+                     b"connection", b"accept", b"", b"x-a"]),
+    st.binary(max_size=6).map(lambda b: bytes(b"aZ -:\n0!"[c % 8] for c in b)),
+)
+_field_values = st.one_of(
+    st.sampled_from([b"GET", b"CONNECT", b"https", b"/", b"", b"trailers", b"5", b"7", b"a.test"]),
+    st.binary(max_size=6).map(lambda b: bytes(b"a \t\r\n\x001"[c % 7] for c in b)),
+)
+
+
+@hypothesis.settings(max_examples=2000, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(_field_names, _field_values), max_size=8))
+def test_head_checks_agree_with_the_rules_one_field_at_a_time(fields: list[tuple[bytes, bytes]]) -> None:
+    _agree(fields)
+
+
+@hypothesis.settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(_field_names, _field_values), max_size=4))
+def test_head_checks_agree_on_heads_that_start_well_formed(extra: list[tuple[bytes, bytes]]) -> None:
+    _agree([*GET, *extra])
+
+
+def _agree(fields: list[tuple[bytes, bytes]]) -> None:
+    try:
+        got: int | None | str = check_request(fields)
+    except Exception as e:
+        assert type(e).__name__ == "_StreamError"
+        got = "malformed"
+    assert got == _one_by_one(fields)

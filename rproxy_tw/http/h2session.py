@@ -155,7 +155,9 @@ def _check_fields(fields: list[tuple[bytes, bytes]], names: list[bytes]) -> int 
             or b"\n " in values or b"\n\t" in values or b" \n" in values or b"\t\n" in values \
             or values[:1] in _BLANK or values[-1:] in _BLANK:
         raise _StreamError(ErrorCode.PROTOCOL_ERROR)
-    if _names(b"\n".join(names)) is None or b"" in names or not CONNECTION_SPECIFIC.isdisjoint(names):
+    joined = b"\n".join(names)
+    if _names(joined) is None or names and joined.count(b"\n") != len(names) - 1 or b"" in names \
+            or not CONNECTION_SPECIFIC.isdisjoint(names):
         raise _StreamError(ErrorCode.PROTOCOL_ERROR)
     length = None
     if b"te" in names or b"content-length" in names:
