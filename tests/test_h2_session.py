@@ -414,9 +414,9 @@ def test_priority_depending_on_itself_is_a_stream_error() -> None:
     assert [type(e) for e in c.events] == [RequestReceived, StreamReset]
 
 
-def test_priority_of_the_wrong_length_is_an_error() -> None:
+def test_priority_of_the_wrong_length_is_a_stream_error() -> None:
     c = Client()
-    assert c.connection_error(frame(PRIORITY, 0, 1, b"\x00" * 4)) == ErrorCode.FRAME_SIZE_ERROR
+    assert c.stream_error(frame(PRIORITY, 0, 1, b"\x00" * 4), 1) == ErrorCode.FRAME_SIZE_ERROR
 
 
 # ---------------------------------------------------------------------------
@@ -630,7 +630,7 @@ def test_drain_sends_goaway_and_ignores_later_streams() -> None:
     c.send(c.headers(1))
     c.session.drain()
     assert c.out() == [(GOAWAY, 0, 0, struct.pack(">LL", 1, 0))]
-    assert c.send(c.headers(3)) == []
+    assert c.send(c.headers(3, POST, end=False) + frame(DATA, END_STREAM, 3, b"x")) == []
     c.session.send_headers(1, [(b":status", b"204")], end=True)
     assert [k for k, *_ in c.out()] == [HEADERS]
 

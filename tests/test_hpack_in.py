@@ -73,8 +73,10 @@ def test_an_entry_larger_than_the_table_empties_it() -> None:
     (b"\x82\x20", "a size update after a field"),
     (b"\x3f\xe2\x1f", "a size update above 4096"),
     (b"\x40\x03ab", "a string longer than its block"),
-    (b"\x00\x81\xff\x01a", "Huffman: EOS"),
-    (b"\x00\x82\x1f\xff\x01a", "Huffman: padding that is not EOS's prefix"),
+    (b"\x00\x81\xff\x01a", "Huffman: eight bits of padding"),
+    (b"\x00\x82\x1f\xff\x01a", "Huffman: padding longer than 7 bits"),
+    (b"\x00\x81\x18\x01a", "Huffman: padding of zeros"),
+    (b"\x00\x84\xff\xff\xff\xff\x01a", "Huffman: EOS"),
     (b"\x82\x84\x00", "a block that ends inside a field"),
 ])
 def test_invalid_blocks(block: bytes, why: str) -> None:

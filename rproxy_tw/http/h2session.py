@@ -480,7 +480,8 @@ class H2Session:
             if fields is None:
                 return
             if self.draining:
-                return  # above the GOAWAY's last stream: ignored (6.8)
+                self._remember(sid, True)  # above the GOAWAY's last stream: ignored, and its frames (6.8)
+                return
             if depends_on_itself:
                 self._stream_error(sid, ErrorCode.PROTOCOL_ERROR, events)
             elif len(self.streams) >= self.max_concurrent_streams:
@@ -547,8 +548,8 @@ class H2Session:
         if not sid:
             raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0")
         if len(payload) != 5:
-            raise _ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "PRIORITY not 5 bytes long")
-        if _word(payload)[0] & 0x7FFFFFFF == sid:
+            self._stream_error(sid, ErrorCode.FRAME_SIZE_ERROR, events)  # a stream error (6.3)
+        elif _word(payload)[0] & 0x7FFFFFFF == sid:
             self._stream_error(sid, ErrorCode.PROTOCOL_ERROR, events)
 
     def _rst_stream(self, flags: int, sid: int, payload: bytes, events: list[Any]) -> None:
