@@ -701,3 +701,19 @@ def _agree(fields: list[tuple[bytes, bytes]]) -> None:
         assert type(e).__name__ == "_StreamError"
         got = "malformed"
     assert got == _one_by_one(fields)
+
+
+def test_a_session_is_freed_by_reference_counting() -> None:
+    """No cycle through the session (its frame handlers are functions, not bound methods)."""
+    import gc
+    import weakref
+
+    c = Client()
+    c.send(c.headers(1, POST, end=False) + frame(DATA, 0, 1, b"x"))
+    session = weakref.ref(c.session)
+    gc.disable()
+    try:
+        del c
+        assert session() is None
+    finally:
+        gc.enable()

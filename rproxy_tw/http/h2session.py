@@ -38,6 +38,7 @@ from .h2frames import (
     HEADER,
     HEADERS,
     MAX_MAX_FRAME_SIZE,
+    SETTINGS,
     MAX_WINDOW,
     PADDED,
     PREFACE,
@@ -62,7 +63,11 @@ __all__ = ["ConnectionTerminated", "DataReceived", "H2Session", "ProtocolError",
 
 @define(slots=True)
 class RequestReceived:
-    """A request head, checked (8.2, 8.3); C{ended}: it has no body."""
+    """
+    A request head, checked (8.2, 8.3); C{ended}: it has no body.  C{headers}
+    may be shared with other requests of the connection (a remembered block):
+    read it, never change it.
+    """
 
     stream_id: int
     headers: list[tuple[bytes, bytes]]
@@ -294,8 +299,6 @@ class H2Session:
         """Recently closed streams: C{True} for those we reset."""
         self._closed_before: dict[int, bool] = {}
         self._blocks: dict[bytes, tuple[list[tuple[bytes, bytes]], int | None]] = {}
-        self._handlers = (self._data, self._headers, self._priority, self._rst_stream, self._settings,
-                          self._push_promise, self._ping, self._goaway, self._window_update, self._continuation)
 
     def initiate(self) -> None:
         """The server's preface: SETTINGS, and the connection window opened to its size."""
@@ -342,7 +345,7 @@ class H2Session:
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "no HTTP/2 connection preface")
             self._preface = False
             pos = len(PREFACE)
-        handlers = self._handlers
+        handlers = _HANDLERS
         while n - pos >= 9:
             high, low, kind, flags, sid = _unpack_header(buf, pos)
             length = (high << 8) | low
@@ -356,7 +359,7 @@ class H2Session:
             sid &= 0x7FFFFFFF
             if self._block_stream and (kind != CONTINUATION or sid != self._block_stream):
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "a frame inside a field block")
-            if not self._settings_seen and (kind != 4 or flags & ACK):
+            if not self._settings_seen and (kind != SETTINGS or flags & ACK):
                 raise _ConnectionError(ErrorCode.PROTOCOL_ERROR, "the preface's first frame is not SETTINGS")
             if not (kind == DATA and not length and flags & END_STREAM) and kind != GOAWAY:
                 # Useless until it shows otherwise: a request opened, body carried.
@@ -366,7 +369,7 @@ class H2Session:
                                            f"sent {self.useless} frames that do nothing against {self.useful} "
                                            "useful ones")
             if kind < 10:
-                handlers[kind](flags, sid, payload, events)
+                handlers[kind](self, flags, sid, payload, events)
                 if self.closed:
                     return
             # Other types (extensions such as PRIORITY_UPDATE) are ignored (5.5).
@@ -750,3 +753,9 @@ class H2Session:
         if not self.closed:
             self._out.append(goaway(self.last_stream_id, code))
             self.closed = True
+
+
+_HANDLERS = (H2Session._data, H2Session._headers, H2Session._priority, H2Session._rst_stream, H2Session._settings,
+             H2Session._push_promise, H2Session._ping, H2Session._goaway, H2Session._window_update,
+             H2Session._continuation)
+"""What each frame type (0 to 9, RFC 9113 6) does; functions, not bound methods (no cycle through the session)."""
