@@ -6,8 +6,12 @@ comparisons of one change; the wall-clock benchmarks are bench/*.sh.
 
 Modes:
   - C{h2}: one HTTP/2 connection, C{--streams} requests at a time (h2load's
-    C{-m}); the client's frames are made ahead of time by the C{h2} package,
-    so only the proxy's work is measured.  C{H2ServerConnection} directly, no TLS.
+    C{-m}); the client's frames are made ahead of time, so only the proxy's
+    work is measured.  C{H2ServerConnection} directly, no TLS.  Every head
+    after the first is the same block (h2load's, all fields indexed).
+  - C{h2-paths}: the same, but every request has a path of its own, as a
+    browser's do: each head is a new block (literal fields, the path added
+    to the dynamic table), so no decoder can have seen it before.
   - C{h1}: C{--streams} kept-alive HTTP/1.1 connections, one request each per round.
   - C{close}: a new HTTP/1.1 connection per request (C{Connection: close}):
     C{buildProtocol}, C{makeConnection}, the request, the close.
@@ -144,6 +148,28 @@ def h2_client_bytes(rounds: int, streams: int, size: int) -> tuple[bytes, list[b
         frames = []
         for _ in range(streams):
             frames.append(_frame(0x1, 0x5, sid, first if sid == 1 else later))  # END_STREAM | END_HEADERS
+            sid += 2
+        frames.append(_frame(0x8, 0, 0, (streams * size).to_bytes(4, "big")))
+        chunks.append(b"".join(frames))
+    return preface, chunks
+
+
+def h2_client_bytes_paths(rounds: int, streams: int, size: int) -> tuple[bytes, list[bytes]]:
+    """As L{h2_client_bytes}, but each head a new block: see the C{h2-paths} mode."""
+    preface, _ = h2_client_bytes(1, 1, size)
+
+    def literal(first: bytes, value: bytes) -> bytes:
+        return first + bytes((len(value),)) + value
+
+    chunks = []
+    sid = 1
+    for _ in range(rounds):
+        frames = []
+        for _ in range(streams):
+            block = (b"\x82\x87" + literal(b"\x01", b"127.0.0.1:8443")  # GET https, :authority (no indexing)
+                     + literal(b"\x44", b"/1k.bin?r=%d" % sid)  # :path, added to the dynamic table
+                     + literal(b"\x0f\x2b", b"h2load nghttp2/1.52.0"))  # user-agent (no indexing)
+            frames.append(_frame(0x1, 0x5, sid, block))
             sid += 2
         frames.append(_frame(0x8, 0, 0, (streams * size).to_bytes(4, "big")))
         chunks.append(b"".join(frames))
@@ -346,7 +372,7 @@ def prepare_nothing(rounds: int, streams: int, size: int) -> Any:
     return None
 
 
-MODES = {"h2": ("https", prepare_h2, run_h2), "h1": ("http", prepare_nothing, run_h1),
+MODES = {"h2": ("https", prepare_h2, run_h2), "h2-paths": ("https", h2_client_bytes_paths, run_h2), "h1": ("http", prepare_nothing, run_h1),
          "close": ("http", prepare_nothing, run_close), "close-tls": ("https", prepare_tls, run_close_tls)}
 
 

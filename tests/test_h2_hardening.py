@@ -19,6 +19,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import hpack
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
@@ -26,6 +27,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from rproxy_tw.http import h2 as h2mod
 from rproxy_tw.http.h2 import H2ServerConnection
+from rproxy_tw.http.h2session import H2Session
+from rproxy_tw.http.hpack_out import ResponseEncoder
 
 from .conftest import HANG_GUARD, OriginRequest, default_handler, until
 from .test_tls import PKI, pki  # noqa: F401 - pki is a fixture
@@ -454,8 +457,8 @@ def test_http2_response_after_goaway_is_dropped_quietly(net: Any, pki: PKI) -> N
             yield until(lambda: held, "the request at the origin")
 
             def invalid() -> list[Any]:
-                # WINDOW_UPDATE with a zero increment: a PROTOCOL_ERROR (RFC 9113 6.9).
-                client.sock.sendall(_frame(_WINDOW_UPDATE, 0, 1, struct.pack(">I", 0)))
+                # WINDOW_UPDATE with a zero increment on the connection: a connection error (RFC 9113 6.9).
+                client.sock.sendall(_frame(_WINDOW_UPDATE, 0, 0, struct.pack(">I", 0)))
                 events: list[Any] = []
                 while not any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
                     data = client.sock.recv(65536)
@@ -487,21 +490,24 @@ def test_http2_response_after_goaway_is_dropped_quietly(net: Any, pki: PKI) -> N
 @pytest.mark.parametrize("step", [1, 7, 9, 10, 1000])
 def test_frame_count_does_not_depend_on_how_bytes_arrive(step: int) -> None:
     """Frames split anywhere (inside a header, inside a payload) are counted once each."""
+    head = hpack.Encoder().encode([(b":method", b"POST"), (b":scheme", b"https"), (b":path", b"/"),
+                                   (b":authority", b"a.test")])
     frames = (
         _frame(_SETTINGS, 0, 0, b"\x00\x03\x00\x00\x00\x64")
         + _frame(_PING, 0, 0, b"12345678")
-        + _frame(_HEADERS, 0x5, 1, b"h" * 20)
-        + _frame(_DATA, 0, 3, b"x" * 300)
-        + _frame(_DATA, 0x1, 3)  # the end of an upload: not counted
+        + _frame(_HEADERS, 0x4, 1, head)  # a request: given back
+        + _frame(_DATA, 0, 1, b"x" * 300)  # body: given back
+        + _frame(_DATA, 0, 1)  # empty, no END_STREAM: counted
         + _frame(_WINDOW_UPDATE, 0, 0, struct.pack(">I", 1))
-        + _frame(_DATA, 0, 3)  # empty, no END_STREAM: counted
+        + _frame(_DATA, 0x1, 1)  # the end of an upload: not counted
         + _frame(7, 0, 0, b"\x00" * 8)  # GOAWAY: not counted
     )
     data = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frames
-    conn = H2ServerConnection(factory=None)
+    session = H2Session(ResponseEncoder(), max_concurrent_streams=100, stream_window=65535,
+                        connection_window=65535, max_header_list_size=16384, flood_allowance=100, per_useful=2)
+    events = []
     for i in range(0, len(data), step):
-        conn._count(data[i : i + step])
-    # Counted as useless before h2 has seen them; HEADERS and DATA with
-    # payload are given back when h2's events show what they did.
-    assert conn.useless == 6
-    assert conn._skip == 0 and not conn._head
+        events += session.receive(data[i : i + step])
+    assert session.useless == 4 and session.useful == 2
+    assert [type(e).__name__ for e in events] == ["RequestReceived", "DataReceived", "DataReceived", "WindowUpdated",
+                                                  "DataReceived", "StreamEnded", "ConnectionTerminated"]

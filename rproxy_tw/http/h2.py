@@ -22,26 +22,10 @@ one the client chose.
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections import deque
 from typing import Any, Sequence
 
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    RemoteSettingsChanged,
-    RequestReceived,
-    StreamEnded,
-    StreamReset,
-    WindowUpdated,
-)
-from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes, Settings
-from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -51,6 +35,18 @@ from zope.interface import implementer
 from ..headers import trailers_for_client
 from ..logs import observer as log_observer
 from .exchange import IDownstream, ProxyExchange, RequestRejected
+from .h2frames import ErrorCode
+from .h2session import (
+    CONNECTION_SPECIFIC,
+    ConnectionTerminated,
+    DataReceived,
+    H2Session,
+    ProtocolError,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
 from .hpack_out import ResponseEncoder
 from ..transport.fastwrite import no_delay
 from ..transport.flow import ReadGate
@@ -66,10 +62,8 @@ STREAM_WINDOW = 256 * 1024
 CONNECTION_WINDOW = MAX_CONCURRENT_STREAMS * STREAM_WINDOW
 """Large enough that one stalled upload never blocks the connection's other streams."""
 
-CONNECTION_SPECIFIC = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
-)
-"""Forbidden in HTTP/2 messages (RFC 9113 section 8.2.2)."""
+NOT_FORWARDED = CONNECTION_SPECIFIC | {b"te"}
+"""Connection-specific fields (RFC 9113 8.2.2): an origin's never reach an HTTP/2 client."""
 
 RESET_ALLOWANCE = 2 * MAX_CONCURRENT_STREAMS
 """Client stream resets tolerated before the reset-to-request ratio is checked."""
@@ -106,38 +100,6 @@ as soon as it pauses us, so only what was already received adds to it;
 past this bound the client is told ENHANCE_YOUR_CALM and disconnected,
 as nginx cuts a client that floods it without reading the answers.
 """
-
-# hpack logs every field it decodes at DEBUG, values included (cookies,
-# credentials), eleven calls a request: with the level set here, each call
-# stops at logging's cached level check, even in an application that sends
-# its root logger's DEBUG somewhere.
-logging.getLogger("hpack").setLevel(logging.WARNING)
-
-H2_CONFIG = H2Configuration(
-    client_side=False,
-    header_encoding=None,
-    validate_inbound_headers=True,
-    normalize_inbound_headers=True,
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-)
-"""
-What a client sends is checked by h2 (our defence against malformed and
-smuggling heads).  What we send is not checked again: every response field
-comes through L{_h2_fields} (lower-case names, connection-specific fields
-dropped, values stripped) from heads the origin parser (llhttp) already held
-to HTTP's grammar, or from the proxy itself; h2's outbound checks cost more
-than the rest of sending a response head (tests/test_h2_outbound.py holds
-what an origin can send to the rule).  One object for every connection: h2
-only reads it.
-"""
-
-_PREFACE = 24
-"""Length of the client connection preface (RFC 9113 3.4), before the first frame."""
-
-# Frame types and flags (RFC 9113 6) the flood accounting tells apart.
-_DATA, _GOAWAY = 0x0, 0x7
-_END_STREAM = 0x1
 
 
 class _StreamFlow:
@@ -320,7 +282,7 @@ class H2Stream:
         """
         exchange = self.exchange
         conn = self.conn
-        conn.reset_stream(self.stream_id, ErrorCodes.CANCEL)
+        conn.reset_stream(self.stream_id, ErrorCode.CANCEL)
         self._abandon()
         conn.transmit()
         if isinstance(exchange, ProxyExchange) and not exchange.finished:
@@ -383,14 +345,14 @@ class H2Stream:
         if self.disconnected:
             return
         conn = self.conn
-        h2 = conn.h2
+        session = conn.session
         sid = self.stream_id
         pending = self.pending
         end = self.pending_end
         ended = False
         try:
             while pending:
-                window = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
+                window = session.window(sid)
                 if window <= 0:
                     if self.upstream_gate is not None:
                         self.upstream_gate.pause(_WINDOW)
@@ -405,9 +367,8 @@ class H2Stream:
                     chunk = chunk[:window]
                 # The last chunk of a body without trailers ends the stream itself.
                 ended = not pending and end is not None and not end and not self.response_ended
-                h2.send_data(sid, chunk, end_stream=ended)
+                session.send_data(sid, chunk, end=ended)
                 self.sent_bytes += len(chunk)
-                conn.useful += 1
             conn.blocked.discard(self)
             if self.upstream_gate is not None:
                 self.upstream_gate.resume(_WINDOW)
@@ -420,9 +381,9 @@ class H2Stream:
                 self.response_ended = True
                 if not ended:
                     if end:
-                        h2.send_headers(sid, end, end_stream=True)  # trailers
+                        session.send_headers(sid, end, end=True)  # trailers
                     else:
-                        h2.end_stream(sid)  # no body, or its last DATA went out in an earlier turn
+                        session.send_data(sid, b"", end=True)  # no body, or its last DATA went out in an earlier turn
                 self._response_complete()
         except ProtocolError:
             # The stream or the connection closed under us (StreamClosedError
@@ -432,7 +393,7 @@ class H2Stream:
     def _response_complete(self) -> None:
         """The response went out whole; a client still uploading is told to stop (RFC 9113 8.1)."""
         if not self.request_ended:
-            self.conn.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
+            self.conn.reset_stream(self.stream_id, ErrorCode.NO_ERROR)
             self.reset = True
         self.conn.stream_done(self)
 
@@ -441,7 +402,7 @@ class H2Stream:
             return
         if self.head_sent:
             # Too late for a status: reset the stream so the client sees truncation.
-            self.conn.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
+            self.conn.reset_stream(self.stream_id, ErrorCode.INTERNAL_ERROR)
             self._abandon()
             self.conn.transmit()
             return
@@ -509,12 +470,12 @@ def _h2_fields(headers: Headers) -> list[tuple[bytes, bytes]]:
     """
     Response fields for HTTP/2: lower-case names, no connection-specific
     fields, no pseudo-header, values without surrounding whitespace.  What
-    h2's outbound normalisation and checks did (see L{H2_CONFIG}), once.
+    a strict client checks (tests/test_h2_outbound.py holds them to it).
     """
     out = []
     for name, value in headers:
         lname = name.lower()
-        if lname not in CONNECTION_SPECIFIC and lname[:1] != b":":
+        if lname not in NOT_FORWARDED and lname[:1] != b":":
             out.append((lname, value.strip()))
     return out
 
@@ -527,8 +488,7 @@ class H2ServerConnection(Protocol):
 
     def __init__(self, factory: Any) -> None:
         self.factory = factory
-        self.h2 = H2Connection(config=H2_CONFIG)
-        self.h2.encoder = ResponseEncoder()  # type: ignore[assignment]
+        self.session: H2Session = None  # type: ignore[assignment]  # made when the limits are known
         self.streams: dict[int, H2Stream] = {}
         self.blocked: set[H2Stream] = set()
         self.producer_paused = False
@@ -540,12 +500,8 @@ class H2ServerConnection(Protocol):
         """When the last stream ended (or the connection started): the idle timeout counts from there."""
         self._close_timer: Any = None
         self.closing = False
-        self.useful = 0
-        self.useless = 0
         self.calmed = False
         self.unsent = 0
-        self._skip = _PREFACE
-        self._head = bytearray()
         self._dirty: dict[H2Stream, None] = {}
         """Streams with body or an end to frame at the end of this turn, in order."""
         self._turn_call: Any = None
@@ -559,16 +515,16 @@ class H2ServerConnection(Protocol):
         self.client_ip = ip
         self.info = forwarding_info(f, transport, ip)
         limits = f.limits
-        self.h2.local_settings = Settings(
-            client=False,
-            initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-                SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes + limits.max_request_line,
-            },
+        self.session = H2Session(
+            ResponseEncoder(),
+            max_concurrent_streams=MAX_CONCURRENT_STREAMS,
+            stream_window=STREAM_WINDOW,
+            connection_window=CONNECTION_WINDOW,
+            max_header_list_size=limits.max_header_bytes + limits.max_request_line,
+            flood_allowance=CONTROL_ALLOWANCE,
+            per_useful=CONTROL_PER_USEFUL,
         )
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.session.initiate()
         transport.registerProducer(self, True)
         no_delay(transport)
         f.connections.add(self)
@@ -624,16 +580,16 @@ class H2ServerConnection(Protocol):
         if left > 0:
             self._timer = clock.callLater(left, self._timedOut)
             return
-        self.h2.close_connection(ErrorCodes.NO_ERROR)
+        self.session.close(ErrorCode.NO_ERROR)
         self._close()
 
     def _close(self) -> None:
         """
-        Send what h2 has queued (a GOAWAY), then close once it is written.
+        Send what the session has queued (a GOAWAY), then close once it is written.
         A peer that stops reading would hold the close open for good: it is
         cut after C{idle_timeout}, as HTTP/1.1's close is.
 
-        h2 sends nothing more once the connection is closed, so the streams
+        The session sends nothing more once the connection is closed, so the streams
         still open end now: their exchanges are cancelled (an origin that
         answers later finds its connection closed, and is not blamed).
         """
@@ -663,11 +619,11 @@ class H2ServerConnection(Protocol):
 
     def transmit_soon(self) -> None:
         """
-        Write what h2 holds at the end of this reactor turn, with whatever
+        Write what the session holds at the end of this reactor turn, with whatever
         else this turn adds: one write (and one TLS record) per connection and
         turn, not one per frame.  (C{callLater(0)} runs once the reactor has
         handled this turn's I/O, before it waits again.)  The bytes wait in
-        h2's buffer until then: at most what this turn read from the client
+        the session's buffer until then: at most what this turn read from the client
         and the origins.
         """
         if self._turn_call is None:
@@ -678,13 +634,13 @@ class H2ServerConnection(Protocol):
         self.transmit()
 
     def transmit(self) -> None:
-        """Frame the pending bodies, and write what h2 holds now."""
+        """Frame the pending bodies, and write what the session holds now."""
         dirty = self._dirty
         if dirty:
             self._dirty = {}
             for stream in dirty:
                 stream.pump()
-        data = self.h2.data_to_send()
+        data = self.session.data_to_send()
         if data and not self.disconnected:
             if self.producer_paused:
                 # The client is not reading: what we write now waits in memory.
@@ -701,10 +657,7 @@ class H2ServerConnection(Protocol):
             return
         self.calmed = True
         self._log.warn("HTTP/2 client {client} {why}: disconnecting", client=self.client_ip, why=why)
-        try:
-            self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
-        except ProtocolError:
-            pass  # already closed: nothing more can be said
+        self.session.close(ErrorCode.ENHANCE_YOUR_CALM)
         self._close()
 
     # -- IPushProducer: the client's TCP buffer ----------------------------------------------
@@ -739,29 +692,26 @@ class H2ServerConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return  # a GOAWAY went out: what follows would only be answered with errors
-        self._count(data)
-        if self.useless > CONTROL_ALLOWANCE + CONTROL_PER_USEFUL * self.useful:
-            self._calm(f"sent {self.useless} frames that do nothing against {self.useful} useful ones")
-            return
         try:
-            events = self.h2.receive_data(data)
+            events = self.session.receive(data)
         except ProtocolError as e:
-            # h2 has queued a GOAWAY; RFC 9113 allows a connection error for a malformed request.
-            self._log.info("HTTP/2 protocol error from {client}: {why}", client=self.client_ip, why=str(e) or type(e).__name__)
+            # A GOAWAY is queued; RFC 9113 allows a connection error for a malformed request.
+            if e.code == ErrorCode.ENHANCE_YOUR_CALM and not self.calmed:
+                self.calmed = True
+                self._log.warn("HTTP/2 client {client} {why}: disconnecting", client=self.client_ip, why=str(e))
+            else:
+                self._log.info("HTTP/2 protocol error from {client}: {why}", client=self.client_ip, why=str(e))
             self._close()
             return
         for event in events:
             if isinstance(event, DataReceived):
-                if event.data:
-                    self._useful()
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.data(event.data, event.flow_controlled_length)
                 else:
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
             elif isinstance(event, RequestReceived):
-                self._useful()
-                self._request(event.stream_id, event.headers, event.stream_ended is not None)
+                self._request(event.stream_id, event.headers, event.ended)
             elif isinstance(event, StreamEnded):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
@@ -772,57 +722,12 @@ class H2ServerConnection(Protocol):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.cancelled()
-                    if event.remote_reset and self._resetFlood():
+                    if event.remote and self._resetFlood():
                         return
-            elif isinstance(event, RemoteSettingsChanged):
-                if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
-                    self._windowOpened(0)
             elif isinstance(event, ConnectionTerminated):
                 self._close()
                 return
         self.transmit_soon()
-
-    def _useful(self) -> None:
-        """A frame L{_count} counted as useless did something for the client."""
-        self.useless -= 1
-        self.useful += 1
-
-    def _count(self, data: bytes) -> None:
-        """
-        Count the frames in C{data} by their 9-byte headers (RFC 9113 4.1),
-        before h2 spends any work on them: from h2's events alone some would
-        go unseen (h2 answers or drops frames on closed streams, for one,
-        without an event).
-        """
-        n = len(data)
-        pos = self._skip
-        if pos >= n:
-            self._skip = pos - n
-            return
-        head = self._head
-        useless = 0
-        while pos < n:
-            if head or n - pos < 9:
-                take = min(9 - len(head), n - pos)
-                head += data[pos : pos + take]
-                pos += take
-                if len(head) < 9:
-                    break
-                frame = bytes(head)
-                del head[:]
-            else:
-                frame = data[pos : pos + 9]
-                pos += 9
-            length = (frame[0] << 16) | (frame[1] << 8) | frame[2]
-            kind = frame[3]
-            pos += length
-            if (kind == _DATA and not length and frame[4] & _END_STREAM) or kind == _GOAWAY:
-                continue  # the end of an upload, the end of the connection
-            # Useless until h2's events show a request opened, or DATA carried
-            # something (see dataReceived): that one is given back.
-            useless += 1
-        self._skip = pos - n if pos > n else 0
-        self.useless += useless
 
     def _resetFlood(self) -> bool:
         """
@@ -834,7 +739,7 @@ class H2ServerConnection(Protocol):
         if self.resets > RESET_ALLOWANCE and self.resets * 2 > self.requests:
             self._log.warn("HTTP/2 client {client} reset {resets} of {requests} streams: disconnecting",
                            client=self.client_ip, resets=self.resets, requests=self.requests)
-            self.h2.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+            self.session.close(ErrorCode.ENHANCE_YOUR_CALM)
             self._close()
             return True
         return False
@@ -850,10 +755,7 @@ class H2ServerConnection(Protocol):
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         if size and not self.disconnected and not self.closing:
-            try:
-                self.h2.acknowledge_received_data(size, stream_id)
-            except ProtocolError:
-                pass  # the stream or the connection is closed: no window to give
+            self.session.acknowledge(stream_id, size)
 
     def _request(self, stream_id: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
         self.requests += 1
@@ -895,7 +797,7 @@ class H2ServerConnection(Protocol):
             # Length unknown until END_STREAM: the origin gets it chunked.
             head.append((b"transfer-encoding", b"chunked"))
         try:
-            # h2 insists on :method and :path; an empty one is refused by read_request_head, which
+            # The session insists on :method and :path; an empty one is refused by read_request_head, which
             # also checks the sizes (414, 431) and everything else, as for HTTP/1.1.
             exchange = self.factory.handle(stream, method or b"", path or b"", b"2", head, True, False,
                                            sizes_checked=False)
@@ -911,7 +813,7 @@ class H2ServerConnection(Protocol):
             # A twisted.web resource of the proxy's own: it writes HTTP/1.1
             # bytes, so ask the client to retry this request over HTTP/1.1.
             self.streams.pop(stream_id, None)
-            self.reset_stream(stream_id, ErrorCodes.HTTP_1_1_REQUIRED)
+            self.reset_stream(stream_id, ErrorCode.HTTP_1_1_REQUIRED)
             self._maybeIdle()
             return
         stream.exchange = exchange
@@ -930,7 +832,7 @@ class H2ServerConnection(Protocol):
 
     def send_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]], end: bool) -> None:
         try:
-            self.h2.send_headers(stream_id, fields, end_stream=end)
+            self.session.send_headers(stream_id, fields, end)
         except ProtocolError:
             # The stream was reset, or the connection closed (after a GOAWAY):
             # the response has nowhere to go.
@@ -938,11 +840,8 @@ class H2ServerConnection(Protocol):
             if stream is not None:
                 stream.cancelled()
 
-    def reset_stream(self, stream_id: int, code: ErrorCodes) -> None:
-        try:
-            self.h2.reset_stream(stream_id, code)
-        except ProtocolError:
-            pass  # already closed, or the connection is: nothing to reset
+    def reset_stream(self, stream_id: int, code: ErrorCode) -> None:
+        self.session.reset_stream(stream_id, code)
 
     def stream_done(self, stream: H2Stream) -> None:
         if self.streams.get(stream.stream_id) is stream:
@@ -965,16 +864,14 @@ class H2ServerConnection(Protocol):
         """
         A graceful stop (RFC 9113 6.8): GOAWAY with NO_ERROR and the last
         stream taken, so the client opens no more; the streams open finish,
-        then the connection closes.  The GOAWAY is written beside h2's state
-        machine, which would refuse to send anything more after its own.
+        then the connection closes.
         """
         if self.disconnected or self.closing:
             return
         if not self.draining:
             self.draining = True
+            self.session.drain()
             self.transmit()
-            frame = GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=ErrorCodes.NO_ERROR)
-            self.transport.write(frame.serialize())
         if not self.streams:
             self._close()
 

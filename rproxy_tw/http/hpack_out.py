@@ -16,11 +16,11 @@ bench/README.md), and the client's decoder memory goes unused.
 Credentials are sent never-indexed (RFC 7541 7.1.3), as h2's own encoder
 does, and never remembered.
 
-An instance replaces an C{h2.connection.H2Connection}'s C{encoder}: h2 calls
-C{encode(headers)} for every header block and sets C{header_table_size} when
-the client's SETTINGS_HEADER_TABLE_SIZE changes, which the next block
-acknowledges with a dynamic table size update (RFC 7541 4.2, 6.3), as a
-decoder such as nghttp2's insists.
+An instance is an L{rproxy_tw.http.h2session.H2Session}'s C{encoder}: the
+session calls C{encode(headers)} for every header block and sets
+C{header_table_size} when the client's SETTINGS_HEADER_TABLE_SIZE changes,
+which the next block acknowledges with a dynamic table size update (RFC 7541
+4.2, 6.3), as a decoder such as nghttp2's insists.
 """
 
 from __future__ import annotations
