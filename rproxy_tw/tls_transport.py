@@ -26,6 +26,12 @@ transport (for the HTTP protocol it wraps).  What it does about the edges:
     A peer's C{close_notify} is answered with ours and the connection closed.
   - a failed handshake sends OpenSSL's alert, then closes; the wrapped
     protocol's C{connectionLost} gets the C{ssl.SSLError}.
+  - deadlines: the handshake and the first bytes after it must come within
+    the factory's C{handshake_timeout}; a close has its backstop and its
+    linger.  One timer per connection serves them all: each phase sets a
+    timestamp, and the timer, when it fires, acts on what is due and waits
+    again for the next (a connection per request made five timers here and
+    in the HTTP layer, each scheduled and cancelled).
 
 Raw TCP listeners keep C{TLSMemoryBIOProtocol} (see L{rproxy_tw.tcp.tls_halfclose}),
 which carries TLS half-close through to the relay.
@@ -102,8 +108,13 @@ class TLSServerConnection(Protocol):
         self._reading = False
         self._resume_call: Any = None
         self._failure: Failure | None = None
-        self._linger: Any = None
-        self._backstop: Any = None
+        self._timer: Any = None
+        self._start_by: float | None = None
+        """When the handshake and the first bytes after it must have come (C{None}: they came)."""
+        self._cut_by: float | None = None
+        """When a close under way is cut (aborted)."""
+        self._linger_by: float | None = None
+        """When a lingering close stops waiting for the peer's and closes in order."""
         self._direct: Any = None
         self._told_lost = False
 
@@ -117,6 +128,10 @@ class TLSServerConnection(Protocol):
         else:
             self._tls = contexts.wrap(self._incoming, self._outgoing)
         self._send = self._direct = direct_writer(self.transport)
+        timeout = self.factory.handshake_timeout
+        if timeout is not None:
+            self._timer = self.factory.clock.callLater(timeout, self._expired)
+            self._start_by = self._timer.getTime()
         # No TCP_NODELAY here: each handshake flight is one write, and the
         # HTTP/1.1 and HTTP/2 connections set it (through us) when they start.
         self.wrappedProtocol.makeConnection(self)
@@ -156,10 +171,10 @@ class TLSServerConnection(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.disconnected = True
         self.disconnecting = True
-        for call in (self._linger, self._backstop, self._resume_call):
+        for call in (self._timer, self._resume_call):
             if call is not None and call.active():
                 call.cancel()
-        self._linger = self._backstop = self._resume_call = None
+        self._timer = self._resume_call = None
         self._tell_lost(self._failure or reason)
 
     def _tell_lost(self, reason: Failure) -> None:
@@ -200,27 +215,42 @@ class TLSServerConnection(Protocol):
 
     def _cut_after(self, seconds: float) -> None:
         """Abort the connection if it is still open in C{seconds} (or earlier, if already set so)."""
-        clock = self.factory.clock
-        when = clock.seconds() + seconds
-        if self._backstop is not None and self._backstop.active():
-            if self._backstop.getTime() <= when:
-                return
-            self._backstop.cancel()
-        self._backstop = clock.callLater(seconds, self._cut)
-
-    def _cut(self) -> None:
-        self._backstop = None
-        if not self.disconnected:
-            self.transport.abortConnection()
+        when = self.factory.clock.seconds() + seconds
+        if self._cut_by is None or when < self._cut_by:
+            self._cut_by = when
+            self._arm(when)
 
     def writeConnectionLost(self) -> None:
         """Our FIN went out after everything written: linger for the peer's close, then close in order."""
-        if self._linger is None and not self.disconnected:
-            self._linger = self.factory.clock.callLater(LINGER, self._lingered)
+        if self._linger_by is None and not self.disconnected:
+            self._linger_by = self.factory.clock.seconds() + LINGER
+            self._arm(self._linger_by)
 
-    def _lingered(self) -> None:
-        self._linger = None
-        self.transport.loseConnection()
+    def _arm(self, when: float) -> None:
+        """Have the connection's timer fire by C{when}: made if there is none, moved if it is due later."""
+        call, clock = self._timer, self.factory.clock
+        if call is None:
+            self._timer = clock.callLater(max(0.0, when - clock.seconds()), self._expired)
+        elif call.getTime() > when:
+            call.reset(max(0.0, when - clock.seconds()))
+
+    def _expired(self) -> None:
+        """The timer fired: act on each deadline that is due, then wait for the next one."""
+        self._timer = None
+        if self.disconnected:
+            return
+        now = self.factory.clock.seconds()
+        if (self._cut_by is not None and now >= self._cut_by) or (self._start_by is not None and now >= self._start_by):
+            # A close that did not end, or a handshake (or its first bytes) that did not come.
+            self._cut_by = self._start_by = self._linger_by = None
+            self.abortConnection()
+            return
+        if self._linger_by is not None and now >= self._linger_by:
+            self._linger_by = None
+            self.transport.loseConnection()
+        pending = [t for t in (self._start_by, self._cut_by, self._linger_by) if t is not None]
+        if pending:
+            self._arm(min(pending))
 
     def _handshake(self) -> bool:
         """Go on with the handshake.  @return: whether it is over and the connection open."""
@@ -271,6 +301,7 @@ class TLSServerConnection(Protocol):
                     return
                 if self.disconnecting:
                     continue  # closing: read on (for the peer's close) but deliver nothing
+                self._start_by = None
                 wrapped.dataReceived(data)
         finally:
             self._reading = False
@@ -305,6 +336,11 @@ class TLSServerConnection(Protocol):
         self._flush()
 
     # -- the wrapped protocol's transport ------------------------------------------------------
+
+    @property
+    def times_handshake(self) -> bool:
+        """Whether this transport cuts a handshake (or its first bytes) slower than the factory's timeout."""
+        return self.factory.handshake_timeout is not None
 
     def write(self, data: bytes) -> None:
         if self.disconnecting or not data:
@@ -422,8 +458,14 @@ class StdlibTLSServerFactory(Factory):
     noisy = False
 
     def __init__(self, contexts: Any, wrapped: IProtocolFactory, clock: IReactorTime, events: Any = None,
-                 listener: str = "") -> None:
+                 listener: str = "", handshake_timeout: float | None = None) -> None:
+        """
+        @param handshake_timeout: seconds a connection has for its handshake
+            and its first bytes after it (C{None}: no limit here; the HTTP
+            layer's ALPN switch times it then).
+        """
         self.contexts = contexts
+        self.handshake_timeout = handshake_timeout
         self.wrappedFactory = wrapped
         self.clock = clock
         self.events = events

@@ -94,13 +94,14 @@ class Pair:
 
     def __init__(self, cert_files: tuple[str, str], alpn: tuple[str, ...] = ("h2", "http/1.1"),
                  client_alpn: list[str] | None = None, client_max: Any = None,
-                 client_ciphers: str | None = None) -> None:
+                 client_ciphers: str | None = None, handshake_timeout: float | None = None) -> None:
         self.clock = Clock()
         self.clock.advance(datetime.datetime.now().timestamp())
         profile = TLSProfile("t", (CertificateConfig(*cert_files),), alpn=alpn)
         self.contexts = StdlibTLSContexts(self.clock, profile, watch_interval=None)
         self.app = Recorder()
-        factory = StdlibTLSServerFactory(self.contexts, Factory.forProtocol(lambda: self.app), self.clock)
+        factory = StdlibTLSServerFactory(self.contexts, Factory.forProtocol(lambda: self.app), self.clock,
+                                         handshake_timeout=handshake_timeout)
         self.server = factory.buildProtocol(None)
         self.tcp = TCP()
         self.server.makeConnection(self.tcp)
@@ -466,3 +467,51 @@ def test_writes_before_the_handshake_come_first(cert_files: tuple[str, str]) -> 
     p.handshake()
     p.to_client()
     assert p.client_read() == b"first second"
+
+
+def test_a_handshake_that_stalls_is_cut_at_its_deadline(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files, handshake_timeout=10.0)
+    try:
+        p.client.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    p.to_server()  # the ClientHello, answered; the client's Finished never comes
+    p.to_client()
+    p.clock.advance(9.9)
+    assert not p.tcp.aborted
+    p.clock.advance(0.1)
+    assert p.tcp.aborted
+    p.server.connectionLost(Failure(ConnectionDone()))
+    assert not p.clock.getDelayedCalls()
+
+
+def test_the_first_bytes_after_the_handshake_are_due_by_the_same_deadline(cert_files: tuple[str, str]) -> None:
+    silent = Pair(cert_files, handshake_timeout=10.0)
+    silent.handshake()
+    silent.clock.advance(10.0)
+    assert silent.tcp.aborted, "a handshake and then nothing is cut too (as a slow request head would be)"
+    talking = Pair(cert_files, handshake_timeout=10.0)
+    talking.handshake()
+    talking.client.write(b"GET")
+    talking.to_server()
+    talking.clock.advance(100.0)
+    assert not talking.tcp.aborted, "from the first bytes on, the HTTP layer's timers are in charge"
+    assert not talking.clock.getDelayedCalls(), "and the transport's timer is not made again"
+
+
+def test_one_timer_serves_handshake_close_and_linger(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files, handshake_timeout=10.0)
+    [timer] = p.clock.getDelayedCalls()
+    p.handshake()
+    p.client.write(b"GET / HTTP/1.1")
+    p.to_server()
+    p.app.transport.write(b"answer")
+    p.app.transport.loseConnection()
+    p.server.writeConnectionLost()  # the response and our FIN went out: linger
+    assert p.clock.getDelayedCalls() == [timer], "the close's backstop and linger on the same timer"
+    p.clock.advance(LINGER - 0.1)
+    assert not p.tcp.disconnecting
+    p.clock.advance(0.1)
+    assert p.tcp.disconnecting and not p.tcp.aborted, "the linger ends on time, before the handshake deadline"
+    p.server.connectionLost(Failure(ConnectionDone()))
+    assert not p.clock.getDelayedCalls()
