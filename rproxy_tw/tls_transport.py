@@ -176,6 +176,10 @@ class TLSServerConnection(Protocol):
                 call.cancel()
         self._timer = self._resume_call = None
         self._tell_lost(self._failure or reason)
+        # The wrapped protocol holds us as its transport: let go of it (as
+        # Twisted's TCP transport lets go of its protocol), so that reference
+        # counting frees a closed connection, not the garbage collector.
+        self.wrappedProtocol = None
 
     def _tell_lost(self, reason: Failure) -> None:
         if not self._told_lost:
@@ -281,10 +285,15 @@ class TLSServerConnection(Protocol):
         if self._reading:
             return  # re-entered from the wrapped protocol: the outer loop goes on
         self._reading = True
-        read = self._tls.read
+        tls, incoming = self._tls, self._incoming
+        read = tls.read
         wrapped = self.wrappedProtocol
         try:
             while not self._paused:
+                if not incoming.pending and not tls.pending():
+                    # Nothing to decrypt: the read would raise SSLWantReadError,
+                    # which costs more than the rest of a read (a few per connection).
+                    break
                 try:
                     data = read(_READ_SIZE)
                 except ssl.SSLWantReadError:

@@ -99,10 +99,10 @@ class Pair:
         self.clock.advance(datetime.datetime.now().timestamp())
         profile = TLSProfile("t", (CertificateConfig(*cert_files),), alpn=alpn)
         self.contexts = StdlibTLSContexts(self.clock, profile, watch_interval=None)
-        self.app = Recorder()
-        factory = StdlibTLSServerFactory(self.contexts, Factory.forProtocol(lambda: self.app), self.clock,
+        factory = StdlibTLSServerFactory(self.contexts, Factory.forProtocol(Recorder), self.clock,
                                          handshake_timeout=handshake_timeout)
         self.server = factory.buildProtocol(None)
+        self.app: Recorder = self.server.wrappedProtocol
         self.tcp = TCP()
         self.server.makeConnection(self.tcp)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -515,3 +515,24 @@ def test_one_timer_serves_handshake_close_and_linger(cert_files: tuple[str, str]
     assert p.tcp.disconnecting and not p.tcp.aborted, "the linger ends on time, before the handshake deadline"
     p.server.connectionLost(Failure(ConnectionDone()))
     assert not p.clock.getDelayedCalls()
+
+
+def test_a_closed_connection_is_freed_by_reference_counting(cert_files: tuple[str, str]) -> None:
+    """The wrapped protocol and this transport hold each other until the connection is lost, not after."""
+    import gc
+    import weakref
+
+    p = Pair(cert_files, handshake_timeout=10.0)
+    p.handshake()
+    p.client.write(b"GET / HTTP/1.1")
+    p.to_server()
+    p.app.transport.loseConnection()
+    gc.collect()
+    gc.disable()
+    try:
+        p.server.connectionLost(Failure(ConnectionDone()))
+        freed = weakref.ref(p.server)
+        del p
+        assert freed() is None
+    finally:
+        gc.enable()
