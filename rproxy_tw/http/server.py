@@ -28,7 +28,7 @@ from ..events import EventBus, request_finished
 from ..listener import IListenerFactory
 from ..pipeline import EMPTY_CHAIN, FilterChain, ResponseHeaders
 from ..routing import ErrorPage, ProxyRoute
-from ..tls import close_waits_for_peer
+from ..tls import client_subject, close_waits_for_peer
 from .exchange import IDownstream, IExchange, ProxyExchange, RequestRejected as _Reject
 from ..transport.fastwrite import direct_writer, no_delay
 from ..transport.flow import ReadGate, ResponseFlow
@@ -829,11 +829,7 @@ def client_address(transport: Any) -> str:
 
 def forwarding_info(factory: Any, transport: Any, ip: str) -> ForwardingInfo:
     """What this client connection tells origins: address, scheme, trust, TLS client subject."""
-    subject = None
-    if factory.scheme == "https":
-        from ..tls import client_subject
-
-        subject = client_subject(transport)
+    subject = client_subject(transport) if factory.scheme == "https" else None
     return ForwardingInfo(ip, factory.scheme, is_trusted(ip, factory.trusted_proxies), factory.via, subject)
 
 
@@ -865,6 +861,12 @@ class HTTPProxyFactory(Factory):
         self.connection_limit = ConnectionLimit(clock, getattr(listen, "endpoint", "http"),
                                                 getattr(listen, "max_connections", DEFAULT_MAX_CONNECTIONS))
         """C{max_connections}: TLS handshakes in progress count too."""
+        self._alpn_switch: Any = None
+        """Over TLS, what a new connection starts as (imported once, here: h2 imports this module)."""
+        if scheme == "https":
+            from .h2 import ALPNSwitch
+
+            self._alpn_switch = ALPNSwitch
         self._listen(listen)
         self.set_runtime(runtime)
 
@@ -926,11 +928,9 @@ class HTTPProxyFactory(Factory):
                 self.events.publish(ConnectionRefused(self.listen_endpoint, getattr(addr, "host", "unknown"),
                                                       "max_connections", f"max_connections {self.connection_limit.limit}"))
             return rejected
-        if self.scheme == "https":
+        if self._alpn_switch is not None:
             # After the TLS handshake, ALPN decides: HTTP/2 or an HTTP/1.1 connection.
-            from .h2 import ALPNSwitch
-
-            return self.connection_limit.track(ALPNSwitch(self, None))
+            return self.connection_limit.track(self._alpn_switch(self, None))
         return self.connection_limit.track(self.build_http1())
 
     def build_http1(self) -> HTTPServerConnection:
