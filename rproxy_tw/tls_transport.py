@@ -103,6 +103,8 @@ class TLSServerConnection(Protocol):
         self._tls: Any = None
         self._send: Any = None
         self._handshaken = False
+        self._tickets_held = False
+        """TLS 1.3's session tickets wait in the outgoing buffer for the first write (or the close)."""
         self._early: list[bytes] = []
         self._paused = False
         self._reading = False
@@ -271,7 +273,13 @@ class TLSServerConnection(Protocol):
         alpn = self._tls.selected_alpn_protocol()
         if alpn is not None:
             self.negotiatedProtocol = alpn.encode("ascii")
-        self._flush()
+        if self._tls.version() == "TLSv1.3":
+            # All OpenSSL wrote now is the session tickets, which no client
+            # waits for: they go with the first response, one send fewer per
+            # connection.  (TLS 1.2's last flight has the server's Finished.)
+            self._tickets_held = True
+        else:
+            self._flush()
         if self._early:
             early, self._early = b"".join(self._early), []
             self.write(early)
@@ -314,10 +322,11 @@ class TLSServerConnection(Protocol):
                 wrapped.dataReceived(data)
         finally:
             self._reading = False
-        if self._outgoing.pending:
+        if self._outgoing.pending and not self._tickets_held:
             self._flush()  # a TLS 1.3 key update, for one
 
     def _flush(self) -> None:
+        self._tickets_held = False
         if self._outgoing.pending:
             self._send(self._outgoing.read())
 
@@ -362,6 +371,7 @@ class TLSServerConnection(Protocol):
         except ssl.SSLError as e:
             self._fail(e)
             return
+        self._tickets_held = False
         self._send(self._outgoing.read())
 
     def writeSequence(self, data: Any) -> None:

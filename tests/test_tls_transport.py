@@ -77,6 +77,11 @@ class TCP(StringTransport):
 
     write_closed = False
     aborted = False
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
 
     def loseWriteConnection(self) -> None:
         self.write_closed = True
@@ -536,3 +541,26 @@ def test_a_closed_connection_is_freed_by_reference_counting(cert_files: tuple[st
         assert freed() is None
     finally:
         gc.enable()
+
+
+def test_tls13_session_tickets_go_with_the_first_response(cert_files: tuple[str, str]) -> None:
+    """One send fewer per connection: nothing is sent when the client's Finished comes, only with the answer."""
+    p = Pair(cert_files)
+    p.handshake()
+    assert p.client.version() == "TLSv1.3"
+    assert p.tcp.writes == 1, "the server's flight; the tickets wait"
+    p.client.write(b"GET / HTTP/1.1")
+    p.to_server()
+    assert p.tcp.writes == 1
+    p.app.transport.write(b"answer")
+    assert p.tcp.writes == 2
+    p.to_client()
+    assert p.client_read() == b"answer"
+    assert p.client.session is not None and p.client.session.has_ticket, "the tickets came with it"
+
+
+def test_tls12_handshake_ends_with_the_server_s_finished_at_once(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files, client_max=ssl.TLSVersion.TLSv1_2)
+    p.handshake()
+    assert p.client.version() == "TLSv1.2"
+    assert p.app.handshakes == 1
