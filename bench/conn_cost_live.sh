@@ -18,24 +18,15 @@ PYTHON=${PYTHON:-$REPO_ROOT/.venv/bin/python}
 TESTS=${TESTS:-"close close-tls"}
 LOAD=${LOAD:-8s}
 START_TIMEOUT=${START_TIMEOUT:-120}
+LOAD_CPU=${LOAD_CPU:-1}
 export PATH="$PATH:/usr/sbin:/sbin" PYTHONHASHSEED=0
 WORK=$(mktemp -d /tmp/rproxy-conn-live.XXXXXX)
 RUN_DIR=$WORK
 source "$BENCH_DIR/lib.sh"
 (($#)) || set -- "$REPO_ROOT"
-
-free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-PORT[origin]=$(free_port)
-mkdir -p "$WORK/www" "$WORK/origin/tmp"
-head -c 1024 /dev/urandom >"$WORK/www/1k.bin"
+start_origin_1k
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$WORK/key.pem" \
     -out "$WORK/cert.pem" -days 30 -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
-user=""
-[[ $EUID -eq 0 ]] && user="user root;"
-sed -e "s|@DIR@|$WORK/origin|g" -e "s|@WWW@|$WORK/www|g" -e "s|@USER@|$user|g" -e "s|@PORT@|${PORT[origin]}|g" \
-    "$BENCH_DIR/conf/origin-nginx.conf.in" >"$WORK/origin.conf"
-start origin 1 nginx -p "$WORK/origin/" -c "$WORK/origin.conf" -e "$WORK/origin/error.log"
-wait_listening origin || { echo "origin did not start" >&2; exit 1; }
 
 printf '%-10s %-28s %12s %9s\n' test source "Ir/conn" requests
 n=0
@@ -44,7 +35,7 @@ for src in "$@"; do
     for t in $TESTS; do
         n=$((n + 1))
         v=p$n
-        PORT[$v]=$(free_port)
+        PORT[$v]=$(free_ports 1)
         tls="" scheme=http
         if [[ $t == close-tls ]]; then
             tls='tls = "bench"' scheme=https
@@ -75,17 +66,13 @@ EOF
         url="$scheme://127.0.0.1:${PORT[$v]}/1k.bin"
         curl -sk -o /dev/null -H 'Connection: close' "$url"   # first request: imports, the origin connection
         callgrind_control -i on "${PID[$v]}" >/dev/null 2>&1
-        taskset -c 1 wrk -t1 -c2 --timeout 60s -d"$LOAD" -H 'Connection: close' "$url" >"$WORK/wrk.$v" 2>&1
+        taskset -c "$LOAD_CPU" wrk -t1 -c2 --timeout 60s -d"$LOAD" -H 'Connection: close' "$url" >"$WORK/wrk.$v" 2>&1
         callgrind_control -i off "${PID[$v]}" >/dev/null 2>&1
         callgrind_control -d "${PID[$v]}" >/dev/null 2>&1
         kill -TERM "${PID[$v]}"
         wait "${PID[$v]}" 2>/dev/null || true
         requests=$(awk '/requests in/ {print $1}' "$WORK/wrk.$v")
-        ir=0
-        for f in "$out"*; do
-            c=$(grep -m1 '^totals:' "$f" | awk '{print $2}')
-            ir=$((ir + ${c:-0}))
-        done
+        ir=$(callgrind_total "$out")
         rev=$(git -C "$src" rev-parse --short HEAD 2>/dev/null || cat "$src/.rev" 2>/dev/null || echo "?")
         printf '%-10s %-28s %12d %9d\n' "$t" "$(basename "$src")@$rev" "$((ir / requests))" "$requests"
     done
