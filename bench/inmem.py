@@ -326,7 +326,8 @@ def run_close_tls(proxy: Proxy, rounds: int, streams: int, size: int, check: boo
         "pool": {"p": {"backends": ["tcp:10.0.0.1:8000"]}},
         "server": {"access_log": "off"},
     }, source="inmem.toml")
-    tls = tls_server_factory(proxy.reactor, config.tls["t"], proxy.factory, http=True)
+    tls = tls_server_factory(proxy.reactor, config.tls["t"], proxy.factory, http=True,
+                             handshake_timeout=proxy.factory.limits.header_timeout)  # as service.py does
     tls.doStart()
     request = b"GET /1k.bin HTTP/1.1\r\nHost: 127.0.0.1:8443\r\nConnection: close\r\n\r\n"
     response = origin_response(size)

@@ -155,3 +155,13 @@ start_origin_1k() {
     start origin "$LOAD_CPU" nginx -p "$WORK/origin/" -c "$WORK/origin.conf" -e "$WORK/origin/error.log"
     wait_listening origin || { echo "origin did not start" >&2; exit 1; }
 }
+
+# callgrind_total OUT: the instructions counted in callgrind's output files OUT* (one per dump).
+callgrind_total() {
+    local f c ir=0
+    for f in "$1"*; do
+        c=$(grep -m1 '^totals:' "$f" | awk '{print $2}')
+        ir=$((ir + ${c:-0}))
+    done
+    echo "$ir"
+}

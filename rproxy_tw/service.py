@@ -896,8 +896,10 @@ class ProxyService(MultiService):
         from .tls import tls_server_factory
 
         options = {"acme": self.acme} if profile.acme and self.acme is not None else {}
-        return tls_server_factory(self.reactor, profile, inner, http=listen.protocol == "http",
-                                  events=self.runtime.events, listener=listen.endpoint, **options)
+        http = listen.protocol == "http"
+        return tls_server_factory(self.reactor, profile, inner, http=http, events=self.runtime.events,
+                                  listener=listen.endpoint,
+                                  handshake_timeout=inner.limits.header_timeout if http else None, **options)
 
     def _slot(self, listen: Any, index: int, runtime: ProxyRuntime, config: ProxyConfig) -> _Slot:
         profile = self._tls_profile(listen, index, config)

@@ -648,7 +648,8 @@ class TLSServerFactory(TLSMemoryBIOFactory):
 
 
 def tls_server_factory(reactor: IReactorTime, profile: TLSProfile, factory: IProtocolFactory, http: bool = True,
-                       events: Any = None, listener: str = "", **options: Any) -> Any:
+                       events: Any = None, listener: str = "", handshake_timeout: float | None = None,
+                       **options: Any) -> Any:
     """
     Wrap a listener's C{factory} in TLS with C{profile}.
 
@@ -663,6 +664,8 @@ def tls_server_factory(reactor: IReactorTime, profile: TLSProfile, factory: IPro
     @param events: the L{rproxy_tw.events.EventBus} told of failed handshakes
         (on the C{ssl} transport; Twisted's reports them only in its log).
     @param listener: the listener's endpoint, as events name it.
+    @param handshake_timeout: seconds the C{ssl} transport gives a handshake
+        and the first bytes after it (the HTTP layer's header timeout).
     @param options: C{ticket_rotation}, C{watch_interval} of the contexts.
     @raise ConfigError: if a certificate, key or CA file cannot be used.
     """
@@ -670,7 +673,7 @@ def tls_server_factory(reactor: IReactorTime, profile: TLSProfile, factory: IPro
         from .tls_transport import StdlibTLSServerFactory
 
         return StdlibTLSServerFactory(StdlibTLSContexts(reactor, profile, http=True, **options), factory, reactor,
-                                      events, listener)
+                                      events, listener, handshake_timeout)
     tls = TLSServerFactory(ServerTLSContexts(reactor, profile, http=http, **options), factory, reactor)
     if http:
         # Twisted's default TLS transport holds small writes for a reactor turn to

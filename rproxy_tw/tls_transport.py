@@ -26,6 +26,12 @@ transport (for the HTTP protocol it wraps).  What it does about the edges:
     A peer's C{close_notify} is answered with ours and the connection closed.
   - a failed handshake sends OpenSSL's alert, then closes; the wrapped
     protocol's C{connectionLost} gets the C{ssl.SSLError}.
+  - deadlines: the handshake and the first bytes after it must come within
+    the factory's C{handshake_timeout}; a close has its backstop and its
+    linger.  One timer per connection serves them all: each phase sets a
+    timestamp, and the timer, when it fires, acts on what is due and waits
+    again for the next (a connection per request made five timers here and
+    in the HTTP layer, each scheduled and cancelled).
 
 Raw TCP listeners keep C{TLSMemoryBIOProtocol} (see L{rproxy_tw.tcp.tls_halfclose}),
 which carries TLS half-close through to the relay.
@@ -97,13 +103,20 @@ class TLSServerConnection(Protocol):
         self._tls: Any = None
         self._send: Any = None
         self._handshaken = False
+        self._tickets_held = False
+        """TLS 1.3's session tickets wait in the outgoing buffer for the first write (or the close)."""
         self._early: list[bytes] = []
         self._paused = False
         self._reading = False
         self._resume_call: Any = None
         self._failure: Failure | None = None
-        self._linger: Any = None
-        self._backstop: Any = None
+        self._timer: Any = None
+        self._start_by: float | None = None
+        """When the handshake and the first bytes after it must have come (C{None}: they came)."""
+        self._cut_by: float | None = None
+        """When a close under way is cut (aborted)."""
+        self._linger_by: float | None = None
+        """When a lingering close stops waiting for the peer's and closes in order."""
         self._direct: Any = None
         self._told_lost = False
 
@@ -117,6 +130,10 @@ class TLSServerConnection(Protocol):
         else:
             self._tls = contexts.wrap(self._incoming, self._outgoing)
         self._send = self._direct = direct_writer(self.transport)
+        timeout = self.factory.handshake_timeout
+        if timeout is not None:
+            self._timer = self.factory.clock.callLater(timeout, self._expired)
+            self._start_by = self._timer.getTime()
         # No TCP_NODELAY here: each handshake flight is one write, and the
         # HTTP/1.1 and HTTP/2 connections set it (through us) when they start.
         self.wrappedProtocol.makeConnection(self)
@@ -156,11 +173,15 @@ class TLSServerConnection(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.disconnected = True
         self.disconnecting = True
-        for call in (self._linger, self._backstop, self._resume_call):
+        for call in (self._timer, self._resume_call):
             if call is not None and call.active():
                 call.cancel()
-        self._linger = self._backstop = self._resume_call = None
+        self._timer = self._resume_call = None
         self._tell_lost(self._failure or reason)
+        # The wrapped protocol holds us as its transport: let go of it (as
+        # Twisted's TCP transport lets go of its protocol), so that reference
+        # counting frees a closed connection, not the garbage collector.
+        self.wrappedProtocol = None
 
     def _tell_lost(self, reason: Failure) -> None:
         if not self._told_lost:
@@ -200,27 +221,42 @@ class TLSServerConnection(Protocol):
 
     def _cut_after(self, seconds: float) -> None:
         """Abort the connection if it is still open in C{seconds} (or earlier, if already set so)."""
-        clock = self.factory.clock
-        when = clock.seconds() + seconds
-        if self._backstop is not None and self._backstop.active():
-            if self._backstop.getTime() <= when:
-                return
-            self._backstop.cancel()
-        self._backstop = clock.callLater(seconds, self._cut)
-
-    def _cut(self) -> None:
-        self._backstop = None
-        if not self.disconnected:
-            self.transport.abortConnection()
+        when = self.factory.clock.seconds() + seconds
+        if self._cut_by is None or when < self._cut_by:
+            self._cut_by = when
+            self._arm(when)
 
     def writeConnectionLost(self) -> None:
         """Our FIN went out after everything written: linger for the peer's close, then close in order."""
-        if self._linger is None and not self.disconnected:
-            self._linger = self.factory.clock.callLater(LINGER, self._lingered)
+        if self._linger_by is None and not self.disconnected:
+            self._linger_by = self.factory.clock.seconds() + LINGER
+            self._arm(self._linger_by)
 
-    def _lingered(self) -> None:
-        self._linger = None
-        self.transport.loseConnection()
+    def _arm(self, when: float) -> None:
+        """Have the connection's timer fire by C{when}: made if there is none, moved if it is due later."""
+        call, clock = self._timer, self.factory.clock
+        if call is None:
+            self._timer = clock.callLater(max(0.0, when - clock.seconds()), self._expired)
+        elif call.getTime() > when:
+            call.reset(max(0.0, when - clock.seconds()))
+
+    def _expired(self) -> None:
+        """The timer fired: act on each deadline that is due, then wait for the next one."""
+        self._timer = None
+        if self.disconnected:
+            return
+        now = self.factory.clock.seconds()
+        if (self._cut_by is not None and now >= self._cut_by) or (self._start_by is not None and now >= self._start_by):
+            # A close that did not end, or a handshake (or its first bytes) that did not come.
+            self._cut_by = self._start_by = self._linger_by = None
+            self.abortConnection()
+            return
+        if self._linger_by is not None and now >= self._linger_by:
+            self._linger_by = None
+            self.transport.loseConnection()
+        pending = [t for t in (self._start_by, self._cut_by, self._linger_by) if t is not None]
+        if pending:
+            self._arm(min(pending))
 
     def _handshake(self) -> bool:
         """Go on with the handshake.  @return: whether it is over and the connection open."""
@@ -237,7 +273,13 @@ class TLSServerConnection(Protocol):
         alpn = self._tls.selected_alpn_protocol()
         if alpn is not None:
             self.negotiatedProtocol = alpn.encode("ascii")
-        self._flush()
+        if self._tls.version() == "TLSv1.3":
+            # All OpenSSL wrote now is the session tickets, which no client
+            # waits for: they go with the first response, one send fewer per
+            # connection.  (TLS 1.2's last flight has the server's Finished.)
+            self._tickets_held = True
+        else:
+            self._flush()
         if self._early:
             early, self._early = b"".join(self._early), []
             self.write(early)
@@ -251,10 +293,15 @@ class TLSServerConnection(Protocol):
         if self._reading:
             return  # re-entered from the wrapped protocol: the outer loop goes on
         self._reading = True
-        read = self._tls.read
+        tls, incoming = self._tls, self._incoming
+        read = tls.read
         wrapped = self.wrappedProtocol
         try:
             while not self._paused:
+                if not incoming.pending and not tls.pending():
+                    # Nothing to decrypt: the read would raise SSLWantReadError,
+                    # which costs more than the rest of a read (a few per connection).
+                    break
                 try:
                     data = read(_READ_SIZE)
                 except ssl.SSLWantReadError:
@@ -271,13 +318,15 @@ class TLSServerConnection(Protocol):
                     return
                 if self.disconnecting:
                     continue  # closing: read on (for the peer's close) but deliver nothing
+                self._start_by = None
                 wrapped.dataReceived(data)
         finally:
             self._reading = False
-        if self._outgoing.pending:
+        if self._outgoing.pending and not self._tickets_held:
             self._flush()  # a TLS 1.3 key update, for one
 
     def _flush(self) -> None:
+        self._tickets_held = False
         if self._outgoing.pending:
             self._send(self._outgoing.read())
 
@@ -306,6 +355,11 @@ class TLSServerConnection(Protocol):
 
     # -- the wrapped protocol's transport ------------------------------------------------------
 
+    @property
+    def times_handshake(self) -> bool:
+        """Whether this transport cuts a handshake (or its first bytes) slower than the factory's timeout."""
+        return self.factory.handshake_timeout is not None
+
     def write(self, data: bytes) -> None:
         if self.disconnecting or not data:
             return
@@ -317,6 +371,7 @@ class TLSServerConnection(Protocol):
         except ssl.SSLError as e:
             self._fail(e)
             return
+        self._tickets_held = False
         self._send(self._outgoing.read())
 
     def writeSequence(self, data: Any) -> None:
@@ -422,8 +477,14 @@ class StdlibTLSServerFactory(Factory):
     noisy = False
 
     def __init__(self, contexts: Any, wrapped: IProtocolFactory, clock: IReactorTime, events: Any = None,
-                 listener: str = "") -> None:
+                 listener: str = "", handshake_timeout: float | None = None) -> None:
+        """
+        @param handshake_timeout: seconds a connection has for its handshake
+            and its first bytes after it (C{None}: no limit here; the HTTP
+            layer's ALPN switch times it then).
+        """
         self.contexts = contexts
+        self.handshake_timeout = handshake_timeout
         self.wrappedFactory = wrapped
         self.clock = clock
         self.events = events

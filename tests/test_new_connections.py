@@ -9,11 +9,14 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 
 from rproxy_tw.listener import DEFAULT_BACKLOG, with_backlog
 
 from .conftest import proxy_config, request, response
 from .test_http_server import Harness, one_response, take
+from .test_tls_transport import cert_files  # noqa: F401 - a fixture
 
 
 @pytest.mark.parametrize("given, started", [
@@ -82,3 +85,67 @@ def test_a_closed_connection_is_freed_by_reference_counting() -> None:
         assert freed() is None
     finally:
         gc.enable()
+
+
+class _Abortable(StringTransport):
+    aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+
+def test_a_closing_connection_s_backstop_is_its_one_timer() -> None:
+    """The close's backstop reads a timestamp on the connection's timer: no second call per connection."""
+    h = Harness(limits={"header_timeout": 5.0, "idle_timeout": 20.0})
+    proto = h.factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 40000))
+    client = _Abortable(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000), lenient=True)
+    proto.makeConnection(client)
+    proto.dataReceived(request(headers=[(b"Connection", b"close")]))
+    up, _origin = h.accept_origin()
+    up.dataReceived(response(200, b"hello"))
+    assert one_response(take(client)).body == b"hello"
+    assert client.disconnecting
+    mine = [c for c in h.reactor.getDelayedCalls() if getattr(c.func, "__self__", None) is proto]
+    assert len(mine) == 1
+    # The client never reads: its close never ends, and is cut idle_timeout after it began.
+    h.reactor.advance(19.9)
+    assert not client.aborted
+    h.reactor.advance(0.1)
+    assert client.aborted
+
+
+def test_the_alpn_switch_times_the_handshake_unless_its_transport_does() -> None:
+    """Twisted's TLS (mutual-TLS listeners) has no handshake deadline: the ALPN switch keeps its own."""
+    from rproxy_tw.http.h2 import ALPNSwitch
+
+    h = Harness(limits={"header_timeout": 5.0})
+    switch = ALPNSwitch(h.factory, None)
+    transport = _Abortable(lenient=True)
+    switch.makeConnection(transport)
+    h.reactor.advance(5.0)
+    assert transport.aborted, "no handshake within header_timeout"
+
+    class TimedTLS(_Abortable):
+        times_handshake = True
+
+    switch = ALPNSwitch(h.factory, None)
+    switch.makeConnection(TimedTLS(lenient=True))
+    mine = [c for c in h.reactor.getDelayedCalls() if getattr(c.func, "__self__", None) is switch]
+    assert mine == [], "the ssl transport's own timer cuts a slow handshake"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_tls_connection_stalled_mid_handshake_is_closed_at_its_deadline(net: Any, cert_files: Any) -> None:
+    import time
+
+    config = proxy_config("tcp:127.0.0.1:1", limits={"header_timeout": 0.5})
+    config["listen"][0]["tls"] = "t"
+    config["tls"] = {"t": {"certificates": [{"cert": cert_files[0], "key": cert_files[1]}]}}
+    proxy = yield net.proxy(config)
+    client = yield net.client(proxy.port)
+    began = time.monotonic()
+    client.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's first bytes, then nothing
+    yield client.until_closed()
+    assert time.monotonic() - began >= 0.45, "not before its deadline"
+    assert bytes(client.buf) == b"", "nothing answered to half a hello"

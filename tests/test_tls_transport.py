@@ -77,6 +77,11 @@ class TCP(StringTransport):
 
     write_closed = False
     aborted = False
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
 
     def loseWriteConnection(self) -> None:
         self.write_closed = True
@@ -94,14 +99,15 @@ class Pair:
 
     def __init__(self, cert_files: tuple[str, str], alpn: tuple[str, ...] = ("h2", "http/1.1"),
                  client_alpn: list[str] | None = None, client_max: Any = None,
-                 client_ciphers: str | None = None) -> None:
+                 client_ciphers: str | None = None, handshake_timeout: float | None = None) -> None:
         self.clock = Clock()
         self.clock.advance(datetime.datetime.now().timestamp())
         profile = TLSProfile("t", (CertificateConfig(*cert_files),), alpn=alpn)
         self.contexts = StdlibTLSContexts(self.clock, profile, watch_interval=None)
-        self.app = Recorder()
-        factory = StdlibTLSServerFactory(self.contexts, Factory.forProtocol(lambda: self.app), self.clock)
+        factory = StdlibTLSServerFactory(self.contexts, Factory.forProtocol(Recorder), self.clock,
+                                         handshake_timeout=handshake_timeout)
         self.server = factory.buildProtocol(None)
+        self.app: Recorder = self.server.wrappedProtocol
         self.tcp = TCP()
         self.server.makeConnection(self.tcp)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -466,3 +472,95 @@ def test_writes_before_the_handshake_come_first(cert_files: tuple[str, str]) -> 
     p.handshake()
     p.to_client()
     assert p.client_read() == b"first second"
+
+
+def test_a_handshake_that_stalls_is_cut_at_its_deadline(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files, handshake_timeout=10.0)
+    try:
+        p.client.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    p.to_server()  # the ClientHello, answered; the client's Finished never comes
+    p.to_client()
+    p.clock.advance(9.9)
+    assert not p.tcp.aborted
+    p.clock.advance(0.1)
+    assert p.tcp.aborted
+    p.server.connectionLost(Failure(ConnectionDone()))
+    assert not p.clock.getDelayedCalls()
+
+
+def test_the_first_bytes_after_the_handshake_are_due_by_the_same_deadline(cert_files: tuple[str, str]) -> None:
+    silent = Pair(cert_files, handshake_timeout=10.0)
+    silent.handshake()
+    silent.clock.advance(10.0)
+    assert silent.tcp.aborted, "a handshake and then nothing is cut too (as a slow request head would be)"
+    talking = Pair(cert_files, handshake_timeout=10.0)
+    talking.handshake()
+    talking.client.write(b"GET")
+    talking.to_server()
+    talking.clock.advance(100.0)
+    assert not talking.tcp.aborted, "from the first bytes on, the HTTP layer's timers are in charge"
+    assert not talking.clock.getDelayedCalls(), "and the transport's timer is not made again"
+
+
+def test_one_timer_serves_handshake_close_and_linger(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files, handshake_timeout=10.0)
+    [timer] = p.clock.getDelayedCalls()
+    p.handshake()
+    p.client.write(b"GET / HTTP/1.1")
+    p.to_server()
+    p.app.transport.write(b"answer")
+    p.app.transport.loseConnection()
+    p.server.writeConnectionLost()  # the response and our FIN went out: linger
+    assert p.clock.getDelayedCalls() == [timer], "the close's backstop and linger on the same timer"
+    p.clock.advance(LINGER - 0.1)
+    assert not p.tcp.disconnecting
+    p.clock.advance(0.1)
+    assert p.tcp.disconnecting and not p.tcp.aborted, "the linger ends on time, before the handshake deadline"
+    p.server.connectionLost(Failure(ConnectionDone()))
+    assert not p.clock.getDelayedCalls()
+
+
+def test_a_closed_connection_is_freed_by_reference_counting(cert_files: tuple[str, str]) -> None:
+    """The wrapped protocol and this transport hold each other until the connection is lost, not after."""
+    import gc
+    import weakref
+
+    p = Pair(cert_files, handshake_timeout=10.0)
+    p.handshake()
+    p.client.write(b"GET / HTTP/1.1")
+    p.to_server()
+    p.app.transport.loseConnection()
+    gc.collect()
+    gc.disable()
+    try:
+        p.server.connectionLost(Failure(ConnectionDone()))
+        freed = weakref.ref(p.server)
+        del p
+        assert freed() is None
+    finally:
+        gc.enable()
+
+
+def test_tls13_session_tickets_go_with_the_first_response(cert_files: tuple[str, str]) -> None:
+    """One send fewer per connection: nothing is sent when the client's Finished comes, only with the answer."""
+    p = Pair(cert_files)
+    p.handshake()
+    assert p.client.version() == "TLSv1.3"
+    assert p.tcp.writes == 1, "the server's flight; the tickets wait"
+    p.client.write(b"GET / HTTP/1.1")
+    p.to_server()
+    assert p.tcp.writes == 1
+    p.app.transport.write(b"answer")
+    assert p.tcp.writes == 2
+    p.to_client()
+    assert p.client_read() == b"answer"
+    assert p.client.session is not None and p.client.session.has_ticket, "the tickets came with it"
+
+
+def test_tls12_handshake_ends_with_the_server_s_finished_at_once(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files, client_max=ssl.TLSVersion.TLSv1_2)
+    p.handshake()
+    assert p.client.version() == "TLSv1.2"
+    assert p.app.handshakes == 1

@@ -892,6 +892,8 @@ class ALPNSwitch(Protocol):
         self._timer: Any = None
 
     def connectionMade(self) -> None:
+        if getattr(self.transport, "times_handshake", False):
+            return  # the ssl transport cuts a slow handshake itself, on the timer it has anyway
         self._timer = self.factory.clock.callLater(self.factory.limits.header_timeout, self._timedOut)
 
     def _timedOut(self) -> None:

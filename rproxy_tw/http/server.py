@@ -28,7 +28,7 @@ from ..events import EventBus, request_finished
 from ..listener import IListenerFactory
 from ..pipeline import EMPTY_CHAIN, FilterChain, ResponseHeaders
 from ..routing import ErrorPage, ProxyRoute
-from ..tls import close_waits_for_peer
+from ..tls import client_subject, close_waits_for_peer
 from .exchange import IDownstream, IExchange, ProxyExchange, RequestRejected as _Reject
 from ..transport.fastwrite import direct_writer, no_delay
 from ..transport.flow import ReadGate, ResponseFlow
@@ -194,8 +194,8 @@ class HTTPServerConnection(Protocol):
         self._read_size = 0
         """The size of the read being parsed: a head that came in one small read needs no size check."""
         self._timer: Any = None
-        self._close_timer: Any = None
-        """The backstop of a close under way (cancelled when the connection is gone)."""
+        self._close_by = 0.0
+        """When a close under way is cut: the connection's one timer serves as its backstop too."""
         self._since = 0.0
         self._span = 1.0
         self._idle_limit = 0.0
@@ -241,13 +241,10 @@ class HTTPServerConnection(Protocol):
         self.disconnected = True
         self.factory.connections.discard(self)
         if self._timer is not None and self._timer.active():
+            # Else every closed connection would leave a call in the reactor for
+            # up to idle_timeout: at a thousand connections a second, tens of thousands.
             self._timer.cancel()
         self._timer = None
-        backstop, self._close_timer = self._close_timer, None
-        if backstop is not None and backstop.active():
-            # Else every closed connection would leave a call in the reactor for
-            # idle_timeout: at a thousand connections a second, tens of thousands.
-            backstop.cancel()
         if self.tunnel is not None:
             tunnel, self.tunnel = self.tunnel, None
             tunnel.peerLost(self)
@@ -284,12 +281,19 @@ class HTTPServerConnection(Protocol):
         self.transport.loseConnection()
         limits = self.factory.limits
         grace = CLOSE_GRACE if close_waits_for_peer(self.transport) else max(CLOSE_GRACE, limits.idle_timeout)
-        self._close_timer = self.factory.clock.callLater(grace, self._forceClose)
+        self._closeBy(grace)
+
+    def _closeBy(self, grace: float) -> None:
+        """Cut the close if it has not ended in C{grace} seconds: the connection's timer fires by then."""
+        clock = self.factory.clock
+        self._close_by = clock.seconds() + grace
+        timer = self._timer
+        if timer is None:
+            self._timer = clock.callLater(grace, self._timedOut)
+        elif timer.getTime() > self._close_by:
+            timer.reset(grace)
 
     def _forceClose(self) -> None:
-        self._close_timer = None
-        if self.disconnected:
-            return
         transport = self.transport
         tcp = getattr(transport, "transport", None)
         if close_waits_for_peer(transport) and tcp is not None and not tcp.disconnecting:
@@ -297,8 +301,7 @@ class HTTPServerConnection(Protocol):
             # stop waiting, but close the TCP connection in order, so that
             # the response's tail still reaches a slow reader.
             tcp.loseConnection()
-            limits = self.factory.limits
-            self._close_timer = self.factory.clock.callLater(max(CLOSE_GRACE, limits.idle_timeout), self._forceClose)
+            self._closeBy(max(CLOSE_GRACE, self.factory.limits.idle_timeout))
             return
         transport.abortConnection()
 
@@ -331,11 +334,20 @@ class HTTPServerConnection(Protocol):
         act on it, or wait again, never longer than the shortest timeout.
         """
         self._timer = None
-        if self.disconnected or self.tunnel is not None:
+        if self.disconnected:
             return
-        limits = self.factory.limits
         clock = self.factory.clock
         now = clock.seconds()
+        if self.closing:
+            # Closing: only the backstop of the close is left to watch.
+            if now >= self._close_by:
+                self._forceClose()
+            else:
+                self._timer = clock.callLater(self._close_by - now, self._timedOut)
+            return
+        if self.tunnel is not None:
+            return
+        limits = self.factory.limits
         since = self._since
         if self.in_head:
             deadline, why = since + limits.header_timeout, "head"
@@ -817,11 +829,7 @@ def client_address(transport: Any) -> str:
 
 def forwarding_info(factory: Any, transport: Any, ip: str) -> ForwardingInfo:
     """What this client connection tells origins: address, scheme, trust, TLS client subject."""
-    subject = None
-    if factory.scheme == "https":
-        from ..tls import client_subject
-
-        subject = client_subject(transport)
+    subject = client_subject(transport) if factory.scheme == "https" else None
     return ForwardingInfo(ip, factory.scheme, is_trusted(ip, factory.trusted_proxies), factory.via, subject)
 
 
@@ -853,6 +861,12 @@ class HTTPProxyFactory(Factory):
         self.connection_limit = ConnectionLimit(clock, getattr(listen, "endpoint", "http"),
                                                 getattr(listen, "max_connections", DEFAULT_MAX_CONNECTIONS))
         """C{max_connections}: TLS handshakes in progress count too."""
+        self._alpn_switch: Any = None
+        """Over TLS, what a new connection starts as (imported once, here: h2 imports this module)."""
+        if scheme == "https":
+            from .h2 import ALPNSwitch
+
+            self._alpn_switch = ALPNSwitch
         self._listen(listen)
         self.set_runtime(runtime)
 
@@ -914,11 +928,9 @@ class HTTPProxyFactory(Factory):
                 self.events.publish(ConnectionRefused(self.listen_endpoint, getattr(addr, "host", "unknown"),
                                                       "max_connections", f"max_connections {self.connection_limit.limit}"))
             return rejected
-        if self.scheme == "https":
+        if self._alpn_switch is not None:
             # After the TLS handshake, ALPN decides: HTTP/2 or an HTTP/1.1 connection.
-            from .h2 import ALPNSwitch
-
-            return self.connection_limit.track(ALPNSwitch(self, None))
+            return self.connection_limit.track(self._alpn_switch(self, None))
         return self.connection_limit.track(self.build_http1())
 
     def build_http1(self) -> HTTPServerConnection:
