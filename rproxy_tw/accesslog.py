@@ -58,6 +58,8 @@ class _Clock:
 
     def __init__(self) -> None:
         self.second = -1
+        self.until = -1.0
+        """C{second + 1}: lines up to then share the stamps (the batch compares floats, calls nothing)."""
         self.local = ""
         self.local_bytes = b""
         self.iso = ""
@@ -72,6 +74,7 @@ class _Clock:
                                                          t.tm_sec)
             self.local_bytes = self.local.encode("ascii")
             self.second = second
+            self.until = second + 1.0
 
 
 def _seconds(value: float | None) -> str:
@@ -159,7 +162,8 @@ def compile_format(fmt: str) -> Callable[[RequestFinished, _Clock], str | bytes]
 def _quote_bytes(value: bytes | None) -> bytes:
     if not value:
         return b"-"
-    if b'"' in value or b"\\" in value:
+    # Searched for as ints: `b'"' in value` goes through the buffer protocol, ten times the cost (callgrind).
+    if 34 in value or 92 in value:  # '"', '\\'
         value = value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
     return value
 
@@ -265,14 +269,16 @@ class LineWriter:
 
     _log = Logger(observer=log_observer)
 
-    def __init__(self, clock: IReactorTime, path: str | None, format: Callable[[Any], str] | None = None) -> None:
+    def __init__(self, clock: IReactorTime, path: str | None,
+                 format_all: Callable[[list[Any]], list[Any]] | None = None) -> None:
         """
-        @param format: makes a line of what L{write} is given, at flush time
-            (the access log hands it events: formatting leaves the request's path).
+        @param format_all: makes the lines of what L{write} was given, a
+            flush's worth at once (the access log hands it events: formatting
+            leaves the request's path, and runs as one loop).
         """
         self.clock = clock
         self.path = path
-        self.format = format
+        self.format_all = format_all
         self.lines: list[Any] = []
         self.size = 0
         self._call: Any = None
@@ -287,7 +293,7 @@ class LineWriter:
         """A line (or, with C{format}, what becomes one) to write within a second."""
         lines = self.lines
         lines.append(line)
-        self.size += FLUSH_ITEM if self.format is not None else len(line)
+        self.size += FLUSH_ITEM if self.format_all is not None else len(line)
         if self.size >= FLUSH_BYTES:
             self.flush()
         elif self._call is None:
@@ -299,7 +305,7 @@ class LineWriter:
             call.cancel()
         if not self.lines:
             return
-        lines = self.lines if self.format is None else [self.format(item) for item in self.lines]
+        lines = self.lines if self.format_all is None else self.format_all(self.lines)
         if type(lines[0]) is bytes:  # the combined format is made as bytes
             data = b"\n".join(lines) + b"\n"
         else:
@@ -345,12 +351,20 @@ class AccessLog:
         self.json = fmt == "json"
         self.format = compile_format(fmt)
         self._clock = _Clock()
-        self.writer = writer if writer is not None else LineWriter(clock, path, self._line)
+        self.writer = writer if writer is not None else LineWriter(clock, path, self._lines)
         self._write = self.writer.write
 
-    def _line(self, event: RequestFinished) -> str:
-        self._clock.at(event.finished)
-        return self.format(event, self._clock)
+    def _lines(self, events: list[RequestFinished]) -> list[str | bytes]:
+        """The lines of a flush's events: one loop, the time stamps redone only when the second changes."""
+        clock, format = self._clock, self.format
+        lines = []
+        append = lines.append
+        for event in events:
+            finished = event.finished
+            if not clock.second <= finished < clock.until:
+                clock.at(finished)
+            append(format(event, clock))
+        return lines
 
     def observe(self, event: Any) -> None:
         """The event is kept; its line is made when the buffer is written (once a second, or 512 events)."""
