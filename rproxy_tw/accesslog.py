@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .events import IEventObserver, RequestFinished
+from .events import IRequestObserver, RequestFinished
 from .logs import observer as log_observer
 
 __all__ = ["FIELDS", "AccessLog", "LineWriter", "compile_format", "make_access_log"]
@@ -341,7 +341,7 @@ class LineWriter:
             self.fd = -1
 
 
-@implementer(IEventObserver)
+@implementer(IRequestObserver)
 class AccessLog:
     """Formats and writes one line per finished request (a tunnel's when it closes, with the bytes each way)."""
 
@@ -352,7 +352,8 @@ class AccessLog:
         self.format = compile_format(fmt)
         self._clock = _Clock()
         self.writer = writer if writer is not None else LineWriter(clock, path, self._lines)
-        self._write = self.writer.write
+        self.observe_request = self.writer.write
+        """The bus hands each finished request straight to the writer: its line is made at flush time."""
 
     def _lines(self, events: list[RequestFinished]) -> list[str | bytes]:
         """The lines of a flush's events: one loop, the time stamps redone only when the second changes."""
@@ -369,7 +370,7 @@ class AccessLog:
     def observe(self, event: Any) -> None:
         """The event is kept; its line is made when the buffer is written (once a second, or 512 events)."""
         if type(event) is RequestFinished:
-            self._write(event)
+            self.observe_request(event)
 
     def flush(self) -> None:
         self.writer.flush()

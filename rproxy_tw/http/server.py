@@ -102,6 +102,9 @@ class LocalResponse:
     backend = None
     pool = None
     route_name = None
+    head_at = None
+    attempts = 0
+    body_seen = 0
     headSent = False
     upgrade = False
     http_version = b"1.1"
