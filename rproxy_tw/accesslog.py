@@ -169,21 +169,30 @@ def _quote_bytes(value: bytes | None) -> bytes:
 
 
 def _combined_line(e: RequestFinished, c: _Clock) -> bytes:
-    """The combined log format, made as bytes (no decoding) with one pass over the request's headers."""
+    """
+    The combined log format, made as bytes (no decoding) with one pass over
+    the request's headers.  Written for its cost (one line per request):
+    the event's fields unpacked at once rather than read one by one, and
+    L{_quote_bytes} called only for a value that needs it.
+    """
+    client, method, target, version, _, status, sent, started, finished, _, _, _, headers, received, tunnel = e[:15]
     agent = referer = None
-    for name, value in e.request_headers:
+    for name, value in headers:
         size = len(name)
         if size == 10 and name.lower() == b"user-agent":
             agent = value
         elif size == 7 and name.lower() == b"referer":
             referer = value
     line = b'%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s"' % (
-        e.client.encode("ascii", "replace"), c.local_bytes, _quote_bytes(e.method), _quote_bytes(e.target),
-        e.http_version, e.status, e.bytes_sent, _quote_bytes(referer), _quote_bytes(agent))
-    if e.tunnel:
+        client.encode("ascii", "replace"), c.local_bytes,
+        _quote_bytes(method) if not method or 34 in method or 92 in method else method,
+        _quote_bytes(target) if not target or 34 in target or 92 in target else target,
+        version, status, sent,
+        _quote_bytes(referer) if not referer or 34 in referer or 92 in referer else referer,
+        _quote_bytes(agent) if not agent or 34 in agent or 92 in agent else agent)
+    if tunnel:
         # A tunnel: what the client sent and how long it stayed open, after the combined fields.
-        started = e.started
-        line += b" tunnel_received=%d duration=%.3f" % (e.bytes_received or 0, e.finished - started if started else 0.0)
+        line += b" tunnel_received=%d duration=%.3f" % (received or 0, finished - started if started else 0.0)
     return line
 
 

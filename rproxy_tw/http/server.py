@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from ..headers import ForwardingInfo, http_date, is_trusted, serialize, trailers_for_client
 from ..logs import observer as log_observer
-from ..events import EventBus, request_finished
+from ..events import EventBus
 from ..listener import IListenerFactory
 from ..pipeline import EMPTY_CHAIN, FilterChain, ResponseHeaders
 from ..routing import ErrorPage, ProxyRoute
@@ -1033,5 +1033,4 @@ class HTTPProxyFactory(Factory):
         """
         events = self.events
         if events.wanted:
-            events.publish(request_finished(conn.client_ip, exchange, body_bytes, self.clock.seconds(),
-                                            received_bytes))
+            events.request_finished(conn.client_ip, exchange, body_bytes, self.clock.seconds(), received_bytes)
