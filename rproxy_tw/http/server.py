@@ -579,7 +579,9 @@ class HTTPServerConnection(Protocol):
             # A tunnel starts: its line is written when it closes, with its sizes and duration.
             self._tunnelled = exchange
         elif self.factory.events.wanted:
-            self.factory.exchange_finished(self, exchange, self._body_bytes)
+            # The bus straight away (factory.exchange_finished, one call less: this runs per request).
+            factory = self.factory
+            factory.events.request_finished(self.client_ip, exchange, self._body_bytes, factory.clock.seconds())
         self.current = None
         if self.disconnected:
             return
