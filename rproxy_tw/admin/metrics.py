@@ -267,7 +267,7 @@ class ProxyMetrics:
                 histogram.settle()
 
     def _record(self, key: tuple[Any, ...]) -> tuple[list[int], Any, Any]:
-        """The counts of a (route, pool, backend, status) seen for the first time, and its route's histograms' appends."""
+        """The counts of a (route, pool, backend, status) seen first, and its route's histograms' appends."""
         route, pool, backend, status = key
         route, pool = route or "-", pool or "-"
         name = (route, pool, backend or "-", _STATUS_CLASS.get(status // 100, "other"))
