@@ -3,8 +3,12 @@ What operations features cost per request, in instructions (callgrind) or
 CPU time, on the in-memory HTTP/1.1 path: a wrk-like kept-alive 1 KiB GET
 through HTTPServerConnection and UpstreamConnection on StringTransports.
 
-    python bench/ops_cost.py VARIANT N          # run N requests (for callgrind)
-    bench/ops_cost.sh                           # every variant under callgrind: instructions per request
+    python bench/ops_cost.py VARIANT N [WARMUP]  # run N requests after WARMUP (for callgrind)
+    bench/ops_cost.sh                            # every variant under callgrind: instructions per request
+
+With OPS_COST_CALLGRIND set to the path of a library built from
+bench/callgrind_marks.c (ops_cost.sh builds it), only the N requests after
+the warm-up are counted: start-up and imports are not, nor the first requests.
 
 Variants: bare (no request ids, no log, no metrics), ids (request ids),
 events (ids + an observer that does nothing: the cost of the events themselves),
@@ -14,6 +18,7 @@ stdout (ids + access log "-", stdout sent to /dev/null), ops (ids + log + metric
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import tempfile
@@ -71,7 +76,9 @@ def build(variant: str) -> tuple[MemoryReactorClock, HTTPProxyFactory, ProxyRunt
     return reactor, HTTPProxyFactory(runtime, reactor), runtime
 
 
-def run(variant: str, n: int) -> None:
+def run(variant: str, n: int, warmup: int = 0) -> None:
+    marks = os.environ.get("OPS_COST_CALLGRIND")
+    counting = ctypes.CDLL(marks) if marks else None
     reactor, factory, runtime = build(variant)
     addr = IPv4Address("TCP", "127.0.0.1", 40000)
     client = factory.buildProtocol(addr)
@@ -83,12 +90,16 @@ def run(variant: str, n: int) -> None:
     ot = StringTransport(peerAddress=IPv4Address("TCP", host, port))
     origin.makeConnection(ot)
     origin.dataReceived(RESPONSE)
-    for _ in range(n - 1):
+    for i in range(warmup + n - 1):
+        if i == warmup and counting is not None:
+            counting.count_start()
         ct.clear()
         ot.clear()
         reactor.advance(0.0001)
         client.dataReceived(REQUEST)
         origin.dataReceived(RESPONSE)
+    if counting is not None:
+        counting.count_stop()
     assert ct.value().endswith(BODY), ct.value()[:200]
     if runtime.access_log is not None:
         runtime.access_log.close()
@@ -98,4 +109,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "stdout":
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
-    run(sys.argv[1], int(sys.argv[2]))
+    run(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0)

@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .events import IEventObserver, RequestFinished
+from .events import IRequestObserver, RequestFinished
 from .logs import observer as log_observer
 
 __all__ = ["FIELDS", "AccessLog", "LineWriter", "compile_format", "make_access_log"]
@@ -58,6 +58,8 @@ class _Clock:
 
     def __init__(self) -> None:
         self.second = -1
+        self.until = -1.0
+        """C{second + 1}: lines up to then share the stamps (the batch compares floats, calls nothing)."""
         self.local = ""
         self.local_bytes = b""
         self.iso = ""
@@ -72,6 +74,7 @@ class _Clock:
                                                          t.tm_sec)
             self.local_bytes = self.local.encode("ascii")
             self.second = second
+            self.until = second + 1.0
 
 
 def _seconds(value: float | None) -> str:
@@ -159,27 +162,37 @@ def compile_format(fmt: str) -> Callable[[RequestFinished, _Clock], str | bytes]
 def _quote_bytes(value: bytes | None) -> bytes:
     if not value:
         return b"-"
-    if b'"' in value or b"\\" in value:
+    # Searched for as ints: `b'"' in value` goes through the buffer protocol, ten times the cost (callgrind).
+    if 34 in value or 92 in value:  # '"', '\\'
         value = value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
     return value
 
 
 def _combined_line(e: RequestFinished, c: _Clock) -> bytes:
-    """The combined log format, made as bytes (no decoding) with one pass over the request's headers."""
+    """
+    The combined log format, made as bytes (no decoding) with one pass over
+    the request's headers.  Written for its cost (one line per request):
+    the event's fields unpacked at once rather than read one by one, and
+    L{_quote_bytes} called only for a value that needs it.
+    """
+    client, method, target, version, _, status, sent, started, finished, _, _, _, headers, received, tunnel = e[:15]
     agent = referer = None
-    for name, value in e.request_headers:
+    for name, value in headers:
         size = len(name)
         if size == 10 and name.lower() == b"user-agent":
             agent = value
         elif size == 7 and name.lower() == b"referer":
             referer = value
     line = b'%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s"' % (
-        e.client.encode("ascii", "replace"), c.local_bytes, _quote_bytes(e.method), _quote_bytes(e.target),
-        e.http_version, e.status, e.bytes_sent, _quote_bytes(referer), _quote_bytes(agent))
-    if e.tunnel:
+        client.encode("ascii", "replace"), c.local_bytes,
+        _quote_bytes(method) if not method or 34 in method or 92 in method else method,
+        _quote_bytes(target) if not target or 34 in target or 92 in target else target,
+        version, status, sent,
+        _quote_bytes(referer) if not referer or 34 in referer or 92 in referer else referer,
+        _quote_bytes(agent) if not agent or 34 in agent or 92 in agent else agent)
+    if tunnel:
         # A tunnel: what the client sent and how long it stayed open, after the combined fields.
-        started = e.started
-        line += b" tunnel_received=%d duration=%.3f" % (e.bytes_received or 0, e.finished - started if started else 0.0)
+        line += b" tunnel_received=%d duration=%.3f" % (received or 0, finished - started if started else 0.0)
     return line
 
 
@@ -265,14 +278,16 @@ class LineWriter:
 
     _log = Logger(observer=log_observer)
 
-    def __init__(self, clock: IReactorTime, path: str | None, format: Callable[[Any], str] | None = None) -> None:
+    def __init__(self, clock: IReactorTime, path: str | None,
+                 format_all: Callable[[list[Any]], list[Any]] | None = None) -> None:
         """
-        @param format: makes a line of what L{write} is given, at flush time
-            (the access log hands it events: formatting leaves the request's path).
+        @param format_all: makes the lines of what L{write} was given, a
+            flush's worth at once (the access log hands it events: formatting
+            leaves the request's path, and runs as one loop).
         """
         self.clock = clock
         self.path = path
-        self.format = format
+        self.format_all = format_all
         self.lines: list[Any] = []
         self.size = 0
         self._call: Any = None
@@ -287,7 +302,7 @@ class LineWriter:
         """A line (or, with C{format}, what becomes one) to write within a second."""
         lines = self.lines
         lines.append(line)
-        self.size += FLUSH_ITEM if self.format is not None else len(line)
+        self.size += FLUSH_ITEM if self.format_all is not None else len(line)
         if self.size >= FLUSH_BYTES:
             self.flush()
         elif self._call is None:
@@ -299,7 +314,7 @@ class LineWriter:
             call.cancel()
         if not self.lines:
             return
-        lines = self.lines if self.format is None else [self.format(item) for item in self.lines]
+        lines = self.lines if self.format_all is None else self.format_all(self.lines)
         if type(lines[0]) is bytes:  # the combined format is made as bytes
             data = b"\n".join(lines) + b"\n"
         else:
@@ -335,7 +350,7 @@ class LineWriter:
             self.fd = -1
 
 
-@implementer(IEventObserver)
+@implementer(IRequestObserver)
 class AccessLog:
     """Formats and writes one line per finished request (a tunnel's when it closes, with the bytes each way)."""
 
@@ -345,17 +360,26 @@ class AccessLog:
         self.json = fmt == "json"
         self.format = compile_format(fmt)
         self._clock = _Clock()
-        self.writer = writer if writer is not None else LineWriter(clock, path, self._line)
-        self._write = self.writer.write
+        self.writer = writer if writer is not None else LineWriter(clock, path, self._lines)
+        self.observe_request = self.writer.write
+        """The bus hands each finished request straight to the writer: its line is made at flush time."""
 
-    def _line(self, event: RequestFinished) -> str:
-        self._clock.at(event.finished)
-        return self.format(event, self._clock)
+    def _lines(self, events: list[RequestFinished]) -> list[str | bytes]:
+        """The lines of a flush's events: one loop, the time stamps redone only when the second changes."""
+        clock, format = self._clock, self.format
+        lines = []
+        append = lines.append
+        for event in events:
+            finished = event.finished
+            if not clock.second <= finished < clock.until:
+                clock.at(finished)
+            append(format(event, clock))
+        return lines
 
     def observe(self, event: Any) -> None:
         """The event is kept; its line is made when the buffer is written (once a second, or 512 events)."""
         if type(event) is RequestFinished:
-            self._write(event)
+            self.observe_request(event)
 
     def flush(self) -> None:
         self.writer.flush()

@@ -35,7 +35,7 @@ from .http.server import HTTPProxyFactory, http_date
 from .http.upstream import UpstreamConnector
 from .listener import IListenerFactory, with_backlog
 from .logs import observer as log_observer, set_level as set_log_level
-from .events import EventBus, ReloadApplied, ReloadRefused, request_finished
+from .events import EventBus, ReloadApplied, ReloadRefused
 from .pipeline import (
     FilterChain,
     HeaderRules,
@@ -477,7 +477,7 @@ class _WebRequestDownstream:
         self.exchange = None
         events = self.runtime.events
         if events.wanted:
-            events.publish(request_finished(self.client_ip, exchange, self.body_bytes, self.clock.seconds()))
+            events.request_finished(self.client_ip, exchange, self.body_bytes, self.clock.seconds())
 
     def registerUpstream(self, conn: Any) -> None:
         from .transport.flow import GateProducer

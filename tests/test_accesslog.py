@@ -74,6 +74,24 @@ def test_lines_are_written_in_one_go_within_a_second(tmp_path) -> None:
     assert not clock.getDelayedCalls()  # idle: no timer left running
 
 
+def test_each_line_of_a_flush_has_its_own_second(tmp_path) -> None:
+    """A flush formats its events in one loop: the time stamps follow each event, also back in time."""
+    clock = Clock()
+    path = tmp_path / "access.log"
+    log = AccessLog(clock, "$msec [$time_local] $time_iso8601", path=str(path))
+    for finished in (1000.25, 1000.999, 1001.0, 1061.5, 1000.5, 86400.0):
+        log.observe(EVENT._replace(finished=finished))
+    log.flush()
+    assert path.read_text().splitlines() == [
+        "1000.250 [01/Jan/1970:00:16:40 +0000] 1970-01-01T00:16:40Z",
+        "1000.999 [01/Jan/1970:00:16:40 +0000] 1970-01-01T00:16:40Z",
+        "1001.000 [01/Jan/1970:00:16:41 +0000] 1970-01-01T00:16:41Z",
+        "1061.500 [01/Jan/1970:00:17:41 +0000] 1970-01-01T00:17:41Z",
+        "1000.500 [01/Jan/1970:00:16:40 +0000] 1970-01-01T00:16:40Z",
+        "86400.000 [02/Jan/1970:00:00:00 +0000] 1970-01-02T00:00:00Z",
+    ]
+
+
 def test_a_full_buffer_is_written_at_once(tmp_path) -> None:
     clock = Clock()
     path = tmp_path / "access.log"

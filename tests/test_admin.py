@@ -352,6 +352,54 @@ def test_the_counts_are_those_of_the_events() -> None:
     check()
 
 
+def test_histogram_buckets_from_folds_are_those_of_bisect_on_every_bound() -> None:
+    """
+    Requests are counted in folds (when FOLD_EVERY wait, and when the counts
+    are read), their latencies bucketed by sorting: the exposition, parsed by
+    prometheus_client, has the buckets, counts and sums each request gives
+    alone, values exactly on a bound included, across several folds.
+    """
+    from bisect import bisect_left
+
+    import pytest
+
+    from rproxy_tw.admin.metrics import FOLD_EVERY, LATENCY_BUCKETS, ProxyMetrics, exposition
+    from rproxy_tw.events import RequestFinished
+
+    durations = [d for bound in LATENCY_BUCKETS for d in (bound, bound * 1.001, bound * 0.999)] + [0.0, 31.0, 99.0]
+    events = [RequestFinished("c", b"GET", b"/", b"1.1", None, status, 100 + i, 0.0, durations[i % len(durations)],
+                              "*/", "p", "b", (), None, False, None, durations[-1 - i % len(durations)], 1, 7)
+              for i, status in enumerate([200, 404, 503] * (FOLD_EVERY // 2 + 5))]
+    metrics = ProxyMetrics()
+    errors: list[Any] = []
+    metrics.also = errors.append
+    for event in events[:FOLD_EVERY]:
+        metrics.observe_request(event)
+    assert not metrics._pending  # FOLD_EVERY waiting: counted at once
+    for event in events[FOLD_EVERY:]:
+        metrics.observe(event)
+    found = samples(exposition(metrics.snapshot()).decode())
+    assert not metrics._pending
+    for name, values in (("request_duration_seconds", [e.finished - e.started for e in events]),
+                         ("upstream_head_seconds", [e.upstream_time for e in events])):
+        counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        for value in values:
+            counts[bisect_left(LATENCY_BUCKETS, value)] += 1
+        running = 0
+        for bound, count in zip([*(repr(b) for b in LATENCY_BUCKETS), "+Inf"], counts):
+            running += count
+            assert found[(f"rproxy_{name}_bucket", (("le", bound), ("pool", "p"), ("route", "*/")))] == running
+        assert found[(f"rproxy_{name}_count", (("pool", "p"), ("route", "*/")))] == len(values)
+        assert found[(f"rproxy_{name}_sum", (("pool", "p"), ("route", "*/")))] == pytest.approx(sum(values))
+    for status, code in ((200, "2xx"), (404, "4xx"), (503, "5xx")):
+        mine = [e for e in events if e.status == status]
+        labels = (("backend", "b"), ("code", code), ("pool", "p"), ("route", "*/"))
+        assert found[("rproxy_requests_total", labels)] == len(mine)
+        assert found[("rproxy_response_body_bytes_total", labels)] == sum(e.bytes_sent for e in mine)
+        assert found[("rproxy_request_body_bytes_total", labels)] == 7 * len(mine)
+    assert errors == [e for e in events if e.status >= 500]
+
+
 def test_the_cache_events_are_counted() -> None:
     from rproxy_tw.admin.metrics import ProxyMetrics, exposition
     from rproxy_tw.events import CacheEvicted, CacheHit, CacheMiss, CacheStored

@@ -128,3 +128,65 @@ async def test_reloads_applied_and_refused_are_events(net: Any, tmp_path: Any) -
     [refused] = recorder.of(ReloadRefused)
     assert refused.source == str(path) and "not valid TOML" in refused.error
     assert [r.path for r in service.config.routes] == ["/v2/"], "the refused file changed nothing"
+
+
+def test_the_bus_hands_a_finished_request_to_each_observer_by_its_own_handler() -> None:
+    """
+    An IRequestObserver's observe_request is called directly for finished
+    requests (its observe for the other events); a plain observer's observe
+    for every event; an observer that fails stops neither the others nor the request.
+    """
+    from twisted.internet.task import Clock
+    from twisted.logger import globalLogPublisher
+    from zope.interface import implementer
+    from zope.interface.verify import verifyObject
+
+    from rproxy_tw.accesslog import AccessLog
+    from rproxy_tw.admin.metrics import ProxyMetrics
+    from rproxy_tw.events import EventBus, IEventObserver, IRequestObserver, RequestFinished
+    from rproxy_tw.http.server import LocalResponse
+
+    @implementer(IRequestObserver)
+    class Direct:
+        def __init__(self) -> None:
+            self.requests: list[Any] = []
+            self.others: list[Any] = []
+
+        def observe_request(self, event: RequestFinished) -> None:
+            self.requests.append(event)
+
+        def observe(self, event: Any) -> None:
+            self.others.append(event)
+
+    @implementer(IEventObserver)
+    class Failing:
+        def observe(self, event: Any) -> None:
+            raise RuntimeError("observer bug")
+
+    direct, plain = Direct(), EventRecorder()
+    verifyObject(IRequestObserver, direct)
+    verifyObject(IRequestObserver, ProxyMetrics())
+    verifyObject(IRequestObserver, AccessLog(Clock(), "combined", writer=_Discard()))
+    bus = EventBus()
+    for observer in (Failing(), direct, plain):
+        bus.subscribe(observer)
+    logged: list[Any] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        bus.request_finished("192.0.2.1", LocalResponse(None, 404, "Not Found", started_at=5.0), 12, 5.5)
+        reload = ReloadApplied("test", "ok")
+        bus.publish(reload)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    [event] = direct.requests
+    assert event == RequestFinished("192.0.2.1", b"-", b"-", b"1.1", None, 404, 12, 5.0, 5.5)
+    assert direct.others == [reload] and plain.events == [event, reload]
+    assert sum(1 for e in logged if e.get("log_failure") is not None) == 2
+    bus.unsubscribe(direct)
+    bus.publish(event)
+    assert direct.requests == [event] and plain.events == [event, reload, event]
+
+
+class _Discard:
+    def write(self, line: Any) -> None:
+        pass

@@ -5,7 +5,12 @@ gauges read from the runtime when scraped, exposed by C{prometheus_client}.
 Why plain dictionaries rather than C{prometheus_client} metric objects on the
 request path: a labelled C{Counter.labels(...).inc()} takes a lock and
 several calls per sample, while a request here costs one dictionary lookup
-and a few additions (see bench/README.md, "metrics cost").  At scrape time
+and a few additions (see bench/README.md, "metrics cost").  Finished
+requests are not even counted one by one: the observer keeps each event
+(up to L{FOLD_EVERY}) and counts them in one loop when that many wait or
+when anything reads the counts (a scrape, the status page), so that a
+request costs a list append and a share of a loop rather than the calls
+of its own count (measured: bench/README.md, issue 12).  At scrape time
 the counts become C{prometheus_client} metric families in a L{snapshot}, a
 plain JSON-able value that the supervisor of several workers sums
 (L{merge_snapshots}) before C{prometheus_client} writes the exposition.
@@ -16,7 +21,7 @@ New event types are counted by adding an entry to L{ProxyMetrics.counting}
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_right
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -36,7 +41,7 @@ from ..events import (
     CertificateChanged,
     CertificateFailed,
     ConnectionRefused,
-    IEventObserver,
+    IRequestObserver,
     ReloadApplied,
     ReloadRefused,
     RequestFinished,
@@ -53,23 +58,41 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 _STATUS_CLASS = {i: f"{i}xx" for i in range(1, 6)}
 
+FOLD_EVERY = 256
+"""Finished requests kept before they are counted (they are also counted whenever the counts are read)."""
 
 
 class _Histogram:
-    """Bucket counts and a sum: what one label set of a histogram keeps."""
+    """
+    Bucket counts and a sum: what one label set of a histogram keeps.
+    A fold appends its values to C{values} and L{settle} buckets them at
+    once: sorted, each bucket is one C{bisect} (a C{bisect} per value, with
+    its counting, costs four times an append).
+    """
 
-    __slots__ = ("counts", "total")
+    __slots__ = ("counts", "total", "values")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.total = 0.0
+        self.values: list[float] = []
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
-        self.total += value
+    def settle(self) -> None:
+        """Count the values appended since the last time (as C{bisect_left(LATENCY_BUCKETS, value)} would)."""
+        if not self.values:
+            return
+        self.total += sum(self.values)
+        values = sorted(self.values)
+        self.values.clear()  # the same list: folds hold its append
+        counts, below = self.counts, 0
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            upto = bisect_right(values, bound, below)
+            counts[i] += upto - below
+            below = upto
+        counts[-1] += len(values) - below
 
 
-@implementer(IEventObserver)
+@implementer(IRequestObserver)
 class ProxyMetrics:
     """
     Counts what the proxy's events say; L{snapshot} adds what the runtime
@@ -87,14 +110,19 @@ class ProxyMetrics:
         """
         self.gauges = gauges
         self.also = also
-        self.requests: dict[tuple[str, str, str, str], list[int]] = {}
-        self._records: dict[tuple[Any, ...], tuple[list[int], _Histogram, _Histogram]] = {}
-        """(route, pool, backend, status) as events carry them -> their counts and their route's histograms."""
+        self._pending: list[RequestFinished] = []
+        """Finished requests not counted yet (at most L{FOLD_EVERY})."""
+        self._requests: dict[tuple[str, str, str, str], list[int]] = {}
         """(route, pool, backend, status class) -> [requests, request body bytes, response body bytes]."""
-        self.total_latency: dict[tuple[str, str], _Histogram] = {}
-        self.upstream_latency: dict[tuple[str, str], _Histogram] = {}
-        self.retries: dict[str, int] = {}
-        self.tunnels: dict[tuple[str, str], list[int]] = {}
+        self._records: dict[tuple[Any, ...], tuple[list[int], Any, Any]] = {}
+        """
+        (route, pool, backend, status) as events carry them -> their counts, and
+        the C{append} of their route's two histograms' C{values}.
+        """
+        self._total_latency: dict[tuple[str, str], _Histogram] = {}
+        self._upstream_latency: dict[tuple[str, str], _Histogram] = {}
+        self._retries: dict[str, int] = {}
+        self._tunnels: dict[tuple[str, str], list[int]] = {}
         """(route, pool) -> [tunnels closed, bytes from clients, bytes to clients]."""
         self.tcp: dict[tuple[str, str, str], list[int]] = {}
         """(listener, backend, reason) -> [sessions, bytes from clients, bytes to clients]."""
@@ -105,7 +133,7 @@ class ProxyMetrics:
         """Counts added by L{count}: (metric name, label pairs) -> count."""
         self.other_help: dict[str, str] = {}
         self.counting: dict[type, Callable[[Any], None]] = {
-            RequestFinished: self._request,
+            RequestFinished: self.observe_request,
             TCPSessionClosed: self._tcp,
             TLSHandshakeFailed: self._tls_failed,
             BackendStateChanged: self._backend_changed,
@@ -134,13 +162,50 @@ class ProxyMetrics:
         self.count(ConnectionRefused, "connections_refused", "Connections closed at accept, by reason and listener",
                    lambda e: {"reason": e.reason, "listener": e.listener})
 
-    # -- IEventObserver -----------------------------------------------------------------------
+    # -- what the requests' counts are read through: each counts the requests kept first ------
+
+    @property
+    def requests(self) -> dict[tuple[str, str, str, str], list[int]]:
+        """(route, pool, backend, status class) -> [requests, request body bytes, response body bytes]."""
+        self.fold()
+        return self._requests
+
+    @property
+    def total_latency(self) -> dict[tuple[str, str], _Histogram]:
+        """(route, pool) -> time from the request head to the response's end."""
+        self.fold()
+        return self._total_latency
+
+    @property
+    def upstream_latency(self) -> dict[tuple[str, str], _Histogram]:
+        """(route, pool) -> time from the request head to the origin's response head."""
+        self.fold()
+        return self._upstream_latency
+
+    @property
+    def retries(self) -> dict[str, int]:
+        """Pool -> requests sent again to another backend."""
+        self.fold()
+        return self._retries
+
+    @property
+    def tunnels(self) -> dict[tuple[str, str], list[int]]:
+        """(route, pool) -> [tunnels closed, bytes from clients, bytes to clients]."""
+        self.fold()
+        return self._tunnels
+
+    # -- IRequestObserver -----------------------------------------------------------------------
+
+    def observe_request(self, event: RequestFinished) -> None:
+        """Kept, to be counted with the others in L{fold}."""
+        pending = self._pending
+        pending.append(event)
+        if len(pending) >= FOLD_EVERY:
+            self.fold()
 
     def observe(self, event: Any) -> None:
         if type(event) is RequestFinished:
-            self._request(event)
-            if event[5] >= 500 and self.also is not None:
-                self.also(event)
+            self.observe_request(event)
             return
         count = self.counting.get(type(event))
         if count is not None:
@@ -163,60 +228,68 @@ class ProxyMetrics:
 
     # -- per event ----------------------------------------------------------------------------
 
-    def _request(self, event: RequestFinished) -> None:
+    def fold(self) -> None:
         """
-        One finished request: one dictionary lookup finds its counts and its
-        route's two histograms (fields read by position: the cheapest read
-        of a NamedTuple).
+        Count the finished requests kept, in one loop: for each, one
+        dictionary lookup finds its counts and its route's two histograms
+        (fields read by position: the cheapest read of a NamedTuple).
         """
-        if event[14]:
-            self._tunnel(event)
+        pending = self._pending
+        if not pending:
             return
-        key = (event[9], event[10], event[11], event[5])
-        record = self._records.get(key)
-        if record is None:
-            record = self._record(key)
-        counts, total, upstream = record
-        counts[0] += 1
-        counts[1] += event[18]
-        counts[2] += event[6]
-        started = event[7]
-        if started is not None:
-            duration = event[8] - started
-            total.counts[bisect_left(LATENCY_BUCKETS, duration)] += 1
-            total.total += duration
-            head = event[16]
-            if head is not None:
-                upstream.counts[bisect_left(LATENCY_BUCKETS, head)] += 1
-                upstream.total += head
-        if event[17] > 1:
-            pool = event[10] or "-"
-            self.retries[pool] = self.retries.get(pool, 0) + event[17] - 1
+        self._pending = []
+        records, record_for, also = self._records, self._record, self.also
+        for event in pending:
+            if event[5] >= 500 and also is not None:
+                also(event)
+            if event[14]:
+                self._tunnel(event)
+                continue
+            key = (event[9], event[10], event[11], event[5])
+            record = records.get(key)
+            if record is None:
+                record = record_for(key)
+            counts, total, upstream = record
+            counts[0] += 1
+            counts[1] += event[18]
+            counts[2] += event[6]
+            started = event[7]
+            if started is not None:
+                total(event[8] - started)
+                head = event[16]
+                if head is not None:
+                    upstream(head)
+            if event[17] > 1:
+                pool = event[10] or "-"
+                self._retries[pool] = self._retries.get(pool, 0) + event[17] - 1
+        for histograms in (self._total_latency, self._upstream_latency):
+            for histogram in histograms.values():
+                histogram.settle()
 
-    def _record(self, key: tuple[Any, ...]) -> tuple[list[int], _Histogram, _Histogram]:
-        """The counts of a (route, pool, backend, status) seen for the first time, and its route's histograms."""
+    def _record(self, key: tuple[Any, ...]) -> tuple[list[int], Any, Any]:
+        """The counts of a (route, pool, backend, status) seen first, and its route's histograms' appends."""
         route, pool, backend, status = key
         route, pool = route or "-", pool or "-"
         name = (route, pool, backend or "-", _STATUS_CLASS.get(status // 100, "other"))
-        counts = self.requests.get(name)
+        counts = self._requests.get(name)
         if counts is None:
-            counts = self.requests[name] = [0, 0, 0]
+            counts = self._requests[name] = [0, 0, 0]
         histograms = []
-        for into in (self.total_latency, self.upstream_latency):
+        for into in (self._total_latency, self._upstream_latency):
             histogram = into.get((route, pool))
             if histogram is None:
                 histogram = into[(route, pool)] = _Histogram()
             histograms.append(histogram)
         if len(self._records) >= 10000:
             self._records.clear()  # bounded: the counts stay in self.requests
-        record = self._records[key] = (counts, histograms[0], histograms[1])
+        record = self._records[key] = (counts, histograms[0].values.append, histograms[1].values.append)
         return record
 
     def _tunnel(self, event: RequestFinished) -> None:
         tkey = (event.route or "-", event.pool or "-")
-        tunnel = self.tunnels.get(tkey)
+        tunnel = self._tunnels.get(tkey)
         if tunnel is None:
-            tunnel = self.tunnels[tkey] = [0, 0, 0]
+            tunnel = self._tunnels[tkey] = [0, 0, 0]
         tunnel[0] += 1
         tunnel[1] += event.bytes_received or 0
         tunnel[2] += event.bytes_sent

@@ -110,6 +110,9 @@ class IExchange(Interface):
     backend = Attribute("The backend that answered, or None.")
     pool = Attribute("The pool of the route, or None.")
     route_name = Attribute("The route's name for logs and events, or None.")
+    head_at = Attribute("When the origin's response head arrived (kept only while events are observed), or None.")
+    attempts = Attribute("Backends tried (0: none; more than 1: retried).")
+    body_seen = Attribute("Request body bytes read from the client.")
 
     def start() -> None:
         """Begin answering (in turn: pipelined requests wait for the ones before)."""

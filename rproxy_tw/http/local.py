@@ -105,6 +105,9 @@ class LocalResourceExchange:
 
     backend = None
     pool = None
+    head_at = None
+    attempts = 0
+    body_seen = 0
     headSent = False
     upgrade = False
 

@@ -64,13 +64,13 @@ class Backend:
     ejected_until: float | None = None
     """When passive health (outlier detection) returns it, or L{None} if not ejected."""
 
+    name: str = attrs.field(init=False)
+    """The backend's endpoint (backends a reload keeps are matched by it, so it never changes)."""
+
     def __attrs_post_init__(self) -> None:
+        self.name = self.config.endpoint  # an attribute, not a property: every finished request's event reads it
         self.draining = self.config.drain
         self.effective_weight = float(self.config.weight)
-
-    @property
-    def name(self) -> str:
-        return self.config.endpoint
 
     @property
     def in_rotation(self) -> bool:
