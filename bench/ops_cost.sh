@@ -15,6 +15,7 @@ WARMUP=${WARMUP:-600}
 WORK=$(mktemp -d /tmp/rproxy-ops-cost.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 export PYTHONHASHSEED=0   # the same dictionaries in every run
+export PYTHONPATH=${PYTHONPATH:-$REPO_ROOT}   # this checkout's source, not the copy pip installed
 gcc -O2 -shared -fPIC -o "$WORK/marks.so" "$BENCH_DIR/callgrind_marks.c"
 base=""
 printf '%-8s %12s %10s\n' variant "Ir/request" "vs first"

@@ -317,6 +317,8 @@ def test_the_counts_are_those_of_the_events() -> None:
     def check(events: list[Any]) -> None:
         from bisect import bisect_left
 
+        import pytest
+
         from rproxy_tw.admin.metrics import LATENCY_BUCKETS
 
         metrics = ProxyMetrics()
@@ -327,6 +329,7 @@ def test_the_counts_are_those_of_the_events() -> None:
         # The same counts, computed plainly from the events.
         requests: dict[Any, list[int]] = {}
         total: dict[Any, list[Any]] = {}
+        upstream: dict[Any, list[Any]] = {}
         retries: dict[str, int] = {}
         for e in events:
             if e.tunnel:
@@ -340,12 +343,19 @@ def test_the_counts_are_those_of_the_events() -> None:
                 h = total.setdefault((e.route or "-", e.pool or "-"), [[0] * (len(LATENCY_BUCKETS) + 1), 0.0])
                 h[0][bisect_left(LATENCY_BUCKETS, e.finished - e.started)] += 1
                 h[1] += e.finished - e.started
+                if e.upstream_time is not None:
+                    u = upstream.setdefault((e.route or "-", e.pool or "-"),
+                                            [[0] * (len(LATENCY_BUCKETS) + 1), 0.0])
+                    u[0][bisect_left(LATENCY_BUCKETS, e.upstream_time)] += 1
+                    u[1] += e.upstream_time
             if e.attempts > 1:
                 retries[e.pool or "-"] = retries.get(e.pool or "-", 0) + e.attempts - 1
         assert metrics.requests == requests
         assert metrics.retries == retries
-        assert {k: h.counts for k, h in metrics.total_latency.items() if sum(h.counts)} == \
-            {k: h[0] for k, h in total.items()}
+        for found, expected in ((metrics.total_latency, total), (metrics.upstream_latency, upstream)):
+            assert {k: h.counts for k, h in found.items() if sum(h.counts)} == {k: h[0] for k, h in expected.items()}
+            assert {k: h.total for k, h in found.items() if sum(h.counts)} == \
+                {k: pytest.approx(h[1]) for k, h in expected.items()}
         assert sum(t[0] for t in metrics.tunnels.values()) == sum(1 for e in events if e.tunnel)
         assert errors == [e for e in events if e.status >= 500]
 

@@ -7,10 +7,11 @@ request path: a labelled C{Counter.labels(...).inc()} takes a lock and
 several calls per sample, while a request here costs one dictionary lookup
 and a few additions (see bench/README.md, "metrics cost").  Finished
 requests are not even counted one by one: the observer keeps each event
-(up to L{FOLD_EVERY}) and counts them in one loop when that many wait or
-when anything reads the counts (a scrape, the status page), so that a
-request costs a list append and a share of a loop rather than the calls
-of its own count (measured: bench/README.md, issue 12).  At scrape time
+(up to L{FOLD_EVERY}) and counts them, a run of alike requests at a time
+with C-level helpers, when that many wait or when anything reads the
+counts (a scrape, the status page), so that a request costs a list append
+and a share of a few calls rather than the calls of its own count
+(measured: bench/README.md, issue 12).  At scrape time
 the counts become C{prometheus_client} metric families in a L{snapshot}, a
 plain JSON-able value that the supervisor of several workers sums
 (L{merge_snapshots}) before C{prometheus_client} writes the exposition.
@@ -22,6 +23,9 @@ New event types are counted by adding an entry to L{ProxyMetrics.counting}
 from __future__ import annotations
 
 from bisect import bisect_right
+from functools import partial
+from itertools import groupby
+from operator import is_not, itemgetter, sub
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -61,11 +65,18 @@ _STATUS_CLASS = {i: f"{i}xx" for i in range(1, 6)}
 FOLD_EVERY = 256
 """Finished requests kept before they are counted (they are also counted whenever the counts are read)."""
 
+# RequestFinished's fields, read by position in C (L{ProxyMetrics.fold}).
+_RUN_KEY = itemgetter(9, 10, 11, 5, 14)
+"""(route, pool, backend, status, tunnel): what a run of requests counted together shares."""
+_BYTES_SENT, _STARTED, _FINISHED = itemgetter(6), itemgetter(7), itemgetter(8)
+_UPSTREAM_TIME, _ATTEMPTS, _REQUEST_BYTES = itemgetter(16), itemgetter(17), itemgetter(18)
+_IS_VALUE = partial(is_not, None)
+
 
 class _Histogram:
     """
     Bucket counts and a sum: what one label set of a histogram keeps.
-    A fold appends its values to C{values} and L{settle} buckets them at
+    A fold extends C{values} with a run's values and L{settle} buckets them at
     once: sorted, each bucket is one C{bisect} (a C{bisect} per value, with
     its counting, costs four times an append).
     """
@@ -83,7 +94,7 @@ class _Histogram:
             return
         self.total += sum(self.values)
         values = sorted(self.values)
-        self.values.clear()  # the same list: folds hold its append
+        self.values.clear()  # the same list: folds hold its extend
         counts, below = self.counts, 0
         for i, bound in enumerate(LATENCY_BUCKETS):
             upto = bisect_right(values, bound, below)
@@ -116,8 +127,8 @@ class ProxyMetrics:
         """(route, pool, backend, status class) -> [requests, request body bytes, response body bytes]."""
         self._records: dict[tuple[Any, ...], tuple[list[int], Any, Any]] = {}
         """
-        (route, pool, backend, status) as events carry them -> their counts, and
-        the C{append} of their route's two histograms' C{values}.
+        (route, pool, backend, status, tunnel) as events carry them -> their counts,
+        and the C{extend} of their route's two histograms' C{values}.
         """
         self._total_latency: dict[tuple[str, str], _Histogram] = {}
         self._upstream_latency: dict[tuple[str, str], _Histogram] = {}
@@ -230,45 +241,49 @@ class ProxyMetrics:
 
     def fold(self) -> None:
         """
-        Count the finished requests kept, in one loop: for each, one
-        dictionary lookup finds its counts and its route's two histograms
-        (fields read by position: the cheapest read of a NamedTuple).
+        Count the finished requests kept, a run of requests of the same
+        (route, pool, backend, status, tunnel) at a time: C{groupby} finds the runs
+        and C-level helpers (C{len}, C{sum} over C{itemgetter}, C{map(sub)})
+        count each, so that a steady workload costs a few calls per fold
+        rather than a Python loop's turn per request (bench/README.md).
         """
         pending = self._pending
         if not pending:
             return
         self._pending = []
         records, record_for, also = self._records, self._record, self.also
-        for event in pending:
-            if event[5] >= 500 and also is not None:
-                also(event)
-            if event[14]:
-                self._tunnel(event)
+        for key, run in groupby(pending, _RUN_KEY):
+            run = list(run)
+            if key[3] >= 500 and also is not None:
+                for event in run:
+                    also(event)
+            if key[4]:
+                for event in run:
+                    self._tunnel(event)
                 continue
-            key = (event[9], event[10], event[11], event[5])
             record = records.get(key)
             if record is None:
                 record = record_for(key)
             counts, total, upstream = record
-            counts[0] += 1
-            counts[1] += event[18]
-            counts[2] += event[6]
-            started = event[7]
-            if started is not None:
-                total(event[8] - started)
-                head = event[16]
-                if head is not None:
-                    upstream(head)
-            if event[17] > 1:
-                pool = event[10] or "-"
-                self._retries[pool] = self._retries.get(pool, 0) + event[17] - 1
+            counts[0] += len(run)
+            counts[1] += sum(map(_REQUEST_BYTES, run))
+            counts[2] += sum(map(_BYTES_SENT, run))
+            if max(map(_ATTEMPTS, run)) > 1:
+                pool = key[1] or "-"
+                self._retries[pool] = self._retries.get(pool, 0) + sum(a - 1 for a in map(_ATTEMPTS, run) if a > 1)
+            started = list(map(_STARTED, run))
+            if None in started:  # heads never read have no durations
+                run = [event for event in run if event[7] is not None]
+                started = list(map(_STARTED, run))
+            total(map(sub, map(_FINISHED, run), started))
+            upstream(filter(_IS_VALUE, map(_UPSTREAM_TIME, run)))
         for histograms in (self._total_latency, self._upstream_latency):
             for histogram in histograms.values():
                 histogram.settle()
 
     def _record(self, key: tuple[Any, ...]) -> tuple[list[int], Any, Any]:
-        """The counts of a (route, pool, backend, status) seen first, and its route's histograms' appends."""
-        route, pool, backend, status = key
+        """The counts of a (route, pool, backend, status, tunnel) seen first, and its route's histograms' C{extend}."""
+        route, pool, backend, status = key[:4]
         route, pool = route or "-", pool or "-"
         name = (route, pool, backend or "-", _STATUS_CLASS.get(status // 100, "other"))
         counts = self._requests.get(name)
@@ -282,7 +297,7 @@ class ProxyMetrics:
             histograms.append(histogram)
         if len(self._records) >= 10000:
             self._records.clear()  # bounded: the counts stay in self.requests
-        record = self._records[key] = (counts, histograms[0].values.append, histograms[1].values.append)
+        record = self._records[key] = (counts, histograms[0].values.extend, histograms[1].values.extend)
         return record
 
     def _tunnel(self, event: RequestFinished) -> None:
