@@ -187,6 +187,8 @@ class HTTPServerConnection(Protocol):
         self.closing = False
         self._input_done = False
         """The last request was read (it asked to close): what follows is not processed."""
+        self._read_past_end = False
+        """Bytes came after the last request: the client may still be sending, so the close lingers."""
         self.in_head = False
         self._head_bytes = 0
         self._url = b""
@@ -278,7 +280,12 @@ class HTTPServerConnection(Protocol):
         self.parser = None  # type: ignore[assignment]
         # A TLS transport only starts its close once no producer is registered.
         self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        lose = self.transport.loseConnection
+        if self._input_done and not self._read_past_end:
+            # The last request was read whole and nothing came after it: the
+            # ssl TLS transport may close without waiting for the client's.
+            lose = getattr(self.transport, "loseConnectionWithoutLinger", lose)
+        lose()
         limits = self.factory.limits
         grace = CLOSE_GRACE if close_waits_for_peer(self.transport) else max(CLOSE_GRACE, limits.idle_timeout)
         self._closeBy(grace)
@@ -433,6 +440,7 @@ class HTTPServerConnection(Protocol):
                 # Bytes after a request that closes the connection: RFC 9112
                 # section 9.6 says they are not processed.
                 self.parser = None  # type: ignore[assignment]
+                self._read_past_end = True
             else:
                 self._parseFailed(e)
         else:
@@ -495,6 +503,7 @@ class HTTPServerConnection(Protocol):
 
     def on_message_begin(self) -> None:
         if self.closing or self._input_done:
+            self._read_past_end = self._input_done
             return
         self.in_head = True
         self._head_bytes = 0
