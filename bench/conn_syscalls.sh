@@ -7,6 +7,8 @@
 # read epoll_wait and a failed accept4 as load-dependent).  Per connection = count / requests.
 #   bench/conn_syscalls.sh                             # TESTS="close-tls close" LOAD=5s
 #   BASE_DIR=/tmp/rproxy-base bench/conn_syscalls.sh   # adds "base": rproxy from another source tree
+#   PROFILE=1 bench/conn_syscalls.sh                   # and where the CPU time goes, by library
+#                                                      # (`perf record -e cpu-clock`, kernel included)
 set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(dirname "$BENCH_DIR")
@@ -18,6 +20,7 @@ LOAD_CPU=${LOAD_CPU:-1}
 START_TIMEOUT=${START_TIMEOUT:-30}
 BASE_DIR=${BASE_DIR:-}
 PROXIES=${PROXIES:-"nginx rproxy${BASE_DIR:+ base}"}
+PROFILE=${PROFILE:-}
 export PATH="$PATH:/usr/sbin:/sbin"
 WORK=$(mktemp -d /tmp/rproxy-conn-sys.XXXXXX)
 RUN_DIR=$WORK
@@ -86,6 +89,13 @@ for t in $TESTS; do
         awk -v n="$n" '$1 ~ /^[0-9.]+$/ && $4 ~ /^[0-9]+$/ {
                 errs = (NF == 6) ? $5 : 0
                 printf "    %-16s %7.2f%s\n", $NF, $4 / n, errs ? sprintf("  (%.2f failed)", errs / n) : ""}' "$WORK/strace.$t.$p"
+    done
+    [[ -n $PROFILE ]] || continue
+    for p in $PROXIES; do
+        read -r n _ <<<"$(run_counted "$t" "$p" perf record -q -e cpu-clock -F 2000 -o "$WORK/perf.data.$t.$p")"
+        echo "$t $p: $n requests (perf record), CPU time per connection by library (kernel included):"
+        perf report -q -n -i "$WORK/perf.data.$t.$p" --sort dso --stdio 2>/dev/null | awk -v n="$n" '
+            $1 ~ /%$/ && $2 ~ /^[0-9]+$/ {printf "    %7s %7.1f us  %s\n", $1, $2 * 500 / n, $3}' | head -12
     done
 done
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
