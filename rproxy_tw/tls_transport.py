@@ -391,9 +391,11 @@ class TLSServerConnection(Protocol):
         peer's close (nginx closes so when no request bytes are left unread;
         the linger costs a reactor turn, two C{epoll_ctl} and a read per
         connection).  Bytes not yet read from the peer mean it did send
-        more: then the close lingers, as L{loseConnection}'s does.
+        more, and a paused connection may have some in the kernel (closing
+        on them would reset the connection): then the close lingers, as
+        L{loseConnection}'s does.
         """
-        unread = not self._handshaken or self._incoming.pending or self._tls.pending()
+        unread = not self._handshaken or self._paused or self._incoming.pending or self._tls.pending()
         self._close(linger=bool(unread))
 
     def _close(self, linger: bool) -> None:

@@ -462,6 +462,15 @@ def test_a_close_without_linger_lingers_when_the_peer_sent_more(cert_files: tupl
     assert p.tcp.write_closed and not p.tcp.disconnecting, "the peer is still sending: the close lingers"
 
 
+def test_a_close_without_linger_lingers_when_reading_was_paused(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+    p.handshake()
+    p.app.transport.pauseProducing()
+    p.app.transport.loseConnectionWithoutLinger()
+    assert p.tcp.write_closed and not p.tcp.disconnecting, "what the kernel holds is unknown: the close lingers"
+    assert p.tcp.producerState == "producing", "and reads on, to see the peer's close"
+
+
 def test_a_close_that_never_drains_is_cut(cert_files: tuple[str, str]) -> None:
     from rproxy_tw.tls_transport import CLOSE_TIMEOUT
 
