@@ -171,6 +171,9 @@ class HTTPServerConnection(Protocol):
     wants_block = True
     draining = False
     """A graceful stop asked this connection to close after its current response."""
+    _read_past_end = False
+    """Bytes came after the last request: the client may still be sending, so the close lingers.
+    (A class default: set on the few connections it concerns, not in every one's C{__init__}.)"""
 
     _log = Logger(observer=log_observer)
 
@@ -187,8 +190,6 @@ class HTTPServerConnection(Protocol):
         self.closing = False
         self._input_done = False
         """The last request was read (it asked to close): what follows is not processed."""
-        self._read_past_end = False
-        """Bytes came after the last request: the client may still be sending, so the close lingers."""
         self.in_head = False
         self._head_bytes = 0
         self._url = b""
@@ -503,7 +504,8 @@ class HTTPServerConnection(Protocol):
 
     def on_message_begin(self) -> None:
         if self.closing or self._input_done:
-            self._read_past_end = self._input_done
+            if self._input_done:
+                self._read_past_end = True
             return
         self.in_head = True
         self._head_bytes = 0
