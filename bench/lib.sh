@@ -156,6 +156,44 @@ start_origin_1k() {
     wait_listening origin || { echo "origin did not start" >&2; exit 1; }
 }
 
+# start_conn_proxies: the proxies of PROXIES (nginx; rproxy from REPO_ROOT; base from BASE_DIR),
+# each with a plain (PORT[p]) and a TLS listener (TLS_PORT[p], one P-256 certificate for all) in
+# front of the origin (start_origin_1k first), pinned to PROXY_CPU; CPU_PID[p] is the process doing
+# the work (nginx's worker).  For the per-connection scripts (conn_cpu.sh, conn_syscalls.sh).
+declare -A TLS_PORT=() CPU_PID=()
+start_conn_proxies() {
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$WORK/key.pem" \
+        -out "$WORK/cert.pem" -days 30 -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
+    CIPHERS="ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+    local p tmpl user src
+    for p in $PROXIES; do
+        read -r PORT[$p] TLS_PORT[$p] <<<"$(free_ports 2)"
+        tmpl=$BENCH_DIR/h2/rproxy.toml.in
+        [[ $p == nginx ]] && tmpl=$BENCH_DIR/h2/proxy-nginx.conf.in
+        user=""
+        [[ $EUID -eq 0 ]] && user="user root;"
+        mkdir -p "$WORK/$p/tmp"
+        sed -e "s|@DIR@|$WORK/$p|g" -e "s|@USER@|$user|g" -e "s|@PORT@|${PORT[$p]}|g" -e "s|@TLS_PORT@|${TLS_PORT[$p]}|g" \
+            -e "s|@ORIGIN_PORT@|${PORT[origin]}|g" -e "s|@CERT@|$WORK/cert.pem|g" -e "s|@KEY@|$WORK/key.pem|g" \
+            -e "s|@CIPHERS@|$CIPHERS|g" "$tmpl" >"$WORK/$p.conf"
+        if [[ $p == nginx ]]; then
+            start nginx "$PROXY_CPU" nginx -p "$WORK/nginx/" -c "$WORK/nginx.conf" -e "$WORK/nginx/error.log"
+        else
+            src=$REPO_ROOT
+            [[ $p == base ]] && src=$BASE_DIR
+            pushd "$src" >/dev/null   # python -c: this tree's rproxy_tw comes first on sys.path
+            start "$p" "$PROXY_CPU" "$PYTHON" -c 'from twisted.scripts.twistd import run; run()' -n --pidfile= rproxy \
+                --config "$WORK/$p.conf"
+            popd >/dev/null
+        fi
+        wait_listening "$p" || { echo "$p did not start (see $WORK/$p.log)" >&2; exit 1; }
+        CPU_PID[$p]=${PID[$p]}
+        if [[ $p == nginx ]]; then
+            CPU_PID[$p]=$(pgrep -P "${PID[$p]}" | head -1)   # the one worker does the work
+        fi
+    done
+}
+
 # callgrind_total OUT: the instructions counted in callgrind's output files OUT* (one per dump).
 callgrind_total() {
     local f c ir=0

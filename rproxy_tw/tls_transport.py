@@ -24,6 +24,9 @@ transport (for the HTTP protocol it wraps).  What it does about the edges:
     (nginx's lingering close), and a slow reader is never cut while the
     response is still on its way (the linger starts only after it left).
     A peer's C{close_notify} is answered with ours and the connection closed.
+    C{loseConnectionWithoutLinger}, for a peer whose last request was read
+    whole, sends C{close_notify} and closes once the buffer is sent (as
+    nginx does then, and as the plain TCP transport always does).
   - a failed handshake sends OpenSSL's alert, then closes; the wrapped
     protocol's C{connectionLost} gets the C{ssl.SSLError}.
   - deadlines: the handshake and the first bytes after it must come within
@@ -378,6 +381,24 @@ class TLSServerConnection(Protocol):
         self.write(b"".join(data))
 
     def loseConnection(self) -> None:
+        self._close(linger=True)
+
+    def loseConnectionWithoutLinger(self) -> None:
+        """
+        Close when the peer has nothing more to send (its last request was
+        read whole): C{close_notify}, then the socket closes once what was
+        written is sent, without shutting the write side and waiting for the
+        peer's close (nginx closes so when no request bytes are left unread;
+        the linger costs a reactor turn, two C{epoll_ctl} and a read per
+        connection).  Bytes not yet read from the peer mean it did send
+        more, and a paused connection may have some in the kernel (closing
+        on them would reset the connection): then the close lingers, as
+        L{loseConnection}'s does.
+        """
+        unread = not self._handshaken or self._paused or self._incoming.pending or self._tls.pending()
+        self._close(linger=bool(unread))
+
+    def _close(self, linger: bool) -> None:
         if self.disconnecting:
             return
         self.disconnecting = True
@@ -389,7 +410,7 @@ class TLSServerConnection(Protocol):
         self._unregister_tcp_producer()
         self._cut_after(CLOSE_TIMEOUT)
         lose_write = getattr(self.transport, "loseWriteConnection", None)
-        if lose_write is None:
+        if not linger or lose_write is None:
             self.transport.loseConnection()
             return
         lose_write()  # then writeConnectionLost, once the buffer is sent

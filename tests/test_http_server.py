@@ -402,6 +402,39 @@ def test_local_error_pages_are_plain_and_short():
 
 
 # ---------------------------------------------------------------------------
+# HTTP/1.1's close: without the TLS transport's linger once the last request was read whole
+
+
+class _LingerRecorder(StringTransport):
+    """A transport with the C{ssl} TLS transport's close that does not linger."""
+
+    closed_without_linger = False
+
+    def loseConnectionWithoutLinger(self) -> None:
+        self.closed_without_linger = True
+        self.loseConnection()
+
+
+@pytest.mark.parametrize("raw, lingers", [
+    (request(headers=[(b"Connection", b"close")]), False),
+    (request(headers=[(b"Connection", b"close")]) + b"GET /y HTTP/1.1\r\n\r\n", True),
+    (request(headers=[(b"Connection", b"close")], method=b"POST", body=b"hello")[:-2], True),
+], ids=["read whole", "bytes after it", "body unread"])
+def test_a_close_lingers_only_if_the_client_may_still_be_sending(raw: bytes, lingers: bool) -> None:
+    h = Harness(limits={"max_body_bytes": 3})
+    addr = IPv4Address("TCP", CLIENT_IP, 40000)
+    proto = h.factory.buildProtocol(addr)
+    client = _LingerRecorder(peerAddress=addr, hostAddress=IPv4Address("TCP", "127.0.0.1", 8080), lenient=True)
+    proto.makeConnection(client)
+    proto.dataReceived(raw)
+    if h.reactor.tcpClients:
+        up, _origin = h.accept_origin()
+        up.dataReceived(response(200, b"ok"))
+    assert one_response(take(client)).status in (200, 413)
+    assert client.disconnecting
+    assert client.closed_without_linger is not lingers
+
+
 # HTTP/2's close: GOAWAY on idle, and a backstop for a peer that stops reading
 
 

@@ -149,3 +149,57 @@ def test_a_tls_connection_stalled_mid_handshake_is_closed_at_its_deadline(net: A
     yield client.until_closed()
     assert time.monotonic() - began >= 0.45, "not before its deadline"
     assert bytes(client.buf) == b"", "nothing answered to half a hello"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_tls_request_that_closes_does_not_wait_for_the_client_s_close(net: Any, cert_files: Any) -> None:
+    """
+    A request read whole, with C{Connection: close}: the answer, close_notify,
+    and the socket closes, while the client (like many) never sends its own
+    close_notify nor closes.  Waiting for it (the linger) was a reactor turn,
+    two C{epoll_ctl} and a read per connection.
+    """
+    import socket
+    import ssl
+    import threading
+
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+    from twisted.internet.threads import deferToThread
+
+    from rproxy_tw.tls_transport import LINGER
+
+    origin = yield net.origin()
+    config = proxy_config(f"tcp:127.0.0.1:{origin.port}")
+    config["listen"][0]["tls"] = "t"
+    config["tls"] = {"t": {"certificates": [{"cert": cert_files[0], "key": cert_files[1]}]}}
+    proxy = yield net.proxy(config)
+    answered, release = threading.Event(), threading.Event()
+
+    def fetch() -> bytes:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        tls = ctx.wrap_socket(raw)
+        tls.sendall(request(headers=[(b"Connection", b"close")]))
+        data = b""
+        while chunk := tls.recv(65536):  # b"": the server's close_notify
+            data += chunk
+        answered.set()
+        release.wait(10)  # hold the socket open, sending nothing
+        raw.close()
+        return data
+
+    fetched = deferToThread(fetch)
+    while not answered.is_set() and not fetched.called:
+        yield deferLater(reactor, 0.01, lambda: None)
+    waited = 0.0
+    while proxy.factory.connections and waited < LINGER / 2:  # a linger would hold it for LINGER
+        yield deferLater(reactor, 0.05, lambda: None)
+        waited += 0.05
+    closed = not proxy.factory.connections
+    release.set()
+    data = yield fetched
+    assert data.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in data
+    assert closed, "the server closed its socket without waiting for the client's close"

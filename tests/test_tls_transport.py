@@ -433,6 +433,44 @@ def test_our_close_answered_by_the_peer_is_a_clean_end(cert_files: tuple[str, st
     assert p.app.lost.check(ConnectionDone), p.app.lost
 
 
+def test_a_close_without_linger_closes_once_sent(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+    p.handshake()
+    p.app.transport.write(b"the answer")
+    p.app.transport.loseConnectionWithoutLinger()
+    assert p.tcp.disconnecting and not p.tcp.write_closed, "closed once sent, no write-side close and linger"
+    assert not p.tcp.aborted
+    p.to_client()
+    assert p.client_read() == b"the answer"
+    assert p.closed, "close_notify before the close"
+    p.app.transport.write(b"after close")
+    assert p.tcp.value() == b""
+    p.server.connectionLost(Failure(ConnectionDone()))
+    assert p.app.lost.check(ConnectionDone)
+    assert not p.clock.getDelayedCalls()
+
+
+def test_a_close_without_linger_lingers_when_the_peer_sent_more(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+    p.handshake()
+    p.app.pause_after_first = True
+    p.client.write(b"one")
+    p.client.write(b"two")
+    p.to_server()
+    assert p.app.received == [b"one"], "the second record waits, unread"
+    p.app.transport.loseConnectionWithoutLinger()
+    assert p.tcp.write_closed and not p.tcp.disconnecting, "the peer is still sending: the close lingers"
+
+
+def test_a_close_without_linger_lingers_when_reading_was_paused(cert_files: tuple[str, str]) -> None:
+    p = Pair(cert_files)
+    p.handshake()
+    p.app.transport.pauseProducing()
+    p.app.transport.loseConnectionWithoutLinger()
+    assert p.tcp.write_closed and not p.tcp.disconnecting, "what the kernel holds is unknown: the close lingers"
+    assert p.tcp.producerState == "producing", "and reads on, to see the peer's close"
+
+
 def test_a_close_that_never_drains_is_cut(cert_files: tuple[str, str]) -> None:
     from rproxy_tw.tls_transport import CLOSE_TIMEOUT
 

@@ -174,6 +174,9 @@ class HTTPServerConnection(Protocol):
     wants_block = True
     draining = False
     """A graceful stop asked this connection to close after its current response."""
+    _read_past_end = False
+    """Bytes came after the last request: the client may still be sending, so the close lingers.
+    (A class default: set on the few connections it concerns, not in every one's C{__init__}.)"""
 
     _log = Logger(observer=log_observer)
 
@@ -281,7 +284,12 @@ class HTTPServerConnection(Protocol):
         self.parser = None  # type: ignore[assignment]
         # A TLS transport only starts its close once no producer is registered.
         self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        lose = self.transport.loseConnection
+        if self._input_done and not self._read_past_end:
+            # The last request was read whole and nothing came after it: the
+            # ssl TLS transport may close without waiting for the client's.
+            lose = getattr(self.transport, "loseConnectionWithoutLinger", lose)
+        lose()
         limits = self.factory.limits
         grace = CLOSE_GRACE if close_waits_for_peer(self.transport) else max(CLOSE_GRACE, limits.idle_timeout)
         self._closeBy(grace)
@@ -436,6 +444,7 @@ class HTTPServerConnection(Protocol):
                 # Bytes after a request that closes the connection: RFC 9112
                 # section 9.6 says they are not processed.
                 self.parser = None  # type: ignore[assignment]
+                self._read_past_end = True
             else:
                 self._parseFailed(e)
         else:
@@ -498,6 +507,8 @@ class HTTPServerConnection(Protocol):
 
     def on_message_begin(self) -> None:
         if self.closing or self._input_done:
+            if self._input_done:
+                self._read_past_end = True
             return
         self.in_head = True
         self._head_bytes = 0
