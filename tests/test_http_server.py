@@ -16,10 +16,12 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from rproxy_tw.config import parse_config
 from rproxy_tw.http.server import HTTPProxyFactory
 from rproxy_tw.service import ProxyRuntime
+from rproxy_tw.transport import ILingerlessClose
 
 from .conftest import chunk, parse_responses, proxy_config, request, response
 
@@ -405,6 +407,7 @@ def test_local_error_pages_are_plain_and_short():
 # HTTP/1.1's close: without the TLS transport's linger once the last request was read whole
 
 
+@implementer(ILingerlessClose)
 class _LingerRecorder(StringTransport):
     """A transport with the C{ssl} TLS transport's close that does not linger."""
 

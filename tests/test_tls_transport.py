@@ -23,10 +23,12 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from rproxy_tw.config import CertificateConfig, TLSProfile
 from rproxy_tw.tls import StdlibTLSContexts
 from rproxy_tw.tls_transport import LINGER, StdlibTLSServerFactory
+from rproxy_tw.transport import ILingerlessClose
 
 
 @pytest.fixture(scope="module")
@@ -436,6 +438,7 @@ def test_our_close_answered_by_the_peer_is_a_clean_end(cert_files: tuple[str, st
 def test_a_close_without_linger_closes_once_sent(cert_files: tuple[str, str]) -> None:
     p = Pair(cert_files)
     p.handshake()
+    assert verifyObject(ILingerlessClose, p.app.transport)
     p.app.transport.write(b"the answer")
     p.app.transport.loseConnectionWithoutLinger()
     assert p.tcp.disconnecting and not p.tcp.write_closed, "closed once sent, no write-side close and linger"

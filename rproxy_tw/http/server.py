@@ -30,6 +30,7 @@ from ..pipeline import EMPTY_CHAIN, FilterChain, ResponseHeaders
 from ..routing import ErrorPage, ProxyRoute
 from ..tls import client_subject, close_waits_for_peer
 from .exchange import IDownstream, IExchange, ProxyExchange, RequestRejected as _Reject
+from ..transport import ILingerlessClose
 from ..transport.fastwrite import direct_writer, no_delay
 from ..transport.flow import ReadGate, ResponseFlow
 from .request import ProxyRequest, read_request_head
@@ -284,12 +285,12 @@ class HTTPServerConnection(Protocol):
         self.parser = None  # type: ignore[assignment]
         # A TLS transport only starts its close once no producer is registered.
         self.transport.unregisterProducer()
-        lose = self.transport.loseConnection
-        if self._input_done and not self._read_past_end:
+        if self._input_done and not self._read_past_end and ILingerlessClose.providedBy(self.transport):
             # The last request was read whole and nothing came after it: the
             # ssl TLS transport may close without waiting for the client's.
-            lose = getattr(self.transport, "loseConnectionWithoutLinger", lose)
-        lose()
+            self.transport.loseConnectionWithoutLinger()
+        else:
+            self.transport.loseConnection()
         limits = self.factory.limits
         grace = CLOSE_GRACE if close_waits_for_peer(self.transport) else max(CLOSE_GRACE, limits.idle_timeout)
         self._closeBy(grace)
