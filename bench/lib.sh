@@ -56,6 +56,19 @@ wait_listening() {
     return 1
 }
 
+# started NAME: wait_listening NAME, and if it does not listen, mark NAME failed with why
+# (the last error in its log, or the timeout) and return 1.
+started() {
+    local name=$1
+    wait_listening "$name" && return 0
+    if alive "$name"; then
+        fail "$name" "not listening after ${START_TIMEOUT}s (see $RUN_DIR/$name.log)"
+    else
+        fail "$name" "did not start: $(last_error "$RUN_DIR/$name.log") (see $RUN_DIR/$name.log)"
+    fi
+    return 1
+}
+
 last_error() {
     local line
     line=$(grep -E '^(Error|\[ALERT\]|nginx: \[emerg\]|[[:alnum:]_.]+(Error|Exception)\b|/.*: [a-z_.]+(\[[0-9]+\])?[a-z_.]*: )' "$1" \

@@ -144,14 +144,7 @@ for p in $PROXIES; do
 done
 
 for p in $PROXIES; do
-    if ! wait_listening "$p"; then
-        if alive "$p"; then
-            fail "$p" "not listening after ${START_TIMEOUT}s (see $RUN_DIR/$p.log)"
-        else
-            fail "$p" "did not start: $(last_error "$RUN_DIR/$p.log") (see $RUN_DIR/$p.log)"
-        fi
-        continue
-    fi
+    started "$p" || continue
     if why=$(check_fetch "${PORT[$p]}"); then
         log "$p on 127.0.0.1:${PORT[$p]} (CPU $PROXY_CPU)"
     else
