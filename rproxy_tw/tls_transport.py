@@ -60,7 +60,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .transport import ILingerlessClose
+from .transport import ILingerlessClose, ITimedHandshake
 from .transport.fastwrite import direct_writer
 from .logs import observer as log_observer
 
@@ -85,7 +85,7 @@ _READ_SIZE = 256 * 1024
 _log = Logger(observer=log_observer)
 
 
-@implementer(ITCPTransport, ISSLTransport, IPushProducer, IHalfCloseableProtocol, ILingerlessClose)
+@implementer(ITCPTransport, ISSLTransport, IPushProducer, IHalfCloseableProtocol, ILingerlessClose, ITimedHandshake)
 class TLSServerConnection(Protocol):
     """
     One server-side TLS connection: the TCP transport's protocol, and the

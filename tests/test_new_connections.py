@@ -11,8 +11,10 @@ import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
+from zope.interface import implementer
 
 from rproxy_tw.listener import DEFAULT_BACKLOG, with_backlog
+from rproxy_tw.transport import ITimedHandshake
 
 from .conftest import proxy_config, request, response
 from .test_http_server import Harness, one_response, take
@@ -126,6 +128,7 @@ def test_the_alpn_switch_times_the_handshake_unless_its_transport_does() -> None
     h.reactor.advance(5.0)
     assert transport.aborted, "no handshake within header_timeout"
 
+    @implementer(ITimedHandshake)
     class TimedTLS(_Abortable):
         times_handshake = True
 

@@ -28,7 +28,7 @@ from zope.interface.verify import verifyObject
 from rproxy_tw.config import CertificateConfig, TLSProfile
 from rproxy_tw.tls import StdlibTLSContexts
 from rproxy_tw.tls_transport import LINGER, StdlibTLSServerFactory
-from rproxy_tw.transport import ILingerlessClose
+from rproxy_tw.transport import ILingerlessClose, ITimedHandshake
 
 
 @pytest.fixture(scope="module")
@@ -438,7 +438,7 @@ def test_our_close_answered_by_the_peer_is_a_clean_end(cert_files: tuple[str, st
 def test_a_close_without_linger_closes_once_sent(cert_files: tuple[str, str]) -> None:
     p = Pair(cert_files)
     p.handshake()
-    assert verifyObject(ILingerlessClose, p.app.transport)
+    assert verifyObject(ILingerlessClose, p.app.transport) and verifyObject(ITimedHandshake, p.app.transport)
     p.app.transport.write(b"the answer")
     p.app.transport.loseConnectionWithoutLinger()
     assert p.tcp.disconnecting and not p.tcp.write_closed, "closed once sent, no write-side close and linger"

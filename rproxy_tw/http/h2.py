@@ -48,6 +48,7 @@ from .h2session import (
     WindowUpdated,
 )
 from .hpack_out import ResponseEncoder
+from ..transport import ITimedHandshake
 from ..transport.fastwrite import no_delay
 from ..transport.flow import ReadGate
 from .server import LocalResponse, client_address, forwarding_info, http_date
@@ -892,7 +893,7 @@ class ALPNSwitch(Protocol):
         self._timer: Any = None
 
     def connectionMade(self) -> None:
-        if getattr(self.transport, "times_handshake", False):
+        if ITimedHandshake.providedBy(self.transport) and self.transport.times_handshake:
             return  # the ssl transport cuts a slow handshake itself, on the timer it has anyway
         self._timer = self.factory.clock.callLater(self.factory.limits.header_timeout, self._timedOut)
 

@@ -4,7 +4,7 @@ transport): writing to a socket without Twisted's buffering when it is
 empty, and backpressure gates with named reasons.
 """
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 
 class ILingerlessClose(Interface):
@@ -17,3 +17,13 @@ class ILingerlessClose(Interface):
 
     def loseConnectionWithoutLinger() -> None:
         """Close once what was written is sent, without waiting for the peer's close."""
+
+
+class ITimedHandshake(Interface):
+    """
+    A TLS transport that may cut a slow handshake (and its first bytes)
+    itself, on the timer it has anyway: the protocol above then needs no
+    deadline of its own for that phase.
+    """
+
+    times_handshake = Attribute("Whether this transport cuts a handshake slower than its factory's timeout.")
