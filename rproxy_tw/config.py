@@ -18,6 +18,8 @@ from typing import Any, Callable, Mapping, Sequence
 import attrs
 from attrs import field, frozen
 
+from .endpoint_string import bind_address, server_problem
+
 __all__ = [
     "ConfigError",
     "ProxyConfig",
@@ -526,8 +528,6 @@ def _endpoint_problem(description: str, server: bool) -> str | None:
     """
     Check an endpoint string's shape without touching the network or a reactor.
     """
-    from twisted.internet import endpoints
-
     if not description or description.strip() != description:
         return "must be a non-empty endpoint string such as 'tcp:8080'"
     kind = description.split(":", 1)[0]
@@ -535,10 +535,9 @@ def _endpoint_problem(description: str, server: bool) -> str | None:
         known = {p.prefix for p in _server_plugins()} | {"tcp", "tcp6", "ssl", "unix", "systemd"}
         if kind not in known:
             return f"unknown endpoint type {kind!r} (tcp, tcp6, ssl, unix, systemd, haproxy...)"
-        try:
-            endpoints._parseServer(description, None)  # type: ignore[attr-defined]
-        except Exception as e:  # noqa: BLE001 - any parse failure is a config error
-            return f"bad endpoint {description!r}: {e}"
+        problem = server_problem(description)
+        if problem is not None:
+            return f"bad endpoint {description!r}: {problem}"
     else:
         if kind not in ("tcp", "tcp6", "ssl", "unix", "tls", "host"):
             if kind not in {p.prefix for p in _client_plugins()}:
@@ -1194,38 +1193,6 @@ def not_enforced_warnings(config: ProxyConfig) -> list[str]:
     return lines
 
 
-def _bind_address(description: str) -> tuple[Any, ...] | None:
-    """
-    What a server endpoint binds, comparable between spellings
-    (C{tcp:8080} and C{tcp:port=8080}): C{("ip", host, port)},
-    C{("unix", path)}, C{("systemd", domain, index)}, or L{None} when unknown
-    (or port 0, which never collides).
-    """
-    from twisted.internet import endpoints
-
-    while description.startswith("haproxy:"):
-        description = description[len("haproxy:"):]
-    kind = description.split(":", 1)[0]
-    try:
-        parser, args, kwargs = endpoints._parseServer(description, None)  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - refused elsewhere with its own message
-        return None
-    if parser in ("TCP", "SSL"):
-        port, host = int(args[0]), kwargs.get("interface", "") or "0.0.0.0"
-    elif kind == "tcp6":
-        port, host = int(args[0]), kwargs.get("interface", "::") or "::"
-    elif parser == "UNIX":
-        path = args[0]
-        return ("unix", path if path.startswith("\0") else os.path.abspath(path))
-    elif kind == "systemd":
-        return ("systemd", kwargs.get("domain"), kwargs.get("index"))
-    else:
-        return None
-    if port == 0:
-        return None
-    return ("ip", host, port)
-
-
 def _overlap(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     """Whether binding C{a} and C{b} at once fails: equal, or the same port with a wildcard address."""
     if a == b:
@@ -1243,7 +1210,7 @@ def _overlap(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
 def _refuse_overlapping_endpoints(source: str, named: list[tuple[str, str]]) -> None:
     seen: list[tuple[str, str, tuple[Any, ...]]] = []
     for key, description in named:
-        bound = _bind_address(description)
+        bound = bind_address(description)
         if bound is None:
             continue
         for other_key, other, other_bound in seen:

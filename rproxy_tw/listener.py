@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 from zope.interface import Interface
 
+from .endpoint_string import parse
+
 __all__ = ["DEFAULT_BACKLOG", "IListenerFactory", "with_backlog"]
 
 DEFAULT_BACKLOG = 511
@@ -54,11 +56,7 @@ def with_backlog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
     and it has none: what the listener is started with (the configured
     string stays as it was, in logs and events).
     """
-    kind, sep, rest = description.partition(":")
-    if not sep or kind.strip().lower() not in _BACKLOG_TYPES:
-        return description
-    # Parameters are ":"-separated; "\:" is an escaped colon inside one.
-    params = rest.replace("\\:", "").split(":")
-    if any(p.strip().startswith("backlog=") for p in params):
+    endpoint = parse(description)
+    if endpoint.kind.strip().lower() not in _BACKLOG_TYPES or "backlog" in endpoint.kwargs:
         return description
     return f"{description}:backlog={backlog}"
