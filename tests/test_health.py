@@ -58,11 +58,15 @@ class FakeProbe:
     def __init__(self) -> None:
         self.calls: list[tuple[Backend, Deferred[None]]] = []
         self.cancelled: list[Backend] = []
+        self.forgotten: list[Backend] = []
 
     def probe(self, backend: Backend) -> Deferred[None]:
         d: Deferred[None] = Deferred(lambda d: self.cancelled.append(backend))
         self.calls.append((backend, d))
         return d
+
+    def forget(self, backend: Backend) -> None:
+        self.forgotten.append(backend)
 
     def pending(self) -> list[Deferred[None]]:
         return [d for _, d in self.calls if not d.called]
@@ -178,6 +182,19 @@ def test_finished_probe_leaves_no_timeout_behind() -> None:
     s.next_probe()
     s.probe.succeed_last()
     assert len(s.clock.getDelayedCalls()) == 1  # only the next probe
+
+
+def test_backends_a_reload_removes_are_forgotten_by_the_probe_and_probed_no_more() -> None:
+    s = monitored(n=2)
+    gone, stays = s.pool.backends
+    kept = BackendPool(
+        PoolConfig(name="web", backends=(stays.config,), health=s.monitor.config), s.clock, lambda description: object(),
+    )
+    kept.backends = [stays]
+    s.monitor.adopt(kept)
+    assert s.probe.forgotten == [gone]
+    s.clock.advance(10.0)
+    assert {backend for backend, _ in s.probe.calls} == {stays}
 
 
 def test_stop_cancels_everything_without_verdicts() -> None:
@@ -399,6 +416,14 @@ def test_http_probe_targets() -> None:
     assert probe.target(backend("tls:api.internal:8443:trustRoots=ca")) == ("own", "https://api.internal:8443/h")
     assert probe.target(backend("unix:/run/app.sock")) == ("own", "http://localhost/h")
     assert via_endpoint == ["<tls:api.internal:8443:trustRoots=ca>", "<unix:/run/app.sock>"]
+    unix = backend("unix:/run/app.sock")
+    probe.target(unix)
+    assert len(via_endpoint) == 3  # one client per backend, kept...
+    probe.target(unix)
+    assert len(via_endpoint) == 3
+    probe.forget(unix)  # ...until the backend leaves its pool
+    probe.target(unix)
+    assert len(via_endpoint) == 4
 
 
 @implementer(IStreamClientEndpoint)
@@ -438,8 +463,9 @@ def test_monitor_for() -> None:
 
 @pytest_twisted.inlineCallbacks
 def test_http_probe_against_real_origin() -> Any:
-    """One real round trip: treq's default client over TCP to a twisted.web origin on 127.0.0.1."""
+    """One real round trip: the probe's own client, through the backend's endpoint, to a twisted.web origin on 127.0.0.1."""
     from twisted.internet import reactor
+    from twisted.internet.endpoints import clientFromString
     from twisted.web.server import Site
 
     origin = Resource()
@@ -448,8 +474,10 @@ def test_http_probe_against_real_origin() -> Any:
     port = reactor.listenTCP(0, Site(origin), interface="127.0.0.1")
     try:
         endpoint = f"tcp:127.0.0.1:{port.getHost().port}"
-        backend = Backend(config=BackendConfig(endpoint), pool_name="p", endpoint=None)  # type: ignore[arg-type]
-        yield HTTPProbe(HealthConfig(path="/healthz", expect_body="READY"), reactor).probe(backend)
+        backend = Backend(config=BackendConfig(endpoint), pool_name="p", endpoint=clientFromString(reactor, endpoint))
+        with capturedLogs() as events:
+            yield HTTPProbe(HealthConfig(path="/healthz", expect_body="READY"), reactor).probe(backend)
+        assert not [e for e in events if "Starting factory" in str(e.get("log_format"))]  # a probe every few seconds is quiet
         with pytest.raises(ProbeFailed):
             yield HTTPProbe(HealthConfig(path="/broken"), reactor).probe(backend)
     finally:
@@ -478,12 +506,14 @@ class Hang(Resource):
 def test_http_probe_cancel_closes_connection() -> Any:
     """The monitor's timeout cancels the probe; the connection to the origin must go with it."""
     from twisted.internet import reactor
+    from twisted.internet.endpoints import clientFromString
     from twisted.web.server import Site
 
     hang = Hang()
     port = reactor.listenTCP(0, Site(hang), interface="127.0.0.1")
     try:
-        backend = Backend(config=BackendConfig(f"tcp:127.0.0.1:{port.getHost().port}"), pool_name="p", endpoint=None)  # type: ignore[arg-type]
+        endpoint = f"tcp:127.0.0.1:{port.getHost().port}"
+        backend = Backend(config=BackendConfig(endpoint), pool_name="p", endpoint=clientFromString(reactor, endpoint))
         d = HTTPProbe(HealthConfig(path="/slow"), reactor).probe(backend)
         yield hang.arrived
         d.cancel()

@@ -53,7 +53,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime,
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import Interface, implementer
@@ -98,6 +98,9 @@ class IProbe(Interface):
             cancellation (stop connecting, close the connection).
         """
 
+    def forget(backend: Backend) -> None:
+        """C{backend} left its pool: drop whatever was kept to probe it."""
+
 
 ProbeLike = Union[IProbe, Callable[[Backend], "Deferred[None]"]]
 
@@ -119,15 +122,20 @@ class TCPProbe:
 
         return d.addCallback(connected)
 
-
-class _QuietFactory(_HTTP11ClientFactory):
-    """A probe every few seconds must not log "Starting factory" twice each time."""
-
-    noisy = False
+    def forget(self, backend: Backend) -> None:
+        """Nothing is kept per backend: each probe opens a connection of its own."""
 
 
-class _QuietPool(HTTPConnectionPool):
-    _factory = _QuietFactory
+@implementer(IStreamClientEndpoint)
+class _QuietEndpoint:
+    """Connects as C{endpoint} does, with a quiet factory: a probe every few seconds must not log "Starting factory" each time."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, protocolFactory: Any) -> Deferred[Any]:  # noqa: N803 - the interface's name
+        protocolFactory.noisy = False
+        return self._endpoint.connect(protocolFactory)
 
 
 @implementer(IAgentEndpointFactory)
@@ -135,7 +143,7 @@ class _FixedEndpoint:
     """Sends every request of an Agent through one backend's own endpoint (unix:, tls:..., as configured)."""
 
     def __init__(self, endpoint: IStreamClientEndpoint) -> None:
-        self._endpoint = endpoint
+        self._endpoint = _QuietEndpoint(endpoint)
 
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
         return self._endpoint
@@ -274,12 +282,9 @@ class HTTPProbe:
         self._endpoint_clients: dict[Backend, Any] = {}
         self._needle = config.expect_body.encode("utf-8") if config.expect_body else None
 
-    def _agent_client(self, endpoint: IStreamClientEndpoint | None) -> HTTPClient:
-        pool = _QuietPool(self._reactor, persistent=False)
-        if endpoint is None:
-            agent = Agent(self._reactor, pool=pool)
-        else:
-            agent = Agent.usingEndpointFactory(self._reactor, _FixedEndpoint(endpoint), pool=pool)
+    def _agent_client(self, endpoint: IStreamClientEndpoint) -> HTTPClient:
+        pool = HTTPConnectionPool(self._reactor, persistent=False)
+        agent = Agent.usingEndpointFactory(self._reactor, _FixedEndpoint(endpoint), pool=pool)
         return HTTPClient(agent, cookiejar=_no_cookie_jar())
 
     def target(self, backend: Backend) -> tuple[Any, str]:
@@ -317,6 +322,9 @@ class HTTPProbe:
         reader = _BodyReader(self._needle, self.BODY_LIMIT)
         response.deliverBody(reader)
         return reader.done.addCallback(self._judge, response.code)
+
+    def forget(self, backend: Backend) -> None:
+        self._endpoint_clients.pop(backend, None)
 
     def _judge(self, found: bool, code: int) -> None:
         low, high = self.config.expect_status
@@ -471,6 +479,7 @@ class HealthMonitor(Service):
         self.config = config
         self.name = f"health:{pool.name}"
         self._clock = clock
+        self._prober: IProbe | None = probe if IProbe.providedBy(probe) else None  # type: ignore[assignment]
         self._probe: Callable[[Backend], Deferred[None]] = probe.probe if IProbe.providedBy(probe) else probe  # type: ignore[union-attr,assignment]
         self._random = random if random is not None else _random.Random()
         self.slow_start = SlowStart(clock, config.slow_start)
@@ -511,9 +520,8 @@ class HealthMonitor(Service):
             if state.running is not None:
                 state.running.cancel()
             self.slow_start.cancel(backend)
-            clients = getattr(getattr(self._probe, "__self__", None), "_endpoint_clients", None)
-            if clients is not None:
-                clients.pop(backend, None)
+            if self._prober is not None:
+                self._prober.forget(backend)
         for backend in pool.backends:
             if backend not in self._states:
                 state = self._states[backend] = _ProbeState()
