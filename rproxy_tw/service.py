@@ -49,6 +49,7 @@ from .request_id import RequestIdFilter
 from .routing import ErrorPage, HostRouter, ProxyRoute, build_router
 from .scrub.connections import ConnectionGuard
 from .scrub.setup import Scrubbing
+from .transport.proxy_header import HEADER_TIMEOUT, ProxyHeaderEndpoint, behind_proxy_header
 from .upstream.health import FollowedHealth, HealthMonitor, PassiveConfig, PassiveHealth, monitor_for
 from .upstream.pool import BackendPool
 from .upstream.retry import RetryBudget
@@ -908,7 +909,12 @@ class ProxyService(MultiService):
         # Behind a PROXY-protocol balancer (haproxy:) the peer is the balancer: clients are judged per request.
         guard = None if listen.endpoint.startswith("haproxy:") else self.guard
         switch = _ListenerFactory(outer, guard, listen.endpoint)
-        service = _Listener(self.listen_endpoint_for(listen.endpoint), switch)
+        proxied, description = behind_proxy_header(listen.endpoint)
+        endpoint = self.listen_endpoint_for(description)
+        if proxied:
+            timeout = inner.limits.header_timeout if listen.protocol == "http" else HEADER_TIMEOUT
+            endpoint = ProxyHeaderEndpoint(endpoint, self.reactor, timeout)
+        service = _Listener(endpoint, switch)
         service._raiseSynchronously = True
         service.label = f"listen[{index}] {listen.endpoint}"
         return _Slot(listen, inner, outer, switch, service)

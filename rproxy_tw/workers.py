@@ -49,10 +49,12 @@ from zope.interface import implementer
 from .admin.api import AdminSite, IAdminSource
 from .admin.metrics import gauge_family, merge_snapshots
 from .admin.status import merge_status
+from .endpoint_string import parse
 from .events import BackendStateChanged, EventBus, IEventObserver
 from .listener import DEFAULT_BACKLOG
 from .config import ConfigError, ProxyConfig
 from .logs import observer as log_observer
+from .transport.proxy_header import behind_proxy_header
 from .upstream.health import VerdictBoard, Verdicts, monitor_for, verdicts_of
 from .upstream.pool import BackendPool
 
@@ -68,31 +70,6 @@ def worker_count(workers: int | str) -> int:
         except AttributeError:  # pragma: no cover - not Linux
             return max(1, os.cpu_count() or 1)
     return int(workers)
-
-
-def _split(description: str) -> tuple[str, list[str], dict[str, str]]:
-    """An endpoint string's kind, positional and keyword arguments (backslash escapes a colon)."""
-    parts, current, escaped = [], "", False
-    for ch in description:
-        if escaped:
-            current += ch
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ":":
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    parts.append(current)
-    args, kwargs = [], {}
-    for part in parts[1:]:
-        key, eq, value = part.partition("=")
-        if eq:
-            kwargs[key] = value
-        else:
-            args.append(part)
-    return parts[0], args, kwargs
 
 
 def listening_sockets(description: str, copies: int = 1) -> list[socket.socket]:
@@ -130,7 +107,8 @@ def listening_socket(description: str, reuseport: bool = False, port: int | None
     @raise CannotListenError: it cannot listen (port in use...).
     @raise ValueError: another kind of endpoint (it cannot be shared).
     """
-    kind, args, kwargs = _split(description)
+    endpoint = parse(description)
+    kind, args, kwargs = endpoint.kind, endpoint.args, endpoint.kwargs
     if kind == "systemd":
         count = int(os.environ.get("LISTEN_FDS", "0"))
         index = int(kwargs.get("index", "0"))
@@ -399,10 +377,10 @@ class Supervisor(MultiService):
                  reload_config: Callable[[], ProxyConfig] | None = None) -> None:
         super().__init__()
         for index, listen in enumerate(config.listen):
-            if _split(listen.endpoint)[0] not in ("tcp", "tcp6", "unix", "systemd"):
+            if parse(behind_proxy_header(listen.endpoint)[1]).kind not in ("tcp", "tcp6", "unix", "systemd"):
                 raise ConfigError(config.source, f"listen[{index}].endpoint",
                                   f"{listen.endpoint!r}: with workers > 1 only tcp:, tcp6:, unix: and systemd: "
-                                  "listeners can be shared")
+                                  "listeners can be shared (haproxy: in front of one of them too)")
         self.config = config
         self.reactor = reactor
         self.count = count
@@ -436,11 +414,12 @@ class Supervisor(MultiService):
         from .service import ListenError
 
         for index, listen in enumerate(self.config.listen):
-            if listen.endpoint in self.sockets:
+            endpoint = behind_proxy_header(listen.endpoint)[1]  # the worker reads the PROXY header itself
+            if endpoint in self.sockets:
                 continue
-            own = self.config.server.reuseport and _split(listen.endpoint)[0] in ("tcp", "tcp6")
+            own = self.config.server.reuseport and parse(endpoint).kind in ("tcp", "tcp6")
             try:
-                self.sockets[listen.endpoint] = listening_sockets(listen.endpoint, self.count if own else 1)
+                self.sockets[endpoint] = listening_sockets(endpoint, self.count if own else 1)
             except CannotListenError as e:
                 error = e.socketError
                 why = getattr(error, "strerror", None) or str(error)

@@ -25,7 +25,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError as Refused
 from twisted.internet.protocol import Factory
-from twisted.test.proto_helpers import StringTransport
+from twisted.internet.testing import StringTransport
 
 from rproxy_tw.http.h2 import H2ServerConnection
 

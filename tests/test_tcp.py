@@ -45,6 +45,7 @@ from rproxy_tw.config import BackendConfig, ListenConfig, PoolConfig
 from rproxy_tw.tcp import proxy_protocol as pp
 from rproxy_tw.tcp.proxy_protocol import ProxyHeader, ProxyProtocolError, TLSInfo, build_v1, build_v2, parse
 from rproxy_tw.tcp.relay import TCPProxyFactory, TCPProxyServer
+from rproxy_tw.transport.proxy_header import ProxyHeaderFactory
 from rproxy_tw.upstream.pool import BackendPool
 
 HANG_GUARD = 20.0
@@ -52,6 +53,13 @@ HANG_GUARD = 20.0
 
 HAVE_TLS_MODULE = os.path.exists(os.path.join(os.path.dirname(__file__), "..", "rproxy_tw", "tls.py"))
 NO_TLS_MODULE = "rproxy_tw/tls.py (TLS termination profiles, another engineer's issue) does not exist yet"
+
+
+def proxy_header(factory: Any) -> ProxyHeaderFactory:
+    """What a C{haproxy:} listener puts in front of its factory."""
+    from twisted.internet import reactor
+
+    return ProxyHeaderFactory(factory, reactor)
 
 
 # ===========================================================================
@@ -717,11 +725,10 @@ async def test_proxy_header_accepted_in_front_and_passed_on(env: Env) -> None:
     even for a server-speaks-first service where the client sends nothing
     after the header.
     """
-    from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 
     # HeaderBackend answers "ok" as soon as the PROXY header arrives, like a greeting.
     server, backend_port = env.server(HeaderBackend)
-    _, port = env.proxy([f"tcp:127.0.0.1:{backend_port}"], listen=listen_config("v2"), wrap=HAProxyWrappingFactory)
+    _, port = env.proxy([f"tcp:127.0.0.1:{backend_port}"], listen=listen_config("v2"), wrap=proxy_header)
     client = await env.connect(port)
     client.transport.write(b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 6380\r\n")
     await until(lambda: server.peers and server.peers[0].header is not None, "the backend to get a PROXY header")
@@ -1144,12 +1151,11 @@ async def test_tls_front_twisted_client_close_still_gets_the_reply(env: Env, pki
 @pytest_twisted.ensureDeferred
 async def test_proxy_header_in_front_of_tls_and_v2_with_tls_behind(env: Env, pki: dict[str, str]) -> None:
     """haproxy: wrapper, then TLS, then the relay: the backend learns the LB's client and the TLS facts."""
-    from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 
     server, backend_port = env.server(HeaderBackend)
     tls = _server_tls(pki)
     _, port = env.proxy([f"tcp:127.0.0.1:{backend_port}"], listen=listen_config("v2"),
-                        wrap=lambda f: HAProxyWrappingFactory(tls(f)))
+                        wrap=lambda f: proxy_header(tls(f)))
     lb_header = build_v2(v6("2001:db8::7", 40000), v6("2001:db8::1", 6380))
     reply = await deferToThread(_tls_half_close_client, port, pki["ca"], b"hi", True, lb_header)
     assert reply == b"ok\nhi"
@@ -1328,18 +1334,17 @@ def _delayed_tls_half_close_client(port, cafile, payload, prefix, delay):
 @pytest_twisted.ensureDeferred
 async def test_half_close_through_haproxy_wrapper_and_tls_when_data_comes_late(env: Env, pki: dict[str, str]) -> None:
     """A FIN from the client must half-close through the haproxy: wrapper too (regression: the answer was lost)."""
-    from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
     server, backend_port = env.server(HeaderBackend)
     tls = _server_tls(pki)
     _, port = env.proxy([f"tcp:127.0.0.1:{backend_port}"], listen=listen_config("v2"),
-                        wrap=lambda f: HAProxyWrappingFactory(tls(f)))
+                        wrap=lambda f: proxy_header(tls(f)))
     lb_header = build_v2(v6("2001:db8::7", 40000), v6("2001:db8::1", 6380))
     reply = await deferToThread(_delayed_tls_half_close_client, port, pki["ca"], b"hi", lb_header, 0.3)
     assert reply[0] == b"ok\nhi"
 
 
 @pytest_twisted.ensureDeferred
-async def test_repro_no_haproxy(env, pki):
+async def test_half_close_over_tls_when_data_comes_late(env: Env, pki: dict[str, str]) -> None:
     server, backend_port = env.server(HeaderBackend)
     tls = _server_tls(pki)
     _, port = env.proxy([f"tcp:127.0.0.1:{backend_port}"], listen=listen_config("v2"), wrap=tls)
@@ -1348,10 +1353,8 @@ async def test_repro_no_haproxy(env, pki):
 
 
 @pytest_twisted.ensureDeferred
-async def test_repro_plain_haproxy(env):
-    from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
-    from tests.test_tcp import ReplyAfterEOF, _half_close_client
+async def test_half_close_through_a_proxy_header_listener(env: Env) -> None:
     server, backend_port = env.server(ReplyAfterEOF)
-    _, port = env.proxy([f"tcp:127.0.0.1:{backend_port}"], wrap=HAProxyWrappingFactory)
+    _, port = env.proxy([f"tcp:127.0.0.1:{backend_port}"], wrap=proxy_header)
     reply = await deferToThread(_half_close_client, port, b"PROXY TCP4 203.0.113.7 192.0.2.1 5555 6380\r\nabc")
     assert reply.startswith(b"got 3 bytes")

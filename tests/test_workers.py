@@ -71,8 +71,11 @@ def _twistd(tmp_path: Any, config: Any) -> tuple[Any, subprocess.Popen[bytes]]:
 
 
 def _group_config(tmp_path: Any, port: int, admin: int, origins: list[_NamedOrigin],
-                  server: str = 'access_log = "off"', health: str = "") -> Any:
-    """A config file: 2 workers, the admin listener, one pool of C{origins} (with C{health} when given)."""
+                  server: str = 'access_log = "off"', health: str = "", listen: str = "") -> Any:
+    """
+    A config file: 2 workers, the admin listener, one pool of C{origins} (with C{health} when given),
+    the listener's endpoint string behind C{listen} (C{haproxy:}).
+    """
     config = tmp_path / "rproxy.toml"
     backends = ", ".join(f'"tcp:127.0.0.1:{o.port}"' for o in origins)
     config.write_text(f"""
@@ -85,7 +88,7 @@ shutdown_timeout = 5
 endpoint = "tcp:{admin}:interface=127.0.0.1"
 
 [[listen]]
-endpoint = "tcp:{port}:interface=127.0.0.1"
+endpoint = "{listen}tcp:{port}:interface=127.0.0.1"
 
 [[route]]
 pool = "web"
@@ -284,3 +287,26 @@ def test_a_reload_gives_the_supervisor_the_new_health_checks(tmp_path) -> None:
         assert set(_bodies(port, 40)) == {b"B"}
 
     _run_group(tmp_path, [a, b], check)
+
+
+def test_two_workers_behind_a_load_balancer_read_its_proxy_headers(tmp_path) -> None:
+    """A haproxy: listener under the supervisor: each worker reads the PROXY header on the socket it shares."""
+    log = tmp_path / "access.log"
+    clients = [f"203.0.113.{i}" for i in range(1, 9)]
+
+    def check(port: int, admin: int, proc: Any) -> None:
+        for client in clients:
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.sendall(f"PROXY TCP4 {client} 192.0.2.1 40000 80\r\n".encode()
+                      + b"GET / HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n")
+            with s:
+                assert _read_all(s).startswith(b"HTTP/1.1 200")
+        lines = _until(lambda: log.exists() and len(log.read_text().splitlines()) == len(clients) and log.read_text(),
+                       "every request in the access log")
+        assert sorted(line.split()[0] for line in lines.splitlines()) == sorted(clients)
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")  # no header: closed, nothing answered
+        with s:
+            assert _read_all(s) == b""
+
+    _run_group(tmp_path, [_NamedOrigin(b"A")], check, listen="haproxy:", server=f'access_log = "{log}"')

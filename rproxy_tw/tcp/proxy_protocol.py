@@ -7,12 +7,11 @@ as the first bytes to the backend, so that the backend learns the client's
 address (and with v2, what TLS the proxy terminated) although the TCP
 connection it sees comes from the proxy.
 
-Accepting PROXY headers from a trusted load balancer I{in front} of rproxy is
-the listener's business, not this module's: wrap the endpoint string, as in
-C{endpoint = "haproxy:tcp:6380"}, and C{getPeer()} becomes the address the
-balancer reported (see L{rproxy_tw.tcp.relay} for how TCP listeners wait for
-it).  L{parse} is here for tests, for backends written in Python, and for a
-front end that must parse the header itself.
+Accepting PROXY headers from a trusted load balancer I{in front} of rproxy:
+prefix the listener's endpoint string, as in C{endpoint = "haproxy:tcp:6380"};
+L{rproxy_tw.transport.proxy_header} reads each connection's header with
+L{parse} before the listener's protocol exists, and C{getPeer()} is then the
+address the balancer reported.
 
 Specification: U{https://www.haproxy.org/download/2.9/doc/proxy-protocol.txt}.
 """

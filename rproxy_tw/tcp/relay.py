@@ -23,8 +23,9 @@ The pieces, per client connection:
 
 L{TCPProxyFactory} works as is behind a plain endpoint, behind
 C{haproxy:} (PROXY protocol accepted from a load balancer in front: the
-backend is chosen and the outgoing PROXY header built only once the incoming
-one is parsed) and wrapped in C{TLSMemoryBIOFactory} (TLS termination: the
+relay is built only once the incoming header is read, by
+L{rproxy_tw.transport.proxy_header}, so it chooses the backend and builds the
+outgoing PROXY header with the client's address) and wrapped in C{TLSMemoryBIOFactory} (TLS termination: the
 backend connection starts once the handshake is done, so a failed handshake
 never reaches a backend, and the PROXY v2 header can carry what was
 negotiated).
@@ -47,6 +48,7 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
     IReactorTime,
+    ITCPTransport,
     ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -54,12 +56,12 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from zope.interface import alsoProvides, implementer
+from zope.interface import implementer
 
 from ..config import DEFAULT_MAX_CONNECTIONS, TCP_IDLE_TIMEOUT
 from ..events import TCPSessionClosed
 from ..listener import IListenerFactory
-from ..transport.fastwrite import direct_writer
+from ..transport.fastwrite import direct_writer, held_bytes
 from ..transport.flow import GateProducer, ReadGate
 from ..logs import observer as log_observer
 from . import proxy_protocol
@@ -143,35 +145,6 @@ def _half_closeable(transport: Any) -> bool:
     return isinstance(t, FileDescriptor)
 
 
-def _pass_half_close(transport: Any) -> None:
-    """
-    Let the client's TCP FIN reach the relay as C{readConnectionLost} through
-    the pass-through wrappers under it (C{haproxy:}'s).  Twisted's socket
-    half-closes only for an C{IHalfCloseableProtocol}, which a
-    C{ProtocolWrapper} is not: the FIN ended the whole connection, and the
-    backend's answer still to come was dropped.  Such a wrapper now passes
-    the FIN on once its protocol half-closes (and the PROXY header is in).
-    """
-    t = transport
-    while isinstance(t, ProtocolWrapper):
-        if not isinstance(t, TLSMemoryBIOProtocol) and not IHalfCloseableProtocol.providedBy(t):
-            t.readConnectionLost = _forward_read_eof(t)
-            t.writeConnectionLost = lambda: None
-            alsoProvides(t, IHalfCloseableProtocol)
-        t = t.transport
-
-
-def _forward_read_eof(wrapper: Any) -> Callable[[], None]:
-    def readConnectionLost() -> None:
-        inner = wrapper.wrappedProtocol
-        if IHalfCloseableProtocol.providedBy(inner) and _waiting_proxy_header(wrapper) is None:
-            inner.readConnectionLost()
-        else:
-            wrapper.transport.loseConnection()  # as before: the FIN ends the connection
-
-    return readConnectionLost
-
-
 def _shutdown_write(transport: Any) -> None:
     """Tell C{transport}'s peer we will send no more, after what is buffered."""
     if _half_closeable(transport):
@@ -198,24 +171,11 @@ def _keep_alive(transport: Any) -> None:
     t = transport
     while isinstance(t, ProtocolWrapper):
         t = t.transport
-    set_keep_alive = getattr(t, "setTcpKeepAlive", None)
-    if set_keep_alive is not None:
+    if ITCPTransport.providedBy(t):
         try:
-            set_keep_alive(1)
+            t.setTcpKeepAlive(1)
         except OSError:  # not a TCP socket after all, or already closed
             pass
-
-
-def _write_buffered(transport: Any) -> int:
-    """Bytes written to C{transport} and not yet handed to the kernel (Twisted's buffers, TLS included)."""
-    held = 0
-    t = transport
-    while isinstance(t, ProtocolWrapper):
-        held += sum(map(len, getattr(t, "_appSendBuffer", None) or ()))
-        t = t.transport
-    if isinstance(t, FileDescriptor):
-        held += len(t.dataBuffer) - t.offset + t._tempDataLen
-    return held
 
 
 def _describe(address: IAddress | None) -> str:
@@ -263,28 +223,6 @@ def tls_info_of(transport: ITransport) -> TLSInfo | None:
         client_cert=cert is not None,
         verified=cert is not None and handle.get_verified_chain() is not None,
     )
-
-
-def _waiting_proxy_header(transport: Any) -> Any:
-    """
-    The C{haproxy:} wrapper under C{transport} if it has not yet parsed the
-    PROXY header from the load balancer, else L{None}.
-
-    Twisted's wrapper connects the wrapped protocol before the header
-    arrives and says nothing when it has parsed it (it forwards only the
-    payload that follows), yet the client address is what picks the backend
-    and goes into our own PROXY header.  Server-speaks-first protocols (SMTP,
-    IMAP, MySQL) send no payload until the backend greets, so waiting for
-    payload is no answer; L{TCPProxyServer} instead looks at the wrapper after
-    each chunk it is fed.
-    """
-    try:
-        from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
-    except ImportError:  # pragma: no cover - a Twisted without the wrapper
-        return None
-    if isinstance(transport, HAProxyProtocolWrapper) and getattr(transport, "_proxyInfo", True) is None:
-        return transport
-    return None
 
 
 @implementer(IHalfCloseableProtocol)
@@ -371,7 +309,6 @@ class TCPProxyServer(Protocol):
         self.upstream_gate: _Gate | None = None
         self._connecting: Deferred[Any] | None = None
         self._idle_call: IDelayedCall | None = None
-        self._proxy_wrapper: Any = None
         self._write_client: Callable[[bytes], None] | None = None
         self._write_upstream: Callable[[bytes], None] | None = None
 
@@ -386,33 +323,14 @@ class TCPProxyServer(Protocol):
         _keep_alive(self.transport)
         if isinstance(self.transport, TLSMemoryBIOProtocol):
             allow_half_close(self.transport)
-        _pass_half_close(self.transport)
         if isinstance(self.transport, TLSMemoryBIOProtocol):
             return  # handshakeCompleted() starts the relay
-        wrapper = _waiting_proxy_header(self.transport)
-        if wrapper is not None:
-            self._watchProxyHeader(wrapper)
-            return
         self._start()
 
     def handshakeCompleted(self) -> None:
         """TLS terminated in front: the session is known, the backend may be chosen."""
         if not self.started and not self.client_closed:
             self._start()
-
-    def _watchProxyHeader(self, wrapper: Any) -> None:
-        self._proxy_wrapper = wrapper
-        fed = wrapper.dataReceived
-
-        def dataReceived(data: bytes) -> None:
-            fed(data)
-            if self._proxy_wrapper is not None and wrapper._proxyInfo is not None:
-                self._proxy_wrapper = None
-                del wrapper.dataReceived
-                if not self.client_closed:
-                    self._start()
-
-        wrapper.dataReceived = dataReceived
 
     def _start(self) -> None:
         self.started = True
@@ -465,8 +383,6 @@ class TCPProxyServer(Protocol):
         self.client_closed = True
         if self.client_gate is not None:
             self.client_gate.eof = True
-        if self._proxy_wrapper is not None:
-            self._proxy_wrapper = None
         if not self.started:
             self._why("client closed before the relay started" + self._reasonSuffix(reason))
         elif reason.check(ConnectionDone):
@@ -628,10 +544,10 @@ class TCPProxyServer(Protocol):
         the backend connection existed.  Backpressure keeps each near one
         read's worth, whatever the reader's speed.
         """
-        to_client = _write_buffered(self.transport) if not self.client_closed else 0
+        to_client = held_bytes(self.transport) if not self.client_closed else 0
         to_backend = 0
         if self.upstream is not None and not self.upstream_closed:
-            to_backend = _write_buffered(self.upstream.transport)
+            to_backend = held_bytes(self.upstream.transport)
         return to_client, to_backend, sum(map(len, self.pending or ()))
 
     # -- ending ------------------------------------------------------------------------------

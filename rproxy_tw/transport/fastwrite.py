@@ -12,7 +12,9 @@ producer is registered every write goes through Twisted's buffer, since that
 is where Twisted learns to ask it for more.
 
 Used only for Twisted's own C{tcp.Connection} transports; any other transport
-(TLS, UNIX, test transports) gets its ordinary C{write}.  The environment
+(TLS, UNIX, test transports) gets its ordinary C{write}.  This module is the
+one place that reads Twisted's write buffers, which have no public API: here
+to send at once, and in L{held_bytes} to tell how much a transport holds.  The environment
 variable C{RPROXY_NO_DIRECT_WRITE=1} turns it off, for A/B measurements.
 """
 
@@ -21,8 +23,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet import tcp
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import ITCPTransport
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-__all__ = ["direct_writer", "no_delay"]
+__all__ = ["direct_writer", "held_bytes", "no_delay"]
 
 _READ_SIZE = 256 * 1024
 _DISABLED = bool(__import__("os").environ.get("RPROXY_NO_DIRECT_WRITE"))
@@ -77,9 +83,25 @@ def no_delay(transport: Any) -> None:
     Turn Nagle off where the transport allows it: a proxy writes whole
     heads and bodies and must not wait for an ACK before the next one.
     """
-    set_nodelay = getattr(transport, "setTcpNoDelay", None)
-    if set_nodelay is not None:
+    if ITCPTransport.providedBy(transport):
         try:
-            set_nodelay(True)
+            transport.setTcpNoDelay(True)
         except OSError:
             pass
+
+
+def held_bytes(transport: Any) -> int:
+    """
+    Bytes written to C{transport} and not yet handed to the kernel: in
+    Twisted's socket buffer and, under TLS, in what waits for the handshake.
+    Tests use it to show that backpressure keeps a proxy's memory flat.
+    """
+    held = 0
+    t = transport
+    while isinstance(t, ProtocolWrapper):
+        if isinstance(t, TLSMemoryBIOProtocol):
+            held += sum(map(len, t._appSendBuffer))
+        t = t.transport
+    if isinstance(t, FileDescriptor):
+        held += len(t.dataBuffer) - t.offset + t._tempDataLen
+    return held
