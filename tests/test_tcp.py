@@ -21,7 +21,6 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -448,12 +447,8 @@ def dead_port() -> int:
     return port
 
 
-def listen_config(proxy_protocol: str = "off", **extra: Any) -> Any:
-    """The listener config; keys config.py may not have yet go on a stand-in."""
-    if extra:
-        return SimpleNamespace(endpoint="tcp:0", protocol="tcp", tls=None, pool="p", proxy_protocol=proxy_protocol,
-                               **extra)
-    return ListenConfig(endpoint="tcp:0", protocol="tcp", pool="p", proxy_protocol=proxy_protocol)
+def listen_config(proxy_protocol: str = "off", **extra: Any) -> ListenConfig:
+    return ListenConfig(endpoint="tcp:0", protocol="tcp", pool="p", proxy_protocol=proxy_protocol, **extra)
 
 
 class Env:

@@ -40,6 +40,7 @@ import math
 
 import attrs
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
@@ -58,9 +59,9 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..config import DEFAULT_MAX_CONNECTIONS, TCP_IDLE_TIMEOUT
 from ..events import TCPSessionClosed
 from ..listener import IListenerFactory
+from ..transport import ip_of
 from ..transport.fastwrite import direct_writer, held_bytes
 from ..transport.flow import GateProducer, ReadGate
 from ..logs import observer as log_observer
@@ -179,12 +180,11 @@ def _keep_alive(transport: Any) -> None:
 
 
 def _describe(address: IAddress | None) -> str:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is not None:
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    name = getattr(address, "name", None)
-    if name is not None:
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        host = address.host
+        return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+    if isinstance(address, UNIXAddress) and address.name is not None:
+        name = address.name
         return f"unix:{name.decode('utf-8', 'replace') if isinstance(name, bytes) else name}"
     return str(address)
 
@@ -338,14 +338,13 @@ class TCPProxyServer(Protocol):
         assert transport is not None
         peer = transport.getPeer()
         self.client = _describe(peer)
-        self.client_ip = getattr(peer, "host", "") or ""
+        self.client_ip = ip_of(peer) or ""
         version = self.factory.proxy_protocol
         if version != "off":
             tls = tls_info_of(transport) if version == "v2" else None
             self.header = proxy_protocol.build(version, peer, transport.getHost(), tls)
         pool = self.pool
-        candidates = getattr(pool, "candidates", None)
-        healthy = len(candidates()) if candidates is not None else 0
+        healthy = len(pool.candidates())
         # At least every backend in rotation once, however low `retries` is.
         self.budget = max(self.retries + 1, healthy)
         self._connectNext()
@@ -624,7 +623,7 @@ class TCPProxyFactory(Factory):
         C{max_connections} and C{idle_timeout} when the config has them.
     @param pool_config: the pool's config: C{connect_timeout}, C{retries}.
         Its C{idle_timeout} is HTTP's; a relay's is the listener's
-        (L{TCP_IDLE_TIMEOUT} by default), long enough for quiet sessions.
+        (L{rproxy_tw.config.TCP_IDLE_TIMEOUT} by default), long enough for quiet sessions.
     @param passive: optional passive health (C{report_success(backend)},
         C{report_failure(backend, kind)}) fed with connect results.
     """
@@ -634,7 +633,7 @@ class TCPProxyFactory(Factory):
 
     def __init__(self, reactor: Any, pool: Any, listen: Any, pool_config: Any, passive: Any = None) -> None:
         self.reactor = reactor
-        self.name = getattr(listen, "endpoint", "tcp")
+        self.name = listen.endpoint
         self.configure(pool, listen, pool_config, passive)
         self.counters = TCPCounters()
         self.connections: set[TCPProxyServer] = set()
@@ -657,11 +656,9 @@ class TCPProxyFactory(Factory):
         self.passive = passive
         self.events = pool.events
         """The L{rproxy_tw.events.EventBus} told of each relay that ends (the pool's: the runtime's)."""
-        self.proxy_protocol: str = getattr(listen, "proxy_protocol", "off") or "off"
-        max_connections = getattr(listen, "max_connections", DEFAULT_MAX_CONNECTIONS)
-        self.max_connections: int = DEFAULT_MAX_CONNECTIONS if max_connections is None else int(max_connections)
-        idle = getattr(listen, "idle_timeout", None)
-        self.idle_timeout: float = TCP_IDLE_TIMEOUT if idle is None else float(idle)
+        self.proxy_protocol: str = listen.proxy_protocol
+        self.max_connections: int = listen.max_connections
+        self.idle_timeout: float = listen.idle_timeout
         """Seconds a relay may move no byte before both sides close; 0 or C{math.inf}: never."""
         self.connect_timeout: float = float(pool_config.connect_timeout)
         self.retries: int = int(pool_config.retries)
@@ -679,7 +676,7 @@ class TCPProxyFactory(Factory):
             if self.events is not None and self.events.wanted:
                 from ..events import ConnectionRefused
 
-                self.events.publish(ConnectionRefused(self.listen.endpoint, getattr(addr, "host", "unknown"),
+                self.events.publish(ConnectionRefused(self.listen.endpoint, ip_of(addr) or "unknown",
                                                       "max_connections", f"max_connections {self.max_connections}"))
             return _Rejected()
         counters.connections_total += 1

@@ -1,10 +1,22 @@
 """
 Transport helpers shared by every front end (HTTP, raw TCP, the TLS
 transport): writing to a socket without Twisted's buffering when it is
-empty, and backpressure gates with named reasons.
+empty, backpressure gates with named reasons, and what a peer's address
+says.
 """
 
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress
 from zope.interface import Attribute, Interface
+
+
+def ip_of(address: IAddress | None) -> str | None:
+    """The IP address of a TCP peer or host, or L{None} (a UNIX socket, no address)."""
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return address.host
+    return None
 
 
 class ILingerlessClose(Interface):
