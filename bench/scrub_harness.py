@@ -12,7 +12,7 @@ of 2000 requests, whatever the start-up cost; machine load does not change them.
 """
 import os, sys, time, cProfile, pstats
 from twisted.internet import reactor, defer
-from twisted.internet.protocol import Protocol, Factory, ClientFactory
+from twisted.internet.protocol import Protocol, Factory
 from rproxy_tw import ProxyService, parse_config
 
 BODY = b"x" * 1024

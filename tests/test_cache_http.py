@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import gatherResults
 
-from rproxy_tw.events import CacheEvicted, CacheHit, CacheMiss, CacheStored, EventRecorder
+from rproxy_tw.events import CacheHit, CacheMiss, CacheStored, EventRecorder
 
 from .conftest import proxy_config, request, until
 from .test_tls import pki  # noqa: F401 - a fixture

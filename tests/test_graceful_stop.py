@@ -7,7 +7,6 @@ twice.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess

@@ -22,7 +22,7 @@ import h2.settings
 import hpack
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, threads
+from twisted.internet import threads
 from twisted.logger import formatEvent, globalLogPublisher
 
 from rproxy_tw.http import h2 as h2mod

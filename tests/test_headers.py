@@ -13,13 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rproxy_tw.headers import (
+    ForwardingInfo,
     HOP_BY_HOP,
     MASKED_RESPONSE_HEADERS,
-    ForwardingInfo,
     connection_tokens,
     forwarded_node,
     is_trusted,
+    request_head_block,
     request_headers_for_origin,
+    response_added_lines,
+    response_head_block,
     response_headers_for_client,
     serialize,
     trailers_for_client,
@@ -349,12 +352,6 @@ def test_host_always_reaches_origin_unchanged_when_not_named_in_connection(heade
 
 # The one-pass serializers used on the hot path must say exactly what the general rewrite says.
 
-from rproxy_tw.headers import (  # noqa: E402
-    request_head_block,
-    response_added_lines,
-    response_head_block,
-    serialize,
-)
 
 
 # The serializers remember each name's action by the name as it arrived: the same names in

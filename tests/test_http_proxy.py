@@ -13,12 +13,10 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
 from .conftest import (
     FloodProducer,
     chunk,
-    closed_port,
     proxy_config,
     request,
     response,

@@ -23,11 +23,9 @@ import os
 import ssl
 import struct
 import tempfile
-from typing import Any
 
 from attrs import frozen
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ObjectIdentifier
 
 from .storage import self_signed

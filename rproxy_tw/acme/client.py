@@ -185,7 +185,7 @@ def _issue(config: AcmeConfig, storage: AcmeStorage, responder: ChallengeRespond
     except AcmeFailure:
         raise
     except messages.Error as e:
-        rate_limited = e.code == "rateLimited" or getattr(e, "typ", "").endswith(":rateLimited")
+        rate_limited = e.code == "rateLimited" or (e.typ or "").endswith(":rateLimited")
         raise AcmeFailure(f"the CA refused: {e.typ}: {e.detail}",
                           retry_after_seconds(net.retry_after, time.time()), rate_limited) from None
     except errors.ValidationError as e:

@@ -365,7 +365,9 @@ class AcmeManager(Service):
     def _failed(self, state: _NameState, failure: Failure, now: float) -> Failure:
         state.failures += 1
         error = failure.value
-        retry_after = getattr(error, "retry_after", None)
+        refused = error if isinstance(error, AcmeFailure) else None
+        retry_after = refused.retry_after if refused is not None else None
+        rate_limited = refused is not None and refused.rate_limited
         delay = backoff(state.failures, self.rng, self.min_backoff, self.max_backoff, retry_after)
         when = now + delay
         if state.stored is not None and when > state.stored.not_after:
@@ -374,7 +376,7 @@ class AcmeManager(Service):
                    if state.stored is not None else "the temporary self-signed certificate keeps serving")
         why = str(error) if isinstance(error, AcmeFailure) else f"{type(error).__name__}: {error}"
         self._log.error("acme: {kind} for {name} failed ({count} in a row): {why}; {serving}; next attempt at {next}",
-                        kind="rate limited" if getattr(error, "rate_limited", False) else "getting a certificate",
+                        kind="rate limited" if rate_limited else "getting a certificate",
                         name=state.name, count=state.failures, why=why, serving=serving, next=_when(when))
         if not isinstance(error, (AcmeFailure, OSError)):
             self._log.failure("acme: unexpected error for {name}", failure, name=state.name)
@@ -389,7 +391,7 @@ class AcmeManager(Service):
             self._schedule(state, when)
         if self.events is not None and self.events.wanted:
             self.events.publish(CertificateFailed(state.name, why, state.failures,
-                                                  bool(getattr(error, "rate_limited", False)), when))
+                                                  rate_limited, when))
         return failure
 
     # -- the CA's renewal information (RFC 9773) --------------------------------------------

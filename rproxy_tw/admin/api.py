@@ -339,7 +339,7 @@ def admin_site(service: Any) -> tuple[AdminSite, LocalSource]:
     source = LocalSource(service)
 
     def token() -> str:
-        admin = getattr(service.config, "admin", None)
+        admin = service.config.admin
         return admin.token if admin is not None else ""
 
     return AdminSite(source, token), source

@@ -31,9 +31,9 @@ import hashlib
 import random as _random
 from typing import Callable, Sequence
 
-from zope.interface import Attribute, implementer
+from zope.interface import implementer
 
-from .pool import Backend, Headers, IBalancer, RoundRobinBalancer
+from .pool import Backend, Headers, IBalancer, IStickyBalancer, RoundRobinBalancer
 
 __all__ = [
     "IStickyBalancer",
@@ -71,24 +71,6 @@ def _header_value(headers: Headers, name: bytes) -> bytes | None:
     if not values:
         return None
     return b", ".join(values)
-
-
-class IStickyBalancer(IBalancer):
-    """
-    A balancer that pins a client to a backend with a cookie.  The HTTP layer
-    asks it, after picking, whether to send C{Set-Cookie} with the response.
-    """
-
-    cookie_name = Attribute("The cookie's name (C{str}), from C{cookie:NAME}.")
-
-    def cookie_value(backend: Backend) -> str:
-        """A stable opaque id of C{backend}, safe to put in a cookie."""
-
-    def needs_cookie(headers: Headers, backend: Backend) -> bool:
-        """Whether a response to a request with C{headers} served by C{backend} should set the cookie."""
-
-    def set_cookie_header(backend: Backend, secure: bool = False) -> bytes:
-        """The C{Set-Cookie} header value that pins the client to C{backend}."""
 
 
 @implementer(IBalancer)

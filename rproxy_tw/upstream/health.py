@@ -53,7 +53,14 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTCP, IReactorTime,
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import Interface, implementer
@@ -343,10 +350,9 @@ def probe_for(config: HealthConfig, reactor: IReactorTCP, client: Any = None) ->
 
 def _describe(failure: Failure) -> str:
     """One line saying why a probe failed, for the log and the status page."""
-    reasons = getattr(failure.value, "reasons", None)
-    if reasons:
-        # ResponseFailed and friends wrap the real cause in a list of Failures.
-        return _describe(reasons[0])
+    if failure.check(ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed) and failure.value.reasons:
+        # These wrap the real cause in a list of Failures.
+        return _describe(failure.value.reasons[0])
     if failure.check(ProbeFailed):
         return failure.getErrorMessage()
     name = failure.type.__name__ if failure.type is not None else "error"

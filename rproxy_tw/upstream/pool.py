@@ -90,6 +90,24 @@ class IBalancer(Interface):
         """
 
 
+class IStickyBalancer(IBalancer):
+    """
+    A balancer that pins a client to a backend with a cookie.  The HTTP layer
+    asks it, after picking, whether to send C{Set-Cookie} with the response.
+    """
+
+    cookie_name = Attribute("The cookie's name (C{str}), from C{cookie:NAME}.")
+
+    def cookie_value(backend: Backend) -> str:
+        """A stable opaque id of C{backend}, safe to put in a cookie."""
+
+    def needs_cookie(headers: Headers, backend: Backend) -> bool:
+        """Whether a response to a request with C{headers} served by C{backend} should set the cookie."""
+
+    def set_cookie_header(backend: Backend, secure: bool = False) -> bytes:
+        """The C{Set-Cookie} header value that pins the client to C{backend}."""
+
+
 class IBackendPool(Interface):
     name = Attribute("The pool's name in the config.")
     backends = Attribute("All L{Backend}s, primaries and backups.")
@@ -126,13 +144,9 @@ BalancerFactory = Callable[[str], IBalancer]
 
 def default_balancer_factory(rule: str) -> IBalancer:
     """Build the balancer for a pool's C{balance} rule."""
-    try:
-        from . import balancing
-    except ImportError:  # pragma: no cover - before the balancing module exists
-        balancing = None  # type: ignore[assignment]
-    if balancing is not None and hasattr(balancing, "balancer_for"):
-        return balancing.balancer_for(rule)
-    return RoundRobinBalancer()
+    from .balancing import balancer_for
+
+    return balancer_for(rule)
 
 
 @implementer(IBackendPool)
@@ -171,7 +185,7 @@ class BackendPool:
         ]
         self._configs = [(b, bc) for b, bc in zip(self.backends, config.backends) if b.config is not bc]
         self.balancer = balancer_factory(config.balance)
-        self.sticky = getattr(self.balancer, "cookie_name", None) is not None
+        self.sticky = IStickyBalancer.providedBy(self.balancer)
         """Whether responses may need the balancer's Set-Cookie."""
 
     def take_over(self) -> None:
