@@ -906,9 +906,8 @@ class ProxyService(MultiService):
         profile = self._tls_profile(listen, index, config)
         inner = self._inner_factory(listen, runtime, config)
         outer = self._outer_factory(listen, profile, inner)
-        # Behind a PROXY-protocol balancer (haproxy:) the peer is the balancer: clients are judged per request.
-        guard = None if listen.endpoint.startswith("haproxy:") else self.guard
-        switch = _ListenerFactory(outer, guard, listen.endpoint)
+        # Behind a PROXY-protocol balancer (haproxy:) the guard judges the client the header names.
+        switch = _ListenerFactory(outer, self.guard, listen.endpoint)
         proxied, description = behind_proxy_header(listen.endpoint)
         endpoint = self.listen_endpoint_for(description)
         if proxied:

@@ -338,6 +338,22 @@ def test_a_haproxy_listener_balances_by_the_address_in_the_proxy_header(net) -> 
 
 
 @inline
+def test_a_haproxy_listener_refuses_at_connect_the_clients_its_deny_list_names(net) -> None:
+    origin = yield net.origin()
+    config = _haproxy_config(origin.backend, "off")
+    config["waf"] = {"deny": ["203.0.113.66/32"]}
+    proxy = yield net.proxy(config)
+    denied = yield net.client(proxy.port)
+    denied.send(b"PROXY TCP4 203.0.113.66 127.0.0.1 40000 80\r\n" + request(b"GET", b"/"))
+    yield denied.until_closed()
+    assert bytes(denied.buf) == b"" and origin.requests == []
+    allowed = yield net.client(proxy.port)
+    allowed.send(b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n" + request(b"GET", b"/"))
+    [resp] = yield allowed.until_responses([b"GET"])
+    assert resp.status == 200 and len(origin.requests) == 1
+
+
+@inline
 def test_a_refused_head_gets_one_answer_even_when_the_parser_objects_next(net) -> None:
     """501 for an unknown transfer coding, then nothing more: llhttp's own error on the same bytes is not a second answer."""
     origin = yield net.origin()

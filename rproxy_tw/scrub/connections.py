@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from ..events import ConnectionRefused
 from ..headers import is_trusted
 from ..logs import observer as log_observer
+from ..transport import ip_of
 from .ippolicy import IPPolicy
 from .ratelimit import MemoryRateLimitStore, RatePolicy, client_key
 
@@ -76,7 +77,7 @@ class ConnectionGuard:
         The protocol for a new connection from C{addr}: C{build()}'s, or
         None, which makes the listening port close the socket at once.
         """
-        ip = getattr(addr, "host", None)
+        ip = ip_of(addr)
         if not ip or (self.trusted and is_trusted(ip, self.trusted)):
             # A trusted proxy speaks for many clients: they are judged per request, by X-Forwarded-For.
             return build()
