@@ -49,6 +49,8 @@ from .request_id import RequestIdFilter
 from .routing import ErrorPage, HostRouter, ProxyRoute, build_router
 from .scrub.connections import ConnectionGuard
 from .scrub.setup import Scrubbing
+from .tls import ICertificateReload
+from .transport import ip_of
 from .transport.proxy_header import HEADER_TIMEOUT, ProxyHeaderEndpoint, behind_proxy_header
 from .upstream.health import FollowedHealth, HealthMonitor, PassiveConfig, PassiveHealth, monitor_for
 from .upstream.pool import BackendPool
@@ -291,7 +293,7 @@ class ProxyRuntime:
         downstream = _WebRequestDownstream(request, self)
         raw_headers = [(n, v) for n, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
         peer = request.getClientAddress()
-        ip = getattr(peer, "host", None) or "unknown"
+        ip = ip_of(peer) or "unknown"
         downstream.client_ip = ip
         server = self.config.server
         info = ForwardingInfo(ip, "https" if request.isSecure() else "http", is_trusted(ip, server.trusted_proxies),
@@ -840,7 +842,7 @@ class ProxyService(MultiService):
         """Each listener's factory (TLS around the HTTP or TCP one when it has a profile), in config order."""
         return [slot.outer for slot in self._slots]
 
-    def _listener_factories(self) -> list[IListenerFactory]:
+    def listener_factories(self) -> list[IListenerFactory]:
         """Each listener's own factory (HTTP or raw TCP), inside any TLS."""
         return [slot.inner for slot in self._slots]
 
@@ -1019,7 +1021,7 @@ class ProxyService(MultiService):
                 if step == "tls":
                     slot.switch.swap(outer)
                     slot.outer = outer
-                elif listen.tls and getattr(slot.outer, "reload", None) is not None:
+                elif ICertificateReload.providedBy(slot.outer):
                     slot.outer.reload()  # the same profile: its files may have been renewed
             slot.listen = listen
             slot.service.label = f"listen[{index}] {listen.endpoint}"
@@ -1065,9 +1067,8 @@ class ProxyService(MultiService):
     def reload_tls(self) -> None:
         """Re-read every TLS listener's certificate and key files; bad files keep the old ones."""
         for factory in self.factories:
-            reload = getattr(factory, "reload", None)
-            if reload is not None:
-                reload()
+            if ICertificateReload.providedBy(factory):
+                factory.reload()
 
     # -- stop ------------------------------------------------------------------------------
 
@@ -1084,7 +1085,7 @@ class ProxyService(MultiService):
         Fires when done; C{twistd} waits for it before exiting.
         """
         d = super().stopService()
-        stop = self._stopping = _GracefulStop(self.reactor, [*self._listener_factories(), *self._retired],
+        stop = self._stopping = _GracefulStop(self.reactor, [*self.listener_factories(), *self._retired],
                                               self.config.server.shutdown_timeout)
         drained = stop.start()
 
@@ -1108,7 +1109,7 @@ class ProxyService(MultiService):
         if self._stopping is not None and not self._stopping.ended:
             self._stopping.cut(why)
             return
-        for factory in [*self._listener_factories(), *self._retired]:
+        for factory in [*self.listener_factories(), *self._retired]:
             factory.cut(why)
 
     # -- for an embedding application ------------------------------------------------------

@@ -39,17 +39,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtensionOID, NameOID
 from OpenSSL import SSL
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import INegotiated, IOpenSSLServerConnectionCreator, IProtocolFactory, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from .config import ConfigError, TLSProfile
 from .logs import observer as log_observer
 
 __all__ = [
     "CLIENT_SUBJECT_HEADER",
+    "ICertificateReload",
     "INTERMEDIATE_CIPHERS",
     "ServerTLSContexts",
     "StdlibTLSContexts",
@@ -621,6 +622,14 @@ def _ssl_reason(error: SSL.Error) -> str:
 # The listener factory
 
 
+class ICertificateReload(Interface):
+    """A TLS listener's factory, whose certificate and key files SIGHUP re-reads."""
+
+    def reload() -> bool:
+        """Re-read the certificate files; bad files keep the old ones.  @return: whether they are in use."""
+
+
+@implementer(ICertificateReload)
 class TLSServerFactory(TLSMemoryBIOFactory):
     """
     TLS around a listener's factory.  Starts the ticket rotation and the file
@@ -640,11 +649,6 @@ class TLSServerFactory(TLSMemoryBIOFactory):
     def reload(self) -> bool:
         """Re-read the certificate files (for SIGHUP).  @return: whether they are in use."""
         return self.contexts.reload()
-
-    @property
-    def connections(self) -> Any:
-        """The wrapped listener's open connections, for code that drains or closes them."""
-        return getattr(self.wrappedFactory, "connections", set())
 
 
 def tls_server_factory(reactor: IReactorTime, profile: TLSProfile, factory: IProtocolFactory, http: bool = True,
@@ -689,7 +693,7 @@ def tls_server_factory(reactor: IReactorTime, profile: TLSProfile, factory: IPro
 
 def negotiated_protocol(transport: Any) -> bytes | None:
     """The ALPN protocol of a TLS transport (C{b"h2"}, C{b"http/1.1"}), or C{None}."""
-    return getattr(transport, "negotiatedProtocol", None)
+    return transport.negotiatedProtocol if INegotiated.providedBy(transport) else None  # type: ignore[no-any-return]
 
 
 def close_waits_for_peer(transport: Any) -> bool:
@@ -709,10 +713,9 @@ def client_subject(transport: Any) -> str | None:
     the handshake when one does not verify, so a certificate here is a
     verified one.  Call after the handshake (when request bytes arrived).
     """
-    get = getattr(transport, "getPeerCertificate", None)
-    if get is None:
-        return None
-    cert = get()
+    if not isinstance(transport, TLSMemoryBIOProtocol):
+        return None  # plain TCP, or the ssl-module transport, whose profiles ask for no certificates
+    cert = transport.getPeerCertificate()
     if cert is None:
         return None
     return cert.to_cryptography().subject.rfc4514_string()

@@ -49,6 +49,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IHandshakeListener,
+    INegotiated,
     IProtocolFactory,
     IPushProducer,
     IReactorTime,
@@ -60,6 +61,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .tls import ICertificateReload
 from .transport import ILingerlessClose, ITimedHandshake
 from .transport.fastwrite import direct_writer
 from .logs import observer as log_observer
@@ -85,7 +87,8 @@ _READ_SIZE = 256 * 1024
 _log = Logger(observer=log_observer)
 
 
-@implementer(ITCPTransport, ISSLTransport, IPushProducer, IHalfCloseableProtocol, ILingerlessClose, ITimedHandshake)
+@implementer(ITCPTransport, ISSLTransport, INegotiated, IPushProducer, IHalfCloseableProtocol, ILingerlessClose,
+             ITimedHandshake)
 class TLSServerConnection(Protocol):
     """
     One server-side TLS connection: the TCP transport's protocol, and the
@@ -490,6 +493,7 @@ class TLSServerConnection(Protocol):
         self.transport.setTcpKeepAlive(enabled)
 
 
+@implementer(ICertificateReload)
 class StdlibTLSServerFactory(Factory):
     """
     TLS around an HTTP listener's factory.  Starts the ticket rotation and the
@@ -544,8 +548,3 @@ class StdlibTLSServerFactory(Factory):
     def reload(self) -> bool:
         """Re-read the certificate files (for SIGHUP).  @return: whether they are in use."""
         return self.contexts.reload()
-
-    @property
-    def connections(self) -> Any:
-        """The wrapped listener's open connections, for code that drains or closes them."""
-        return getattr(self.wrappedFactory, "connections", set())

@@ -656,8 +656,8 @@ class Net:
                 proto.transport.abortConnection()
         for svc in self.services:
             yield svc.stopService()
-            for factory in svc.factories:
-                for conn in list(factory.connections):
+            for factory in svc.listener_factories():
+                for conn in factory.open_connections():
                     conn.transport.abortConnection()
             for pool in svc.runtime.pools.values():
                 for backend in pool.backends:

@@ -1210,10 +1210,9 @@ async def test_tls_to_tls_through_the_service(env: Env, pki: dict[str, str]) -> 
         await client.until_closed()
     finally:
         await service.stopService()
-        for factory in service.factories:
-            wrapped = getattr(factory, "wrappedFactory", factory)
-            if isinstance(wrapped, TCPProxyFactory):
-                wrapped.abortAll()
+        for factory in service.listener_factories():
+            if isinstance(factory, TCPProxyFactory):
+                factory.abortAll()
 
 
 REDIS = shutil.which("redis-server")

@@ -35,6 +35,7 @@ from zope.interface.verify import verifyObject
 from rproxy_tw.config import CertificateConfig, ConfigError, TLSProfile
 from rproxy_tw.tls import (
     INTERMEDIATE_CIPHERS,
+    ICertificateReload,
     ServerTLSContexts,
     StdlibTLSContexts,
     client_subject,
@@ -467,6 +468,13 @@ def _copy(pki: PKI, name: str, cert: str, key: str, mtime: float) -> None:
     shutil.copyfile(pki.path(f"{name}.key"), key)
     for path in (cert, key):
         os.utime(path, (mtime, mtime))
+
+
+def test_both_tls_listener_factories_reload_their_certificates_on_sighup(pki: PKI) -> None:
+    profile = TLSProfile("main", (CertificateConfig(pki.path("api.pem"), pki.path("api.key")),))
+    for http in (True, False):  # the ssl-module transport (HTTP) and Twisted's (raw TCP)
+        factory = tls_server_factory(_now_clock(), profile, Factory.forProtocol(Protocol), http=http)
+        assert verifyObject(ICertificateReload, factory) and factory.reload()
 
 
 def test_watcher_reloads_changed_files_and_keeps_serving_on_bad_ones(pki: PKI, tmp_path: Any) -> None:

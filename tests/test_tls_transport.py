@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, INegotiated
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -439,6 +439,7 @@ def test_a_close_without_linger_closes_once_sent(cert_files: tuple[str, str]) ->
     p = Pair(cert_files)
     p.handshake()
     assert verifyObject(ILingerlessClose, p.app.transport) and verifyObject(ITimedHandshake, p.app.transport)
+    assert verifyObject(INegotiated, p.app.transport)
     p.app.transport.write(b"the answer")
     p.app.transport.loseConnectionWithoutLinger()
     assert p.tcp.disconnecting and not p.tcp.write_closed, "closed once sent, no write-side close and linger"
