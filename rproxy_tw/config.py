@@ -1282,10 +1282,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>", base: str | 
     if admin_endpoint is not None:
         endpoints.append(("admin.endpoint", admin_endpoint))
     _refuse_overlapping_endpoints(source, endpoints)
-    for store_of in ("rate_limit", "cache"):
-        section = rate_limit if store_of == "rate_limit" else deferred.get(store_of)
-        if getattr(section, "store", None) == "redis" and "cluster" not in deferred:
-            raise ConfigError(source, f"{store_of}.store", "\"redis\" needs a [cluster] section naming the Redis server")
+    if rate_limit is not None and rate_limit.store == "redis" and "cluster" not in deferred:
+        raise ConfigError(source, "rate_limit.store", "\"redis\" needs a [cluster] section naming the Redis server")
     if cache_config.store == "redis" and "cluster" not in deferred:
         raise ConfigError(source, "cache.store", "\"redis\" needs a [cluster] section naming the Redis server")
     return ProxyConfig(

@@ -14,6 +14,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from .logs import observer as log_observer
+from .transport import ip_of
 
 __all__ = ["ConnectionLimit"]
 
@@ -63,7 +64,7 @@ class ConnectionLimit:
         if self._logged_at is None or now - self._logged_at >= 1.0:
             self._log.warn(
                 "listener {listener}: rejected {count} connection(s) (last from {client}): at max_connections {limit}",
-                listener=self.listener, count=self._unlogged, client=getattr(addr, "host", addr), limit=self.limit,
+                listener=self.listener, count=self._unlogged, client=ip_of(addr) or addr, limit=self.limit,
             )
             self._logged_at = now
             self._unlogged = 0

@@ -581,7 +581,8 @@ class RunningProxy:
 
     @property
     def factory(self) -> Any:
-        return self.service.factories[0]
+        """The first listener's own factory (HTTP or raw TCP, inside any TLS)."""
+        return self.service.listener_factories()[0]
 
 
 def closed_port() -> int:

@@ -98,7 +98,7 @@ class Refusals:
         reached a route yet (no exchange).
         """
         rule = f"min_body_rate {min_body_rate}"
-        if getattr(exchange, "request", None) is not None and hasattr(exchange, "route_name"):
+        if exchange is not None and exchange.request is not None:
             self.refused(exchange, "slow_body", rule, 408, client)
             return
         if self._mayLog("slow_body"):

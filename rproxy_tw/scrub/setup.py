@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import ConfigError, RateLimitConfig
+from ..config import ConfigError, RateLimitConfig, RouteWafConfig
 from .filters import BurstTracker, InFlightCap, IPPolicyFilter, RateLimitFilter, Refusals, WafFilter
 from .ippolicy import IPPolicy
 from .ratelimit import IRateLimitStore, MemoryRateLimitStore, RatePolicy
@@ -38,7 +38,7 @@ class Scrubbing:
         self.bursts = previous.bursts if previous is not None else BurstTracker(clock)
         self.rules: RuleSet | None = None
         waf = config.waf
-        if waf is not None and (waf.mode != "off" or any(getattr(r.waf, "mode", None) not in (None, "off")
+        if waf is not None and (waf.mode != "off" or any(isinstance(r.waf, RouteWafConfig) and r.waf.mode not in (None, "off")
                                                           for r in config.routes)):
             try:
                 self.rules = load_rules(waf.rules)
@@ -57,10 +57,11 @@ class Scrubbing:
         config = self.config
         request: list[Any] = []
         response: list[Any] = []
-        waf, route_waf = config.waf, route.waf
-        if waf is not None and route_waf is not False:
-            deny = tuple(waf.deny) + tuple(getattr(route_waf, "deny", ()))
-            allow = tuple(getattr(route_waf, "allow", ())) or tuple(waf.allow)
+        waf = config.waf
+        route_waf = route.waf if isinstance(route.waf, RouteWafConfig) else RouteWafConfig()
+        if waf is not None and route.waf is not False:
+            deny = tuple(waf.deny) + tuple(route_waf.deny)
+            allow = tuple(route_waf.allow) or tuple(waf.allow)
             if deny or allow:
                 request.append(IPPolicyFilter(IPPolicy(deny, allow), self.trusted, self.refusals))
         rate: RateLimitConfig | None = config.rate_limit if route.rate_limit is None else route.rate_limit or None
@@ -69,11 +70,11 @@ class Scrubbing:
             policy = RatePolicy(rate.requests, rate.per, rate.burst, policy_name)
             request.append(RateLimitFilter(policy, self.store, rate.key, self.trusted, rate.ipv6_prefix, self.clock,
                                            self.refusals))
-        if waf is not None and route_waf is not False and self.rules is not None:
-            mode = getattr(route_waf, "mode", None) or waf.mode
+        if waf is not None and route.waf is not False and self.rules is not None:
+            mode = route_waf.mode or waf.mode
             if mode != "off":
                 step = WafFilter(self.rules, mode, waf.threshold, waf.body_limit, waf.exclude,
-                                 getattr(route_waf, "exclude", ()), self.trusted, self.bursts, self.refusals)
+                                 route_waf.exclude, self.trusted, self.bursts, self.refusals)
                 request.append(step)
                 if self.rules.bursts:
                     response.append(step)
