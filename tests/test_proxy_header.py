@@ -80,11 +80,13 @@ def test_the_protocol_is_built_for_the_client_once_the_header_is_read() -> None:
     for byte in header[:-1]:
         reader.dataReceived(bytes([byte]))
     assert inner.built == []  # nothing sees the connection before the header
+    assert reader.logPrefix() == "ProxyHeaderReader"
     reader.dataReceived(header[-1:] + b"GET / HTTP/1.1\r\n")
     [protocol] = inner.built
     assert protocol.built_for == CLIENT
     assert (protocol.peer, protocol.host) == (CLIENT, DESTINATION)
     assert protocol.received == b"GET / HTTP/1.1\r\n"
+    assert reader.logPrefix() == "Recorder (ProxyHeaderReader)"
     reader.dataReceived(b"Host: a\r\n")
     assert protocol.received == b"GET / HTTP/1.1\r\nHost: a\r\n"
     assert transport.connected

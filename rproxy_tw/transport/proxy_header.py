@@ -71,6 +71,9 @@ class ProxyHeaderReader(ProtocolWrapper):
         self._received = b""
         self._deadline: IDelayedCall | None = None
 
+    def logPrefix(self) -> str:
+        return super().logPrefix() if self.wrappedProtocol is not None else "ProxyHeaderReader"
+
     def makeConnection(self, transport: Any) -> None:
         directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
