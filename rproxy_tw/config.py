@@ -222,16 +222,35 @@ class HealthConfig:
     slow_start: float = 0.0
 
 
+def _positive(instance: Any, attribute: Any, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be greater than 0, not {value!r}")
+
+
+def _share(instance: Any, attribute: Any, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ValueError(f"{attribute.name} must be between 0 and 1, not {value!r}")
+
+
 @frozen
 class PassiveHealthConfig:
-    """Outlier detection from live traffic (see rproxy_tw.upstream.health.PassiveHealth)."""
+    """
+    C{[pool.NAME.passive]}: outlier detection from live traffic (see
+    L{rproxy_tw.upstream.health.PassiveHealth}).  Defaults are what the
+    section means when left out.
+    """
 
     enabled: bool = True
-    consecutive_failures: int = 5
+    consecutive_failures: int = field(default=5, validator=_positive)
+    """Failures in a row (no success between) that eject a backend."""
     count_5xx: bool = False
-    base_ejection: float = 10.0
-    max_ejection: float = 300.0
-    max_ejection_share: float = 0.5
+    """Whether a 5xx answer counts as a failure (off: an app's 500 is not a dead server)."""
+    base_ejection: float = field(default=10.0, validator=_positive)
+    """Seconds of the first ejection; each further one doubles it."""
+    max_ejection: float = field(default=300.0, validator=_positive)
+    """Longest ejection; also the quiet time after which the doubling starts over."""
+    max_ejection_share: float = field(default=0.5, validator=_share)
+    """Largest share of the pool that may be out of rotation for health reasons when passive health ejects."""
 
 
 @frozen
@@ -1000,15 +1019,16 @@ def _parse_pools(source: str, raw: Any, base: str = ".") -> dict[str, PoolConfig
 
 
 def _parse_passive(r: _Reader) -> PassiveHealthConfig:
-    share = r.number("max_ejection_share", 0.5)
+    default = PassiveHealthConfig()
+    share = r.number("max_ejection_share", default.max_ejection_share)
     if share > 1:
         raise r.error("max_ejection_share", f"must be a share between 0 and 1, not {share:g}")
     config = PassiveHealthConfig(
-        enabled=r.get("enabled", bool, True),
-        consecutive_failures=r.integer("consecutive_failures", 5, minimum=1),
-        count_5xx=r.get("count_5xx", bool, False),
-        base_ejection=r.number("base_ejection", 10.0, positive=True),
-        max_ejection=r.number("max_ejection", 300.0, positive=True),
+        enabled=r.get("enabled", bool, default.enabled),
+        consecutive_failures=r.integer("consecutive_failures", default.consecutive_failures, minimum=1),
+        count_5xx=r.get("count_5xx", bool, default.count_5xx),
+        base_ejection=r.number("base_ejection", default.base_ejection, positive=True),
+        max_ejection=r.number("max_ejection", default.max_ejection, positive=True),
         max_ejection_share=share,
     )
     r.finish()

@@ -52,7 +52,7 @@ from .scrub.setup import Scrubbing
 from .tls import ICertificateReload
 from .transport import ip_of
 from .transport.proxy_header import HEADER_TIMEOUT, ProxyHeaderEndpoint, behind_proxy_header
-from .upstream.health import FollowedHealth, HealthMonitor, PassiveConfig, PassiveHealth, monitor_for
+from .upstream.health import FollowedHealth, HealthMonitor, PassiveHealth, monitor_for
 from .upstream.pool import BackendPool
 from .upstream.retry import RetryBudget
 
@@ -122,7 +122,7 @@ class ProxyRuntime:
             pool = self.pools[name]
             slow_start = pc.health.slow_start if pc.health else 0.0
             if pc.passive.enabled:
-                passive_config = PassiveConfig(**attrs.asdict(pc.passive, recurse=False))
+                passive_config = pc.passive
                 carried = previous.passive.get(name) if previous is not None else None
                 if carried is not None:
                     self.passive[name] = carried

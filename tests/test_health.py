@@ -25,12 +25,11 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from rproxy_tw.config import BackendConfig, HealthConfig, PoolConfig
+from rproxy_tw.config import BackendConfig, HealthConfig, PassiveHealthConfig, PoolConfig
 from rproxy_tw.upstream.health import (
     HealthMonitor,
     HTTPProbe,
     IProbe,
-    PassiveConfig,
     PassiveHealth,
     ProbeFailed,
     TCPProbe,
@@ -532,7 +531,7 @@ def test_http_probe_cancel_closes_connection() -> Any:
 def passive(n: int = 4, **config: Any) -> tuple[Clock, BackendPool, PassiveHealth]:
     clock = Clock()
     pool = make_pool(n, clock=clock)
-    return clock, pool, PassiveHealth(pool, clock, PassiveConfig(**config))
+    return clock, pool, PassiveHealth(pool, clock, PassiveHealthConfig(**config))
 
 
 def fail_n(health: PassiveHealth, backend: Backend, n: int, kind: str = "connect") -> list[bool]:

@@ -43,7 +43,6 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Callable, Union
 
 import attrs
-from attrs import frozen
 from hyperlink import URL
 from treq.client import HTTPClient
 from twisted.application.service import Service
@@ -65,7 +64,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import Interface, implementer
 
-from ..config import HealthConfig
+from ..config import HealthConfig, PassiveHealthConfig
 from ..logs import observer as log_observer
 from .pool import Backend, BackendPool
 
@@ -75,7 +74,6 @@ __all__ = [
     "HTTPProbe",
     "HealthMonitor",
     "IProbe",
-    "PassiveConfig",
     "PassiveHealth",
     "ProbeFailed",
     "SlowStart",
@@ -718,36 +716,6 @@ FAILURE_KINDS = ("connect", "reset", "timeout", "5xx")
 """What the front ends report: connect refused/failed, connection reset mid-exchange, response timeout, a 5xx answer."""
 
 
-def _positive(instance: Any, attribute: Any, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be greater than 0, not {value!r}")
-
-
-def _share(instance: Any, attribute: Any, value: float) -> None:
-    if not 0 <= value <= 1:
-        raise ValueError(f"{attribute.name} must be between 0 and 1, not {value!r}")
-
-
-@frozen
-class PassiveConfig:
-    """
-    Outlier detection settings of one pool.  Defaults are what
-    C{[pool.NAME.passive]} would mean if left out.
-    """
-
-    consecutive_failures: int = attrs.field(default=5, validator=_positive)
-    """Failures in a row (no success between) that eject a backend."""
-    count_5xx: bool = False
-    """Whether a 5xx answer counts as a failure (off: an app's 500 is not a dead server)."""
-    base_ejection: float = attrs.field(default=10.0, validator=_positive)
-    """Seconds of the first ejection; each further one doubles it."""
-    max_ejection: float = attrs.field(default=300.0, validator=_positive)
-    """Longest ejection; also the quiet time after which the doubling starts over."""
-    max_ejection_share: float = attrs.field(default=0.5, validator=_share)
-    """Largest share of the pool that may be out of rotation for health reasons when passive health ejects."""
-    enabled: bool = True
-
-
 class PassiveHealth(Service):
     """
     Outlier detection for one pool, fed by the front ends as requests and
@@ -776,7 +744,7 @@ class PassiveHealth(Service):
         self,
         pool: BackendPool,
         clock: IReactorTime,
-        config: PassiveConfig = PassiveConfig(),
+        config: PassiveHealthConfig = PassiveHealthConfig(),
         slow_start: float = 0.0,
     ) -> None:
         self.pool = pool
@@ -790,7 +758,7 @@ class PassiveHealth(Service):
         self._timers: dict[Backend, IDelayedCall] = {}
         self._refusal_logged: set[Backend] = set()
 
-    def adopt(self, pool: BackendPool, config: PassiveConfig, slow_start: float) -> None:
+    def adopt(self, pool: BackendPool, config: PassiveHealthConfig, slow_start: float) -> None:
         """
         A reload kept passive health on for this pool: watch C{pool} (the new
         pool object) with C{config}, keeping the streaks, strikes and
