@@ -920,31 +920,31 @@ def _parse_backend(r_source: str, key: str, item: Any) -> BackendConfig:
     problem = _endpoint_problem(endpoint, server=False)
     if problem:
         raise r.error("endpoint", problem)
-    weight = r.integer("weight", 1, minimum=1)
-    backup = r.get("backup", bool, False)
-    drain = r.get("drain", bool, False)
+    weight = r.integer("weight", _default(BackendConfig, "weight"), minimum=1)
+    backup = r.get("backup", bool, _default(BackendConfig, "backup"))
+    drain = r.get("drain", bool, _default(BackendConfig, "drain"))
     r.finish()
     return BackendConfig(endpoint=endpoint, weight=weight, backup=backup, drain=drain)
 
 
 def _parse_health(r: _Reader) -> HealthConfig:
-    kind = r.choice("type", ("http", "tcp"), "http")
-    path = r.get("path", str, "/")
+    kind = r.choice("type", ("http", "tcp"), _default(HealthConfig, "type"))
+    path = r.get("path", str, _default(HealthConfig, "path"))
     if not path.startswith("/"):
         raise r.error("path", f"must start with '/', not {path!r}")
-    method = r.get("method", str, "GET").upper()
-    host = r.get("host", str, None)
+    method = r.get("method", str, _default(HealthConfig, "method")).upper()
+    host = r.get("host", str, _default(HealthConfig, "host"))
     expect = r.get("expect_status", (list, int), [200, 399])
     if isinstance(expect, int):
         expect = [expect, expect]
     if len(expect) != 2 or not all(isinstance(x, int) and 100 <= x <= 599 for x in expect) or expect[0] > expect[1]:
         raise r.error("expect_status", "must be a status code or [LOW, HIGH] between 100 and 599")
-    expect_body = r.get("expect_body", str, None)
-    interval = r.number("interval", 2.0, positive=True)
-    timeout = r.number("timeout", 1.0, positive=True)
-    rise = r.integer("rise", 2, minimum=1)
-    fall = r.integer("fall", 2, minimum=1)
-    slow_start = r.number("slow_start", 0.0)
+    expect_body = r.get("expect_body", str, _default(HealthConfig, "expect_body"))
+    interval = r.number("interval", _default(HealthConfig, "interval"), positive=True)
+    timeout = r.number("timeout", _default(HealthConfig, "timeout"), positive=True)
+    rise = r.integer("rise", _default(HealthConfig, "rise"), minimum=1)
+    fall = r.integer("fall", _default(HealthConfig, "fall"), minimum=1)
+    slow_start = r.number("slow_start", _default(HealthConfig, "slow_start"))
     r.finish()
     return HealthConfig(
         type=kind,
@@ -975,7 +975,7 @@ def _parse_pools(source: str, raw: Any, base: str = ".") -> dict[str, PoolConfig
         backends = tuple(
             _parse_backend(source, f"pool.{name}.backends[{i}]", item) for i, item in enumerate(backends_raw)
         )
-        balance = r.get("balance", str, "round_robin")
+        balance = r.get("balance", str, _default(PoolConfig, "balance"))
         if balance not in BALANCE_RULES and not any(
             balance.startswith(p) and (balance != p or p == "hash:client_ip") for p in BALANCE_PREFIXES
         ):
@@ -991,7 +991,7 @@ def _parse_pools(source: str, raw: Any, base: str = ".") -> dict[str, PoolConfig
         for i, code in enumerate(statuses):
             if not isinstance(code, int) or isinstance(code, bool) or not 500 <= code <= 599:
                 raise r.error(f"retry_on_status[{i}]", "must be a 5xx status code")
-        budget = r.number("retry_budget", 0.2)
+        budget = r.number("retry_budget", _default(PoolConfig, "retry_budget"))
         if budget > 1:
             raise r.error("retry_budget", f"must be a share between 0 and 1, not {budget:g}")
         pool = PoolConfig(
@@ -999,19 +999,19 @@ def _parse_pools(source: str, raw: Any, base: str = ".") -> dict[str, PoolConfig
             backends=backends,
             balance=balance,
             health=health,
-            connect_timeout=r.number("connect_timeout", 5.0, positive=True),
-            response_timeout=r.number("response_timeout", 60.0, positive=True),
-            idle_timeout=r.timeout("idle_timeout", 60.0),
-            keepalive=r.integer("keepalive", 128),
-            keepalive_timeout=r.number("keepalive_timeout", 60.0, positive=True),
-            retries=r.integer("retries", 2),
+            connect_timeout=r.number("connect_timeout", _default(PoolConfig, "connect_timeout"), positive=True),
+            response_timeout=r.number("response_timeout", _default(PoolConfig, "response_timeout"), positive=True),
+            idle_timeout=r.timeout("idle_timeout", _default(PoolConfig, "idle_timeout")),
+            keepalive=r.integer("keepalive", _default(PoolConfig, "keepalive")),
+            keepalive_timeout=r.number("keepalive_timeout", _default(PoolConfig, "keepalive_timeout"), positive=True),
+            retries=r.integer("retries", _default(PoolConfig, "retries")),
             retry_on_status=tuple(statuses),
             retry_budget=budget,
-            replay_buffer=r.integer("replay_buffer", 65536),
+            replay_buffer=r.integer("replay_buffer", _default(PoolConfig, "replay_buffer")),
             passive=passive,
-            ca=_optional_path(base, r.get("ca", str, None)),
-            client_cert=_optional_path(base, r.get("client_cert", str, None)),
-            client_key=_optional_path(base, r.get("client_key", str, None)),
+            ca=_optional_path(base, r.get("ca", str, _default(PoolConfig, "ca"))),
+            client_cert=_optional_path(base, r.get("client_cert", str, _default(PoolConfig, "client_cert"))),
+            client_key=_optional_path(base, r.get("client_key", str, _default(PoolConfig, "client_key"))),
         )
         r.finish()
         out[name] = pool
@@ -1039,18 +1039,18 @@ def _parse_limits(r: _Reader | None) -> LimitsConfig:
     if r is None:
         return LimitsConfig()
     limits = LimitsConfig(
-        max_request_line=r.integer("max_request_line", 8192, minimum=64),
-        max_header_bytes=r.integer("max_header_bytes", 16384, minimum=256),
-        max_headers=r.integer("max_headers", 100, minimum=1),
-        max_body_bytes=r.integer("max_body_bytes", 0),
-        header_timeout=r.number("header_timeout", 10.0, positive=True),
-        idle_timeout=r.number("idle_timeout", 60.0, positive=True),
-        max_connections_per_ip=r.integer("max_connections_per_ip", 0),
-        connection_rate_per_ip=r.integer("connection_rate_per_ip", 0),
-        connection_burst_per_ip=r.integer("connection_burst_per_ip", 0),
-        max_requests_in_flight=r.integer("max_requests_in_flight", 0),
-        min_body_rate=r.integer("min_body_rate", 0),
-        body_rate_window=r.number("body_rate_window", 5.0, positive=True),
+        max_request_line=r.integer("max_request_line", _default(LimitsConfig, "max_request_line"), minimum=64),
+        max_header_bytes=r.integer("max_header_bytes", _default(LimitsConfig, "max_header_bytes"), minimum=256),
+        max_headers=r.integer("max_headers", _default(LimitsConfig, "max_headers"), minimum=1),
+        max_body_bytes=r.integer("max_body_bytes", _default(LimitsConfig, "max_body_bytes")),
+        header_timeout=r.number("header_timeout", _default(LimitsConfig, "header_timeout"), positive=True),
+        idle_timeout=r.number("idle_timeout", _default(LimitsConfig, "idle_timeout"), positive=True),
+        max_connections_per_ip=r.integer("max_connections_per_ip", _default(LimitsConfig, "max_connections_per_ip")),
+        connection_rate_per_ip=r.integer("connection_rate_per_ip", _default(LimitsConfig, "connection_rate_per_ip")),
+        connection_burst_per_ip=r.integer("connection_burst_per_ip", _default(LimitsConfig, "connection_burst_per_ip")),
+        max_requests_in_flight=r.integer("max_requests_in_flight", _default(LimitsConfig, "max_requests_in_flight")),
+        min_body_rate=r.integer("min_body_rate", _default(LimitsConfig, "min_body_rate")),
+        body_rate_window=r.number("body_rate_window", _default(LimitsConfig, "body_rate_window"), positive=True),
     )
     r.finish()
     return limits
