@@ -303,6 +303,18 @@ CASES: dict[str, tuple[bytes, Callable[[RawH2], None]]] = {
     "8.4/1 PUSH_PROMISE from a client": (get(end_stream=False, method=b"POST")
                                          + frame(PUSH_PROMISE, END_HEADERS, 1, b"\x00\x00\x00\x02" + block()),
                                          lambda c: connection_error(c, PROTOCOL_ERROR)),
+    # HPACK (RFC 7541), as h2spec's hpack group: each a compression error for the connection.
+    **{f"hpack {name}": (frame(HEADERS, END_HEADERS | END_STREAM, 1, raw),
+                         lambda c: connection_error(c, COMPRESSION_ERROR))
+       for name, raw in {
+           "6.1/1 index 0": b"\x80",
+           "2.3.3/1 an index beyond both tables": b"\xbe",
+           "4.2/1 a table size update above SETTINGS_HEADER_TABLE_SIZE": b"\x3f\xe2\x1f",
+           "4.2/2 a table size update after a field": b"\x82\x20",
+           "5.2/1 EOS in a Huffman string": b"\x44\x84\xff\xff\xff\xff",
+           "5.2/2 Huffman padding longer than 7 bits": b"\x44\x82\x07\xff",
+           "5.2/3 Huffman padding that is not EOS's prefix": b"\x44\x81\x02",
+       }.items()},
     # A plain request answers, before and after the others.
     "a GET is answered": (get(), answered),
     "a POST with a body is answered": (get(end_stream=False, method=b"POST", extra=[(b"content-length", b"3")])
