@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from attrs import frozen
 from zope.interface import Interface
 
 from .endpoint_string import parse
 
-__all__ = ["DEFAULT_BACKLOG", "IListenerFactory", "with_backlog"]
+__all__ = ["DEFAULT_BACKLOG", "ConnectionCounts", "IListenerFactory", "with_backlog"]
 
 DEFAULT_BACKLOG = 511
 """
@@ -31,6 +32,16 @@ C{net.core.somaxconn}.
 _BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix"})
 
 
+@frozen
+class ConnectionCounts:
+    """One listener's connections: accepted and refused (at C{max_connections}) since it started, tunnels open now."""
+
+    accepted: int
+    refused: int
+    tunnels: int = 0
+    """HTTP connections switched to a tunnel (WebSocket); a raw TCP listener's relays are not counted here."""
+
+
 class IListenerFactory(Interface):
     """The protocol factory of one listener, as L{rproxy_tw.service.ProxyService} manages it."""
 
@@ -39,6 +50,9 @@ class IListenerFactory(Interface):
 
     def open_connections() -> list[Any]:
         """The connections a graceful stop waits for (TLS handshakes and idle keep-alive ones included)."""
+
+    def connection_counts() -> ConnectionCounts:
+        """What the status page and metrics show of this listener's connections."""
 
     def drain() -> None:
         """Ask each connection to close once its present work is done; tunnels and TCP sessions go on."""

@@ -471,6 +471,23 @@ def test_websocket_upgrade_tunnelled_both_ways(net):
 
 
 @inline
+def test_the_status_counts_a_listeners_connections_and_open_tunnels(net):
+    from rproxy_tw.admin.status import status
+
+    origin = yield net.origin(_ws_origin_handler)
+    proxy = yield net.proxy(proxy_config(origin.backend))
+    plain = yield net.client(proxy.port)
+    plain.send(request(target=b"/plain"))
+    yield plain.until_responses([b"GET"])
+    tunnel = yield net.client(proxy.port)
+    tunnel.send(WS_REQUEST)
+    yield _hello_or_origin_closed(tunnel, origin)
+    [listener] = status(proxy.service, None, None)["listeners"]
+    assert (listener["accepted"], listener["rejected"], listener["tunnels"]) == (2, 0, 1)
+    assert listener["open_connections"] == 2
+
+
+@inline
 def test_websocket_tunnel_closed_by_origin_closes_client(net):
     origin = yield net.origin(_ws_origin_handler)
     proxy = yield net.proxy(proxy_config(origin.backend))

@@ -53,27 +53,7 @@ class RecentErrors:
 
 def _listeners(service: Any) -> list[tuple[Any, Any]]:
     """(listen config, listener factory) of each listener."""
-    return [(slot.listen, slot.inner) for slot in service._slots]
-
-
-def _open_tunnels(factory: Any) -> int:
-    return sum(1 for conn in factory.open_connections() if getattr(conn, "tunnel", None) is not None)
-
-
-def _accepted(factory: Any) -> int:
-    limit = getattr(factory, "connection_limit", None)
-    if limit is not None:
-        return int(limit.accepted)
-    counters = getattr(factory, "counters", None)
-    return int(getattr(counters, "connections_total", 0))
-
-
-def _rejected(factory: Any) -> int:
-    limit = getattr(factory, "connection_limit", None)
-    if limit is not None:
-        return int(limit.rejected)
-    counters = getattr(factory, "counters", None)
-    return int(getattr(counters, "connections_rejected", 0))
+    return list(zip(service.config.listen, service.listener_factories()))
 
 
 def status(service: Any, metrics: ProxyMetrics | None, recent: RecentErrors | None) -> dict[str, Any]:
@@ -98,15 +78,16 @@ def status(service: Any, metrics: ProxyMetrics | None, recent: RecentErrors | No
             p[3] += sum(histogram.counts)
     listeners = []
     for listen, factory in _listeners(service):
+        counts = factory.connection_counts()
         listeners.append({
             "endpoint": listen.endpoint,
             "protocol": listen.protocol,
             "tls": listen.tls,
             "pool": listen.pool,
             "open_connections": len(factory.open_connections()),
-            "tunnels": _open_tunnels(factory),
-            "accepted": _accepted(factory),
-            "rejected": _rejected(factory),
+            "tunnels": counts.tunnels,
+            "accepted": counts.accepted,
+            "rejected": counts.refused,
         })
     routes = [{"host": rc.host, "path": rc.path, "pool": rc.pool, "name": f"{rc.host or '*'}{rc.path}",
                "strip_prefix": rc.strip_prefix} for rc in config.routes]
@@ -166,17 +147,17 @@ def gauges(service: Any) -> dict[str, Any]:
     """What the metrics read from the runtime at each scrape, in L{ProxyMetrics.snapshot}'s form."""
     runtime = service.runtime
     out: dict[str, Any] = {}
-    listeners = _listeners(service)
+    listeners = [(listen, factory, factory.connection_counts()) for listen, factory in _listeners(service)]
     out.update(gauge_family("open_client_connections", "Client connections open, by listener", ("listener",),
-                            [[[l.endpoint], len(f.open_connections())] for l, f in listeners]))
+                            [[[l.endpoint], len(f.open_connections())] for l, f, _ in listeners]))
     out.update(gauge_family("open_tunnels", "Tunnels (WebSocket) open, by listener", ("listener",),
-                            [[[l.endpoint], _open_tunnels(f)] for l, f in listeners if l.protocol == "http"]))
+                            [[[l.endpoint], c.tunnels] for l, _, c in listeners if l.protocol == "http"]))
     accepted = gauge_family("client_connections", "Client connections accepted, by listener", ("listener",),
-                            [[[l.endpoint], _accepted(f)] for l, f in listeners])
+                            [[[l.endpoint], c.accepted] for l, _, c in listeners])
     accepted["client_connections"]["type"] = "counter"
     out.update(accepted)
     rejected = gauge_family("client_connections_rejected", "Client connections closed at max_connections",
-                            ("listener",), [[[l.endpoint], _rejected(f)] for l, f in listeners])
+                            ("listener",), [[[l.endpoint], c.refused] for l, _, c in listeners])
     rejected["client_connections_rejected"]["type"] = "counter"
     out.update(rejected)
     backends = [(name, b) for name, pool in runtime.pools.items() for b in pool.backends]

@@ -25,7 +25,7 @@ from zope.interface import implementer
 from ..headers import ForwardingInfo, http_date, is_trusted, serialize, trailers_for_client
 from ..logs import observer as log_observer
 from ..events import EventBus
-from ..listener import IListenerFactory
+from ..listener import ConnectionCounts, IListenerFactory
 from ..pipeline import EMPTY_CHAIN, FilterChain, ResponseHeaders
 from ..routing import ErrorPage, ProxyRoute
 from ..tls import client_subject, close_waits_for_peer
@@ -923,6 +923,11 @@ class HTTPProxyFactory(Factory):
 
     def open_connections(self) -> list[Any]:
         return list(self.connection_limit.open)
+
+    def connection_counts(self) -> ConnectionCounts:
+        limit = self.connection_limit
+        tunnels = sum(1 for conn in limit.open if isinstance(conn, HTTPServerConnection) and conn.tunnel is not None)
+        return ConnectionCounts(limit.accepted, limit.rejected, tunnels)
 
     def drain(self) -> None:
         for conn in list(self.connection_limit.open):

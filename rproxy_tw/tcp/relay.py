@@ -60,7 +60,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..events import TCPSessionClosed
-from ..listener import IListenerFactory
+from ..listener import ConnectionCounts, IListenerFactory
 from ..transport import ip_of
 from ..transport.fastwrite import direct_writer, held_bytes
 from ..transport.flow import GateProducer, ReadGate
@@ -748,6 +748,9 @@ class TCPProxyFactory(Factory):
 
     def open_connections(self) -> list[Any]:
         return list(self.connections)
+
+    def connection_counts(self) -> ConnectionCounts:
+        return ConnectionCounts(self.counters.connections_total, self.counters.connections_rejected)
 
     def drain(self) -> None:
         """Raw TCP sessions are left to finish: there is no point at which one is idle."""
