@@ -8,7 +8,6 @@ own that must not be sent as a second).
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import pytest_twisted
@@ -19,6 +18,7 @@ from twisted.web.server import Site
 from twisted.web.static import Data
 
 from rproxy_tw import ProxyService, parse_config
+from rproxy_tw.config import ListenConfig
 from rproxy_tw.http.server import HTTPProxyFactory, error_response, http_date
 
 from .conftest import closed_port, curl, parse_responses, proxy_config, request
@@ -85,7 +85,7 @@ def test_proxy_answers_carry_one_date_from_the_injected_clock():
 def test_https_redirect_carries_one_date():
     h = Harness()
     h.reactor.advance(IMF_FIXDATE)
-    factory = HTTPProxyFactory(h.runtime, h.reactor, listen=SimpleNamespace(redirect_https=443))
+    factory = HTTPProxyFactory(h.runtime, h.reactor, listen=ListenConfig("tcp:0", redirect_https=443))
     h.factory = factory
     proto, client = h.client()
     proto.dataReceived(request(target=b"/x"))

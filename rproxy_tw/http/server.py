@@ -30,7 +30,7 @@ from ..pipeline import EMPTY_CHAIN, FilterChain, ResponseHeaders
 from ..routing import ErrorPage, ProxyRoute
 from ..tls import client_subject, close_waits_for_peer
 from .exchange import IDownstream, IExchange, ProxyExchange, RequestRejected as _Reject
-from ..transport import ILingerlessClose
+from ..transport import ILingerlessClose, ip_of
 from ..transport.fastwrite import direct_writer, no_delay
 from ..transport.flow import ReadGate, ResponseFlow
 from .request import ProxyRequest, read_request_head
@@ -831,7 +831,7 @@ class HTTPServerConnection(Protocol):
 def own_host(transport: Any) -> bytes:
     """A Host for a request that sent none (HTTP/1.0): this listener's address."""
     host = transport.getHost()
-    address = getattr(host, "host", None)
+    address = ip_of(host)
     if not address:
         return b"localhost"
     if ":" in address:
@@ -841,7 +841,7 @@ def own_host(transport: Any) -> bytes:
 
 def client_address(transport: Any) -> str:
     """The client's IP address as C{getPeer()} gives it now, or C{"unknown"} (unix sockets)."""
-    return getattr(transport.getPeer(), "host", "") or "unknown"
+    return ip_of(transport.getPeer()) or "unknown"
 
 
 def forwarding_info(factory: Any, transport: Any, ip: str) -> ForwardingInfo:
@@ -875,8 +875,8 @@ class HTTPProxyFactory(Factory):
         from ..config import DEFAULT_MAX_CONNECTIONS
         from ..connection_limit import ConnectionLimit
 
-        self.connection_limit = ConnectionLimit(clock, getattr(listen, "endpoint", "http"),
-                                                getattr(listen, "max_connections", DEFAULT_MAX_CONNECTIONS))
+        self.connection_limit = ConnectionLimit(clock, listen.endpoint if listen is not None else "http",
+                                                listen.max_connections if listen is not None else DEFAULT_MAX_CONNECTIONS)
         """C{max_connections}: TLS handshakes in progress count too."""
         self._alpn_switch: Any = None
         """Over TLS, what a new connection starts as (imported once, here: h2 imports this module)."""
@@ -889,15 +889,15 @@ class HTTPProxyFactory(Factory):
 
     def _listen(self, listen: Any) -> None:
         """This listener's own settings from its C{[[listen]]}."""
-        self.listen_endpoint: str = getattr(listen, "endpoint", "") or ""
+        self.listen_endpoint: str = listen.endpoint if listen is not None else ""
         """As events name the listener."""
-        self.redirect_https: int | None = getattr(listen, "redirect_https", None)
-        hsts = getattr(listen, "hsts", None) if self.scheme == "https" else None
+        self.redirect_https: int | None = listen.redirect_https if listen is not None else None
+        hsts = listen.hsts if listen is not None and self.scheme == "https" else None
         self.hsts: tuple[tuple[bytes, bytes], ...] = (
             ((b"Strict-Transport-Security", hsts.encode("ascii")),) if hsts else ()
         )
         if listen is not None:
-            self.connection_limit.limit = getattr(listen, "max_connections", self.connection_limit.limit)
+            self.connection_limit.limit = listen.max_connections
 
     def set_runtime(self, runtime: Any, listen: Any = None) -> None:
         """
@@ -947,7 +947,7 @@ class HTTPProxyFactory(Factory):
             if self.events.wanted:
                 from ..events import ConnectionRefused
 
-                self.events.publish(ConnectionRefused(self.listen_endpoint, getattr(addr, "host", "unknown"),
+                self.events.publish(ConnectionRefused(self.listen_endpoint, ip_of(addr) or "unknown",
                                                       "max_connections", f"max_connections {self.connection_limit.limit}"))
             return rejected
         if self._alpn_switch is not None:
@@ -1054,7 +1054,7 @@ class HTTPProxyFactory(Factory):
         if events.wanted:
             from ..events import TLSHandshakeFailed
 
-            events.publish(TLSHandshakeFailed(self.listen_endpoint, getattr(peer, "host", "unknown"), reason))
+            events.publish(TLSHandshakeFailed(self.listen_endpoint, ip_of(peer) or "unknown", reason))
 
     def exchange_finished(self, conn: Any, exchange: Any, body_bytes: int, received_bytes: int | None = None) -> None:
         """
