@@ -222,7 +222,7 @@ class TLSServerConnection(Protocol):
         self._cut_after(LINGER)
 
     def _unregister_tcp_producer(self) -> None:
-        if getattr(self.transport, "producer", None) is not None:
+        if self.transport.producer is not None:
             self.transport.unregisterProducer()
         self._send = self._direct
 
@@ -413,11 +413,10 @@ class TLSServerConnection(Protocol):
         # (and a paused one would keep Twisted from shutting the write side).
         self._unregister_tcp_producer()
         self._cut_after(CLOSE_TIMEOUT)
-        lose_write = getattr(self.transport, "loseWriteConnection", None)
-        if not linger or lose_write is None:
+        if not linger or not ITCPTransport.providedBy(self.transport):
             self.transport.loseConnection()
             return
-        lose_write()  # then writeConnectionLost, once the buffer is sent
+        self.transport.loseWriteConnection()  # then writeConnectionLost, once the buffer is sent
         if self._paused:
             # Read on, to see the peer's close (what arrives is discarded).
             self._paused = False
@@ -522,7 +521,7 @@ class StdlibTLSServerFactory(Factory):
         if events is not None and events.wanted:
             from .events import TLSHandshakeFailed
 
-            reason = getattr(error, "reason", None) or type(error).__name__
+            reason = error.reason or type(error).__name__
             events.publish(TLSHandshakeFailed(self.listener, getattr(peer, "host", "unknown"), str(reason)))
 
     def doStart(self) -> None:

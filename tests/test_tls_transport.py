@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHandshakeListener, INegotiated
+from twisted.internet.interfaces import IHandshakeListener, INegotiated, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -74,8 +74,9 @@ class Recorder(Protocol):
         self.losses += 1
 
 
+@implementer(ITCPTransport)
 class TCP(StringTransport):
-    """A StringTransport with TCP's write-side close."""
+    """A StringTransport with TCP's write-side close (the parts of ITCPTransport the TLS transport uses)."""
 
     write_closed = False
     aborted = False
