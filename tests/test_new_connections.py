@@ -16,6 +16,9 @@ from zope.interface import implementer
 from rproxy_tw.listener import DEFAULT_BACKLOG, with_backlog
 from rproxy_tw.transport import ITimedHandshake
 
+from rproxy_tw.config import parse_config
+from rproxy_tw.service import ProxyRuntime
+
 from .conftest import proxy_config, request, response
 from .test_http_server import Harness, one_response, take
 from .test_tls_transport import cert_files  # noqa: F401 - a fixture
@@ -206,3 +209,50 @@ def test_a_tls_request_that_closes_does_not_wait_for_the_client_s_close(net: Any
     data = yield fetched
     assert data.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in data
     assert closed, "the server closed its socket without waiting for the client's close"
+
+
+def _forwarded_by(h: Harness, ip: str) -> tuple[Any, bytes]:
+    """One request with C{Connection: close} from C{ip}: the connection and the head the origin got."""
+    proto, client = h.client(ip)
+    proto.dataReceived(request(headers=[(b"Connection", b"close")]))
+    if h.pending_connects():
+        h.origin = h.accept_origin()
+    up, origin = h.origin
+    head = take(origin)
+    up.dataReceived(response(200, b"hello"))
+    assert one_response(take(client)).body == b"hello"
+    proto.connectionLost(None)
+    return proto, head
+
+
+def _forwarding_lines(head: bytes) -> list[bytes]:
+    names = (b"x-forwarded-", b"forwarded:", b"via:")
+    return [line for line in head.split(b"\r\n") if line.lower().startswith(names)]
+
+
+def test_connections_from_one_address_share_their_forwarding_headers() -> None:
+    """
+    A client that connects for every request gets the forwarding headers
+    made for its address once, not per connection; another address gets its
+    own, and a reload's trusted proxies apply to the next connection.
+    """
+    from rproxy_tw.http.server import FORWARDING_CACHE
+
+    h = Harness()
+    first, head1 = _forwarded_by(h, "192.0.2.7")
+    second, head2 = _forwarded_by(h, "192.0.2.7")
+    assert second.info is first.info
+    assert _forwarding_lines(head1) == _forwarding_lines(head2)
+    assert b"X-Forwarded-For: 192.0.2.7" in head1 and b"for=192.0.2.7;" in head1
+    other, head3 = _forwarded_by(h, "198.51.100.9")
+    assert other.info is not first.info and b"X-Forwarded-For: 198.51.100.9" in head3
+    assert not first.info.trusted
+
+    h.factory.set_runtime(ProxyRuntime(parse_config(proxy_config(
+        "tcp:10.0.0.1:8000", server={"trusted_proxies": ["192.0.2.0/24"]}), source="t.toml"), h.reactor))
+    reloaded, _head = _forwarded_by(h, "192.0.2.7")
+    assert reloaded.info.trusted and reloaded.info is not first.info
+
+    for n in range(FORWARDING_CACHE + 1):
+        h.factory.forwarding_for(f"10.1.{n // 256}.{n % 256}")
+    assert len(h.factory._forwarding) <= FORWARDING_CACHE

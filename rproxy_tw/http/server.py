@@ -92,6 +92,9 @@ def error_response(status: int, message: str, close: bool, extra: Headers = (), 
     return head + b"\r\n" + body
 
 
+FORWARDING_CACHE = 1024
+"""Client addresses whose L{ForwardingInfo} a listener keeps (all are dropped when full: a bound, not an LRU)."""
+
 CLOSE_GRACE = 5.0
 """Seconds a closing connection on Twisted's TLS may wait for the peer's close_notify before it is cut."""
 
@@ -845,8 +848,14 @@ def client_address(transport: Any) -> str:
 
 
 def forwarding_info(factory: Any, transport: Any, ip: str) -> ForwardingInfo:
-    """What this client connection tells origins: address, scheme, trust, TLS client subject."""
+    """
+    What this client connection tells origins: address, scheme, trust, TLS
+    client subject.  Without a client certificate it depends on the address
+    alone: the listener's own for that address (L{HTTPProxyFactory.forwarding_for}).
+    """
     subject = client_subject(transport) if factory.scheme == "https" else None
+    if subject is None:
+        return factory.forwarding_for(ip)  # type: ignore[no-any-return]
     return ForwardingInfo(ip, factory.scheme, is_trusted(ip, factory.trusted_proxies), factory.via, subject)
 
 
@@ -918,6 +927,24 @@ class HTTPProxyFactory(Factory):
         self.error_pages = runtime.config.error_pages
         self._chains: dict[ProxyRoute, FilterChain] = {}
         """Each route's filter chain on this listener, made on its first request."""
+        self._forwarding: dict[str, ForwardingInfo] = {}
+        """L{forwarding_for}'s, by client address (the trusted proxies and C{via} are the runtime's)."""
+
+    def forwarding_for(self, ip: str) -> ForwardingInfo:
+        """
+        What a connection from C{ip} without a client certificate tells
+        origins, one for all of them: a client that connects for every
+        request would otherwise check its address against the trusted proxies
+        and serialize its forwarding headers anew each time (L{ForwardingInfo}
+        keeps them for the last host).  At most L{FORWARDING_CACHE} addresses.
+        """
+        info = self._forwarding.get(ip)
+        if info is None:
+            if len(self._forwarding) >= FORWARDING_CACHE:
+                self._forwarding.clear()
+            info = self._forwarding[ip] = ForwardingInfo(ip, self.scheme, is_trusted(ip, self.trusted_proxies),
+                                                         self.via)
+        return info
 
     # -- IListenerFactory: what a graceful stop does to this listener's connections ---------
 
