@@ -31,6 +31,7 @@ from ..routing import ErrorPage, ProxyRoute
 from ..tls import client_subject, close_waits_for_peer
 from .exchange import IDownstream, IExchange, ProxyExchange, RequestRejected as _Reject
 from ..transport import ILingerlessClose
+from ..transport.deadlines import FirstDeadlines
 from ..transport.fastwrite import direct_writer, no_delay
 from ..transport.flow import ReadGate, ResponseFlow
 from .request import ProxyRequest, read_request_head
@@ -246,19 +247,21 @@ class HTTPServerConnection(Protocol):
         self._span = min(f.limits.header_timeout, f.limits.idle_timeout)
         if f.limits.min_body_rate:
             self._span = min(self._span, f.limits.body_rate_window)
-        self._since = f.clock.seconds()
+        self._since = now = f.clock.seconds()
         # Until a first request, a silent connection may idle only header_timeout.
         self._idle_limit = f.limits.header_timeout
-        self._timer = f.clock.callLater(self._span, self._timedOut)
+        # The first deadline is the listener's to watch (most connections end
+        # before it); the connection's own timer starts when it is reached.
+        if not f.first_deadlines.watch(self, now + self._span, self._span):
+            self._timer = f.clock.callLater(self._span, self._timedOut)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.disconnected = True
         self.factory.connections.discard(self)
-        if self._timer is not None and self._timer.active():
-            # Else every closed connection would leave a call in the reactor for
-            # up to idle_timeout: at a thousand connections a second, tens of thousands.
-            self._timer.cancel()
-        self._timer = None
+        # Else every closed connection would stay referenced, by a call in the
+        # reactor or the listener's watch, for up to idle_timeout: at a
+        # thousand connections a second, tens of thousands.
+        self._stopTimer()
         if self.tunnel is not None:
             tunnel, self.tunnel = self.tunnel, None
             tunnel.peerLost(self)
@@ -274,6 +277,16 @@ class HTTPServerConnection(Protocol):
                 ex.cancel()
         self.queue.clear()
         self.current = self.parsing = None
+
+    def _stopTimer(self) -> None:
+        """No deadline any more: the connection's timer is cancelled, or it leaves the listener's watch."""
+        timer = self._timer
+        if timer is None:
+            self.factory.first_deadlines.discard(self)
+            return
+        self._timer = None
+        if timer.active():
+            timer.cancel()
 
     def _close(self) -> None:
         """
@@ -308,7 +321,12 @@ class HTTPServerConnection(Protocol):
         self._close_by = clock.seconds() + grace
         timer = self._timer
         if timer is None:
-            self._timer = clock.callLater(grace, self._timedOut)
+            deadlines = self.factory.first_deadlines
+            first = deadlines.deadline(self)
+            if first is None or first > self._close_by:
+                # Not watched, or the backstop comes first: a timer of its own.
+                deadlines.discard(self)
+                self._timer = clock.callLater(grace, self._timedOut)
         elif timer.getTime() > self._close_by:
             timer.reset(grace)
 
@@ -829,9 +847,7 @@ class HTTPServerConnection(Protocol):
         self._upgrade_pending = False
         self.gate.resume("upgrade")
         data, self._leftover = self._leftover, b""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._stopTimer()
         tunnel.start(data, leftover)
 
 
@@ -885,6 +901,8 @@ class HTTPProxyFactory(Factory):
         self.clock = clock
         self.scheme = scheme
         self.connections: set[HTTPServerConnection] = set()
+        self.first_deadlines = FirstDeadlines(clock, HTTPServerConnection._timedOut)
+        """The first deadline of each new HTTP/1.1 connection, on one timer (L{FirstDeadlines})."""
         from ..config import DEFAULT_MAX_CONNECTIONS
         from ..connection_limit import ConnectionLimit
 
