@@ -185,54 +185,50 @@ class HTTPServerConnection(Protocol):
 
     _log = Logger(observer=log_observer)
 
-    # The state a new connection starts in: class defaults, set on an instance
-    # only when they change (a connection per request sets few of them).
-    current: Any = None
-    parsing: Any = None
-    gate: ReadGate | None = None
-    http_version = b"1.1"
-    tunnel: Any = None
-    disconnected = False
-    closing = False
-    _input_done = False
-    """The last request was read (it asked to close): what follows is not processed."""
-    in_head = False
-    _head_bytes = 0
-    _url = b""
-    _headers: Any = ()
-    """The fields of the head being read: a list, made when the head begins."""
-    _read_size = 0
-    """The size of the read being parsed: a head that came in one small read needs no size check."""
-    _timer: Any = None
-    _close_by = 0.0
-    """When a close under way is cut: the connection's one timer serves as its backstop too."""
-    _since = 0.0
-    _span = 1.0
-    _idle_limit = 0.0
-    _leftover = b""
-    _rate_since = 0.0
-    _rate_bytes = 0
-    """C{[limits] min_body_rate}: when the present window of the body being read began, and its bytes so far."""
-    # Response state of the current exchange.
-    _chunked = False
-    _close_after = False
-    _body_bytes = 0
-    _upgrade_pending = False
-    _upgrade_exchange: Any = None
-    _tunnelled: Any = None
-    """The exchange whose 101 started the tunnel now open, logged when the tunnel closes."""
-    _raw_body: Any = None
-    _raw_remaining = 0
-    _head: bytes | None = None
-    client_ip = "-"
-    info: ForwardingInfo | None = None
-
     def __init__(self, factory: HTTPProxyFactory) -> None:
         self.factory = factory
         self.parser = httptools.HttpRequestParser(self)
+        self.current: Any = None
+        self.parsing: Any = None
         self.queue: collections.deque[Any] = collections.deque()
+        self.gate: ReadGate | None = None
+        self.http_version = b"1.1"
+        self.tunnel: Any = None
+        self.disconnected = False
+        self.closing = False
+        self._input_done = False
+        """The last request was read (it asked to close): what follows is not processed."""
+        self.in_head = False
+        self._head_bytes = 0
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._read_size = 0
+        """The size of the read being parsed: a head that came in one small read needs no size check."""
+        self._timer: Any = None
+        self._close_by = 0.0
+        """When a close under way is cut: the connection's one timer serves as its backstop too."""
+        self._since = 0.0
+        self._span = 1.0
+        self._idle_limit = 0.0
+        self._leftover = b""
+        self._rate_since = 0.0
+        self._rate_bytes = 0
+        """C{[limits] min_body_rate}: when the present window of the body being read began, and its bytes so far."""
+        # Response state of the current exchange.
+        self._chunked = False
+        self._close_after = False
+        self._body_bytes = 0
+        self._upgrade_pending = False
+        self._upgrade_exchange: Any = None
+        self._tunnelled: Any = None
+        """The exchange whose 101 started the tunnel now open, logged when the tunnel closes."""
+        self._raw_body: Any = None
+        self._raw_remaining = 0
+        self._head: bytes | None = None
         self.flow = ResponseFlow()
         self.write: Callable[[bytes], None] = self._notConnected
+        self.client_ip = "-"
+        self.info: ForwardingInfo | None = None
 
     # -- connection -------------------------------------------------------------------------
 
