@@ -7,6 +7,7 @@ what is over the limit at once, as the TCP listener does.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 from twisted.internet.interfaces import IReactorTime
@@ -75,20 +76,17 @@ class ConnectionLimit:
         self.active += 1
         self.accepted += 1
         self.open.add(protocol)
-        lost = protocol.connectionLost
-        counted = [True]
-
-        def connectionLost(reason: Any = None) -> None:
-            if counted:
-                counted.clear()
-                self.active -= 1
-                self.open.discard(protocol)
-                # This wrapper and the protocol hold each other: let go, so that
-                # reference counting frees the connection, not the garbage collector.
-                protocol.__dict__.pop("connectionLost", None)
-            lost(reason)
-            if self.on_close is not None:
-                self.on_close()
-
-        protocol.connectionLost = connectionLost
+        # One partial of a method, not a closure made per connection.
+        protocol.connectionLost = partial(self._lost, protocol, protocol.connectionLost)
         return protocol
+
+    def _lost(self, protocol: Any, lost: Callable[[Any], None], reason: Any = None) -> None:
+        if protocol in self.open:
+            self.open.discard(protocol)
+            self.active -= 1
+            # The partial and the protocol hold each other: let go, so that
+            # reference counting frees the connection, not the garbage collector.
+            protocol.__dict__.pop("connectionLost", None)
+        lost(reason)
+        if self.on_close is not None:
+            self.on_close()

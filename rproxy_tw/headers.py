@@ -111,10 +111,10 @@ def _quote_forwarded(value: str) -> str:
 
 class ForwardingInfo:
     """
-    What the proxy tells the origin about the client: fixed per connection
-    except for the host, so it is built once per client connection (and the
-    C{Forwarded} element for the last host is kept, since a connection
-    rarely changes host).
+    What the proxy tells the origin about the client: fixed per client
+    address (and client certificate) except for the host, so a listener
+    builds it once per address (and the lines for the last host are kept,
+    since a client rarely changes host).
     """
 
     __slots__ = ("client_ip", "proto", "trusted", "via", "client_subject", "_xff_ip", "_fwd_for", "_proto_b",

@@ -63,6 +63,7 @@ from zope.interface import implementer
 
 from .tls import ICertificateReload
 from .transport import ILingerlessClose, ITimedHandshake
+from .transport.deadlines import FirstDeadlines
 from .transport.fastwrite import direct_writer
 from .logs import observer as log_observer
 
@@ -137,10 +138,14 @@ class TLSServerConnection(Protocol):
         else:
             self._tls = contexts.wrap(self._incoming, self._outgoing)
         self._send = self._direct = direct_writer(self.transport)
-        timeout = self.factory.handshake_timeout
+        factory = self.factory
+        timeout = factory.handshake_timeout
         if timeout is not None:
-            self._timer = self.factory.clock.callLater(timeout, self._expired)
-            self._start_by = self._timer.getTime()
+            # The listener watches this first deadline (most connections are
+            # past it, or gone, long before): the timer is made when it is reached.
+            self._start_by = factory.clock.seconds() + timeout
+            if not factory.first_deadlines.watch(self, self._start_by, timeout):
+                self._timer = factory.clock.callLater(timeout, self._expired)
         # No TCP_NODELAY here: each handshake flight is one write, and the
         # HTTP/1.1 and HTTP/2 connections set it (through us) when they start.
         self.wrappedProtocol.makeConnection(self)
@@ -180,6 +185,8 @@ class TLSServerConnection(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.disconnected = True
         self.disconnecting = True
+        if self._timer is None:
+            self.factory.first_deadlines.discard(self)
         for call in (self._timer, self._resume_call):
             if call is not None and call.active():
                 call.cancel()
@@ -243,6 +250,11 @@ class TLSServerConnection(Protocol):
         """Have the connection's timer fire by C{when}: made if there is none, moved if it is due later."""
         call, clock = self._timer, self.factory.clock
         if call is None:
+            deadlines = self.factory.first_deadlines
+            first = deadlines.deadline(self)
+            if first is not None and first <= when:
+                return  # the listener's watch fires first; _expired arms the timer then
+            deadlines.discard(self)
             self._timer = clock.callLater(max(0.0, when - clock.seconds()), self._expired)
         elif call.getTime() > when:
             call.reset(max(0.0, when - clock.seconds()))
@@ -514,6 +526,8 @@ class StdlibTLSServerFactory(Factory):
         self.clock = clock
         self.events = events
         self.listener = listener
+        self.first_deadlines = FirstDeadlines(clock, TLSServerConnection._expired)
+        """Each new connection's handshake deadline, on one timer (L{FirstDeadlines})."""
 
     def handshakeFailed(self, peer: Any, error: ssl.SSLError) -> None:
         """Tell the observers (metrics count failures by reason); the log has it at debug level."""

@@ -16,6 +16,9 @@ from zope.interface import implementer
 from rproxy_tw.listener import DEFAULT_BACKLOG, with_backlog
 from rproxy_tw.transport import ITimedHandshake
 
+from rproxy_tw.config import parse_config
+from rproxy_tw.service import ProxyRuntime
+
 from .conftest import proxy_config, request, response
 from .test_http_server import Harness, one_response, take
 from .test_tls_transport import cert_files  # noqa: F401 - a fixture
@@ -98,7 +101,12 @@ class _Abortable(StringTransport):
 
 
 def test_a_closing_connection_s_backstop_is_its_one_timer() -> None:
-    """The close's backstop reads a timestamp on the connection's timer: no second call per connection."""
+    """
+    The close's backstop reads a timestamp on the connection's timer: no
+    second call per connection.  Its first deadline (header_timeout) comes
+    before the backstop, so it is still the listener's to watch: no call of
+    its own at all until then.
+    """
     h = Harness(limits={"header_timeout": 5.0, "idle_timeout": 20.0})
     proto = h.factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 40000))
     client = _Abortable(peerAddress=IPv4Address("TCP", "192.0.2.1", 40000), lenient=True)
@@ -109,12 +117,87 @@ def test_a_closing_connection_s_backstop_is_its_one_timer() -> None:
     assert one_response(take(client)).body == b"hello"
     assert client.disconnecting
     mine = [c for c in h.reactor.getDelayedCalls() if getattr(c.func, "__self__", None) is proto]
-    assert len(mine) == 1
+    assert mine == [] and h.factory.first_deadlines.deadline(proto) == 5.0
+    h.reactor.advance(5.0)
+    mine = [c for c in h.reactor.getDelayedCalls() if getattr(c.func, "__self__", None) is proto]
+    assert len(mine) == 1 and h.factory.first_deadlines.deadline(proto) is None
+    h.reactor.advance(14.5)
     # The client never reads: its close never ends, and is cut idle_timeout after it began.
-    h.reactor.advance(19.9)
     assert not client.aborted
-    h.reactor.advance(0.1)
+    h.reactor.advance(0.5)
     assert client.aborted
+
+
+def _silent(h: Harness, port: int) -> tuple[Any, _Abortable]:
+    """A client that connects and sends nothing (closed without an answer at header_timeout, as nginx does)."""
+    addr = IPv4Address("TCP", "192.0.2.1", port)
+    proto = h.factory.buildProtocol(addr)
+    client = _Abortable(peerAddress=addr, lenient=True)
+    proto.makeConnection(client)
+    return proto, client
+
+
+def test_new_connections_share_one_timer_for_their_first_deadline() -> None:
+    """
+    Connections that start one after another have no call of their own in
+    the reactor until their first deadline: one call serves them all, and
+    each is still cut at its own header_timeout.
+    """
+    h = Harness(limits={"header_timeout": 5.0, "idle_timeout": 20.0})
+    first, first_client = _silent(h, 40001)
+    h.reactor.advance(1.0)
+    second, second_client = _silent(h, 40002)
+    third, _third_client = _silent(h, 40003)
+    third.connectionLost(None)  # gone before its deadline: it leaves the watch
+    assert len(h.reactor.getDelayedCalls()) == 1
+    assert h.factory.first_deadlines.deadline(third) is None
+    h.reactor.advance(4.0)
+    assert first_client.disconnecting and not second_client.disconnecting
+    h.reactor.advance(0.9)
+    assert not second_client.disconnecting
+    h.reactor.advance(0.1)
+    assert second_client.disconnecting
+
+
+def test_a_shorter_first_deadline_after_a_reload_gets_a_timer_of_its_own() -> None:
+    """A reload that shortens header_timeout: the new connection is cut at its own deadline, the old one at its."""
+    h = Harness(limits={"header_timeout": 5.0, "idle_timeout": 20.0})
+    old, old_client = _silent(h, 40001)
+    h.factory.set_runtime(ProxyRuntime(parse_config(proxy_config(
+        "tcp:10.0.0.1:8000", limits={"header_timeout": 2.0, "idle_timeout": 20.0}), source="t.toml"), h.reactor))
+    new, new_client = _silent(h, 40002)
+    assert h.factory.first_deadlines.deadline(new) is None
+    h.reactor.advance(2.0)
+    assert new_client.disconnecting and not old_client.disconnecting
+    h.reactor.advance(3.0)
+    assert old_client.disconnecting
+
+
+def test_the_first_deadlines_fire_in_order_and_forget_what_left() -> None:
+    from twisted.internet.task import Clock
+
+    from rproxy_tw.transport.deadlines import FirstDeadlines
+
+    clock = Clock()
+    due: list[str] = []
+    deadlines = FirstDeadlines(clock, due.append)
+    assert deadlines.watch("a", 10.0, 10.0) and deadlines.watch("b", 10.0, 10.0)
+    clock.advance(3.0)
+    assert deadlines.watch("c", 13.0, 10.0) and deadlines.watch("d", 13.0, 10.0)
+    assert not deadlines.watch("early", 12.0, 9.0), "due before one already watched"
+    deadlines.discard("b")
+    deadlines.discard("d")
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(7.0)
+    assert due == ["a"]
+    clock.advance(3.0)
+    assert due == ["a", "c"] and clock.getDelayedCalls() == []
+    # Everything watched is gone: a shorter span moves the one call sooner.
+    assert deadlines.watch("e", 30.0, 17.0)
+    deadlines.discard("e")
+    assert deadlines.watch("f", 20.0, 7.0)
+    clock.advance(7.0)
+    assert due == ["a", "c", "f"]
 
 
 def test_the_alpn_switch_times_the_handshake_unless_its_transport_does() -> None:
@@ -206,3 +289,50 @@ def test_a_tls_request_that_closes_does_not_wait_for_the_client_s_close(net: Any
     data = yield fetched
     assert data.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in data
     assert closed, "the server closed its socket without waiting for the client's close"
+
+
+def _forwarded_by(h: Harness, ip: str) -> tuple[Any, bytes]:
+    """One request with C{Connection: close} from C{ip}: the connection and the head the origin got."""
+    proto, client = h.client(ip)
+    proto.dataReceived(request(headers=[(b"Connection", b"close")]))
+    if h.pending_connects():
+        h.origin = h.accept_origin()
+    up, origin = h.origin
+    head = take(origin)
+    up.dataReceived(response(200, b"hello"))
+    assert one_response(take(client)).body == b"hello"
+    proto.connectionLost(None)
+    return proto, head
+
+
+def _forwarding_lines(head: bytes) -> list[bytes]:
+    names = (b"x-forwarded-", b"forwarded:", b"via:")
+    return [line for line in head.split(b"\r\n") if line.lower().startswith(names)]
+
+
+def test_connections_from_one_address_share_their_forwarding_headers() -> None:
+    """
+    A client that connects for every request gets the forwarding headers
+    made for its address once, not per connection; another address gets its
+    own, and a reload's trusted proxies apply to the next connection.
+    """
+    from rproxy_tw.http.server import FORWARDING_CACHE
+
+    h = Harness()
+    first, head1 = _forwarded_by(h, "192.0.2.7")
+    second, head2 = _forwarded_by(h, "192.0.2.7")
+    assert second.info is first.info
+    assert _forwarding_lines(head1) == _forwarding_lines(head2)
+    assert b"X-Forwarded-For: 192.0.2.7" in head1 and b"for=192.0.2.7;" in head1
+    other, head3 = _forwarded_by(h, "198.51.100.9")
+    assert other.info is not first.info and b"X-Forwarded-For: 198.51.100.9" in head3
+    assert not first.info.trusted
+
+    h.factory.set_runtime(ProxyRuntime(parse_config(proxy_config(
+        "tcp:10.0.0.1:8000", server={"trusted_proxies": ["192.0.2.0/24"]}), source="t.toml"), h.reactor))
+    reloaded, _head = _forwarded_by(h, "192.0.2.7")
+    assert reloaded.info.trusted and reloaded.info is not first.info
+
+    for n in range(FORWARDING_CACHE + 1):
+        h.factory.forwarding_for(f"10.1.{n // 256}.{n % 256}")
+    assert len(h.factory._forwarding) <= FORWARDING_CACHE

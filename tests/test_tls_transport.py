@@ -548,21 +548,35 @@ def test_the_first_bytes_after_the_handshake_are_due_by_the_same_deadline(cert_f
 
 
 def test_one_timer_serves_handshake_close_and_linger(cert_files: tuple[str, str]) -> None:
+    """
+    The handshake deadline is the listener's to watch (one call for all its
+    connections); the linger, due before it, moves the connection to a timer
+    of its own, which the close's backstop shares.
+    """
     p = Pair(cert_files, handshake_timeout=10.0)
-    [timer] = p.clock.getDelayedCalls()
+
+    def own() -> list[Any]:
+        return [c for c in p.clock.getDelayedCalls() if getattr(c.func, "__self__", None) is p.server]
+
+    deadlines = p.server.factory.first_deadlines
+    [watch] = p.clock.getDelayedCalls()
+    assert own() == [] and deadlines.deadline(p.server) == p.clock.seconds() + 10.0
     p.handshake()
     p.client.write(b"GET / HTTP/1.1")
     p.to_server()
     p.app.transport.write(b"answer")
     p.app.transport.loseConnection()
+    assert own() == [], "the close's backstop (CLOSE_TIMEOUT) comes after the watched deadline"
     p.server.writeConnectionLost()  # the response and our FIN went out: linger
-    assert p.clock.getDelayedCalls() == [timer], "the close's backstop and linger on the same timer"
+    [timer] = own()
+    assert deadlines.deadline(p.server) is None
+    assert set(p.clock.getDelayedCalls()) == {watch, timer}, "the close's backstop and linger on the same timer"
     p.clock.advance(LINGER - 0.1)
     assert not p.tcp.disconnecting
     p.clock.advance(0.1)
     assert p.tcp.disconnecting and not p.tcp.aborted, "the linger ends on time, before the handshake deadline"
     p.server.connectionLost(Failure(ConnectionDone()))
-    assert not p.clock.getDelayedCalls()
+    assert own() == []
 
 
 def test_a_closed_connection_is_freed_by_reference_counting(cert_files: tuple[str, str]) -> None:

@@ -31,6 +31,7 @@ from ..routing import ErrorPage, ProxyRoute
 from ..tls import client_subject, close_waits_for_peer
 from .exchange import IDownstream, IExchange, ProxyExchange, RequestRejected as _Reject
 from ..transport import ILingerlessClose, ip_of
+from ..transport.deadlines import FirstDeadlines
 from ..transport.fastwrite import direct_writer, no_delay
 from ..transport.flow import ReadGate, ResponseFlow
 from .request import ProxyRequest, read_request_head
@@ -91,6 +92,9 @@ def error_response(status: int, message: str, close: bool, extra: Headers = (), 
         head += b"Connection: close\r\n"
     return head + b"\r\n" + body
 
+
+FORWARDING_CACHE = 1024
+"""Client addresses whose L{ForwardingInfo} a listener keeps (all are dropped when full: a bound, not an LRU)."""
 
 CLOSE_GRACE = 5.0
 """Seconds a closing connection on Twisted's TLS may wait for the peer's close_notify before it is cut."""
@@ -239,19 +243,21 @@ class HTTPServerConnection(Protocol):
         self._span = min(f.limits.header_timeout, f.limits.idle_timeout)
         if f.limits.min_body_rate:
             self._span = min(self._span, f.limits.body_rate_window)
-        self._since = f.clock.seconds()
+        self._since = now = f.clock.seconds()
         # Until a first request, a silent connection may idle only header_timeout.
         self._idle_limit = f.limits.header_timeout
-        self._timer = f.clock.callLater(self._span, self._timedOut)
+        # The first deadline is the listener's to watch (most connections end
+        # before it); the connection's own timer starts when it is reached.
+        if not f.first_deadlines.watch(self, now + self._span, self._span):
+            self._timer = f.clock.callLater(self._span, self._timedOut)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.disconnected = True
         self.factory.connections.discard(self)
-        if self._timer is not None and self._timer.active():
-            # Else every closed connection would leave a call in the reactor for
-            # up to idle_timeout: at a thousand connections a second, tens of thousands.
-            self._timer.cancel()
-        self._timer = None
+        # Else every closed connection would stay referenced, by a call in the
+        # reactor or the listener's watch, for up to idle_timeout: at a
+        # thousand connections a second, tens of thousands.
+        self._stopTimer()
         if self.tunnel is not None:
             tunnel, self.tunnel = self.tunnel, None
             tunnel.peerLost(self)
@@ -267,6 +273,16 @@ class HTTPServerConnection(Protocol):
                 ex.cancel()
         self.queue.clear()
         self.current = self.parsing = None
+
+    def _stopTimer(self) -> None:
+        """No deadline any more: the connection's timer is cancelled, or it leaves the listener's watch."""
+        timer = self._timer
+        if timer is None:
+            self.factory.first_deadlines.discard(self)
+            return
+        self._timer = None
+        if timer.active():
+            timer.cancel()
 
     def _close(self) -> None:
         """
@@ -301,7 +317,12 @@ class HTTPServerConnection(Protocol):
         self._close_by = clock.seconds() + grace
         timer = self._timer
         if timer is None:
-            self._timer = clock.callLater(grace, self._timedOut)
+            deadlines = self.factory.first_deadlines
+            first = deadlines.deadline(self)
+            if first is None or first > self._close_by:
+                # Not watched, or the backstop comes first: a timer of its own.
+                deadlines.discard(self)
+                self._timer = clock.callLater(grace, self._timedOut)
         elif timer.getTime() > self._close_by:
             timer.reset(grace)
 
@@ -822,9 +843,7 @@ class HTTPServerConnection(Protocol):
         self._upgrade_pending = False
         self.gate.resume("upgrade")
         data, self._leftover = self._leftover, b""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._stopTimer()
         tunnel.start(data, leftover)
 
 
@@ -845,8 +864,14 @@ def client_address(transport: Any) -> str:
 
 
 def forwarding_info(factory: Any, transport: Any, ip: str) -> ForwardingInfo:
-    """What this client connection tells origins: address, scheme, trust, TLS client subject."""
+    """
+    What this client connection tells origins: address, scheme, trust, TLS
+    client subject.  Without a client certificate it depends on the address
+    alone: the listener's own for that address (L{HTTPProxyFactory.forwarding_for}).
+    """
     subject = client_subject(transport) if factory.scheme == "https" else None
+    if subject is None:
+        return factory.forwarding_for(ip)  # type: ignore[no-any-return]
     return ForwardingInfo(ip, factory.scheme, is_trusted(ip, factory.trusted_proxies), factory.via, subject)
 
 
@@ -872,6 +897,8 @@ class HTTPProxyFactory(Factory):
         self.clock = clock
         self.scheme = scheme
         self.connections: set[HTTPServerConnection] = set()
+        self.first_deadlines = FirstDeadlines(clock, HTTPServerConnection._timedOut)
+        """The first deadline of each new HTTP/1.1 connection, on one timer (L{FirstDeadlines})."""
         from ..config import DEFAULT_MAX_CONNECTIONS
         from ..connection_limit import ConnectionLimit
 
@@ -918,6 +945,24 @@ class HTTPProxyFactory(Factory):
         self.error_pages = runtime.config.error_pages
         self._chains: dict[ProxyRoute, FilterChain] = {}
         """Each route's filter chain on this listener, made on its first request."""
+        self._forwarding: dict[str, ForwardingInfo] = {}
+        """L{forwarding_for}'s, by client address (the trusted proxies and C{via} are the runtime's)."""
+
+    def forwarding_for(self, ip: str) -> ForwardingInfo:
+        """
+        What a connection from C{ip} without a client certificate tells
+        origins, one for all of them: a client that connects for every
+        request would otherwise check its address against the trusted proxies
+        and serialize its forwarding headers anew each time (L{ForwardingInfo}
+        keeps them for the last host).  At most L{FORWARDING_CACHE} addresses.
+        """
+        info = self._forwarding.get(ip)
+        if info is None:
+            if len(self._forwarding) >= FORWARDING_CACHE:
+                self._forwarding.clear()
+            info = self._forwarding[ip] = ForwardingInfo(ip, self.scheme, is_trusted(ip, self.trusted_proxies),
+                                                         self.via)
+        return info
 
     # -- IListenerFactory: what a graceful stop does to this listener's connections ---------
 

@@ -44,6 +44,8 @@ class ConnectionGuard:
         self.refused: collections.Counter[str] = collections.Counter()
         self._logged_at = -1.0
         self._unlogged: collections.Counter[str] = collections.Counter()
+        self.active = False
+        """Whether any check is configured (read for every new connection; set by L{configure})."""
 
     def configure(self, config: Any) -> None:
         """Take a (new) config's IP lists and per-address limits."""
@@ -53,10 +55,7 @@ class ConnectionGuard:
         self.per_ip = limits.max_connections_per_ip
         rate = limits.connection_rate_per_ip
         self.rate = RatePolicy(rate, 1.0, limits.connection_burst_per_ip or rate, "connections") if rate else None
-
-    @property
-    def active(self) -> bool:
-        return bool(self.policy or self.per_ip or self.rate)
+        self.active = bool(self.policy or self.per_ip or self.rate)
 
     def refusal(self, ip: str) -> tuple[str, str] | None:
         """(reason, rule) when a connection from C{ip} is to be closed at once, else None (and it is counted)."""
