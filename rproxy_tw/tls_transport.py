@@ -62,7 +62,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .tls import ICertificateReload
-from .transport import ILingerlessClose, ITimedHandshake
+from .transport import ILingerlessClose, ITimedHandshake, ip_of
 from .transport.deadlines import FirstDeadlines
 from .transport.fastwrite import direct_writer
 from .logs import observer as log_observer
@@ -132,7 +132,7 @@ class TLSServerConnection(Protocol):
 
     def connectionMade(self) -> None:
         contexts = self.factory.contexts
-        challenges = getattr(contexts, "challenges", None)
+        challenges = contexts.challenges
         if challenges is not None and challenges.tls_alpn01:
             self._hello = b""  # a TLS-ALPN-01 challenge is pending: read the ClientHello first
         else:
@@ -536,7 +536,7 @@ class StdlibTLSServerFactory(Factory):
             from .events import TLSHandshakeFailed
 
             reason = error.reason or type(error).__name__
-            events.publish(TLSHandshakeFailed(self.listener, getattr(peer, "host", "unknown"), str(reason)))
+            events.publish(TLSHandshakeFailed(self.listener, ip_of(peer) or "unknown", str(reason)))
 
     def doStart(self) -> None:
         self.wrappedFactory.doStart()

@@ -328,8 +328,8 @@ class HTTPServerConnection(Protocol):
 
     def _forceClose(self) -> None:
         transport = self.transport
-        tcp = getattr(transport, "transport", None)
-        if close_waits_for_peer(transport) and tcp is not None and not tcp.disconnecting:
+        tcp = transport.transport if close_waits_for_peer(transport) else None
+        if tcp is not None and not tcp.disconnecting:
             # Twisted's TLS has sent its close_notify and waits for the peer's:
             # stop waiting, but close the TCP connection in order, so that
             # the response's tail still reaches a slow reader.
