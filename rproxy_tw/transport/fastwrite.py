@@ -43,7 +43,7 @@ def direct_writer(transport: Any, read_size: int | None = None) -> Callable[[byt
         transport (Twisted's default is 64 KiB; larger reads mean fewer turns
         of the reactor for large bodies).
     """
-    if type(transport) not in (tcp.Server, tcp.Client) or getattr(transport, "TLS", False) or _DISABLED:
+    if type(transport) not in (tcp.Server, tcp.Client) or transport.TLS or _DISABLED:
         return transport.write
     if read_size:
         transport.bufferSize = read_size
@@ -57,7 +57,7 @@ def direct_writer(transport: Any, read_size: int | None = None) -> Callable[[byt
             or len(transport.dataBuffer) > transport.offset
             or not transport.connected
             or transport.disconnecting
-            or getattr(transport, "TLS", False)
+            or transport.TLS
             # A pull producer is asked for more when Twisted's buffer empties,
             # which Twisted only sees if the write goes through that buffer.
             or (transport.producer is not None and not transport.streamingProducer)
