@@ -53,6 +53,7 @@ from ..events import (
     TCPSessionClosed,
     TLSHandshakeCompleted,
     TLSHandshakeFailed,
+    request_event,
 )
 
 __all__ = ["LATENCY_BUCKETS", "ProxyMetrics", "exposition", "merge_snapshots", "registry_for"]
@@ -121,7 +122,7 @@ class ProxyMetrics:
         """
         self.gauges = gauges
         self.also = also
-        self._pending: list[RequestFinished] = []
+        self._pending: list[tuple[Any, ...]] = []
         """Finished requests not counted yet (at most L{FOLD_EVERY})."""
         self._requests: dict[tuple[str, str, str, str], list[int]] = {}
         """(route, pool, backend, status class) -> [requests, request body bytes, response body bytes]."""
@@ -207,8 +208,8 @@ class ProxyMetrics:
 
     # -- IRequestObserver -----------------------------------------------------------------------
 
-    def observe_request(self, event: RequestFinished) -> None:
-        """Kept, to be counted with the others in L{fold}."""
+    def observe_request(self, event: tuple[Any, ...]) -> None:
+        """Kept (a request's fields, as the bus hands them out), to be counted with the others in L{fold}."""
         pending = self._pending
         pending.append(event)
         if len(pending) >= FOLD_EVERY:
@@ -256,10 +257,10 @@ class ProxyMetrics:
             run = list(run)
             if key[3] >= 500 and also is not None:
                 for event in run:
-                    also(event)
+                    also(request_event(event))
             if key[4]:
                 for event in run:
-                    self._tunnel(event)
+                    self._tunnel(request_event(event))
                 continue
             record = records.get(key)
             if record is None:
