@@ -177,7 +177,7 @@ def _combined_line(e: tuple[Any, ...], c: _Clock) -> bytes:
     the event's fields unpacked at once rather than read one by one, and
     L{_quote_bytes} called only for a value that needs it.
     """
-    client, method, target, version, _, status, sent, started, finished, _, _, _, headers, received, tunnel = e[:15]
+    client, method, target, version, _, status, sent, started, finished, _, _, _, headers, received, tunnel, _, _, _, _ = e
     agent = referer = None
     for name, value in headers:
         size = len(name)
