@@ -65,11 +65,16 @@ def build(variant: str) -> tuple[MemoryReactorClock, HTTPProxyFactory, ProxyRunt
     if variant == "events":
         from zope.interface import implementer
 
-        from rproxy_tw.events import IEventObserver
+        from rproxy_tw.events import IRequestObserver
 
-        @implementer(IEventObserver)
+        @implementer(IRequestObserver)
         class _Nothing:
+            """Handed each finished request as the access log and metrics are (observe_request)."""
+
             def observe(self, event: object) -> None:
+                pass
+
+            def observe_request(self, event: object) -> None:
                 pass
 
         runtime.events.subscribe(_Nothing())

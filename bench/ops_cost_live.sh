@@ -8,6 +8,9 @@
 # loaded machine does not disturb.
 #
 #   bench/ops_cost_live.sh                 # VARIANTS="bare ids metrics log stdout ops" LOAD=8s
+#   REQUESTS=4000 bench/ops_cost_live.sh   # the same number of requests for every variant (h2load --h1, 10
+#                                          # connections) rather than wrk for LOAD: the connections' set-up and
+#                                          # the start are then shared by as many requests in each variant
 set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(dirname "$BENCH_DIR")
@@ -66,12 +69,20 @@ EOF
     wait_listening "$v" || { echo "$v did not start" >&2; exit 1; }
     curl -s -o /dev/null "http://127.0.0.1:${PORT[$v]}/1k.bin"   # first request: imports, connections
     callgrind_control -i on "${PID[$v]}" >/dev/null 2>&1
-    taskset -c 1 wrk -t1 -c10 -d"$LOAD" "http://127.0.0.1:${PORT[$v]}/1k.bin" >"$WORK/wrk.$v" 2>&1
+    if [[ -n ${REQUESTS:-} ]]; then
+        taskset -c 1 h2load --h1 -t1 -c10 -n"$REQUESTS" "http://127.0.0.1:${PORT[$v]}/1k.bin" >"$WORK/wrk.$v" 2>&1
+    else
+        taskset -c 1 wrk -t1 -c10 -d"$LOAD" "http://127.0.0.1:${PORT[$v]}/1k.bin" >"$WORK/wrk.$v" 2>&1
+    fi
     callgrind_control -i off "${PID[$v]}" >/dev/null 2>&1
     callgrind_control -d "${PID[$v]}" >/dev/null 2>&1
     kill -TERM "${PID[$v]}"
     wait "${PID[$v]}" 2>/dev/null || true
-    requests=$(awk '/requests in/ {print $1}' "$WORK/wrk.$v")
+    if [[ -n ${REQUESTS:-} ]]; then
+        requests=$(awk '/^requests:/ {print $8}' "$WORK/wrk.$v")   # "requests: N total, N started, N done, N succeeded"
+    else
+        requests=$(awk '/requests in/ {print $1}' "$WORK/wrk.$v")
+    fi
     ir=0
     for f in "$out"*; do
         n=$(grep -m1 '^totals:' "$f" | awk '{print $2}')

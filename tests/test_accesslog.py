@@ -33,12 +33,13 @@ def test_a_format_string_names_its_fields() -> None:
     line = compile_format('$remote_addr $request_id "$request" $status ${body_bytes_sent}B $route $backend '
                           '$upstream_time $request_time [$time_local] 100%')
     clock = _clock_at(EVENT.finished)
-    assert line(EVENT, clock) == ('192.0.2.7 abc123 "GET /a?\\"b\\" HTTP/1.1" 201 5B */ tcp:10.0.0.1:80 '
-                                  '0.125 0.250 [01/Jan/1970:00:16:40 +0000] 100%')
+    for event in (EVENT, tuple(EVENT)):  # a RequestFinished, or its fields as the bus hands them out
+        assert line(event, clock) == ('192.0.2.7 abc123 "GET /a?\\"b\\" HTTP/1.1" 201 5B */ tcp:10.0.0.1:80 '
+                                      '0.125 0.250 [01/Jan/1970:00:16:40 +0000] 100%')
 
 
 def test_json_lines_carry_the_request_id_route_backend_and_upstream_time() -> None:
-    entry = json.loads(compile_format("json")(EVENT, _clock_at(EVENT.finished)))
+    entry = json.loads(compile_format("json")(tuple(EVENT), _clock_at(EVENT.finished)))  # as the bus hands it out
     assert entry["request_id"] == "abc123" and entry["route"] == "*/" and entry["backend"] == "tcp:10.0.0.1:80"
     assert entry["upstream_time"] == 0.125 and entry["status"] == 201 and entry["duration"] == 0.25
     assert entry["pool"] == "web" and entry["request_bytes"] == 3

@@ -320,12 +320,16 @@ def test_the_counts_are_those_of_the_events() -> None:
         import pytest
 
         from rproxy_tw.admin.metrics import LATENCY_BUCKETS
+        from rproxy_tw.events import RequestFinished
 
         metrics = ProxyMetrics()
         errors: list[Any] = []
         metrics.also = errors.append
-        for event in events:
-            metrics.observe(event)
+        for i, event in enumerate(events):
+            if i % 2:
+                metrics.observe(event)
+            else:
+                metrics.observe_request(tuple(event))  # as the bus hands requests out: their fields, an exact tuple
         # The same counts, computed plainly from the events.
         requests: dict[Any, list[int]] = {}
         total: dict[Any, list[Any]] = {}
@@ -358,6 +362,7 @@ def test_the_counts_are_those_of_the_events() -> None:
                 {k: pytest.approx(h[1]) for k, h in expected.items()}
         assert sum(t[0] for t in metrics.tunnels.values()) == sum(1 for e in events if e.tunnel)
         assert errors == [e for e in events if e.status >= 500]
+        assert all(type(e) is RequestFinished for e in errors)  # the recent errors read them by name
 
     check()
 

@@ -182,8 +182,9 @@ def test_the_bus_hands_a_finished_request_to_each_observer_by_its_own_handler() 
     assert event == RequestFinished("192.0.2.1", b"-", b"-", b"1.1", None, 404, 12, 5.0, 5.5)
     assert direct.others == [reload] and plain.events == [event, reload]
     assert sum(1 for e in logged if e.get("log_failure") is not None) == 2
+    assert type(event) is tuple and type(plain.events[0]) is RequestFinished  # fields to IRequestObserver, named to others
     bus.unsubscribe(direct)
-    bus.publish(event)
+    bus.publish(plain.events[0])
     assert direct.requests == [event] and plain.events == [event, reload, event]
 
 

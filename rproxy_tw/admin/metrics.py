@@ -23,9 +23,8 @@ New event types are counted by adding an entry to L{ProxyMetrics.counting}
 from __future__ import annotations
 
 from bisect import bisect_right
-from functools import partial
 from itertools import groupby
-from operator import is_not, itemgetter, sub
+from operator import itemgetter, sub
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -53,6 +52,7 @@ from ..events import (
     TCPSessionClosed,
     TLSHandshakeCompleted,
     TLSHandshakeFailed,
+    request_event,
 )
 
 __all__ = ["LATENCY_BUCKETS", "ProxyMetrics", "exposition", "merge_snapshots", "registry_for"]
@@ -68,9 +68,9 @@ FOLD_EVERY = 256
 # RequestFinished's fields, read by position in C (L{ProxyMetrics.fold}).
 _RUN_KEY = itemgetter(9, 10, 11, 5, 14)
 """(route, pool, backend, status, tunnel): what a run of requests counted together shares."""
-_BYTES_SENT, _STARTED, _FINISHED = itemgetter(6), itemgetter(7), itemgetter(8)
-_UPSTREAM_TIME, _ATTEMPTS, _REQUEST_BYTES = itemgetter(16), itemgetter(17), itemgetter(18)
-_IS_VALUE = partial(is_not, None)
+_KEY_FIELDS = (5, 11, 9, 10, 14)
+"""_RUN_KEY's fields one by one (status and backend first: the likeliest to differ)."""
+_BYTES_SENT, _STARTED, _FINISHED, _UPSTREAM_TIME, _ATTEMPTS, _REQUEST_BYTES = 6, 7, 8, 16, 17, 18
 
 
 class _Histogram:
@@ -89,18 +89,26 @@ class _Histogram:
         self.values: list[float] = []
 
     def settle(self) -> None:
-        """Count the values appended since the last time (as C{bisect_left(LATENCY_BUCKETS, value)} would)."""
-        if not self.values:
+        """
+        Count the values appended since the last time (as C{bisect_left(LATENCY_BUCKETS, value)}
+        would), leaving out the Nones a fold may append (the upstream times of requests no origin answered).
+        """
+        values = self.values
+        if not values:
             return
-        self.total += sum(self.values)
-        values = sorted(self.values)
-        self.values.clear()  # the same list: folds hold its extend
+        try:
+            self.total += sum(values)
+        except TypeError:  # a None among them: the sum fails on it, cheaper than looking for one first
+            values[:] = [value for value in values if value is not None]
+            self.total += sum(values)
+        values.sort()
         counts, below = self.counts, 0
         for i, bound in enumerate(LATENCY_BUCKETS):
             upto = bisect_right(values, bound, below)
             counts[i] += upto - below
             below = upto
         counts[-1] += len(values) - below
+        values.clear()  # the same list: folds hold its extend
 
 
 @implementer(IRequestObserver)
@@ -121,7 +129,7 @@ class ProxyMetrics:
         """
         self.gauges = gauges
         self.also = also
-        self._pending: list[RequestFinished] = []
+        self._pending: list[tuple[Any, ...]] = []
         """Finished requests not counted yet (at most L{FOLD_EVERY})."""
         self._requests: dict[tuple[str, str, str, str], list[int]] = {}
         """(route, pool, backend, status class) -> [requests, request body bytes, response body bytes]."""
@@ -207,8 +215,8 @@ class ProxyMetrics:
 
     # -- IRequestObserver -----------------------------------------------------------------------
 
-    def observe_request(self, event: RequestFinished) -> None:
-        """Kept, to be counted with the others in L{fold}."""
+    def observe_request(self, event: tuple[Any, ...]) -> None:
+        """Kept (a request's fields, as the bus hands them out), to be counted with the others in L{fold}."""
         pending = self._pending
         pending.append(event)
         if len(pending) >= FOLD_EVERY:
@@ -242,44 +250,61 @@ class ProxyMetrics:
     def fold(self) -> None:
         """
         Count the finished requests kept, a run of requests of the same
-        (route, pool, backend, status, tunnel) at a time: C{groupby} finds the runs
-        and C-level helpers (C{len}, C{sum} over C{itemgetter}, C{map(sub)})
-        count each, so that a steady workload costs a few calls per fold
-        rather than a Python loop's turn per request (bench/README.md).
+        (route, pool, backend, status, tunnel) at a time, so that a steady
+        workload costs a few C-level calls per fold rather than a Python
+        loop's turn per request (bench/README.md): the batch turned into
+        columns (one per field, C{zip}), a run's counts are C{len} and
+        C{sum} over columns, its durations C{map(sub)} over two.  A batch that
+        is one run (a steady workload) is recognised by its key fields'
+        columns' C{count}; others are cut into runs by C{groupby}.
         """
         pending = self._pending
         if not pending:
             return
         self._pending = []
-        records, record_for, also = self._records, self._record, self.also
-        for key, run in groupby(pending, _RUN_KEY):
-            run = list(run)
-            if key[3] >= 500 and also is not None:
-                for event in run:
-                    also(event)
-            if key[4]:
-                for event in run:
-                    self._tunnel(event)
-                continue
-            record = records.get(key)
-            if record is None:
-                record = record_for(key)
-            counts, total, upstream = record
-            counts[0] += len(run)
-            counts[1] += sum(map(_REQUEST_BYTES, run))
-            counts[2] += sum(map(_BYTES_SENT, run))
-            if max(map(_ATTEMPTS, run)) > 1:
-                pool = key[1] or "-"
-                self._retries[pool] = self._retries.get(pool, 0) + sum(a - 1 for a in map(_ATTEMPTS, run) if a > 1)
-            started = list(map(_STARTED, run))
-            if None in started:  # heads never read have no durations
-                run = [event for event in run if event[7] is not None]
-                started = list(map(_STARTED, run))
-            total(map(sub, map(_FINISHED, run), started))
-            upstream(filter(_IS_VALUE, map(_UPSTREAM_TIME, run)))
+        columns = list(zip(*pending))
+        size = len(pending)
+        for field in _KEY_FIELDS:
+            column = columns[field]
+            if column.count(column[0]) != size:
+                for key, run in groupby(pending, _RUN_KEY):
+                    run = list(run)
+                    self._count_run(key, run, list(zip(*run)))
+                break
+        else:
+            self._count_run(_RUN_KEY(pending[0]), pending, columns)
         for histograms in (self._total_latency, self._upstream_latency):
             for histogram in histograms.values():
                 histogram.settle()
+
+    def _count_run(self, key: tuple[Any, ...], run: list[tuple[Any, ...]], columns: list[tuple[Any, ...]]) -> None:
+        """Count a run of requests that share C{key}, (route, pool, backend, status, tunnel), given as columns too."""
+        if key[3] >= 500 and self.also is not None:
+            for event in run:
+                self.also(request_event(event))
+        if key[4]:
+            for event in run:
+                self._tunnel(request_event(event))
+            return
+        record = self._records.get(key)
+        if record is None:
+            record = self._record(key)
+        counts, total, upstream = record
+        counts[0] += len(run)
+        counts[1] += sum(columns[_REQUEST_BYTES])
+        counts[2] += sum(columns[_BYTES_SENT])
+        attempts = columns[_ATTEMPTS]
+        if max(attempts) > 1:
+            pool = key[1] or "-"
+            self._retries[pool] = self._retries.get(pool, 0) + sum(a - 1 for a in attempts if a > 1)
+        try:
+            total(list(map(sub, columns[_FINISHED], columns[_STARTED])))
+        except TypeError:  # a start of None: a head never read has no durations
+            timed = [event for event in run if event[_STARTED] is not None]
+            total([event[_FINISHED] - event[_STARTED] for event in timed])
+            upstream([event[_UPSTREAM_TIME] for event in timed])
+        else:
+            upstream(columns[_UPSTREAM_TIME])  # None for no origin's head: dropped when settled
 
     def _record(self, key: tuple[Any, ...]) -> tuple[list[int], Any, Any]:
         """The counts of a (route, pool, backend, status, tunnel) seen first, and its route's histograms' C{extend}."""
