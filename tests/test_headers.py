@@ -382,6 +382,16 @@ def test_request_head_block_equals_general_rewrite(headers, trusted, upgrade, ve
     assert b"Via: %s rproxy\r\n" % version in expected or b", %s rproxy\r\n" % version in expected
 
 
+def test_request_head_block_names_each_requests_version_on_one_connection():
+    """The added lines are remembered per connection: a request of another HTTP version must not get the last ones."""
+    info = ForwardingInfo("192.0.2.7", "https", False, b"rproxy")
+    headers = [(b"Host", b"example.com"), (b"Accept", b"*/*")]
+    for version in (b"1.1", b"2", b"2", b"1.0", b"1.1"):
+        block = request_head_block(headers, info, http_version=version)
+        assert block == serialize(request_headers_for_origin(headers, info, version))
+        assert b"\r\nVia: %s rproxy\r\n" % version in block
+
+
 @settings(derandomize=True, max_examples=400, deadline=None)
 @given(_block_headers, st.booleans())
 def test_response_head_block_equals_general_rewrite_or_defers(headers, dated):
