@@ -450,12 +450,16 @@ def test_a_date_the_proxy_adds_is_never_remembered():
 def test_remembered_client_heads_are_bounded():
     from twisted.internet.task import Clock
 
-    from rproxy_tw.http.exchange import CLIENT_HEADS_ENTRIES
+    from rproxy_tw.http.exchange import CLIENT_HEADS_BYTES, CLIENT_HEADS_ENTRIES
 
     s = _settings()
     for i in range(CLIENT_HEADS_ENTRIES + 10):
         s.client_headers([(b"Date", b"Sun, 06 Nov 1994 08:49:37 GMT"), (b"ETag", b'"%d"' % i)], Clock())
     assert 0 < len(s._client_heads) <= CLIENT_HEADS_ENTRIES
+    s._client_heads.clear()
+    large = [(b"Date", b"Sun, 06 Nov 1994 08:49:37 GMT"), (b"X-Large", b"y" * CLIENT_HEADS_BYTES)]
+    assert s.client_headers(large, Clock()) == response_headers_for_client(large, b"rproxy", b"rproxy")
+    assert s._client_heads == {}
 
 
 def http_date_at(second: int) -> bytes:

@@ -148,7 +148,12 @@ class ResponseDiscarded(Exception):
 
 
 CLIENT_HEADS_ENTRIES = 256
-"""Origin response heads remembered per pool with what the client is sent (L{ExchangeSettings.client_headers})."""
+CLIENT_HEADS_BYTES = 2048
+"""
+Origin response heads remembered per pool with what the client is sent
+(L{ExchangeSettings.client_headers}), and the largest remembered (bytes of
+names and values): at most half a megabyte per pool.
+"""
 
 
 class ExchangeSettings:
@@ -200,13 +205,15 @@ class ExchangeSettings:
         field by field (HTTP/2, a response filter) need not have every one
         rewritten again.  Only heads whose C{Date} is the origin's are kept
         (one added from C{clock} would go stale), at most
-        L{CLIENT_HEADS_ENTRIES} of them (the memory starts over when full).
+        L{CLIENT_HEADS_ENTRIES} of them, each of at most L{CLIENT_HEADS_BYTES}
+        (the memory starts over when full).
         """
         key = tuple(headers)
         out = self._client_heads.get(key)
         if out is None:
             made = response_headers_for_client(headers, self.via, self.server_header, clock=clock)
-            if any(n.lower() == b"date" for n, _ in headers) and b"date" not in connection_tokens(headers):
+            if any(n.lower() == b"date" for n, _ in headers) and b"date" not in connection_tokens(headers) \
+                    and sum(len(n) + len(v) for n, v in headers) <= CLIENT_HEADS_BYTES:
                 heads = self._client_heads
                 if len(heads) >= CLIENT_HEADS_ENTRIES:
                     heads.clear()
