@@ -20,12 +20,13 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from rproxy_tw.config import parse_config
-from rproxy_tw.http.h2 import H2ServerConnection
+from rproxy_tw.http.h2 import HEAD_CACHE_BYTES, HEAD_CACHE_ENTRIES, H2ServerConnection, _head_blocks, response_block
 from rproxy_tw.http.server import HTTPProxyFactory
 from rproxy_tw.service import ProxyRuntime
 
@@ -389,3 +390,49 @@ def test_requests_keep_a_connection_open_past_idle_timeout() -> None:
         h.read()
         assert h.response_of(sid)[1:] == (b"%d" % i, True)
     assert not _goaway(h) and not h.transport.disconnecting
+
+
+# ---------------------------------------------------------------------------
+# Encoded response heads, remembered (rproxy_tw.http.h2.response_block)
+
+
+def test_a_head_that_changes_in_one_field_is_never_served_a_remembered_block() -> None:
+    h = H2Harness()
+    heads = [
+        (200, [(b"ETag", b'"a"'), (b"Content-Type", b"text/plain")], b"x" * 10),
+        (200, [(b"ETag", b'"b"'), (b"Content-Type", b"text/plain")], b"x" * 10),  # another ETag
+        (200, [(b"ETag", b'"b"'), (b"Content-Type", b"text/plain")], b"x" * 11),  # another length
+        (404, [(b"ETag", b'"b"'), (b"Content-Type", b"text/plain")], b"x" * 11),  # another status
+        (200, [(b"ETag", b'"a"'), (b"Content-Type", b"text/plain")], b"x" * 10),  # the first again
+    ]
+    for status, headers, body in heads:
+        [sid] = h.get()
+        h.answer(0, response(status, body, headers))  # the origin connection is kept alive and reused
+        h.turn()
+        h.read()
+        got, received, ended = h.response_of(sid)
+        assert ended and received == body
+        assert field(got, b":status") == [b"%d" % status]
+        assert field(got, b"etag") == [headers[0][1]]
+        assert field(got, b"content-length") == [b"%d" % len(body)]
+
+
+def test_the_remembered_block_is_the_head_encoded_afresh() -> None:
+    decoder = hpack.Decoder()
+    headers = [(b"Server", b"rproxy"), (b"Cache-Control", b" max-age=60 "), (b"Connection", b"keep-alive")]
+    first = response_block(200, headers, 5)
+    assert response_block(200, list(headers), 5) == first
+    assert decoder.decode(first, raw=True) == [(b":status", b"200"), (b"server", b"rproxy"),
+                                               (b"cache-control", b"max-age=60"), (b"content-length", b"5")]
+
+
+def test_heads_with_credentials_are_not_remembered_and_the_memory_is_bounded() -> None:
+    _head_blocks.clear()
+    block = response_block(200, [(b"Set-Cookie", b"session=secret")], None)
+    assert hpack.Decoder().decode(block, raw=True) == [(b":status", b"200"), (b"set-cookie", b"session=secret")]
+    assert _head_blocks == {}
+    for i in range(HEAD_CACHE_ENTRIES + 10):
+        response_block(200, [(b"ETag", b'"%d"' % i)], 1)
+    assert 0 < len(_head_blocks) <= HEAD_CACHE_ENTRIES
+    response_block(200, [(b"X-Large", b"y" * (HEAD_CACHE_BYTES + 1))], None)
+    assert all(len(block) <= HEAD_CACHE_BYTES for block in _head_blocks.values())

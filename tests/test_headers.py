@@ -379,6 +379,16 @@ def test_request_head_block_equals_general_rewrite(headers, trusted, upgrade, ve
     assert b"Via: %s rproxy\r\n" % version in expected or b", %s rproxy\r\n" % version in expected
 
 
+def test_request_head_block_names_each_requests_version_on_one_connection():
+    """The added lines are remembered per connection: a request of another HTTP version must not get the last ones."""
+    info = ForwardingInfo("192.0.2.7", "https", False, b"rproxy")
+    headers = [(b"Host", b"example.com"), (b"Accept", b"*/*")]
+    for version in (b"1.1", b"2", b"2", b"1.0", b"1.1"):
+        block = request_head_block(headers, info, http_version=version)
+        assert block == serialize(request_headers_for_origin(headers, info, version))
+        assert b"\r\nVia: %s rproxy\r\n" % version in block
+
+
 @settings(derandomize=True, max_examples=400, deadline=None)
 @given(_block_headers, st.booleans())
 def test_response_head_block_equals_general_rewrite_or_defers(headers, dated):
@@ -391,6 +401,68 @@ def test_response_head_block_equals_general_rewrite_or_defers(headers, dated):
         block = response_head_block(headers, response_added_lines(b"rproxy", b"rproxy"), clock)
         if block is not None:
             assert block == serialize(response_headers_for_client(headers, b"rproxy", b"rproxy", clock=clock))
+
+
+def _settings():
+    from rproxy_tw.http.exchange import ExchangeSettings
+
+    return ExchangeSettings(b"rproxy", b"rproxy", response_timeout=60, idle_timeout=60, retries=0)
+
+
+@settings(derandomize=True, max_examples=400, deadline=None)
+@given(_block_headers, st.lists(st.integers(min_value=0, max_value=3), min_size=1, max_size=4))
+def test_remembered_client_headers_equal_the_general_rewrite(headers, seconds):
+    """Every answer, remembered or not, is what the rewrite says at that moment (a Date the proxy adds moves on)."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    s = _settings()
+    for step in seconds:
+        clock.advance(step)
+        got = s.client_headers(headers, clock)
+        assert got == response_headers_for_client(headers, b"rproxy", b"rproxy", clock=clock)
+        got.append((b"X-Changed", b"by a filter"))  # the caller's own list: the memory is not touched
+
+
+def test_a_date_the_proxy_adds_is_never_remembered():
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    s = _settings()
+    undated = [(b"Content-Type", b"text/plain")]
+    dropped = [(b"Date", b"Sun, 06 Nov 1994 08:49:37 GMT"), (b"Connection", b"date")]
+    for headers in (undated, dropped):
+        first = s.client_headers(headers, clock)
+        clock.advance(1)
+        second = s.client_headers(headers, clock)
+        assert values(first, b"date") == [http_date_at(int(clock.seconds()) - 1)]
+        assert values(second, b"date") == [http_date_at(int(clock.seconds()))]
+    dated = [(b"Date", b"Sun, 06 Nov 1994 08:49:37 GMT")]
+    assert s.client_headers(dated, clock) == s.client_headers(dated, clock)
+    assert len(s._client_heads) == 1
+
+
+def test_remembered_client_heads_are_bounded():
+    from twisted.internet.task import Clock
+
+    from rproxy_tw.http.exchange import CLIENT_HEADS_BYTES, CLIENT_HEADS_ENTRIES
+
+    s = _settings()
+    for i in range(CLIENT_HEADS_ENTRIES + 10):
+        s.client_headers([(b"Date", b"Sun, 06 Nov 1994 08:49:37 GMT"), (b"ETag", b'"%d"' % i)], Clock())
+    assert 0 < len(s._client_heads) <= CLIENT_HEADS_ENTRIES
+    s._client_heads.clear()
+    large = [(b"Date", b"Sun, 06 Nov 1994 08:49:37 GMT"), (b"X-Large", b"y" * CLIENT_HEADS_BYTES)]
+    assert s.client_headers(large, Clock()) == response_headers_for_client(large, b"rproxy", b"rproxy")
+    assert s._client_heads == {}
+
+
+def http_date_at(second: int) -> bytes:
+    from twisted.web.http import datetimeToString
+
+    return datetimeToString(second)
 
 
 def test_remembered_header_names_are_bounded():

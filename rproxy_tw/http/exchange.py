@@ -21,6 +21,8 @@ from zope.interface import Attribute, Interface, implementer
 
 from ..headers import (
     ForwardingInfo,
+    Header,
+    connection_tokens,
     http_date,
     request_head_block,
     response_added_lines,
@@ -145,6 +147,15 @@ class ResponseDiscarded(Exception):
     """Raised from a parser callback when a response is dropped for a retry."""
 
 
+CLIENT_HEADS_ENTRIES = 256
+CLIENT_HEADS_BYTES = 2048
+"""
+Origin response heads remembered per pool with what the client is sent
+(L{ExchangeSettings.client_headers}), and the largest remembered (bytes of
+names and values): at most half a megabyte per pool.
+"""
+
+
 class ExchangeSettings:
     """Per-pool settings an exchange needs, precomputed once per config."""
 
@@ -159,6 +170,7 @@ class ExchangeSettings:
         "replay_buffer",
         "budget",
         "passive",
+        "_client_heads",
     )
 
     def __init__(
@@ -183,6 +195,31 @@ class ExchangeSettings:
         self.replay_buffer = replay_buffer
         self.budget = budget
         self.passive = passive
+        self._client_heads: dict[tuple[Header, ...], tuple[Header, ...]] = {}
+
+    def client_headers(self, headers: Headers, clock: Any) -> list[Header]:
+        """
+        C{response_headers_for_client(headers, via, server_header, clock=clock)}
+        (no upgrade), remembered per origin head: an origin's heads repeat (the
+        same fields, the date of this second), and a client that takes them
+        field by field (HTTP/2, a response filter) need not have every one
+        rewritten again.  Only heads whose C{Date} is the origin's are kept
+        (one added from C{clock} would go stale), at most
+        L{CLIENT_HEADS_ENTRIES} of them, each of at most L{CLIENT_HEADS_BYTES}
+        (the memory starts over when full).
+        """
+        key = tuple(headers)
+        out = self._client_heads.get(key)
+        if out is None:
+            made = response_headers_for_client(headers, self.via, self.server_header, clock=clock)
+            if any(n.lower() == b"date" for n, _ in headers) and b"date" not in connection_tokens(headers) \
+                    and sum(len(n) + len(v) for n, v in headers) <= CLIENT_HEADS_BYTES:
+                heads = self._client_heads
+                if len(heads) >= CLIENT_HEADS_ENTRIES:
+                    heads.clear()
+                heads[key] = tuple(made)
+            return made
+        return list(out)
 
 
 @implementer(IExchange)
@@ -603,8 +640,11 @@ class ProxyExchange:
             if block is not None:
                 downstream.writeHead(status, reason, block, content_length, has_body)
                 return
-        out = response_headers_for_client(headers, s.via, s.server_header, b"1.1", keep_upgrade=upgrade,
-                                          clock=self.clock)
+        if upgrade:
+            out = response_headers_for_client(headers, s.via, s.server_header, b"1.1", keep_upgrade=True,
+                                              clock=self.clock)
+        else:
+            out = s.client_headers(headers, self.clock)
         downstream.writeHead(status, reason, out, content_length, has_body)
 
     def responseBody(self, data: bytes) -> None:

@@ -47,7 +47,7 @@ from .h2session import (
     StreamReset,
     WindowUpdated,
 )
-from .hpack_out import ResponseEncoder
+from .hpack_out import NEVER_INDEXED, ResponseEncoder, encode_fields
 from ..transport import ITimedHandshake
 from ..transport.fastwrite import no_delay
 from ..transport.flow import ReadGate
@@ -156,7 +156,8 @@ class H2Stream:
         self.unacknowledged = 0
         self.exchange: Any = None
         self.request_ended = False
-        self.head: list[tuple[bytes, bytes]] | None = None
+        self.head: bytes | None = None
+        """The response head, HPACK-encoded, until it goes with the first body bytes or the end."""
         self.head_sent = False
         self.response_ended = False
         self.reset = False
@@ -298,16 +299,16 @@ class H2Stream:
     def writeInterim(self, status: int, reason: bytes, headers: Headers) -> None:
         if status == 101 or self.disconnected:
             return
-        self.conn.send_headers(self.stream_id, [(b":status", b"%d" % status), *_h2_fields(headers)], False)
+        fields = [(b":status", b"%d" % status), *_h2_fields(headers)]
+        self.conn.send_block(self.stream_id, encode_fields(fields), False)
         self.conn.transmit_soon()  # a client may wait for it (100 Continue) before it sends the body
 
     def writeHead(self, status: int, reason: bytes, headers: Headers, content_length: int | None, has_body: bool) -> None:
-        fields = [(b":status", b"%d" % status), *_h2_fields(headers)]
-        if content_length is not None and (has_body or status != 204):
-            fields.append((b"content-length", b"%d" % content_length))
+        if content_length is not None and not has_body and status == 204:
+            content_length = None
         # Held until the first body bytes or the end, as HTTP/1.1 does, so that
         # a small response leaves in one write.
-        self.head = fields
+        self.head = response_block(status, headers, content_length)
 
     def flush(self) -> None:
         if self._send_head():
@@ -319,7 +320,7 @@ class H2Stream:
             return False
         self.head = None
         self.head_sent = True
-        self.conn.send_headers(self.stream_id, head, False)
+        self.conn.send_block(self.stream_id, head, False)
         return True
 
     def writeBody(self, data: bytes) -> None:
@@ -426,7 +427,7 @@ class H2Stream:
         if server:
             fields.append((b"server", server.strip()))
         fields += _h2_fields(extra)
-        self.head = fields
+        self.head = encode_fields(fields)
         self.body_bytes = 0
         self.writeBody(body)
         self.finishBody(())
@@ -479,6 +480,44 @@ def _h2_fields(headers: Headers) -> list[tuple[bytes, bytes]]:
         if lname not in NOT_FORWARDED and lname[:1] != b":":
             out.append((lname, value.strip()))
     return out
+
+
+HEAD_CACHE_ENTRIES = 512
+HEAD_CACHE_BYTES = 1024
+"""
+Response heads remembered (process-wide) with their encoded blocks, and the
+largest block remembered.  An origin's heads repeat (the same fields, the
+date of this second), so most heads are encoded once: the cache starts over
+when full, and a head with credentials (L{NEVER_INDEXED}) is never kept.
+"""
+
+_head_blocks: dict[tuple[Any, ...], bytes] = {}
+
+
+def response_block(status: int, headers: Headers, content_length: int | None) -> bytes:
+    """
+    A response head's fields for HTTP/2 (L{_h2_fields}, C{:status} first and
+    C{content-length} last), HPACK-encoded (L{encode_fields}): looked up by
+    everything it is made of, so a head that differs in any byte is a new
+    entry, never an old one's block.
+    """
+    try:
+        key = (status, content_length, *headers)
+        block = _head_blocks.get(key)
+    except TypeError:  # a filter's headers that are not tuples of bytes
+        key = None
+        block = None
+    if block is not None:
+        return block
+    fields = [(b":status", b"%d" % status), *_h2_fields(headers)]
+    if content_length is not None:
+        fields.append((b"content-length", b"%d" % content_length))
+    block = encode_fields(fields)
+    if key is not None and len(block) <= HEAD_CACHE_BYTES and all(name not in NEVER_INDEXED for name, _ in fields):
+        if len(_head_blocks) >= HEAD_CACHE_ENTRIES:
+            _head_blocks.clear()
+        _head_blocks[key] = block
+    return block
 
 
 @implementer(IPushProducer)
@@ -831,9 +870,10 @@ class H2ServerConnection(Protocol):
 
     # -- frames out -------------------------------------------------------------------------
 
-    def send_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]], end: bool) -> None:
+    def send_block(self, stream_id: int, encoded: bytes, end: bool) -> None:
+        """A header block, its fields already encoded (L{encode_fields})."""
         try:
-            self.session.send_headers(stream_id, fields, end)
+            self.session.send_block(stream_id, encoded, end)
         except ProtocolError:
             # The stream was reset, or the connection closed (after a GOAWAY):
             # the response has nowhere to go.

@@ -26,6 +26,7 @@ from typing import Any
 from attrs import define
 
 from .hpack_in import DecodeError, HeaderListTooLarge, RequestDecoder
+from .hpack_out import encode_fields
 from .h2frames import (
     ACK,
     CONTINUATION,
@@ -685,10 +686,17 @@ class H2Session:
         return min(stream.send_window, self.send_window, self.peer_max_frame)
 
     def send_headers(self, sid: int, fields: list[tuple[bytes, bytes]], end: bool = False) -> None:
+        self.send_block(sid, encode_fields(fields), end)
+
+    def send_block(self, sid: int, encoded: bytes, end: bool = False) -> None:
+        """
+        A header block of fields already encoded (L{encode_fields}' bytes, perhaps
+        remembered): the encoder adds the table size updates the connection owes.
+        """
         stream = self.streams.get(sid)
         if stream is None or not stream.local_open or self.closed:
             raise StreamClosedError(sid)
-        self._out.append(header_frames(sid, self.encoder.encode(fields), end, self.peer_max_frame))
+        self._out.append(header_frames(sid, self.encoder.block(encoded), end, self.peer_max_frame))
         if end:
             self._end(sid, stream)
 

@@ -31,7 +31,7 @@ from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.table import HeaderTable
 
-__all__ = ["ResponseEncoder", "encode_field"]
+__all__ = ["ResponseEncoder", "encode_field", "encode_fields"]
 
 _huffman = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH).encode
 
@@ -108,24 +108,42 @@ class ResponseEncoder:
         if self._smallest is None or value < self._smallest:
             self._smallest = value
 
-    def encode(self, headers: Iterable[tuple[bytes, bytes]], huffman: bool = True) -> bytes:
-        parts = []
+    def encode(self, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+        """The next header block of the connection: C{headers} encoded, after any table size update due."""
+        return self.block(encode_fields(headers))
+
+    def block(self, encoded: bytes) -> bytes:
+        """
+        C{encoded} (fields as L{encode_fields} gives them, perhaps remembered from
+        an earlier head) as the connection's next header block: the dynamic table
+        size updates due go first (6.3): the smallest size set, then the last.
+        """
         smallest = self._smallest
-        if smallest is not None:
-            # Dynamic table size updates (6.3): the smallest size set, then the last.
-            self._smallest = None
-            parts.append(_integer(smallest, 5, 0x20))
-            if smallest != self._table_size:
-                parts.append(_integer(self._table_size, 5, 0x20))
-        cache = _cache
-        for field in headers:
-            name, value = field[0], field[1]
-            encoded = cache.get((name, value))
-            if encoded is None:
-                encoded = encode_field(name, value)
-                if len(value) <= CACHE_VALUE_BYTES and name not in NEVER_INDEXED:
-                    if len(cache) >= CACHE_SIZE:
-                        cache.clear()
-                    cache[(name, value)] = encoded
-            parts.append(encoded)
-        return b"".join(parts)
+        if smallest is None:
+            return encoded
+        self._smallest = None
+        update = _integer(smallest, 5, 0x20)
+        if smallest != self._table_size:
+            update += _integer(self._table_size, 5, 0x20)
+        return update + encoded
+
+
+def encode_fields(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """
+    C{headers} encoded, field after field (each one's form remembered, see
+    L{CACHE_SIZE}); the same bytes on every connection, since no field goes
+    into the dynamic table.
+    """
+    parts = []
+    cache = _cache
+    for field in headers:
+        name, value = field[0], field[1]
+        encoded = cache.get((name, value))
+        if encoded is None:
+            encoded = encode_field(name, value)
+            if len(value) <= CACHE_VALUE_BYTES and name not in NEVER_INDEXED:
+                if len(cache) >= CACHE_SIZE:
+                    cache.clear()
+                cache[(name, value)] = encoded
+        parts.append(encoded)
+    return b"".join(parts)
