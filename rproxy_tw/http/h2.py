@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from ..headers import trailers_for_client
 from ..logs import observer as log_observer
+from ..tls import negotiated_protocol
 from .exchange import IDownstream, ProxyExchange, RequestRejected
 from .h2frames import ErrorCode
 from .h2session import (
@@ -952,7 +953,7 @@ class ALPNSwitch(Protocol):
     def handshakeCompleted(self) -> None:
         if self.protocol is not None:
             return
-        alpn = getattr(self.transport, "negotiatedProtocol", None)
+        alpn = negotiated_protocol(self.transport)
         self.factory.tls_handshake_completed(alpn)
         if alpn == b"h2":
             # HTTP/2 speaks first (its SETTINGS preface): start it now.
@@ -972,7 +973,7 @@ class ALPNSwitch(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.protocol is None:
-            if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+            if negotiated_protocol(self.transport) == b"h2":
                 self._start(H2ServerConnection(self.factory))
             else:
                 self._start(self.http1 if self.http1 is not None else self.factory.build_http1())
