@@ -111,6 +111,30 @@ def test_a_bad_header_closes_the_connection_and_builds_nothing(data: bytes) -> N
     assert clock.getDelayedCalls() == []
 
 
+def test_refusals_are_logged_once_a_second_with_a_count() -> None:
+    from twisted.logger import capturedLogs
+
+    clock = Clock()
+    factory = ProxyHeaderFactory(RecordingFactory(), clock)
+    with capturedLogs() as events:
+        for _ in range(50):
+            reader = factory.buildProtocol(BALANCER)
+            transport = StringTransportWithDisconnection(hostAddress=LISTENER, peerAddress=BALANCER)
+            transport.protocol = reader
+            reader.makeConnection(transport)
+            reader.dataReceived(b"GET / HTTP/1.1\r\n")
+            assert not transport.connected
+        clock.advance(1.0)
+        reader = factory.buildProtocol(BALANCER)
+        transport = StringTransportWithDisconnection(hostAddress=LISTENER, peerAddress=BALANCER)
+        transport.protocol = reader
+        reader.makeConnection(transport)
+        reader.dataReceived(b"junk")
+    lines = [e for e in events if "PROXY header" in e.get("log_format", "")]
+    assert [e["count"] for e in lines] == [1, 50]
+    assert "10.0.0.2:41000" == lines[-1]["peer"] and "bad PROXY header" in lines[-1]["why"]
+
+
 def test_a_header_too_slow_aborts_the_connection() -> None:
     reader, transport, inner, clock = connect(timeout=5.0)
     reader.dataReceived(b"PROXY TCP4 203.0.")

@@ -83,8 +83,7 @@ class ProxyHeaderReader(ProtocolWrapper):
 
     def _tooSlow(self) -> None:
         self._deadline = None
-        self.factory.log.info("{peer}: no PROXY header within {timeout:g}s; closed",
-                              peer=_describe(self.transport.getPeer()), timeout=self.factory.timeout)
+        self.factory.refused(self.transport.getPeer(), f"no PROXY header within {self.factory.timeout:g}s")
         self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -116,8 +115,7 @@ class ProxyHeaderReader(ProtocolWrapper):
 
     def _refuse(self, why: str) -> None:
         self._cancelDeadline()
-        self.factory.log.info("{peer}: bad PROXY header ({why}); closed",
-                              peer=_describe(self.transport.getPeer()), why=why)
+        self.factory.refused(self.transport.getPeer(), f"bad PROXY header ({why})")
         self.transport.loseConnection()
 
     def _cancelDeadline(self) -> None:
@@ -165,6 +163,18 @@ class ProxyHeaderFactory(WrappingFactory):
         super().__init__(wrappedFactory)
         self.clock = clock
         self.timeout = timeout
+        self._logged_at: float | None = None
+        self._unlogged = 0
+
+    def refused(self, peer: IAddress, why: str) -> None:
+        """A connection closed for its header: one log line a second at most (a flood is not a log flood)."""
+        self._unlogged += 1
+        now = self.clock.seconds()
+        if self._logged_at is None or now - self._logged_at >= 1.0:
+            self.log.info("closed {count} connection(s) for their PROXY header; the last, from {peer}: {why}",
+                          count=self._unlogged, peer=_describe(peer), why=why)
+            self._logged_at = now
+            self._unlogged = 0
 
     def buildProtocol(self, addr: IAddress) -> ProxyHeaderReader:
         return self.protocol(self)
