@@ -18,7 +18,17 @@ from typing import Any, Callable, Mapping
 
 import attr
 
-__all__ = ["EndpointString", "bind_address", "parse", "server_problem"]
+__all__ = ["PROXY_HEADER_PREFIX", "EndpointString", "behind_proxy_header", "bind_address", "parse", "server_problem"]
+
+PROXY_HEADER_PREFIX = "haproxy:"
+"""What a listener's endpoint string starts with when a load balancer in front sends PROXY headers."""
+
+
+def behind_proxy_header(description: str) -> tuple[bool, str]:
+    """Whether C{description} asks for PROXY headers, and the endpoint string under the C{haproxy:} prefix."""
+    if description.startswith(PROXY_HEADER_PREFIX):
+        return True, description[len(PROXY_HEADER_PREFIX):]
+    return False, description
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -128,8 +138,7 @@ def bind_address(description: str) -> tuple[Any, ...] | None:
     C{("systemd", domain, index or name)}, or L{None} when unknown (a plugin's
     type, a malformed string, or port 0, which never collides).
     """
-    while description.startswith("haproxy:"):
-        description = description[len("haproxy:"):]
+    description = behind_proxy_header(description)[1]
     if server_problem(description) is not None:
         return None
     endpoint = parse(description)

@@ -51,7 +51,8 @@ from .scrub.connections import ConnectionGuard
 from .scrub.setup import Scrubbing
 from .tls import ICertificateReload
 from .transport import ip_of
-from .transport.proxy_header import HEADER_TIMEOUT, ProxyHeaderEndpoint, behind_proxy_header
+from .endpoint_string import behind_proxy_header
+from .transport.proxy_header import HEADER_TIMEOUT, ProxyHeaderEndpoint
 from .upstream.health import FollowedHealth, HealthMonitor, PassiveHealth, monitor_for
 from .upstream.pool import BackendPool
 from .upstream.retry import RetryBudget

@@ -49,12 +49,11 @@ from zope.interface import implementer
 from .admin.api import AdminSite, IAdminSource
 from .admin.metrics import gauge_family, merge_snapshots
 from .admin.status import merge_status
-from .endpoint_string import parse
+from .endpoint_string import behind_proxy_header, parse
 from .events import BackendStateChanged, EventBus, IEventObserver
 from .listener import DEFAULT_BACKLOG
 from .config import ConfigError, ProxyConfig
 from .logs import observer as log_observer
-from .transport.proxy_header import behind_proxy_header
 from .upstream.health import VerdictBoard, Verdicts, monitor_for, verdicts_of
 from .upstream.pool import BackendPool
 

@@ -16,7 +16,8 @@ from twisted.internet.testing import StringTransportWithDisconnection
 from zope.interface import implementer
 
 from rproxy_tw.tcp.proxy_protocol import build_v1, build_v2
-from rproxy_tw.transport.proxy_header import ProxyHeaderFactory, behind_proxy_header
+from rproxy_tw.endpoint_string import behind_proxy_header
+from rproxy_tw.transport.proxy_header import ProxyHeaderFactory
 
 BALANCER = IPv4Address("TCP", "10.0.0.2", 41000)
 LISTENER = IPv4Address("TCP", "10.0.0.9", 8080)

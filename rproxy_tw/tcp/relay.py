@@ -40,7 +40,6 @@ import math
 
 import attrs
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
@@ -61,7 +60,7 @@ from zope.interface import implementer
 
 from ..events import TCPSessionClosed
 from ..listener import ConnectionCounts, IListenerFactory
-from ..transport import ip_of
+from ..transport import describe_address, ip_of
 from ..transport.fastwrite import direct_writer, held_bytes
 from ..transport.flow import GateProducer, ReadGate
 from ..logs import observer as log_observer
@@ -177,16 +176,6 @@ def _keep_alive(transport: Any) -> None:
             t.setTcpKeepAlive(1)
         except OSError:  # not a TCP socket after all, or already closed
             pass
-
-
-def _describe(address: IAddress | None) -> str:
-    if isinstance(address, (IPv4Address, IPv6Address)):
-        host = address.host
-        return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
-    if isinstance(address, UNIXAddress) and address.name is not None:
-        name = address.name
-        return f"unix:{name.decode('utf-8', 'replace') if isinstance(name, bytes) else name}"
-    return str(address)
 
 
 def tls_info_of(transport: ITransport) -> TLSInfo | None:
@@ -318,7 +307,7 @@ class TCPProxyServer(Protocol):
         self.started_at = self.last_traffic = self.clock.seconds()
         self.client_gate = _Gate(self.transport)
         self._write_client = direct_writer(self.transport, read_size=READ_SIZE)
-        self.client = _describe(self.transport.getPeer())  # type: ignore[union-attr]
+        self.client = describe_address(self.transport.getPeer())  # type: ignore[union-attr]
         self._armIdle(self.factory.idle_timeout)
         _keep_alive(self.transport)
         if isinstance(self.transport, TLSMemoryBIOProtocol):
@@ -337,7 +326,7 @@ class TCPProxyServer(Protocol):
         transport = self.transport
         assert transport is not None
         peer = transport.getPeer()
-        self.client = _describe(peer)
+        self.client = describe_address(peer)
         self.client_ip = ip_of(peer) or ""
         version = self.factory.proxy_protocol
         if version != "off":
@@ -696,7 +685,7 @@ class TCPProxyFactory(Factory):
             "at max_connections {limit}",
             listener=self.name,
             count=self._rejected_unlogged,
-            client=_describe(addr),
+            client=describe_address(addr),
             limit=self.max_connections,
         )
         self._rejected_logged_at = now

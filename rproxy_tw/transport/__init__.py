@@ -7,9 +7,20 @@ says.
 
 from __future__ import annotations
 
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress
 from zope.interface import Attribute, Interface
+
+
+def describe_address(address: IAddress | None) -> str:
+    """A peer or host for log lines: C{203.0.113.7:5555}, C{[2001:db8::7]:443}, C{unix:/run/app.sock}."""
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        host = address.host
+        return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+    if isinstance(address, UNIXAddress) and address.name is not None:
+        name = address.name
+        return f"unix:{name.decode('utf-8', 'replace') if isinstance(name, bytes) else name}"
+    return str(address)
 
 
 def ip_of(address: IAddress | None) -> str | None:

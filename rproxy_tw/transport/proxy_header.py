@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -33,22 +32,13 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from ..logs import observer as log_observer
+from . import describe_address
 from ..tcp.proxy_protocol import ProxyHeader, ProxyProtocolError, parse
 
-__all__ = ["PREFIX", "HEADER_TIMEOUT", "ProxyHeaderEndpoint", "ProxyHeaderFactory", "behind_proxy_header"]
-
-PREFIX = "haproxy:"
-"""What a listener's endpoint string starts with when a load balancer in front sends PROXY headers."""
+__all__ = ["HEADER_TIMEOUT", "ProxyHeaderEndpoint", "ProxyHeaderFactory"]
 
 HEADER_TIMEOUT = 10.0
 """Seconds a connection may take to send its PROXY header, by default (HAProxy's C{timeout client} order)."""
-
-
-def behind_proxy_header(description: str) -> tuple[bool, str]:
-    """Whether C{description} asks for PROXY headers, and the endpoint string under the C{haproxy:} prefix."""
-    if description.startswith(PREFIX):
-        return True, description[len(PREFIX):]
-    return False, description
 
 
 @implementer(IHalfCloseableProtocol)
@@ -172,7 +162,7 @@ class ProxyHeaderFactory(WrappingFactory):
         now = self.clock.seconds()
         if self._logged_at is None or now - self._logged_at >= 1.0:
             self.log.info("closed {count} connection(s) for their PROXY header; the last, from {peer}: {why}",
-                          count=self._unlogged, peer=_describe(peer), why=why)
+                          count=self._unlogged, peer=describe_address(peer), why=why)
             self._logged_at = now
             self._unlogged = 0
 
@@ -193,7 +183,3 @@ class ProxyHeaderEndpoint:
         return self.endpoint.listen(ProxyHeaderFactory(protocolFactory, self.clock, self.timeout))
 
 
-def _describe(address: IAddress) -> str:
-    if isinstance(address, (IPv4Address, IPv6Address)):
-        return f"{address.host}:{address.port}"
-    return str(address)
