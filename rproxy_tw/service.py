@@ -33,7 +33,7 @@ from .http.request import read_request_head
 from .http.local import LocalResourceExchange
 from .http.server import HTTPProxyFactory, http_date
 from .http.upstream import UpstreamConnector
-from .listener import IListenerFactory, with_backlog
+from .listener import IListenerFactory
 from .logs import observer as log_observer, set_level as set_log_level
 from .events import EventBus, ReloadApplied, ReloadRefused
 from .pipeline import (
@@ -53,6 +53,7 @@ from .tls import ICertificateReload
 from .transport import ip_of
 from .endpoint_string import behind_proxy_header
 from .transport.proxy_header import HEADER_TIMEOUT, ProxyHeaderEndpoint
+from .transport.tcp_server import server_endpoint
 from .upstream.health import FollowedHealth, HealthMonitor, PassiveHealth, monitor_for
 from .upstream.pool import BackendPool
 from .upstream.retry import RetryBudget
@@ -769,8 +770,9 @@ class ProxyService(MultiService):
                  active_health: Callable[[BackendPool, Any], Any] = monitor_for) -> None:
         """
         @param endpoint_for: the client endpoint of a backend's endpoint string (default: Twisted's parser).
-        @param listen_endpoint_for: the server endpoint of a listener's endpoint string (default: Twisted's
-            parser; a worker under the supervisor adopts the sockets it was given).
+        @param listen_endpoint_for: the server endpoint of a listener's endpoint string (default:
+            L{server_endpoint}: C{tcp} on our own port, the rest through Twisted's parser; a worker under the
+            supervisor adopts the sockets it was given).
         @param active_health: what gives each pool its active health verdicts (default: this process's own
             monitors; a worker under the supervisor follows the group's, L{rproxy_tw.upstream.health.VerdictBoard}).
         """
@@ -779,8 +781,7 @@ class ProxyService(MultiService):
         self.config = config
         self.endpoint_for = endpoint_for
         self.active_health = active_health
-        self.listen_endpoint_for = listen_endpoint_for or (
-            lambda description: serverFromString(reactor, with_backlog(description)))
+        self.listen_endpoint_for = listen_endpoint_for or (lambda description: server_endpoint(reactor, description))
         set_log_level(config.server.log_level)
         self.runtime = ProxyRuntime(config, reactor, endpoint_for, active_health=active_health)
         self.guard = ConnectionGuard(reactor, self.runtime.events)

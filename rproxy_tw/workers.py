@@ -56,6 +56,7 @@ from .config import ConfigError, ProxyConfig
 from .logs import observer as log_observer
 from .upstream.health import VerdictBoard, Verdicts, monitor_for, verdicts_of
 from .upstream.pool import BackendPool
+from .transport.tcp_server import adopt_tcp_port, adopts_tcp
 
 __all__ = ["GroupHealth", "Supervisor", "VerdictPipe", "VerdictReceiver", "listening_socket",
            "listening_sockets", "worker_count"]
@@ -153,6 +154,8 @@ class AdoptedEndpoint:
         self.family = family
 
     def listen(self, factory: Any) -> Deferred[Any]:
+        if self.family in (socket.AF_INET, socket.AF_INET6) and adopts_tcp(self.reactor):
+            return succeed(adopt_tcp_port(self.reactor, self.fd, self.family, factory))
         return succeed(self.reactor.adoptStreamPort(self.fd, self.family, factory))
 
 

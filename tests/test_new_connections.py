@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import subprocess
+
 import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
@@ -39,9 +41,11 @@ def test_listeners_get_nginx_s_backlog_unless_they_set_one(given: str, started: 
 
 @pytest_twisted.inlineCallbacks
 def test_a_listener_listens_with_the_larger_backlog(net: Any) -> None:
+    """What the kernel says of the listening socket: C{ss} shows a listener's backlog as its Send-Q."""
     proxy = yield net.proxy(proxy_config("tcp:127.0.0.1:1"))
-    [listener] = proxy.service.listeners
-    assert listener._port.backlog == DEFAULT_BACKLOG  # Twisted's tcp.Port passes it to listen()
+    shown = subprocess.run(["ss", "-ltnH", f"sport = :{proxy.port}"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert int(shown[2]) == DEFAULT_BACKLOG
 
 
 def test_a_closed_connection_leaves_no_timer_behind() -> None:

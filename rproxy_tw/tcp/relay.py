@@ -39,10 +39,10 @@ from typing import Any
 import math
 
 import attrs
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
+    IHalfCloseableDescriptor,
     IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
@@ -136,13 +136,13 @@ def _half_closeable(transport: Any) -> bool:
     """
     Whether C{loseWriteConnection()} shuts down only the write side of
     C{transport} without skipping bytes of a layer in between: true for
-    Twisted's socket transports, seen directly or through pass-through
+    socket transports (Twisted's, and ours), seen directly or through pass-through
     wrappers (such as C{haproxy:}'s); false under TLS.
     """
     t = transport
     while isinstance(t, ProtocolWrapper) and not isinstance(t, TLSMemoryBIOProtocol):
         t = t.transport
-    return isinstance(t, FileDescriptor)
+    return IHalfCloseableDescriptor.providedBy(t)
 
 
 def _shutdown_write(transport: Any) -> None:

@@ -28,6 +28,8 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
+from .tcp_server import TCPServerConnection
+
 __all__ = ["direct_writer", "held_bytes", "no_delay"]
 
 _READ_SIZE = 256 * 1024
@@ -43,6 +45,11 @@ def direct_writer(transport: Any, read_size: int | None = None) -> Callable[[byt
         transport (Twisted's default is 64 KiB; larger reads mean fewer turns
         of the reactor for large bodies).
     """
+    if type(transport) is TCPServerConnection:
+        # Sends at once by itself.
+        if read_size:
+            transport.read_size = read_size
+        return transport.write
     if type(transport) not in (tcp.Server, tcp.Client) or transport.TLS or _DISABLED:
         return transport.write
     if read_size:
@@ -104,4 +111,6 @@ def held_bytes(transport: Any) -> int:
         t = t.transport
     if isinstance(t, FileDescriptor):
         held += len(t.dataBuffer) - t.offset + t._tempDataLen
+    elif isinstance(t, TCPServerConnection):
+        held += t.buffered()
     return held

@@ -1,0 +1,644 @@
+"""
+A TCP listening port and its server connections, over the reactor's
+C{IReactorFDSet}.
+
+Why not Twisted's C{tcp.Port} and C{tcp.Server}: a client that connects
+for every request (health checkers, scripts, many API clients) paid more
+in Twisted's accept and close than in its request.  Profiled per
+connection, Twisted's accept loop (a generator under a log-buffering
+context manager), a transport built with a dozen attributes and two
+formatted strings, the peer's address built twice, and a close that takes
+a reactor turn of its own (register for writability, wake up, send
+nothing, unregister twice, C{shutdown}, C{close}) were a third of the
+proxy's work for such a client.  Here:
+
+- the accept loop takes what the kernel has queued, at most
+  L{ACCEPTS_PER_TURN}, in one plain loop;
+- a connection is registered with the reactor once, for reading, and for
+  writing only while the kernel refuses bytes;
+- a write is sent at once when nothing waits before it (nginx's and
+  HAProxy's way; Twisted only buffers, and sends on the next turn);
+- a close whose bytes are all sent closes the socket at once (one
+  C{epoll_ctl} and a C{close}); the protocol hears of it on the next turn,
+  together with every other connection that closed in this one, as it
+  would from Twisted (never from inside its own call to C{loseConnection}).
+
+What the transport promises is Twisted's: L{ITCPTransport}, producer and
+consumer (a streaming producer is paused while more than
+L{WRITE_HIGH_WATER} bytes wait, a pull producer asked for more when none
+do), half-close for L{IHalfCloseableProtocol}s, C{abortConnection} with a
+reset.  Only C{tcp} and C{tcp6} listeners use it (L{server_endpoint});
+everything else, and every client connection, is Twisted's.  The
+environment variable C{RPROXY_TWISTED_TCP=1} gives C{tcp} listeners
+Twisted's port back, for A/B measurements.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from typing import Any, Callable
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import (
+    CannotListenError,
+    ConnectionAborted,
+    ConnectionDone,
+    ConnectionLost,
+)
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableDescriptor,
+    IHalfCloseableProtocol,
+    IListeningPort,
+    ILoggingContext,
+    IPushProducer,
+    IReactorFDSet,
+    IReactorTime,
+    IReadWriteDescriptor,
+    IStreamServerEndpoint,
+    ISystemHandle,
+    ITCPTransport,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..endpoint_string import parse
+from ..listener import DEFAULT_BACKLOG, with_backlog
+
+__all__ = [
+    "ACCEPTS_PER_TURN",
+    "READ_SIZE",
+    "WRITE_HIGH_WATER",
+    "TCPListeningPort",
+    "TCPServerConnection",
+    "TCPServerEndpoint",
+    "adopt_tcp_port",
+    "adopts_tcp",
+    "server_endpoint",
+]
+
+READ_SIZE = 64 * 1024
+"""Bytes asked of the kernel per read (Twisted's size), unless a protocol asks for larger reads."""
+
+WRITE_HIGH_WATER = 64 * 1024
+"""Bytes the kernel refused that may wait before a streaming producer is paused (Twisted's bound)."""
+
+ACCEPTS_PER_TURN = 128
+"""New connections taken in one wake-up of the listener, at most: the rest wait for the next turn."""
+
+ACCEPT_PAUSE = 0.1
+"""Seconds the listener stops accepting when the process is out of file descriptors (or the kernel of memory)."""
+
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_RESET = struct.pack("ii", 1, 0)
+_DONE = Failure(ConnectionDone())
+_LOST = Failure(ConnectionLost())
+_TWISTED_TCP = bool(os.environ.get("RPROXY_TWISTED_TCP"))
+_log = Logger()
+
+
+class _LostLater:
+    """
+    Connections whose socket closed in this reactor turn, told their
+    protocols on the next one: one timed call for all of them, not one each.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._due: list[tuple[TCPServerConnection, Failure]] = []
+
+    def add(self, connection: TCPServerConnection, reason: Failure) -> None:
+        if not self._due:
+            self.clock.callLater(0, self._tell)
+        self._due.append((connection, reason))
+
+    def _tell(self) -> None:
+        due, self._due = self._due, []
+        for connection, reason in due:
+            connection.connectionLost(reason)
+
+
+@implementer(ITCPTransport, IPushProducer, IConsumer, IReadWriteDescriptor, IHalfCloseableDescriptor, ISystemHandle)
+class TCPServerConnection:
+    """
+    One accepted TCP connection: the transport of its protocol, and the
+    reactor's reader (and, while the kernel refuses bytes, writer) of its
+    socket.
+
+    @ivar connected: true from the accept until the protocol is told the
+        connection is lost.
+    @ivar disconnecting: C{loseConnection} (or an abort, or a failed send)
+        was called: nothing more is written.
+    @ivar read_size: bytes asked of the kernel per read.
+    """
+
+    producer: Any = None
+    streamingProducer = False
+    producerPaused = False
+    disconnecting = False
+    disconnected = False
+    read_size = READ_SIZE
+    _reading = False
+    _writing = False
+    _read_ended = False
+    _write_ending = False
+    _write_ended = False
+    _closed = False
+    _lost_pending = False
+    _host: IPv4Address | IPv6Address | None = None
+    _no_delay: bool | None = None
+
+    def __init__(self, sock: socket.socket, protocol: Any, peer: IPv4Address | IPv6Address,
+                 port: TCPListeningPort, log_prefix: str) -> None:
+        self.socket = sock
+        self.protocol = protocol
+        self.fileno: Callable[[], int] = sock.fileno
+        self._peer = peer
+        self._port = port
+        self.reactor = port.reactor
+        self._send = sock.send
+        self._out = bytearray()
+        self._log_prefix = log_prefix
+        self.connected = True
+
+    def __repr__(self) -> str:
+        return f"<{type(self.protocol).__name__} {self._log_prefix} on {self._port.port_number}>"
+
+    # -- reactor registration ----------------------------------------------------------------
+
+    def _start_reading(self) -> None:
+        if not self._reading:
+            self._reading = True
+            self.reactor.addReader(self)
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self.reactor.removeReader(self)
+
+    def _start_writing(self) -> None:
+        if not self._writing:
+            self._writing = True
+            self.reactor.addWriter(self)
+
+    def _stop_writing(self) -> None:
+        if self._writing:
+            self._writing = False
+            self.reactor.removeWriter(self)
+
+    # -- IReadWriteDescriptor ------------------------------------------------------------------
+
+    def logPrefix(self) -> str:
+        return self._log_prefix
+
+    def doRead(self) -> Any:
+        try:
+            data = self.socket.recv(self.read_size)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return _LOST.value
+        if not data:
+            return _DONE.value
+        self.protocol.dataReceived(data)
+        return None
+
+    def doWrite(self) -> Any:
+        out = self._out
+        if out:
+            try:
+                sent = self._send(out)
+            except BlockingIOError:
+                return None
+            except OSError:
+                return _LOST.value
+            del out[:sent]
+            if out:
+                return None
+        self._stop_writing()
+        self._flushed()
+        return None
+
+    def readConnectionLost(self, reason: Failure) -> None:
+        """The peer's FIN (the reactor has stopped reading): a half-closeable protocol may go on writing."""
+        self._reading = False
+        self._read_ended = True
+        half = IHalfCloseableProtocol(self.protocol, None)
+        if half is None:
+            self.connectionLost(reason)
+            return
+        try:
+            half.readConnectionLost()
+        except Exception:  # noqa: BLE001 - the protocol's bug ends its connection, as Twisted's does
+            self.connectionLost(Failure())
+
+    def writeConnectionLost(self, reason: Failure) -> None:
+        self.connectionLost(reason)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        The one end of a connection: its socket closed (if it is not yet),
+        its producer stopped, its protocol told once.
+        """
+        if self.disconnected:
+            return
+        self._close_socket(reset=reason.check(ConnectionAborted) is not None)
+        self.disconnected = True
+        self.disconnecting = True
+        self.connected = False
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            producer.stopProducing()
+        protocol, self.protocol = self.protocol, None
+        protocol.connectionLost(reason)
+
+    # -- closing -------------------------------------------------------------------------------
+
+    def _close_socket(self, reset: bool = False) -> None:
+        """Off the reactor (while the descriptor still means this socket), then closed; a reset if asked."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_reading()
+        self._stop_writing()
+        sock = self.socket
+        if reset:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            except OSError:
+                pass
+        sock.close()
+
+    def _end(self, reason: Failure, reset: bool = False) -> None:
+        """
+        Close the socket now; the protocol hears of it on the next reactor
+        turn.  A reset waits for that turn too (off the reactor until then),
+        as Twisted's abort does: a client whose connection is refused at
+        once sees it open, then reset, rather than a failed connect.
+        """
+        if self._closed or self._lost_pending:
+            return
+        self._lost_pending = True
+        self.disconnecting = True
+        if reset:
+            self._stop_reading()
+            self._stop_writing()
+        else:
+            self._close_socket()
+        self._port.lost_later.add(self, reason)
+
+    def _flushed(self) -> None:
+        """Everything written is in the kernel: feed the producer, or finish a close asked for."""
+        producer = self.producer
+        if producer is not None and (not self.streamingProducer or self.producerPaused):
+            self.producerPaused = False
+            producer.resumeProducing()
+        elif self.disconnecting:
+            self._end(_DONE)
+        elif self._write_ending and not self._write_ended:
+            self._write_ended = True
+            try:
+                self.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            half = IHalfCloseableProtocol(self.protocol, None)
+            if half is not None:
+                half.writeConnectionLost()
+
+    def loseConnection(self) -> None:
+        if self.disconnecting or self.disconnected:
+            return
+        self.disconnecting = True
+        self._stop_reading()
+        producer = self.producer
+        if self._out or (producer is not None and (not self.streamingProducer or self.producerPaused)):
+            # The buffer drains first (and a producer that is owed a resume
+            # gets it): the close is finished by doWrite or unregisterProducer.
+            self._start_writing()
+        else:
+            self._end(_DONE)
+
+    def loseWriteConnection(self) -> None:
+        if self.disconnecting or self._write_ending:
+            return
+        self._write_ending = True
+        self._start_writing()
+
+    def abortConnection(self) -> None:
+        if self._closed or self._lost_pending or self.disconnected:
+            return
+        self._out.clear()
+        self._end(Failure(ConnectionAborted()), reset=True)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._closed or self._write_ended or not data:
+            return
+        out = self._out
+        if out or (self.producer is not None and not self.streamingProducer):
+            # Bytes wait already (they go first), or a pull producer learns
+            # of room only from doWrite.
+            out += data
+            self._start_writing()
+            if len(out) > WRITE_HIGH_WATER:
+                self._pause_producer()
+            return
+        try:
+            sent = self._send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            self._end(Failure(ConnectionLost(str(e))))
+            return
+        if sent < len(data):
+            out += memoryview(data)[sent:]
+            self._start_writing()
+            if len(out) > WRITE_HIGH_WATER:
+                self._pause_producer()
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    def _pause_producer(self) -> None:
+        producer = self.producer
+        if producer is not None and self.streamingProducer and not self.producerPaused:
+            self.producerPaused = True
+            producer.pauseProducing()
+
+    def buffered(self) -> int:
+        """Bytes written and not yet taken by the kernel."""
+        return len(self._out)
+
+    # -- IConsumer -----------------------------------------------------------------------------
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self.producer is not None:
+            raise RuntimeError(f"Cannot register producer {producer}, because producer {self.producer} "
+                               "was never unregistered.")
+        if self.disconnected:
+            producer.stopProducing()
+            return
+        self.producer = producer
+        self.streamingProducer = streaming
+        self.producerPaused = False
+        if not streaming:
+            producer.resumeProducing()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.producerPaused = False
+        if (self.disconnecting or self._write_ending) and not self._closed:
+            self._start_writing()  # a close waited for the producer: doWrite finishes it
+
+    # -- IPushProducer (reading) ---------------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._stop_reading()
+
+    def resumeProducing(self) -> None:
+        if not self.disconnecting and not self._read_ended and not self._closed:
+            self._start_reading()
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+    # -- addresses and options -----------------------------------------------------------------
+
+    def getPeer(self) -> IPv4Address | IPv6Address:
+        return self._peer
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        host = self._host
+        if host is None:
+            host = self._host = self._port.host_of(self.socket)
+        return host
+
+    def getHandle(self) -> socket.socket:
+        return self.socket
+
+    def getTcpNoDelay(self) -> bool:
+        return bool(self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        enabled = bool(enabled)
+        if self._no_delay is not enabled:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, enabled)
+            self._no_delay = enabled
+
+    def getTcpKeepAlive(self) -> bool:
+        return bool(self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, bool(enabled))
+
+
+@implementer(IListeningPort)
+class TCPListeningPort:
+    """
+    A listening TCP socket: accepts, builds each connection's protocol
+    with the factory, and starts it on a L{TCPServerConnection}.
+
+    C{TCP_NODELAY} is set on the listening socket: Linux's accepted sockets
+    inherit it, so a protocol that turns Nagle off (every one of ours does,
+    as nginx's and HAProxy's connections have it off) costs no system call.
+    """
+
+    disconnecting = False
+    """Stopped listening (what Twisted's port says by this name, which callers read)."""
+
+    def __init__(self, reactor: Any, sock: socket.socket, factory: Any) -> None:
+        self.reactor = reactor
+        self.socket = sock
+        self.factory = factory
+        self.fileno: Callable[[], int] = sock.fileno
+        self.lost_later = _LostLater(reactor)
+        self._accept = sock.accept
+        self._address_type = IPv6Address if sock.family == socket.AF_INET6 else IPv4Address
+        bound = sock.getsockname()
+        self.port_number: int = bound[1]
+        self._host = self._address_type("TCP", bound[0], bound[1])
+        self._wildcard = bound[0] in ("0.0.0.0", "::")
+        self._prefixes: dict[type, str] = {}
+        self._sessions = 0
+        self._listening = False
+        self._paused_call: Any = None
+        self._refused = 0
+        self.no_delay: bool | None = None
+        """Whether accepted sockets have C{TCP_NODELAY} already: learnt from the first one (None: not yet)."""
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            self.no_delay = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self.factory).__name__} on {self.port_number}>"
+
+    def startListening(self) -> None:
+        self.factory.doStart()
+        self._listening = True
+        self.reactor.addReader(self)
+        _log.info("{factory} starting on {port}", factory=type(self.factory).__name__, port=self.port_number)
+
+    def stopListening(self) -> Deferred[None]:
+        if not self._listening:
+            return succeed(None)
+        self.connectionLost(_DONE)
+        return succeed(None)
+
+    loseConnection = stopListening
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The port closes (a stop, or the reactor's shutdown): no more accepts; open connections go on."""
+        if not self._listening:
+            return
+        self._listening = False
+        self.disconnecting = True
+        if self._paused_call is not None and self._paused_call.active():
+            self._paused_call.cancel()
+        self._paused_call = None
+        self.reactor.removeReader(self)
+        self.socket.close()
+        _log.info("({factory} on {port} closed)", factory=type(self.factory).__name__, port=self.port_number)
+        self.factory.doStop()
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        return self._host
+
+    def host_of(self, sock: socket.socket) -> IPv4Address | IPv6Address:
+        """A connection's own address: the port's, unless the port listens on every interface."""
+        if not self._wildcard:
+            return self._host
+        name = sock.getsockname()
+        return self._address_type("TCP", name[0], name[1])
+
+    def logPrefix(self) -> str:
+        return type(self.factory).__name__
+
+    def doRead(self) -> None:
+        accept = self._accept
+        address_type = self._address_type
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                sock, addr = accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in _OUT_OF_RESOURCES:
+                    self._pause_accepting(e)
+                    return
+                continue  # ECONNABORTED, EPROTO...: that client is gone, the next may not be
+            sock.setblocking(False)
+            if len(addr) == 4:
+                if addr[3]:
+                    # IPv6 with a scope (fe80::1%eth0): the numeric form names it.
+                    addr = (socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0], *addr[1:])
+            no_delay = self.no_delay
+            if no_delay is None:
+                no_delay = self.no_delay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            try:
+                self._start(sock, address_type("TCP", *addr), no_delay)
+            except Exception:  # noqa: BLE001 - one connection's failure must not close the port
+                _log.failure("{factory} on {port}: a new connection failed to start",
+                             factory=type(self.factory).__name__, port=self.port_number)
+                sock.close()
+
+    def _start(self, sock: socket.socket, peer: IPv4Address | IPv6Address, no_delay: bool) -> None:
+        protocol = self.factory.buildProtocol(peer)
+        if protocol is None:
+            sock.close()
+            return
+        kind = type(protocol)
+        prefix = self._prefixes.get(kind)
+        if prefix is None:
+            context = ILoggingContext(protocol, None)
+            prefix = self._prefixes[kind] = context.logPrefix() if context is not None else kind.__name__
+        self._sessions = session = self._sessions + 1
+        transport = TCPServerConnection(sock, protocol, peer, self, f"{prefix},{session},{peer.host}")
+        if no_delay:
+            transport._no_delay = True
+        transport._start_reading()
+        protocol.makeConnection(transport)
+
+    def _pause_accepting(self, error: OSError) -> None:
+        """Out of descriptors: the queue waits (a level-triggered listener would spin) and is tried again soon."""
+        self._refused += 1
+        _log.warn("{factory} on {port}: cannot accept ({error}); accepting again in {pause} s",
+                  factory=type(self.factory).__name__, port=self.port_number, error=error.strerror,
+                  pause=ACCEPT_PAUSE)
+        self.reactor.removeReader(self)
+        self._paused_call = self.reactor.callLater(ACCEPT_PAUSE, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._paused_call = None
+        if self._listening:
+            self.reactor.addReader(self)
+
+
+@implementer(IStreamServerEndpoint)
+class TCPServerEndpoint:
+    """A C{tcp} or C{tcp6} listener on L{TCPListeningPort}: the reactor needs only C{IReactorFDSet} and time."""
+
+    def __init__(self, reactor: Any, port: int, backlog: int = DEFAULT_BACKLOG, interface: str = "",
+                 family: socket.AddressFamily = socket.AF_INET) -> None:
+        self.reactor = reactor
+        self.port = port
+        self.backlog = backlog
+        self.interface = interface
+        self.family = family
+
+    def listen(self, protocolFactory: Any) -> Deferred[TCPListeningPort]:
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.interface, self.port))
+            sock.listen(self.backlog)
+        except OSError as e:
+            sock.close()
+            return fail(CannotListenError(self.interface, self.port, e))
+        sock.setblocking(False)
+        port = TCPListeningPort(self.reactor, sock, protocolFactory)
+        port.startListening()
+        return succeed(port)
+
+
+def adopts_tcp(reactor: Any) -> bool:
+    """Whether C{tcp} listeners on C{reactor} get L{TCPListeningPort} (a real reactor, and not turned off)."""
+    return not _TWISTED_TCP and IReactorFDSet.providedBy(reactor) and IReactorTime.providedBy(reactor)
+
+
+def adopt_tcp_port(reactor: Any, fd: int, family: int, factory: Any) -> TCPListeningPort:
+    """
+    Listen on a TCP socket opened elsewhere (a worker's share of the
+    supervisor's), as C{adoptStreamPort} does: the descriptor is
+    duplicated, the caller's stays the caller's to close.
+    """
+    sock = socket.socket(family, socket.SOCK_STREAM, fileno=os.dup(fd))
+    sock.setblocking(False)
+    port = TCPListeningPort(reactor, sock, factory)
+    port.startListening()
+    return port
+
+
+def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """
+    The server endpoint of a listener's endpoint string: C{tcp} and C{tcp6}
+    on L{TCPServerEndpoint} when L{adopts_tcp}, everything else through
+    Twisted's C{serverFromString} (with L{with_backlog}'s default backlog).
+    """
+    endpoint = parse(description)
+    kind = endpoint.kind.strip().lower()
+    if kind not in ("tcp", "tcp6") or not adopts_tcp(reactor) or set(endpoint.kwargs) - {"port", "interface", "backlog"}:
+        return serverFromString(reactor, with_backlog(description))
+    args, kwargs = endpoint.args, endpoint.kwargs
+    port = int(args[0] if args else kwargs["port"])
+    family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
+    interface = args[2] if len(args) > 2 else kwargs.get("interface", "::" if kind == "tcp6" else "")
+    backlog = int(args[1] if len(args) > 1 else kwargs.get("backlog", DEFAULT_BACKLOG))
+    return TCPServerEndpoint(reactor, port, backlog, interface, family)
