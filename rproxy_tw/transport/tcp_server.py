@@ -151,6 +151,7 @@ class TCPServerConnection:
     _write_ended = False
     _closed = False
     _lost_pending = False
+    _reset = False
     _host: IPv4Address | IPv6Address | None = None
     _no_delay: bool | None = None
 
@@ -248,7 +249,7 @@ class TCPServerConnection:
         """
         if self.disconnected:
             return
-        self._close_socket(reset=reason.check(ConnectionAborted) is not None)
+        self._close_socket(self._reset)
         self.disconnected = True
         self.disconnecting = True
         self.connected = False
@@ -287,6 +288,7 @@ class TCPServerConnection:
         self._lost_pending = True
         self.disconnecting = True
         if reset:
+            self._reset = True
             self._stop_reading()
             self._stop_writing()
         else:
@@ -547,10 +549,18 @@ class TCPListeningPort:
             except Exception:  # noqa: BLE001 - one connection's failure must not close the port
                 _log.failure("{factory} on {port}: a new connection failed to start",
                              factory=type(self.factory).__name__, port=self.port_number)
-                sock.close()
 
     def _start(self, sock: socket.socket, peer: IPv4Address | IPv6Address, no_delay: bool) -> None:
-        protocol = self.factory.buildProtocol(peer)
+        """
+        One accepted socket's protocol, started on its transport.  A
+        protocol that fails to start is reset, and told so on the next turn
+        (as any lost connection: what it registered is released).
+        """
+        try:
+            protocol = self.factory.buildProtocol(peer)
+        except BaseException:
+            sock.close()
+            raise
         if protocol is None:
             sock.close()
             return
@@ -564,7 +574,11 @@ class TCPListeningPort:
         if no_delay:
             transport._no_delay = True
         transport._start_reading()
-        protocol.makeConnection(transport)
+        try:
+            protocol.makeConnection(transport)
+        except BaseException:
+            transport._end(Failure(), reset=True)
+            raise
 
     def _pause_accepting(self, error: OSError) -> None:
         """Out of descriptors: the queue waits (a level-triggered listener would spin) and is tried again soon."""
