@@ -211,6 +211,8 @@ class TCPServerConnection:
         return None
 
     def doWrite(self) -> Any:
+        if self._closed:
+            return None  # closed by what ran earlier in this reactor turn
         out = self._out
         if out:
             try:
