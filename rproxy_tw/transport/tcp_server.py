@@ -15,7 +15,9 @@ proxy's work for such a client.  Here:
 - the accept loop takes what the kernel has queued, at most
   L{ACCEPTS_PER_TURN}, in one plain loop;
 - a connection is registered with the reactor once, for reading, and for
-  writing only while the kernel refuses bytes;
+  writing only while the kernel refuses bytes; it reads once as soon as it
+  is started (a client that speaks first has often sent its request by
+  then), without waiting for the reactor's next turn;
 - a write is sent at once when nothing waits before it (nginx's and
   HAProxy's way; Twisted only buffers, and sends on the next turn);
 - a close whose bytes are all sent closes the socket at once (one
@@ -209,6 +211,21 @@ class TCPServerConnection:
             return _DONE.value
         self.protocol.dataReceived(data)
         return None
+
+    def read_first(self) -> None:
+        """
+        Read once without waiting for the reactor to say so: an HTTP or
+        TLS client speaks first, and its request is often in the kernel
+        already when the connection is accepted (then it is served a
+        reactor turn, and an event's dispatch, sooner).  Nothing there, an
+        end or an error: the reactor finds it as it would have.
+        """
+        try:
+            data = self.socket.recv(self.read_size)
+        except OSError:
+            return
+        if data:
+            self.protocol.dataReceived(data)
 
     def doWrite(self) -> Any:
         if self._closed:
@@ -470,6 +487,7 @@ class TCPListeningPort:
         self._host = self._address_type("TCP", bound[0], bound[1])
         self._wildcard = bound[0] in ("0.0.0.0", "::")
         self._prefixes: dict[type, str] = {}
+        self._prefix = _log_prefix_of(factory)
         self._sessions = 0
         self._listening = False
         self._paused_call: Any = None
@@ -482,13 +500,13 @@ class TCPListeningPort:
             self.no_delay = False
 
     def __repr__(self) -> str:
-        return f"<{type(self.factory).__name__} on {self.port_number}>"
+        return f"<{self._prefix} on {self.port_number}>"
 
     def startListening(self) -> None:
         self.factory.doStart()
         self._listening = True
         self.reactor.addReader(self)
-        _log.info("{factory} starting on {port}", factory=type(self.factory).__name__, port=self.port_number)
+        _log.info("{factory} starting on {port}", factory=self._prefix, port=self.port_number)
 
     def stopListening(self) -> Deferred[None]:
         if not self._listening:
@@ -509,7 +527,7 @@ class TCPListeningPort:
         self._paused_call = None
         self.reactor.removeReader(self)
         self.socket.close()
-        _log.info("({factory} on {port} closed)", factory=type(self.factory).__name__, port=self.port_number)
+        _log.info("({factory} on {port} closed)", factory=self._prefix, port=self.port_number)
         self.factory.doStop()
 
     def getHost(self) -> IPv4Address | IPv6Address:
@@ -523,7 +541,7 @@ class TCPListeningPort:
         return self._address_type("TCP", name[0], name[1])
 
     def logPrefix(self) -> str:
-        return type(self.factory).__name__
+        return self._prefix
 
     def doRead(self) -> None:
         accept = self._accept
@@ -550,7 +568,7 @@ class TCPListeningPort:
                 self._start(sock, address_type("TCP", *addr), no_delay)
             except Exception:  # noqa: BLE001 - one connection's failure must not close the port
                 _log.failure("{factory} on {port}: a new connection failed to start",
-                             factory=type(self.factory).__name__, port=self.port_number)
+                             factory=self._prefix, port=self.port_number)
 
     def _start(self, sock: socket.socket, peer: IPv4Address | IPv6Address, no_delay: bool) -> None:
         """
@@ -569,8 +587,7 @@ class TCPListeningPort:
         kind = type(protocol)
         prefix = self._prefixes.get(kind)
         if prefix is None:
-            context = ILoggingContext(protocol, None)
-            prefix = self._prefixes[kind] = context.logPrefix() if context is not None else kind.__name__
+            prefix = self._prefixes[kind] = _log_prefix_of(protocol)
         self._sessions = session = self._sessions + 1
         transport = TCPServerConnection(sock, protocol, peer, self, f"{prefix},{session},{peer.host}")
         if no_delay:
@@ -578,6 +595,8 @@ class TCPListeningPort:
         transport._start_reading()
         try:
             protocol.makeConnection(transport)
+            if transport._reading:
+                transport.read_first()
         except BaseException:
             transport._end(Failure(), reset=True)
             raise
@@ -586,7 +605,7 @@ class TCPListeningPort:
         """Out of descriptors: the queue waits (a level-triggered listener would spin) and is tried again soon."""
         self._refused += 1
         _log.warn("{factory} on {port}: cannot accept ({error}); accepting again in {pause} s",
-                  factory=type(self.factory).__name__, port=self.port_number, error=error.strerror,
+                  factory=self._prefix, port=self.port_number, error=error.strerror,
                   pause=ACCEPT_PAUSE)
         self.reactor.removeReader(self)
         self._paused_call = self.reactor.callLater(ACCEPT_PAUSE, self._resume_accepting)
@@ -595,6 +614,12 @@ class TCPListeningPort:
         self._paused_call = None
         if self._listening:
             self.reactor.addReader(self)
+
+
+def _log_prefix_of(thing: Any) -> str:
+    """What Twisted's log lines call a factory or protocol: its own C{logPrefix()}, else its class's name."""
+    context = ILoggingContext(thing, None)
+    return context.logPrefix() if context is not None else type(thing).__name__
 
 
 @implementer(IStreamServerEndpoint)
