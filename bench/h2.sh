@@ -4,7 +4,9 @@
 # listener and a TLS one (ALPN h2 and http/1.1), all in front of the same
 # static nginx origin, on 127.0.0.1 only. Proxies run on one core; the origin
 # and the load tools on the other. With BASE_DIR set, a second rproxy ("base")
-# runs from that source tree, for an A/B of two commits in one run.
+# runs from that source tree, for an A/B of two commits in one run. PROXIES may
+# also name "floor" (bench/floor.py: the least a Python proxy with stdlib TLS
+# does; HTTP/1.1 only, so for the h1, tls-1k and close tests).
 #
 #  h1-1k        GET /1k.bin, kept alive, plain: wrk -c50
 #  h1-1m        GET /1m.bin, kept alive, plain: wrk -c8
@@ -20,6 +22,7 @@
 #   bench/h2.sh
 #   DURATION=5s ROUNDS=2 TESTS="h2-1k-m10 tls-1k" bench/h2.sh
 #   BASE_DIR=/tmp/rproxy-base bench/h2.sh        # adds "base" to PROXIES
+#   PROXIES="nginx rproxy floor" TESTS="close close-tls" bench/h2.sh
 #   PROFILE=1 PROXIES=rproxy TESTS=close ROUNDS=1 bench/h2.sh   # and a cProfile of rproxy: RUN_DIR/rproxy.prof
 #   (PROFILE=base profiles the base instead: RUN_DIR/base.prof)
 set -euo pipefail
@@ -58,9 +61,9 @@ die() { log "error: $*"; exit 1; }
 
 for p in $PROXIES; do
     case $p in
-    nginx | haproxy | rproxy) ;;
+    nginx | haproxy | rproxy | floor) ;;
     base) [[ -n $BASE_DIR && -d $BASE_DIR/rproxy_tw ]] || die "base needs BASE_DIR, a source tree with rproxy_tw/" ;;
-    *) die "unknown proxy '$p' in PROXIES (nginx haproxy rproxy base)" ;;
+    *) die "unknown proxy '$p' in PROXIES (nginx haproxy rproxy base floor)" ;;
     esac
 done
 for t in $TESTS; do
@@ -113,6 +116,7 @@ check_fetch() {
     for file in 1k.bin:1024 100k.bin:102400 1m.bin:1048576; do
         for url in "http://127.0.0.1:${PORT[$name]}" "--http1.1 https://127.0.0.1:${TLS_PORT[$name]}" \
             "--http2 https://127.0.0.1:${TLS_PORT[$name]}"; do
+            [[ $name == floor && $url == --http2* ]] && continue  # the floor speaks HTTP/1.1 only
             # shellcheck disable=SC2086
             got=$(curl --noproxy '*' -sS --max-time 10 --cacert "$WORK/cert.pem" -o /dev/null \
                 -w '%{http_code} %{size_download} %{http_version}' ${url}/${file%:*} 2>&1) || true
@@ -168,6 +172,10 @@ for p in $PROXIES; do
     haproxy)
         render "$HERE/proxy-haproxy.cfg.in" "$WORK/haproxy.cfg" haproxy
         start haproxy "$PROXY_CPU" haproxy -db -f "$WORK/haproxy.cfg"
+        ;;
+    floor)
+        start floor "$PROXY_CPU" "$PYTHON" "$BENCH_DIR/floor.py" "${PORT[floor]}" "${TLS_PORT[floor]}" \
+            "${PORT[origin]}" "$WORK/cert.pem" "$WORK/key.pem"
         ;;
     rproxy | base)
         render "$HERE/rproxy.toml.in" "$WORK/$p.toml" "$p"

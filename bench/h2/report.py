@@ -29,7 +29,7 @@ TESTS = {
     "close-tls": "new connection per request, TLS (wrk -c50, Connection: close)",
     "hs": "full TLS 1.2 handshakes/s (openssl s_time -new)",
 }
-_FILE = re.compile(r"^r(\d+)-([\w-]+?)-(nginx|haproxy|rproxy|base)\.(wrk|h2load|stime)$")
+_FILE = re.compile(r"^r(\d+)-([\w-]+?)-(nginx|haproxy|rproxy|base|floor)\.(wrk|h2load|stime)$")
 _RESULT = re.compile(r"^BENCH_RESULT (.*)$", re.MULTILINE)
 _RUN = re.compile(r"^BENCH_RUN (.*)$", re.MULTILINE)
 _H2_RATE = re.compile(r"^finished in [\d.]+m?s, ([\d.]+) req/s, ([\d.]+)([KMG]?)B/s", re.MULTILINE)
@@ -110,6 +110,7 @@ def main() -> None:
     cols = [p for p in proxies]
     head = f"{'test':12}" + "".join(f"{p:>10}" for p in cols)
     head += f"{'rp/nginx':>10}{'rp/haprx':>10}" + (f"{'rp/base':>9}{'base/ngx':>10}" if "base" in cols else "")
+    head += f"{'floor/ngx':>10}{'rp/floor':>10}" if "floor" in cols else ""
     print(head + "  errors  rounds (rproxy)")
     best: dict[tuple[str, str], float] = {}
     tests = [t for t in TESTS if any((t, p) in runs for p in cols)]
@@ -134,6 +135,8 @@ def main() -> None:
         row += f"{ratio('rproxy', 'nginx'):>10}{ratio('rproxy', 'haproxy'):>10}"
         if "base" in cols:
             row += f"{ratio('rproxy', 'base'):>9}{ratio('base', 'nginx'):>10}"
+        if "floor" in cols:
+            row += f"{ratio('floor', 'nginx'):>10}{ratio('rproxy', 'floor'):>10}"
         rounds = " ".join(f"{r:,.0f}" for _, r, _ in sorted(runs.get((test, "rproxy"), [])))
         print(f"{row}  {errors:>6}  {rounds}")
     print()
