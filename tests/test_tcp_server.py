@@ -9,6 +9,7 @@ file descriptors.
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import socket
@@ -210,6 +211,92 @@ class Pausable:
 
 
 @pytest_twisted.inlineCallbacks
+def test_nothing_written_after_an_abort_is_sent(net, listener_cleanup):
+    listener = yield start(listener_cleanup)
+    client, server = yield connect(net, listener)
+    server.transport.abortConnection()
+    server.transport.write(b"after the abort")
+    yield client.until_closed()
+    assert client.buf == b""
+    yield until(lambda: server.lost, "the server's protocol to be told")
+    assert server.lost[0].check(ConnectionAborted)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_write_after_the_close_while_bytes_wait_goes_out_before_the_close(net, listener_cleanup):
+    listener = yield start(listener_cleanup)
+    client, server = yield connect(net, listener)
+    client.transport.pauseProducing()
+    server.transport.write(b"x" * BIG)
+    yield until(lambda: held_bytes(server.transport) > 0, "bytes to wait in the server")
+    server.close()
+    server.transport.write(b"last words")
+    client.transport.resumeProducing()
+    yield client.until_closed()
+    assert len(client.buf) == BIG + len(b"last words") and client.buf.endswith(b"last words")
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_descriptor_of_an_ended_connection_stays_open_until_the_next_turn(net, listener_cleanup):
+    # Closed at once, its number could go to a connection accepted later in
+    # the same turn, and an event this turn's poll returned for the old
+    # socket would reach the new one.
+    listener = yield start(listener_cleanup)
+    client, server = yield connect(net, listener)
+    fd = server.transport.fileno()
+    server.close()
+    assert server.transport not in reactor.getReaders() and server.transport not in reactor.getWriters()
+    os.fstat(fd)  # still open: no one else can have this number yet
+    assert server.transport.fileno() == fd
+    yield client.until_closed()
+    yield until(lambda: server.lost, "the server's protocol to be told")
+    assert server.transport.fileno() == -1
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_close_with_a_paused_producer_ends_once_its_next_writes_are_sent(net, listener_cleanup):
+    listener = yield start(listener_cleanup)
+    client, server = yield connect(net, listener)
+    client.transport.pauseProducing()
+
+    class Writer(Pausable):
+        def resumeProducing(self) -> None:
+            super().resumeProducing()
+            server.transport.write(b"more")
+
+    producer = Writer()
+    server.transport.registerProducer(producer, True)
+    while not producer.paused:
+        server.transport.write(b"y" * 65536)
+        yield until(lambda: True)
+    server.close()
+    client.transport.resumeProducing()
+    # Twisted's transport closes once the buffer, and what the resumed
+    # producer wrote into it, is sent; the producer is stopped then.
+    yield client.until_closed()
+    assert client.buf.endswith(b"more")
+    yield until(lambda: server.lost, "the server's protocol to be told")
+    assert producer.resumed == 1 and producer.stopped == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_protocol_that_raises_in_connection_lost_does_not_keep_the_others_from_hearing(net, listener_cleanup):
+    listener = yield start(listener_cleanup)
+    _c1, first = yield connect(net, listener)
+    _c2, second = yield connect(net, listener)
+
+    def explode(reason: Any = None) -> None:
+        raise RuntimeError("a bug in the first protocol's connectionLost")
+
+    first.connectionLost = explode
+    first.close()
+    second.close()  # both ended in one turn: told together on the next
+    yield until(lambda: second.lost, "the second protocol to be told")
+    assert len(second.lost) == 1 and second.lost[0].check(ConnectionDone)
+    assert first.transport.fileno() == second.transport.fileno() == -1
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_slow_reader_pauses_a_streaming_producer_and_memory_stays_bounded(net, listener_cleanup):
     listener = yield start(listener_cleanup)
     client, server = yield connect(net, listener)
@@ -385,3 +472,62 @@ def test_the_proxy_s_tcp_listeners_serve_on_this_transport(net):
     assert resp.status == 200
     [conn] = proxy.factory.connections
     assert isinstance(conn.transport, TCPServerConnection)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest_twisted.inlineCallbacks
+def test_a_tcp_listener_on_an_ipv6_interface_listens_on_ipv6(net):
+    # As Twisted's tcp: endpoint does: the family follows the interface.
+    endpoint = server_endpoint(reactor, "tcp:0:interface=\\:\\:1")
+    factory = Factory.forProtocol(Recorder)
+    factory.noisy = False
+    port = yield endpoint.listen(factory)
+    try:
+        assert port.getHost().host == "::1"
+        client = socket.create_connection(("::1", port.getHost().port), timeout=5)
+        client.sendall(b"over six")
+        client.close()
+    finally:
+        port.stopListening()
+
+
+def _port_on_a_memory_reactor() -> tuple[TCPListeningPort, MemoryReactorClock]:
+    clock = MemoryReactorClock()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.setblocking(False)
+    factory = Factory.forProtocol(Protocol)
+    factory.noisy = False
+    port = TCPListeningPort(clock, sock, factory)
+    port.startListening()
+    return port, clock
+
+
+def test_an_accept_error_about_one_client_skips_it_and_one_about_the_socket_closes_the_port() -> None:
+    port, clock = _port_on_a_memory_reactor()
+    errors = [OSError(errno.ECONNABORTED, "gone"), BlockingIOError()]
+    calls: list[int] = []
+
+    def accept() -> Any:
+        calls.append(1)
+        raise errors.pop(0)
+
+    port._accept = accept
+    port.doRead()
+    assert len(calls) == 2 and port in clock.readers, "an aborted client is skipped, the port goes on"
+    port._accept = lambda: (_ for _ in ()).throw(OSError(errno.EBADF, "bad descriptor"))
+    # Raised to the reactor, which closes the port (as Twisted's port does),
+    # not retried a hundred times every turn.
+    with pytest.raises(OSError):
+        port.doRead()
+    port.stopListening()

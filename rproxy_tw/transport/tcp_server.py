@@ -20,10 +20,16 @@ proxy's work for such a client.  Here:
   then), without waiting for the reactor's next turn;
 - a write is sent at once when nothing waits before it (nginx's and
   HAProxy's way; Twisted only buffers, and sends on the next turn);
-- a close whose bytes are all sent closes the socket at once (one
-  C{epoll_ctl} and a C{close}); the protocol hears of it on the next turn,
-  together with every other connection that closed in this one, as it
-  would from Twisted (never from inside its own call to C{loseConnection}).
+- a close whose bytes are all sent takes the socket off the reactor at
+  once (one C{epoll_ctl}); the socket is closed, and the protocol hears of
+  it, at the start of the next turn, together with every other connection
+  that closed in this one, as it would from Twisted (never from inside its
+  own call to C{loseConnection}).  The descriptor stays open until then so
+  that its number cannot be reused by a connection accepted later in the
+  same turn, which an event of this turn still waiting for it would reach.
+  What is written after C{loseConnection} went out before the close when
+  bytes were still waiting, and is dropped once the close is under way (as
+  after Twisted's connection ends).
 
 What the transport promises is Twisted's: L{ITCPTransport}, producer and
 consumer (a streaming producer is paused while more than
@@ -43,6 +49,7 @@ import socket
 import struct
 from typing import Any, Callable
 
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import serverFromString
@@ -98,6 +105,8 @@ ACCEPT_PAUSE = 0.1
 """Seconds the listener stops accepting when the process is out of file descriptors (or the kernel of memory)."""
 
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
+"""C{accept} errors about one client only (EPERM: netfilter refused it): the next may be fine."""
 _RESET = struct.pack("ii", 1, 0)
 _DONE = Failure(ConnectionDone())
 _LOST = Failure(ConnectionLost())
@@ -123,7 +132,10 @@ class _LostLater:
     def _tell(self) -> None:
         due, self._due = self._due, []
         for connection, reason in due:
-            connection.connectionLost(reason)
+            try:
+                connection.connectionLost(reason)
+            except Exception:  # noqa: BLE001 - one protocol's bug must not keep the others from hearing
+                _log.failure("{connection}: connectionLost failed", connection=connection)
 
 
 @implementer(ITCPTransport, IPushProducer, IConsumer, IReadWriteDescriptor, IHalfCloseableDescriptor, ISystemHandle)
@@ -152,7 +164,7 @@ class TCPServerConnection:
     _write_ending = False
     _write_ended = False
     _closed = False
-    _lost_pending = False
+    _ended = False
     _reset = False
     _host: IPv4Address | IPv6Address | None = None
     _no_delay: bool | None = None
@@ -228,15 +240,17 @@ class TCPServerConnection:
             self.protocol.dataReceived(data)
 
     def doWrite(self) -> Any:
-        if self._closed:
-            return None  # closed by what ran earlier in this reactor turn
+        if self._ended:
+            return None  # ended by what ran earlier in this reactor turn
         out = self._out
         if out:
             try:
                 sent = self._send(out)
             except BlockingIOError:
                 return None
-            except OSError:
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    return None  # the kernel is short of memory for now: writable again later
                 return _LOST.value
             del out[:sent]
             if out:
@@ -256,7 +270,9 @@ class TCPServerConnection:
         try:
             half.readConnectionLost()
         except Exception:  # noqa: BLE001 - the protocol's bug ends its connection, as Twisted's does
-            self.connectionLost(Failure())
+            failure = Failure()
+            _log.failure("{connection}: readConnectionLost failed", failure, connection=self)
+            self.connectionLost(failure)
 
     def writeConnectionLost(self, reason: Failure) -> None:
         self.connectionLost(reason)
@@ -284,7 +300,7 @@ class TCPServerConnection:
         """Off the reactor (while the descriptor still means this socket), then closed; a reset if asked."""
         if self._closed:
             return
-        self._closed = True
+        self._closed = self._ended = True
         self._stop_reading()
         self._stop_writing()
         sock = self.socket
@@ -297,21 +313,21 @@ class TCPServerConnection:
 
     def _end(self, reason: Failure, reset: bool = False) -> None:
         """
-        Close the socket now; the protocol hears of it on the next reactor
-        turn.  A reset waits for that turn too (off the reactor until then),
-        as Twisted's abort does: a client whose connection is refused at
-        once sees it open, then reset, rather than a failed connect.
+        Off the reactor now; on the next turn the socket is closed (reset,
+        if asked) and the protocol told.  The descriptor stays open until
+        then: closed now, its number could go to a connection accepted (or
+        an origin connection opened) later in this turn, and an event this
+        turn's poll returned for the old socket would reach the new one.  A
+        reset waits as Twisted's abort does: a client whose connection is
+        refused at once sees it open, then reset, not a failed connect.
         """
-        if self._closed or self._lost_pending:
+        if self._ended:
             return
-        self._lost_pending = True
+        self._ended = True
+        self._reset = reset
         self.disconnecting = True
-        if reset:
-            self._reset = True
-            self._stop_reading()
-            self._stop_writing()
-        else:
-            self._close_socket()
+        self._stop_reading()
+        self._stop_writing()
         self._port.lost_later.add(self, reason)
 
     def _flushed(self) -> None:
@@ -352,7 +368,7 @@ class TCPServerConnection:
         self._start_writing()
 
     def abortConnection(self) -> None:
-        if self._closed or self._lost_pending or self.disconnected:
+        if self._ended or self.disconnected:
             return
         self._out.clear()
         self._end(Failure(ConnectionAborted()), reset=True)
@@ -360,12 +376,13 @@ class TCPServerConnection:
     # -- writing -------------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self._closed or self._write_ended or not data:
+        if self._ended or self._write_ended or not data:
             return
         out = self._out
-        if out or (self.producer is not None and not self.streamingProducer):
-            # Bytes wait already (they go first), or a pull producer learns
-            # of room only from doWrite.
+        if out or self.disconnecting or (self.producer is not None and not self.streamingProducer):
+            # Bytes wait already (they go first), a close waits for the
+            # buffer to drain (doWrite finishes it), or a pull producer
+            # learns of room only from doWrite.
             out += data
             self._start_writing()
             if len(out) > WRITE_HIGH_WATER:
@@ -376,8 +393,10 @@ class TCPServerConnection:
         except BlockingIOError:
             sent = 0
         except OSError as e:
-            self._end(Failure(ConnectionLost(str(e))))
-            return
+            if e.errno != errno.ENOBUFS:
+                self._end(Failure(ConnectionLost(str(e))))
+                return
+            sent = 0  # the kernel is short of memory for now: doWrite tries again
         if sent < len(data):
             out += memoryview(data)[sent:]
             self._start_writing()
@@ -415,7 +434,7 @@ class TCPServerConnection:
     def unregisterProducer(self) -> None:
         self.producer = None
         self.producerPaused = False
-        if (self.disconnecting or self._write_ending) and not self._closed:
+        if (self.disconnecting or self._write_ending) and not self._ended:
             self._start_writing()  # a close waited for the producer: doWrite finishes it
 
     # -- IPushProducer (reading) ---------------------------------------------------------------
@@ -424,7 +443,7 @@ class TCPServerConnection:
         self._stop_reading()
 
     def resumeProducing(self) -> None:
-        if not self.disconnecting and not self._read_ended and not self._closed:
+        if not self.disconnecting and not self._read_ended and not self._ended:
             self._start_reading()
 
     def stopProducing(self) -> None:
@@ -484,7 +503,7 @@ class TCPListeningPort:
         self._address_type = IPv6Address if sock.family == socket.AF_INET6 else IPv4Address
         bound = sock.getsockname()
         self.port_number: int = bound[1]
-        self._host = self._address_type("TCP", bound[0], bound[1])
+        self._host = self._address_type("TCP", *bound)  # IPv6: flow info and scope too, as Twisted's
         self._wildcard = bound[0] in ("0.0.0.0", "::")
         self._prefixes: dict[type, str] = {}
         self._prefix = _log_prefix_of(factory)
@@ -537,8 +556,7 @@ class TCPListeningPort:
         """A connection's own address: the port's, unless the port listens on every interface."""
         if not self._wildcard:
             return self._host
-        name = sock.getsockname()
-        return self._address_type("TCP", name[0], name[1])
+        return self._address_type("TCP", *sock.getsockname())
 
     def logPrefix(self) -> str:
         return self._prefix
@@ -547,6 +565,8 @@ class TCPListeningPort:
         accept = self._accept
         address_type = self._address_type
         for _ in range(ACCEPTS_PER_TURN):
+            if not self._listening:
+                return  # stopped by a connection started in this loop
             try:
                 sock, addr = accept()
             except BlockingIOError:
@@ -555,17 +575,23 @@ class TCPListeningPort:
                 if e.errno in _OUT_OF_RESOURCES:
                     self._pause_accepting(e)
                     return
-                continue  # ECONNABORTED, EPROTO...: that client is gone, the next may not be
-            sock.setblocking(False)
-            if len(addr) == 4:
-                if addr[3]:
+                if e.errno in _CLIENT_GONE:
+                    continue
+                raise  # the listening socket itself is broken: the reactor closes the port, as Twisted's
+            try:
+                sock.setblocking(False)
+                if len(addr) == 4 and addr[3]:
                     # IPv6 with a scope (fe80::1%eth0): the numeric form names it.
                     addr = (socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0], *addr[1:])
-            no_delay = self.no_delay
-            if no_delay is None:
-                no_delay = self.no_delay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                no_delay = self.no_delay
+                if no_delay is None:
+                    no_delay = self.no_delay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                peer = address_type("TCP", *addr)
+            except OSError:
+                sock.close()  # gone before it was set up (a reset, for one)
+                continue
             try:
-                self._start(sock, address_type("TCP", *addr), no_delay)
+                self._start(sock, peer, no_delay)
             except Exception:  # noqa: BLE001 - one connection's failure must not close the port
                 _log.failure("{factory} on {port}: a new connection failed to start",
                              factory=self._prefix, port=self.port_number)
@@ -635,7 +661,10 @@ class TCPServerEndpoint:
         self.family = family
 
     def listen(self, protocolFactory: Any) -> Deferred[TCPListeningPort]:
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(self.family, socket.SOCK_STREAM)
+        except OSError as e:  # out of descriptors, for one
+            return fail(CannotListenError(self.interface, self.port, e))
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.interface, self.port))
@@ -679,7 +708,8 @@ def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
         return serverFromString(reactor, with_backlog(description))
     args, kwargs = endpoint.args, endpoint.kwargs
     port = int(args[0] if args else kwargs["port"])
-    family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
     interface = args[2] if len(args) > 2 else kwargs.get("interface", "::" if kind == "tcp6" else "")
+    # Twisted's tcp: listens on IPv6 when the interface is an IPv6 address.
+    family = socket.AF_INET6 if kind == "tcp6" or isIPv6Address(interface) else socket.AF_INET
     backlog = int(args[1] if len(args) > 1 else kwargs.get("backlog", DEFAULT_BACKLOG))
     return TCPServerEndpoint(reactor, port, backlog, interface, family)
