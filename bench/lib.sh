@@ -1,15 +1,15 @@
 # Shared by the bench scripts (sourced, not run): start pinned processes, wait for their
 # ports, and stop everything on exit.  A script sets WORK, RUN_DIR and START_TIMEOUT first;
-# it keeps the pids it starts in STARTED and the running load generator in LOAD_PID.
+# it keeps the pids it starts in STARTED and the running load generator(s) in LOAD_PID.
 
 declare -a STARTED=()    # every pid we started, for cleanup
 declare -A PID=() PORT=()
-LOAD_PID=""              # the load generator running now, if any
+LOAD_PID=""              # the load generator(s) running now, if any (pids, space-separated)
 
 cleanup() {
     local pid children=() i alive
     trap - EXIT INT TERM
-    [[ -z $LOAD_PID ]] || kill -TERM "$LOAD_PID" 2>/dev/null || true
+    [[ -z $LOAD_PID ]] || kill -TERM $LOAD_PID 2>/dev/null || true   # one pid, or several
     for pid in "${STARTED[@]}"; do
         # nginx masters have workers; remember them in case TERM is not enough.
         children+=($(pgrep -P "$pid" 2>/dev/null || true))
@@ -33,11 +33,13 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # start NAME CPU CMD...: run CMD in the background pinned to CPU, output in
-# $RUN_DIR/NAME.log. (taskset execs CMD, so $! is CMD's own pid.)
+# $RUN_DIR/NAME.log, or in START_OUT when set (`START_OUT=FILE start ...`, e.g. for a
+# process whose standard output is an access log too big to keep).
+# (taskset execs CMD, so $! is CMD's own pid.)
 start() {
     local name=$1 cpu=$2
     shift 2
-    taskset -c "$cpu" "$@" >"$RUN_DIR/$name.log" 2>&1 &
+    taskset -c "$cpu" "$@" >"${START_OUT:-$RUN_DIR/$name.log}" 2>&1 &
     PID[$name]=$!
     STARTED+=("$!")
 }
@@ -87,10 +89,13 @@ fail() {  # fail NAME REASON
 # The two below serve run.sh and scrub.sh (origin files 1k.bin and 1m.bin; templates in bench/conf);
 # a script with other files or templates defines its own after sourcing this one.
 
-# check_fetch PORT: both files come back whole with a 200.
+# check_fetch PORT [FILE:SIZE...]: each file (default both, 1k.bin:1024 1m.bin:1048576) comes
+# back whole with a 200.
 check_fetch() {
     local port=$1 file expect got
-    for file in 1k.bin:1024 1m.bin:1048576; do
+    shift
+    (($#)) || set -- 1k.bin:1024 1m.bin:1048576
+    for file in "$@"; do
         expect="200 ${file#*:}"
         got=$(curl --noproxy '*' -sS --max-time 10 -o /dev/null \
             -w '%{http_code} %{size_download}' "http://127.0.0.1:$port/${file%:*}" 2>&1) || true
@@ -111,6 +116,37 @@ render() {
     sed -e "s|@DIR@|$dir|g" -e "s|@WWW@|$WORK/www|g" -e "s|@USER@|$user|g" \
         -e "s|@PORT@|${PORT[$3]}|g" -e "s|@ORIGIN_PORT@|${PORT[origin]}|g" \
         "$BENCH_DIR/conf/$1" >"$2"
+}
+
+# rproxy_args KIND NAME: into the array RPROXY_ARGS, the flags beyond --listen and --backend of
+# an rproxy variant, by the name run.sh's PROXIES gives it.  The variants measure what operations
+# cost (issue 12): rproxy (request ids on, access log off), rproxy-log (the access log to the file
+# $WORK/access-NAME.log), rproxy-stdout (the access log to standard output: `-`),
+# rproxy-metrics (the admin listener, every request counted), rproxy-ops (file log and metrics);
+# rproxy-w1/-w2: one process, or a supervisor and two workers.
+declare -a RPROXY_ARGS=()
+rproxy_args() {
+    case $1 in
+    rproxy) RPROXY_ARGS=(--access-log off) ;;
+    rproxy-log) RPROXY_ARGS=(--access-log "$WORK/access-$2.log") ;;
+    rproxy-stdout) RPROXY_ARGS=(--access-log -) ;;
+    rproxy-metrics) RPROXY_ARGS=(--access-log off --admin tcp:0:interface=127.0.0.1) ;;
+    rproxy-ops) RPROXY_ARGS=(--access-log "$WORK/access-$2.log" --admin tcp:0:interface=127.0.0.1) ;;
+    rproxy-w1 | rproxy-w2) RPROXY_ARGS=(--access-log off --workers "${1#rproxy-w}") ;;
+    *) echo "rproxy_args: unknown variant '$1'" >&2; return 1 ;;
+    esac
+}
+
+# start_rproxy NAME CPU SRC ARGS...: `twistd -n rproxy ARGS` (in the foreground, without a
+# pidfile) through start, with SRC's rproxy_tw: python -c puts the working directory first on
+# sys.path, so it runs from SRC (and twisted/plugins is found even before `pip install -e`).
+# (`python -m twisted` is twist, which takes no -n/--pidfile=; twistd has no __main__.)
+start_rproxy() {
+    local name=$1 cpu=$2 src=$3
+    shift 3
+    pushd "$src" >/dev/null
+    start "$name" "$cpu" "$PYTHON" -c 'from twisted.scripts.twistd import run; run()' -n --pidfile= rproxy "$@"
+    popd >/dev/null
 }
 
 # free_ports N: N free TCP ports on 127.0.0.1, asked of the kernel all held open at once so they differ.
@@ -194,10 +230,7 @@ start_conn_proxies() {
         else
             src=$REPO_ROOT
             [[ $p == base ]] && src=$BASE_DIR
-            pushd "$src" >/dev/null   # python -c: this tree's rproxy_tw comes first on sys.path
-            start "$p" "$PROXY_CPU" "$PYTHON" -c 'from twisted.scripts.twistd import run; run()' -n --pidfile= rproxy \
-                --config "$WORK/$p.conf"
-            popd >/dev/null
+            start_rproxy "$p" "$PROXY_CPU" "$src" --config "$WORK/$p.conf"
         fi
         wait_listening "$p" || { echo "$p did not start (see $WORK/$p.log)" >&2; exit 1; }
         CPU_PID[$p]=${PID[$p]}

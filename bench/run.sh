@@ -112,31 +112,14 @@ for p in $PROXIES; do
         start twisted "$PROXY_CPU" "$PYTHON" "$BENCH_DIR/twisted_web_proxy.py" "${PORT[twisted]}" "${PORT[origin]}"
         ;;
     rproxy | rproxy-*)
-        # twistd in the foreground, without a pidfile. (`python -m twisted`
-        # is twist, which takes no -n/--pidfile=; twistd has no __main__.)
-        # From the repo root, so that twisted/plugins is found even before
-        # `pip install -e`.  The variants measure what operations cost:
-        # rproxy-log writes the access log to a file, rproxy-stdout to its
-        # standard output (a file here), rproxy-metrics counts for /metrics,
-        # rproxy-ops does all of it (file log + metrics).
-        case $p in
-        rproxy) extra=(--access-log off) ;;
-        rproxy-log) extra=(--access-log "$WORK/access-$p.log") ;;
-        rproxy-stdout) extra=(--access-log -) ;;
-        rproxy-metrics) extra=(--access-log off --admin tcp:0:interface=127.0.0.1) ;;
-        rproxy-ops) extra=(--access-log "$WORK/access-$p.log" --admin tcp:0:interface=127.0.0.1) ;;
-        # All cores: one process, or a supervisor and two workers, free to run on every CPU
+        # The variants (lib.sh's rproxy_args) measure what operations cost.  rproxy-w1/-w2,
+        # all cores: one process, or a supervisor and two workers, free to run on every CPU
         # (with the origin and wrk: on two cores there is no core left for the load alone).
-        rproxy-w1 | rproxy-w2) extra=(--access-log off --workers "${p#rproxy-w}") ;;
-        esac
+        rproxy_args "$p" "$p"
         cpu=$PROXY_CPU
         [[ $p == rproxy-w* ]] && cpu=$ALL_CPUS
-        pushd "$REPO_ROOT" >/dev/null
-        start "$p" "$cpu" "$PYTHON" -c 'from twisted.scripts.twistd import run; run()' \
-            -n --pidfile= rproxy \
-            --listen "tcp:${PORT[$p]}:interface=127.0.0.1" \
-            --backend "tcp:127.0.0.1:${PORT[origin]}" "${extra[@]}"
-        popd >/dev/null
+        start_rproxy "$p" "$cpu" "$REPO_ROOT" --listen "tcp:${PORT[$p]}:interface=127.0.0.1" \
+            --backend "tcp:127.0.0.1:${PORT[origin]}" "${RPROXY_ARGS[@]}"
         ;;
     esac
     STATE[$p]=ok
