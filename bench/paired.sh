@@ -68,6 +68,7 @@ taskset -c "$PROXY_CPU" true 2>/dev/null || die "cannot pin to CPU $PROXY_CPU"
 taskset -c "$LOAD_CPU" true 2>/dev/null || die "cannot pin to CPU $LOAD_CPU (set LOAD_CPU)"
 
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+STARTED_AT=$(date -u '+%Y-%m-%d %H:%M')
 WORK=$(mktemp -d /tmp/rproxy-paired.XXXXXX)
 RUN_DIR=$RESULTS_DIR/paired-$(date -u +%Y%m%d-%H%M%S)
 mkdir -p "$RUN_DIR"
@@ -225,7 +226,7 @@ for v in $VARIANTS; do
     printf '%s\t%s\t%s\n' "$v" "${STATE[$v]}" "${REASON[$v]}"
 done >"$RUN_DIR/status.tsv"
 {
-    echo "date=$(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "date=$STARTED_AT-$(date -u '+%H:%M') UTC"
     echo "machine=$(machine_line)"
     echo "pinning=every variant on CPU $PROXY_CPU; origin nginx and wrk on CPU $LOAD_CPU"
     echo "load=load average $LOAD_AT_START at start, $(cut -d' ' -f1-3 /proc/loadavg) at end"
