@@ -5,14 +5,21 @@
 # pinned to PROXY_CPU, in front of one nginx origin serving /1k.bin; the origin and wrk on
 # LOAD_CPU.  In each of BLOCKS blocks every variant gets one BURST of wrk (CONNS connections), in
 # an order shuffled per block; req/s per (block, variant) go to paired.csv in the run directory.
-# What a slow spell of the machine does to one block it does to all of that block's variants, so
-# the ratio variant/ids within a block keeps little of it: the report is the median over blocks
-# of those ratios, with a 95% bootstrap confidence interval (bench/paired_report.py), and ids2, a
-# second plain rproxy, against ids as the method's own noise (A/A).
+# A slow spell of the machine that spans a block hits all of its variants, so the ratio
+# variant/ids within a block keeps less of it: the report is the median over blocks of those
+# ratios, with a 95% bootstrap confidence interval (bench/paired_report.py), and ids2, a second
+# plain rproxy, against ids as the method's own noise (A/A).  On this VM most of the noise changes
+# from one burst to the next, and blocks leave an A/A interval some 15 points wide.  MODE=pairs
+# runs ids and one variant at the same time on the one core (a wrk on each), so that what slows
+# the core slows both: the A/A interval falls to 1-2 points (bench/README.md, issue 12).  Warm-up:
+# one unmeasured WARMUP run per variant before block 1 only; the connections' set-up is inside
+# every burst alike.
 #
 #   flock /work/notes/bench.lock bash bench/paired.sh                  # 6 variants x 30 blocks x 2 s
+#   MODE=pairs flock /work/notes/bench.lock bash bench/paired.sh       # 5 pairs x 30 blocks x 2 s
 #   BLOCKS=3 BURST=1s flock /work/notes/bench.lock bash bench/paired.sh # a smoke test
 #   VARIANTS="ids ids2 metrics" BLOCKS=40 bench/paired.sh
+#   .venv/bin/python bench/paired_report.py bench/results/paired-<date-time>   # the table again
 #
 # Variants (lib.sh's rproxy_args): ids and ids2 = plain rproxy (request ids on, access log off),
 # metrics (the admin listener: every request counted), log (the access log to a file), stdout

@@ -179,7 +179,9 @@ def main():
         r, cost_lo, cost_hi = aa
         out.append(f"Noise floor (A/A, two identical proxies, wall clock): ids2/ids median {r:.3f}, 95% CI of the "
                    f"cost [{cost_lo:+.1f}, {cost_hi:+.1f}]%;")
-        out.append("a variant's interval about as wide as this is at the method's resolution.")
+        out.append("a variant's interval about as wide as this is at the method's resolution. One run has one")
+        out.append("process per variant, and a process's own offset (what the A/A shows beyond its interval) is")
+        out.append("not in any interval: compare runs (SEED=2, 3, ...) before reading a point or two.")
     ref = [rps[g, REFERENCE] for g in groups if (g, REFERENCE) in rps]
     if ref and not pairs_mode:
         out.append(f"ids across blocks: {min(ref):,.0f} to {max(ref):,.0f} req/s (median {median(ref):,.0f}): "
