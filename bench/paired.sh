@@ -15,9 +15,9 @@
 # one unmeasured WARMUP run per variant before block 1 only; the connections' set-up is inside
 # every burst alike.
 #
-#   flock /work/notes/bench.lock bash bench/paired.sh                  # 6 variants x 30 blocks x 2 s
-#   MODE=pairs flock /work/notes/bench.lock bash bench/paired.sh       # 5 pairs x 30 blocks x 2 s
-#   BLOCKS=3 BURST=1s flock /work/notes/bench.lock bash bench/paired.sh # a smoke test
+#   bench/paired.sh                          # MODE=pairs (the default): 5 pairs x 30 blocks x 2 s
+#   MODE=sequential bench/paired.sh          # 6 variants x 30 blocks x 2 s, one at a time
+#   BLOCKS=3 BURST=1s bench/paired.sh        # a smoke test
 #   VARIANTS="ids ids2 metrics" BLOCKS=40 bench/paired.sh
 #   .venv/bin/python bench/paired_report.py bench/results/paired-<date-time>   # the table again
 #
@@ -44,7 +44,7 @@ BLOCKS=${BLOCKS:-30}            # blocks; each visits every variant once
 BURST=${BURST:-2s}              # measured wrk run per (block, variant); whole seconds (wrk's -d)
 WARMUP=${WARMUP:-2s}            # one unmeasured wrk run per variant before block 1; 0 to skip
 CONNS=${CONNS:-50}              # wrk connections (one thread), per wrk
-MODE=${MODE:-sequential}        # sequential: one variant at a time; pairs: ids and one other at once
+MODE=${MODE:-pairs}             # pairs: ids and one other at once; sequential: one variant at a time
 SEED=${SEED:-1}                 # for the block orders and the bootstrap
 WRK_TIMEOUT=${WRK_TIMEOUT:-5s}
 PROXY_CPU=${PROXY_CPU:-0}       # every variant
