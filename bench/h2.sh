@@ -74,13 +74,6 @@ SECS=${DURATION%s}
 WSECS=${WARMUP%s}
 [[ $WSECS =~ ^[0-9]+$ ]] || die "WARMUP must be whole seconds, not '$WARMUP'"
 
-for tool in nginx haproxy wrk curl openssl h2load taskset; do
-    command -v "$tool" >/dev/null || die "$tool not found (h2load: Debian package nghttp2-client)"
-done
-[[ -x "$PYTHON" ]] || die "PYTHON=$PYTHON is not an executable"
-"$PYTHON" -c 'import twisted, rproxy_tw' 2>/dev/null || die "$PYTHON cannot import twisted and rproxy_tw"
-taskset -c "$PROXY_CPU" true 2>/dev/null || die "cannot pin to CPU $PROXY_CPU"
-taskset -c "$LOAD_CPU" true 2>/dev/null || die "cannot pin to CPU $LOAD_CPU (set LOAD_CPU)"
 
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 rev_of() {
@@ -95,6 +88,7 @@ WORK=$(mktemp -d /tmp/rproxy-h2-bench.XXXXXX)
 RUN_DIR=$RESULTS_DIR/h2-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RUN_DIR"
 source "$BENCH_DIR/lib.sh"   # cleanup on exit, start, alive, wait_listening
+check_setup "nginx haproxy wrk curl openssl h2load taskset" twisted,rproxy_tw  # h2load: Debian nghttp2-client
 declare -A STATE=() REASON=() TLS_PORT=()
 
 

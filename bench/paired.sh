@@ -66,13 +66,6 @@ for v in $VARIANTS; do
 done
 [[ $BLOCKS =~ ^[1-9][0-9]*$ ]] || die "BLOCKS=$BLOCKS is not a positive number"
 [[ $MODE == sequential || $MODE == pairs ]] || die "MODE=$MODE: sequential or pairs"
-for tool in nginx wrk curl taskset; do
-    command -v "$tool" >/dev/null || die "$tool not found"
-done
-[[ -x "$PYTHON" ]] || die "PYTHON=$PYTHON is not an executable"
-"$PYTHON" -c 'import twisted' 2>/dev/null || die "$PYTHON cannot import twisted"
-taskset -c "$PROXY_CPU" true 2>/dev/null || die "cannot pin to CPU $PROXY_CPU"
-taskset -c "$LOAD_CPU" true 2>/dev/null || die "cannot pin to CPU $LOAD_CPU (set LOAD_CPU)"
 
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 STARTED_AT=$(date -u '+%Y-%m-%d %H:%M')
@@ -80,6 +73,7 @@ WORK=$(mktemp -d /tmp/rproxy-paired.XXXXXX)
 RUN_DIR=$RESULTS_DIR/paired-$(date -u +%Y%m%d-%H%M%S)
 mkdir -p "$RUN_DIR"
 source "$BENCH_DIR/lib.sh"   # cleanup on exit, start, start_rproxy, rproxy_args, wait_listening, fail, ...
+check_setup "nginx wrk curl taskset" twisted
 declare -A STATE=() REASON=()
 
 # --- origin and proxies ------------------------------------------------------
