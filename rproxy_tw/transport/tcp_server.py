@@ -499,7 +499,11 @@ class TCPListeningPort:
         self.factory = factory
         self.fileno: Callable[[], int] = sock.fileno
         self.lost_later = _LostLater(reactor)
-        self._accept = sock.accept
+        # The socket module's accept() is Python around the C call, and asks
+        # the listening socket for its family and type (each an enum made
+        # anew) for every connection: here they are looked up once.
+        self._accept = sock._accept
+        self._kind = (int(sock.family), int(sock.type), sock.proto)
         self._address_type = IPv6Address if sock.family == socket.AF_INET6 else IPv4Address
         bound = sock.getsockname()
         self.port_number: int = bound[1]
@@ -563,12 +567,14 @@ class TCPListeningPort:
 
     def doRead(self) -> None:
         accept = self._accept
+        family, kind, proto = self._kind
         address_type = self._address_type
         for _ in range(ACCEPTS_PER_TURN):
             if not self._listening:
                 return  # stopped by a connection started in this loop
             try:
-                sock, addr = accept()
+                fd, addr = accept()
+                sock = socket.socket(family, kind, proto, fd)
             except BlockingIOError:
                 return
             except OSError as e:
