@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 from pathlib import Path
 
 TESTS = {
@@ -74,6 +75,16 @@ def pick(samples: list[tuple[int, float, int]], how: str) -> tuple[int, float, i
     if how == "best":
         return ordered[-1]
     return ordered[(len(ordered) - 1) // 2]
+
+
+def round_ratios(a: list[tuple[int, float, int]], b: list[tuple[int, float, int]]) -> list[float]:
+    """
+    The ratio of two proxies' figures in each round both ran: the rounds are
+    interleaved, so a round's two runs met the same state of a noisy machine
+    (their ratio moves less than either figure does across rounds).
+    """
+    of_b = {n: rate for n, rate, _ in b if rate}
+    return [rate / of_b[n] for n, rate, _ in a if n in of_b]
 
 
 def main() -> None:
@@ -143,12 +154,19 @@ def main() -> None:
     for t in tests:
         print(f"  {t:12} {TESTS[t]}")
     print()
-    print("Goals of issue 16 (ratios of this run):")
+    print(f"Goals of issue 16 (ratios of this run: the {args.pick} rounds; then, with rounds interleaved, "
+          "the median and range of the ratios round by round)")
 
     def goal(label: str, a: tuple[str, str], b: tuple[str, str], target: float) -> None:
         if a in best and best.get(b):
             r = best[a] / best[b]
-            print(f"  {label:48} {r:5.2f}x  (goal >= {target:.2f}x: {'met' if r >= target else 'NOT met'})")
+            line = f"  {label:48} {r:5.2f}x  (goal >= {target:.2f}x: {'met' if r >= target else 'NOT met'})"
+            per_round = round_ratios(runs.get(a, []), runs.get(b, []))
+            if len(per_round) > 1:
+                median = statistics.median(per_round)
+                line += (f"  round by round {median:.2f}x ({min(per_round):.2f}-{max(per_round):.2f}, "
+                         f"{len(per_round)} rounds: {'met' if median >= target else 'NOT met'})")
+            print(line)
 
     for who in ("rproxy", "base"):
         if who not in cols:
