@@ -86,7 +86,12 @@ class ConnectionLimit:
             self.active -= 1
             # The partial and the protocol hold each other: let go, so that
             # reference counting frees the connection, not the garbage collector.
-            protocol.__dict__.pop("connectionLost", None)
+            # (Deleted, not popped from __dict__, which CPython would have to
+            # build for the occasion.)
+            try:
+                del protocol.connectionLost
+            except AttributeError:
+                pass
         lost(reason)
         if self.on_close is not None:
             self.on_close()

@@ -185,8 +185,24 @@ class HTTPServerConnection(Protocol):
 
     _log = Logger(observer=log_observer)
 
+    # Slots for what every connection sets: a plain instance of this class
+    # would have over 30 attributes, past which CPython (3.11) gives up the
+    # shared key table and inline values of a class's instances, so that
+    # each connection gets a dict of its own, made and grown at its start,
+    # and every attribute read takes the dict's slower path.  (The base
+    # class has a __dict__: anything else still goes there.)
+    __slots__ = (
+        "factory", "transport", "connected", "parser", "current", "parsing", "queue", "gate", "http_version",
+        "tunnel", "disconnected", "closing", "_input_done", "in_head", "_head_bytes", "_url", "_headers",
+        "_read_size", "_timer", "_close_by", "_since", "_span", "_idle_limit", "_leftover", "_rate_since",
+        "_rate_bytes", "_chunked", "_close_after", "_body_bytes", "_upgrade_pending", "_upgrade_exchange",
+        "_tunnelled", "_raw_body", "_raw_remaining", "_head", "flow", "write", "client_ip", "info",
+    )
+
     def __init__(self, factory: HTTPProxyFactory) -> None:
         self.factory = factory
+        self.transport: Any = None
+        self.connected = 0
         self.parser = httptools.HttpRequestParser(self)
         self.current: Any = None
         self.parsing: Any = None
