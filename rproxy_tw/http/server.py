@@ -176,12 +176,7 @@ class ChallengeAnswer(LocalResponse):
 class HTTPServerConnection(Protocol):
     """One client connection speaking HTTP/1.1 (or 1.0) to the proxy."""
 
-    wants_block = True
-    draining = False
-    """A graceful stop asked this connection to close after its current response."""
-    _read_past_end = False
-    """Bytes came after the last request: the client may still be sending, so the close lingers.
-    (A class default: set on the few connections it concerns, not in every one's C{__init__}.)"""
+    # (wants_block, draining, _read_past_end: slots, set in __init__.)
 
     _log = Logger(observer=log_observer)
 
@@ -197,12 +192,18 @@ class HTTPServerConnection(Protocol):
         "_read_size", "_timer", "_close_by", "_since", "_span", "_idle_limit", "_leftover", "_rate_since",
         "_rate_bytes", "_chunked", "_close_after", "_body_bytes", "_upgrade_pending", "_upgrade_exchange",
         "_tunnelled", "_raw_body", "_raw_remaining", "_head", "flow", "write", "client_ip", "info",
+        "wants_block", "draining", "_read_past_end",
     )
 
     def __init__(self, factory: HTTPProxyFactory) -> None:
         self.factory = factory
         self.transport: Any = None
         self.connected = 0
+        self.wants_block = True
+        self.draining = False
+        """A graceful stop asked this connection to close after its current response."""
+        self._read_past_end = False
+        """Bytes came after the last request: the client may still be sending, so the close lingers."""
         self.parser = httptools.HttpRequestParser(self)
         self.current: Any = None
         self.parsing: Any = None

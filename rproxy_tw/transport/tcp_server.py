@@ -181,6 +181,16 @@ class TCPServerConnection:
         self._out = bytearray()
         self._log_prefix = log_prefix
         self.connected = True
+        # Every field the hot paths read, set here although the class has it
+        # too: CPython 3.11 specializes reading an instance's own attribute,
+        # not a class default read through the instance.
+        self.producer = None
+        self.streamingProducer = self.producerPaused = False
+        self.disconnecting = self.disconnected = False
+        self.read_size = READ_SIZE
+        self._reading = self._writing = self._read_ended = False
+        self._write_ending = self._write_ended = self._closed = self._ended = self._reset = False
+        self._host = self._no_delay = None
 
     def __repr__(self) -> str:
         return f"<{type(self.protocol).__name__} {self._log_prefix} on {self._port.port_number}>"
