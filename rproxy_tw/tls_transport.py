@@ -106,6 +106,10 @@ class TLSServerConnection(Protocol):
     def __init__(self, factory: StdlibTLSServerFactory, wrapped: Any) -> None:
         self.factory = factory
         self.wrappedProtocol = wrapped
+        # Set here as well as on the class: CPython 3.11 specializes reading
+        # an instance's own attribute, not a class default.
+        self.disconnecting = self.disconnected = False
+        self.negotiatedProtocol = None
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls: Any = None
