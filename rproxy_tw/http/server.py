@@ -176,8 +176,6 @@ class ChallengeAnswer(LocalResponse):
 class HTTPServerConnection(Protocol):
     """One client connection speaking HTTP/1.1 (or 1.0) to the proxy."""
 
-    # (wants_block, draining, _read_past_end: slots, set in __init__.)
-
     _log = Logger(observer=log_observer)
 
     # Slots for what every connection sets: a plain instance of this class

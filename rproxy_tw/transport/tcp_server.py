@@ -584,7 +584,6 @@ class TCPListeningPort:
                 return  # stopped by a connection started in this loop
             try:
                 fd, addr = accept()
-                sock = socket.socket(family, kind, proto, fd)
             except BlockingIOError:
                 return
             except OSError as e:
@@ -594,6 +593,11 @@ class TCPListeningPort:
                 if e.errno in _CLIENT_GONE:
                     continue
                 raise  # the listening socket itself is broken: the reactor closes the port, as Twisted's
+            try:
+                sock = socket.socket(family, kind, proto, fd)
+            except OSError:
+                os.close(fd)
+                continue
             try:
                 sock.setblocking(False)
                 if len(addr) == 4 and addr[3]:
