@@ -179,11 +179,11 @@ class HTTPServerConnection(Protocol):
     _log = Logger(observer=log_observer)
 
     # Slots for what every connection sets: a plain instance of this class
-    # would have over 30 attributes, past which CPython (3.11) gives up the
+    # would have 41 attributes, and from 30 on CPython (3.11) gives up the
     # shared key table and inline values of a class's instances, so that
-    # each connection gets a dict of its own, made and grown at its start,
-    # and every attribute read takes the dict's slower path.  (The base
-    # class has a __dict__: anything else still goes there.)
+    # each connection gets a dict of its own, made and grown at its start
+    # (creating a connection took 4.4 µs).  (The base class has a
+    # __dict__: anything else still goes there.)
     __slots__ = (
         "factory", "transport", "connected", "parser", "current", "parsing", "queue", "gate", "http_version",
         "tunnel", "disconnected", "closing", "_input_done", "in_head", "_head_bytes", "_url", "_headers",
