@@ -99,15 +99,15 @@ class TLSServerConnection(Protocol):
         C{None}, once the handshake is over.
     """
 
-    disconnecting = False
-    disconnected = False
-    negotiatedProtocol: bytes | None = None
+    disconnecting: bool
+    disconnected: bool
+    negotiatedProtocol: bytes | None
 
     def __init__(self, factory: StdlibTLSServerFactory, wrapped: Any) -> None:
         self.factory = factory
         self.wrappedProtocol = wrapped
-        # Set here as well as on the class: CPython 3.11 specializes reading
-        # an instance's own attribute, not a class default.
+        # On the instance, not as class defaults: CPython 3.11 specializes
+        # reading an instance's own attribute, not a class default.
         self.disconnecting = self.disconnected = False
         self.negotiatedProtocol = None
         self._incoming = ssl.MemoryBIO()

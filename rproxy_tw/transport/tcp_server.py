@@ -152,22 +152,25 @@ class TCPServerConnection:
     @ivar read_size: bytes asked of the kernel per read.
     """
 
-    producer: Any = None
-    streamingProducer = False
-    producerPaused = False
-    disconnecting = False
-    disconnected = False
-    read_size = READ_SIZE
-    _reading = False
-    _writing = False
-    _read_ended = False
-    _write_ending = False
-    _write_ended = False
-    _closed = False
-    _ended = False
-    _reset = False
-    _host: IPv4Address | IPv6Address | None = None
-    _no_delay: bool | None = None
+    # Set in __init__, not as class defaults: CPython 3.11 specializes
+    # reading an instance's own attribute, not a class default read
+    # through the instance, and these are read on every write and close.
+    producer: Any
+    streamingProducer: bool
+    producerPaused: bool
+    disconnecting: bool
+    disconnected: bool
+    read_size: int
+    _reading: bool
+    _writing: bool
+    _read_ended: bool
+    _write_ending: bool
+    _write_ended: bool
+    _closed: bool
+    _ended: bool
+    _reset: bool
+    _host: IPv4Address | IPv6Address | None
+    _no_delay: bool | None
 
     def __init__(self, sock: socket.socket, protocol: Any, peer: IPv4Address | IPv6Address,
                  port: TCPListeningPort, log_prefix: str) -> None:
@@ -181,9 +184,6 @@ class TCPServerConnection:
         self._out = bytearray()
         self._log_prefix = log_prefix
         self.connected = True
-        # Every field the hot paths read, set here although the class has it
-        # too: CPython 3.11 specializes reading an instance's own attribute,
-        # not a class default read through the instance.
         self.producer = None
         self.streamingProducer = self.producerPaused = False
         self.disconnecting = self.disconnected = False
