@@ -22,6 +22,7 @@
 #   bench/h2.sh
 #   DURATION=5s ROUNDS=2 TESTS="h2-1k-m10 tls-1k" bench/h2.sh
 #   BASE_DIR=/tmp/rproxy-base bench/h2.sh        # adds "base" to PROXIES
+#   BASE_DIR=. BASE_PYTHON=/tmp/venv-deb/bin/python bench/h2.sh   # "base": this tree under another interpreter
 #   PROXIES="nginx rproxy floor" TESTS="close close-tls" bench/h2.sh
 #   PROFILE=1 PROXIES=rproxy TESTS=close ROUNDS=1 bench/h2.sh   # and a cProfile of rproxy: RUN_DIR/rproxy.prof
 #   (PROFILE=base profiles the base instead: RUN_DIR/base.prof)
@@ -40,6 +41,7 @@ if [[ -z "${PYTHON:-}" ]]; then
     fi
 fi
 BASE_DIR=${BASE_DIR:-}
+BASE_PYTHON=${BASE_PYTHON:-$PYTHON}   # "base" may also be another interpreter (BASE_DIR=. for the same tree)
 DEFAULT_PROXIES="nginx haproxy rproxy"
 [[ -z $BASE_DIR ]] || DEFAULT_PROXIES="$DEFAULT_PROXIES base"
 PROXIES=${PROXIES:-$DEFAULT_PROXIES}
@@ -176,14 +178,15 @@ for p in $PROXIES; do
         # twistd in the foreground without a pidfile, from the source tree (as run.sh):
         # python -c puts the current directory first on sys.path, so that tree's rproxy_tw runs.
         src=$REPO_ROOT
-        [[ $p == base ]] && src=$BASE_DIR
+        python=$PYTHON
+        [[ $p == base ]] && src=$BASE_DIR python=$BASE_PYTHON
         pushd "$src" >/dev/null
         profile=()
         # PROFILE=rproxy (or 1) or base: twistd's cProfile of that one, saved when it stops (pstats file NAME.prof).
         want=${PROFILE:-}
         [[ $want != 1 ]] || want=rproxy
         [[ $want != "$p" ]] || profile=(--profile="$RUN_DIR/$p.prof" --profiler=cprofile --savestats)
-        start "$p" "$PROXY_CPU" "$PYTHON" -c 'from twisted.scripts.twistd import run; run()' \
+        start "$p" "$PROXY_CPU" "$python" -c 'from twisted.scripts.twistd import run; run()' \
             -n --pidfile= "${profile[@]}" rproxy --config "$WORK/$p.toml"
         popd >/dev/null
         ;;
@@ -282,7 +285,9 @@ write_status
     echo "runs=$ROUNDS round(s) x ${SECS}s per proxy and test after a ${WSECS}s warm-up, interleaved"
     echo "versions=$(nginx -v 2>&1 | sed 's/.*version: //'), $(haproxy -v | head -1 | cut -d' ' -f1-3), $(h2load --version | head -1), $(openssl version | cut -d' ' -f1-2), $("$PYTHON" -c 'import sys, twisted; print("Python %d.%d.%d" % sys.version_info[:3], "Twisted", twisted.__version__)')"
     echo "rproxy=$REV"
+    echo "python=$(interpreter_line "$PYTHON")"
     [[ -z $BASE_DIR ]] || echo "base=$(rev_of "$BASE_DIR") ($BASE_DIR)"
+    [[ -z $BASE_DIR || $BASE_PYTHON == "$PYTHON" ]] || echo "base_python=$(interpreter_line "$BASE_PYTHON")"
     echo "proxies=$PROXIES"
     echo "tests=$TESTS"
 } >"$RUN_DIR/meta.txt"

@@ -204,6 +204,22 @@ machine_line() {
     echo "$(uname -n), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(uname -sr)"
 }
 
+# interpreter_line PYTHON: the interpreter the proxy runs on, and how it was built. The build
+# matters: the same proxy ran 7-12% faster per connection on Debian's python3 (profile-guided,
+# LTO, libpython linked into the executable) than on a plain `pyenv install` of a later 3.11
+# (no PGO or LTO, libpython a shared library); bench/README.md, "The interpreter".
+interpreter_line() {
+    "$1" - <<'EOF'
+import os, platform, sys, sysconfig
+with open("/proc/self/maps") as maps:
+    shared = "libpython" in maps.read()
+flags = [f for f in ("--enable-optimizations", "--with-lto") if f in (sysconfig.get_config_var("CONFIG_ARGS") or "")]
+# (A distribution may optimize without these flags: Debian's packaging runs the PGO and LTO steps itself.)
+print(f"{platform.python_implementation()} {platform.python_version()} {os.path.realpath(sys.executable)}"
+      f" (libpython {'a shared library' if shared else 'in the executable'}{'; configure ' if flags else ''}{' '.join(flags)})")
+EOF
+}
+
 # start_origin_1k: the nginx origin (conf/origin-nginx.conf.in) serving /1k.bin on a free
 # port, PORT[origin], pinned to LOAD_CPU; exits if it does not start.
 start_origin_1k() {
