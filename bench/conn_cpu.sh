@@ -7,6 +7,7 @@
 # (they are the req/s ratios of a proxy that has a core to itself). Rounds are interleaved.
 #   bench/conn_cpu.sh                             # TESTS="close-tls close" ROUNDS=3 LOAD=5s
 #   BASE_DIR=/tmp/rproxy-base bench/conn_cpu.sh   # adds "base": rproxy from another source tree
+#   BASE_DIR=. BASE_PYTHON=/tmp/venv-deb/bin/python bench/conn_cpu.sh   # "base": this tree, another interpreter
 set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(dirname "$BENCH_DIR")

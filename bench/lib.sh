@@ -205,7 +205,7 @@ machine_line() {
 }
 
 # interpreter_line PYTHON: the interpreter the proxy runs on, and how it was built. The build
-# matters: the same proxy ran 7-12% faster per connection on Debian's python3 (profile-guided,
+# matters: the same proxy took 5-12% less CPU per connection on Debian's python3 (profile-guided,
 # LTO, libpython linked into the executable) than on a plain `pyenv install` of a later 3.11
 # (no PGO or LTO, libpython a shared library); bench/README.md, "The interpreter".
 interpreter_line() {
@@ -234,10 +234,11 @@ start_origin_1k() {
     wait_listening origin || { echo "origin did not start" >&2; exit 1; }
 }
 
-# start_conn_proxies: the proxies of PROXIES (nginx; rproxy from REPO_ROOT; base from BASE_DIR),
-# each with a plain (PORT[p]) and a TLS listener (TLS_PORT[p], one P-256 certificate for all) in
-# front of the origin (start_origin_1k first), pinned to PROXY_CPU; CPU_PID[p] is the process doing
-# the work (nginx's worker).  For the per-connection scripts (conn_cpu.sh, conn_syscalls.sh).
+# start_conn_proxies: the proxies of PROXIES (nginx; rproxy from REPO_ROOT; base from BASE_DIR,
+# under BASE_PYTHON if that is set), each with a plain (PORT[p]) and a TLS listener (TLS_PORT[p],
+# one P-256 certificate for all) in front of the origin (start_origin_1k first), pinned to
+# PROXY_CPU; CPU_PID[p] is the process doing the work (nginx's worker).  For the per-connection
+# scripts (conn_cpu.sh, conn_syscalls.sh, conn_client_cost.sh).
 declare -A TLS_PORT=() CPU_PID=()
 start_conn_proxies() {
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$WORK/key.pem" \
@@ -257,9 +258,11 @@ start_conn_proxies() {
         if [[ $p == nginx ]]; then
             start nginx "$PROXY_CPU" nginx -p "$WORK/nginx/" -c "$WORK/nginx.conf" -e "$WORK/nginx/error.log"
         else
-            src=$REPO_ROOT
-            [[ $p == base ]] && src=$BASE_DIR
-            start_rproxy "$p" "$PROXY_CPU" "$src" --config "$WORK/$p.conf"
+            if [[ $p == base ]]; then
+                PYTHON=${BASE_PYTHON:-$PYTHON} start_rproxy "$p" "$PROXY_CPU" "$BASE_DIR" --config "$WORK/$p.conf"
+            else
+                start_rproxy "$p" "$PROXY_CPU" "$REPO_ROOT" --config "$WORK/$p.conf"
+            fi
         fi
         wait_listening "$p" || { echo "$p did not start (see $WORK/$p.log)" >&2; exit 1; }
         CPU_PID[$p]=${PID[$p]}
