@@ -204,10 +204,8 @@ machine_line() {
     echo "$(uname -n), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(uname -sr)"
 }
 
-# interpreter_line PYTHON: the interpreter the proxy runs on, and how it was built. The build
-# matters: the same proxy took 5-12% less CPU per connection on Debian's python3 (profile-guided,
-# LTO, libpython linked into the executable) than on a plain `pyenv install` of a later 3.11
-# (no PGO or LTO, libpython a shared library); bench/README.md, "The interpreter".
+# interpreter_line PYTHON: the interpreter the proxy runs on, and how it was built (the build
+# moves every figure: bench/README.md, "The interpreter").
 interpreter_line() {
     "$1" - <<'EOF'
 import os, platform, sys, sysconfig
