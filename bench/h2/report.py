@@ -90,6 +90,10 @@ def round_ratios(a: list[tuple[int, float, int]], b: list[tuple[int, float, int]
     return [rate / of_b[n] for n, rate, _ in a if n in of_b]
 
 
+MIN_ROUNDS_FOR_INTERVAL = 6
+"""Fewer rounds than this give no interval worth the name (two rounds bound it by themselves)."""
+
+
 def median_interval(ratios: list[float], level: float = 0.95, resamples: int = 4000) -> tuple[float, float]:
     """
     A bootstrap confidence interval for the median of the per-round ratios
@@ -181,10 +185,15 @@ def main() -> None:
             per_round = round_ratios(runs.get(a, []), runs.get(b, []))
             if len(per_round) > 1:
                 median = statistics.median(per_round)
-                low, high = median_interval(per_round)
-                verdict = "met with margin" if low >= target else "met" if median >= target else "NOT met"
+                verdict = "met" if median >= target else "NOT met"
+                interval = ""
+                if len(per_round) >= MIN_ROUNDS_FOR_INTERVAL:
+                    low, high = median_interval(per_round)
+                    interval = f"; median's 95% interval {low:.2f}-{high:.2f}"
+                    if low >= target:
+                        verdict = "met with margin"
                 line += (f"  round by round {median:.2f}x ({min(per_round):.2f}-{max(per_round):.2f}, "
-                         f"{len(per_round)} rounds; median's 95% interval {low:.2f}-{high:.2f}: {verdict})")
+                         f"{len(per_round)} rounds{interval}: {verdict})")
             print(line)
 
     for who in ("rproxy", "base"):
