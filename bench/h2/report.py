@@ -108,6 +108,34 @@ def median_interval(ratios: list[float], level: float = 0.95, resamples: int = 4
     return medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]
 
 
+def read_runs(run: Path) -> dict[tuple[str, str], list[tuple[int, float, int]]]:
+    """Every round's figure in a run directory: C{(test, proxy)} to C{(round, rate, errors)}s."""
+    runs: dict[tuple[str, str], list[tuple[int, float, int]]] = {}
+    for f in sorted(run.iterdir()):
+        m = _FILE.match(f.name)
+        if not m:
+            continue
+        got = parse(m.group(4), f.read_text(errors="replace"))
+        if got is not None:
+            runs.setdefault((m.group(2), m.group(3)), []).append((int(m.group(1)), got[0], got[1]))
+    return runs
+
+
+GOALS = (
+    # label, test, the test it is divided by (the same test: nginx's figure; another: the proxy's own), goal
+    ("HTTP/2 1 KiB -c10 -m10 / nginx", "h2-1k-m10", "h2-1k-m10", 0.40),
+    ("HTTP/2 1 KiB -c10 -m10 / own HTTP/1.1 over TLS", "h2-1k-m10", "tls-1k", 0.80),
+    ("connection per request, plain / nginx", "close", "close", 0.50),
+    ("connection per request, TLS / nginx", "close-tls", "close-tls", 0.70),
+)
+"""Issue 16's goals, as ratios of one run."""
+
+
+def goal_pair(who: str, test: str, over: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The figures a goal divides: C{who}'s on C{test}, by nginx's on it, or by C{who}'s own on C{over}."""
+    return (test, who), (over, "nginx" if over == test else who)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir", type=Path)
@@ -122,14 +150,7 @@ def main() -> None:
         for line in (run / "status.tsv").read_text().splitlines():
             name, state, *why = line.split("\t")
             status[name] = (state, why[0] if why else "")
-    runs: dict[tuple[str, str], list[tuple[int, float, int]]] = {}
-    for f in sorted(run.iterdir()):
-        m = _FILE.match(f.name)
-        if not m:
-            continue
-        got = parse(m.group(4), f.read_text(errors="replace"))
-        if got is not None:
-            runs.setdefault((m.group(2), m.group(3)), []).append((int(m.group(1)), got[0], got[1]))
+    runs = read_runs(run)
 
     for line in meta.splitlines():
         key, _, value = line.partition("=")
@@ -200,10 +221,8 @@ def main() -> None:
         if who not in cols:
             continue
         print(f" {who}:")
-        goal("HTTP/2 1 KiB -c10 -m10 / nginx", ("h2-1k-m10", who), ("h2-1k-m10", "nginx"), 0.40)
-        goal("HTTP/2 1 KiB -c10 -m10 / own HTTP/1.1 over TLS", ("h2-1k-m10", who), ("tls-1k", who), 0.80)
-        goal("connection per request, plain / nginx", ("close", who), ("close", "nginx"), 0.50)
-        goal("connection per request, TLS / nginx", ("close-tls", who), ("close-tls", "nginx"), 0.70)
+        for label, test, over, target in GOALS:
+            goal(label, *goal_pair(who, test, over), target)
 
 
 if __name__ == "__main__":
