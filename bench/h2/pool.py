@@ -15,7 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from report import GOALS, MIN_ROUNDS_FOR_INTERVAL, goal_pair, median_interval, read_runs, round_ratios
+from report import GOALS, goal_pair, judge, read_runs, round_ratios
 
 
 def main() -> None:
@@ -35,16 +35,9 @@ def main() -> None:
                     per_run.append(f"{d.name} {statistics.median(ratios):.2f}x/{len(ratios)}")
             if len(pooled) < 2:
                 continue
-            median = statistics.median(pooled)
-            verdict = "met" if median >= target else "NOT met"
-            interval = ""
-            if len(pooled) >= MIN_ROUNDS_FOR_INTERVAL:
-                low, high = median_interval(pooled)
-                interval = f", 95% interval {low:.3f}-{high:.3f}"
-                if low >= target:
-                    verdict = "met with margin"
-            print(f"{who:7} {label:48} pooled {median:.2f}x over {len(pooled)} rounds{interval} "
-                  f"(goal >= {target:.2f}x: {verdict})")
+            median, interval, verdict = judge(pooled, target)
+            print(f"{who:7} {label:48} pooled median {median:.2f}x over {len(pooled)} rounds"
+                  f"{', the median' + interval if interval else ''} (goal >= {target:.2f}x: {verdict})")
             print(f"{'':7}   runs (median/rounds): {'; '.join(per_run)}")
 
 

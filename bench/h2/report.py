@@ -108,6 +108,23 @@ def median_interval(ratios: list[float], level: float = 0.95, resamples: int = 4
     return medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]
 
 
+def judge(ratios: list[float], target: float) -> tuple[float, str, str]:
+    """
+    The median of per-round ratios against a goal: the median, its interval
+    as text (empty under L{MIN_ROUNDS_FOR_INTERVAL} rounds), and the verdict
+    ("met with margin" only when the whole interval clears the goal).
+    """
+    median = statistics.median(ratios)
+    verdict = "met" if median >= target else "NOT met"
+    interval = ""
+    if len(ratios) >= MIN_ROUNDS_FOR_INTERVAL:
+        low, high = median_interval(ratios)
+        interval = f"'s 95% interval {low:.2f}-{high:.2f}"
+        if low >= target:
+            verdict = "met with margin"
+    return median, interval, verdict
+
+
 def read_runs(run: Path) -> dict[tuple[str, str], list[tuple[int, float, int]]]:
     """Every round's figure in a run directory: C{(test, proxy)} to C{(round, rate, errors)}s."""
     runs: dict[tuple[str, str], list[tuple[int, float, int]]] = {}
@@ -205,16 +222,9 @@ def main() -> None:
             line = f"  {label:48} {r:5.2f}x  (goal >= {target:.2f}x: {'met' if r >= target else 'NOT met'})"
             per_round = round_ratios(runs.get(a, []), runs.get(b, []))
             if len(per_round) > 1:
-                median = statistics.median(per_round)
-                verdict = "met" if median >= target else "NOT met"
-                interval = ""
-                if len(per_round) >= MIN_ROUNDS_FOR_INTERVAL:
-                    low, high = median_interval(per_round)
-                    interval = f"; median's 95% interval {low:.2f}-{high:.2f}"
-                    if low >= target:
-                        verdict = "met with margin"
+                median, interval, verdict = judge(per_round, target)
                 line += (f"  round by round {median:.2f}x ({min(per_round):.2f}-{max(per_round):.2f}, "
-                         f"{len(per_round)} rounds{interval}: {verdict})")
+                         f"{len(per_round)} rounds{'; median' + interval if interval else ''}: {verdict})")
             print(line)
 
     for who in ("rproxy", "base"):
