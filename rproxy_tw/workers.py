@@ -38,12 +38,13 @@ from typing import Any, Callable
 import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.defer import Deferred, DeferredList, FirstError, gatherResults, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .admin.api import AdminSite, IAdminSource
@@ -608,8 +609,12 @@ class GroupSource:
         """Once a (re)started worker answers, give it the drains asked so far."""
         started = worker.started_at
 
+        def gone() -> bool:
+            # This run of the worker ended (its successor gets the drains), or everything is stopping.
+            return worker.process is None or worker.started_at != started or self.supervisor.stopping
+
         def attempt() -> None:
-            if worker.process is None or worker.started_at != started:
+            if gone():
                 return
             d = self._call(worker, "GET", "/api/listeners")
 
@@ -621,10 +626,20 @@ class GroupSource:
                                      consumeErrors=True)
 
             def again(_: Any) -> None:
-                if self.reactor.seconds() - started < 60:
+                if not gone() and self.reactor.seconds() - started < 60:
                     self.reactor.callLater(0.1, attempt)
 
-            d.addCallbacks(answered, again).addErrback(lambda f: self._log.failure("re-applying drains failed", f))
+            def failed(failure: Failure) -> None:
+                # Drains are idempotent: try the whole round again while the worker runs on,
+                # else a backend drained in the group would take this worker's traffic.
+                if gone():
+                    return
+                error = failure.value.subFailure.value if isinstance(failure.value, FirstError) else failure.value
+                self._log.warn("supervisor: re-applying drains to worker {index} failed ({error}): trying again",
+                               index=worker.index, error=repr(error))
+                again(failure)
+
+            d.addCallbacks(answered, again).addErrback(failed)
 
         self.reactor.callLater(0.05, attempt)
 

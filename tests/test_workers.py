@@ -310,3 +310,85 @@ def test_two_workers_behind_a_load_balancer_read_its_proxy_headers(tmp_path) -> 
             assert _read_all(s) == b""
 
     _run_group(tmp_path, [_NamedOrigin(b"A")], check, listen="haproxy:", server=f'access_log = "{log}"')
+
+
+class _StubSupervisor:
+    """What L{GroupSource.when_ready} reads of the supervisor."""
+
+    def __init__(self, clock: Any) -> None:
+        self.reactor = clock
+        self.drains = {("web", "tcp:127.0.0.1:8001"): True}
+        self.stopping = False
+        self.workers: list[Any] = []
+
+
+def _reapplying(clock: Any, supervisor: Any) -> tuple[Any, Any, list[tuple[str, str, Any]], list[Any]]:
+    """A GroupSource whose calls to the worker wait for the test to answer them; log events are kept."""
+    from twisted.internet.defer import Deferred
+    from twisted.logger import globalLogPublisher
+
+    from rproxy_tw.workers import GroupSource, _Worker
+
+    source = GroupSource(supervisor)  # type: ignore[arg-type]
+    calls: list[tuple[str, str, Any]] = []
+
+    def call(worker: Any, method: str, path: str, body: Any = None) -> Any:
+        d: Deferred[Any] = Deferred()
+        calls.append((method, path, d))
+        return d
+
+    source._call = call  # type: ignore[method-assign]
+    worker = _Worker(index=0, admin_path="/nonexistent", process=object(), started_at=clock.seconds())
+    events: list[Any] = []
+    globalLogPublisher.addObserver(events.append)
+    source.when_ready(worker)
+    clock.advance(0.05)
+    return source, worker, calls, events
+
+
+def test_drains_re_applied_to_a_worker_that_stops_meanwhile_log_no_error() -> None:
+    from twisted.internet.error import ConnectionLost
+    from twisted.internet.task import Clock
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    clock = Clock()
+    supervisor = _StubSupervisor(clock)
+    _, worker, calls, events = _reapplying(clock, supervisor)
+    try:
+        assert [(m, p) for m, p, _ in calls] == [("GET", "/api/listeners")]
+        calls[0][2].callback((200, []))
+        assert [(m, p) for m, p, _ in calls[1:]] == [("POST", "/api/drain")]
+        supervisor.stopping = True  # SIGTERM: the worker goes away under the POST
+        calls[1][2].errback(ConnectionLost())
+        clock.advance(1.0)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert worker.ready
+    assert len(calls) == 2  # no retry while stopping
+    assert not [e for e in events if e.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical)]
+
+
+def test_drains_that_fail_to_reach_a_running_worker_are_tried_again() -> None:
+    from twisted.internet.error import ConnectionLost
+    from twisted.internet.task import Clock
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    clock = Clock()
+    supervisor = _StubSupervisor(clock)
+    _, worker, calls, events = _reapplying(clock, supervisor)
+    try:
+        calls[0][2].callback((200, []))
+        calls[1][2].errback(ConnectionLost())
+        clock.advance(0.1)
+        assert [(m, p) for m, p, _ in calls[2:]] == [("GET", "/api/listeners")]
+        calls[2][2].callback((200, []))
+        method, path, posted = calls[3]
+        assert (method, path) == ("POST", "/api/drain")
+        posted.callback((200, {}))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [e for e in events if e.get("log_level") == LogLevel.warn]
+    assert len(warnings) == 1 and "trying again" in warnings[0]["log_format"]
+    assert "ConnectionLost" in warnings[0]["error"]
+    assert not [e for e in events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+    assert len(calls) == 4
