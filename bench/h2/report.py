@@ -1,9 +1,10 @@
 """
 Turn the raw outputs of one bench/h2.sh run into one table: req/s per test
 and proxy, the ratios to nginx and (with a "base" rproxy in the run) to the
-base commit, and the goals of issue 16 as ratios of this one run (with rounds interleaved,
-also the median of the round-by-round ratios and a bootstrap 95% interval
-for it: "met with margin" when the whole interval clears the goal).
+base commit, and the goals of issue 16 as ratios of this one run (with
+rounds interleaved, also the median of the round-by-round ratios and a
+bootstrap 95% interval for it: "met with margin" when the whole interval
+clears the goal).
 
 Reads, from the run directory: C{meta.txt}, C{status.tsv}, and
 C{r<round>-<test>-<proxy>.(wrk|h2load|stime)}: wrk's output with the
