@@ -204,16 +204,45 @@ def makeService(options: Options) -> MultiService:
     _reopen_on_usr1(reactor, service)
     _second_signal_cuts(reactor, service)
     _one_line_listen_errors()
-    reactor.callWhenRunning(freeze_startup_objects)
+    reactor.callWhenRunning(tune_garbage_collector)
     return service
+
+
+YOUNG_COLLECTION_THRESHOLD = 10_000
+"""
+Net allocations of tracked objects between two collections of the youngest
+generation (CPython's default: 700).  A connection is freed by reference
+counting (no cycle outlives it), but while some fifty are in flight their
+live objects push the count past 700 every few dozen requests: measured
+under 50 connections per request (`Connection: close`), 337 young
+collections in 5 s, none of which found garbage, 3.5 us of CPU per request
+(1.5% of it) spent on walking live objects.  At 10,000 the count never got
+there under that load; cyclic garbage, where some is made (an error's
+traceback), waits at most that many allocations.
+"""
+
+
+def tune_garbage_collector() -> None:
+    """
+    Set the collector for a long-running server, once the proxy runs: what
+    exists then is frozen (L{freeze_startup_objects}), and the youngest
+    generation is collected less often (L{YOUNG_COLLECTION_THRESHOLD}).
+    An embedding application keeps its own settings: only twistd's entry
+    point calls this.
+    """
+    import gc
+
+    freeze_startup_objects()
+    young, middle, old = gc.get_threshold()
+    if 0 < young < YOUNG_COLLECTION_THRESHOLD:
+        gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, middle, old)
 
 
 def freeze_startup_objects() -> None:
     """
     Move what exists once the proxy runs (modules, Twisted, the config and
-    its runtime) out of the garbage collector's sight (C{gc.freeze}): each
-    new connection leaves reference cycles that only the collector frees,
-    and its oldest-generation passes otherwise walk every one of those
+    its runtime) out of the garbage collector's sight (C{gc.freeze}): the
+    oldest generation's passes would otherwise walk every one of those
     long-lived objects again.  Garbage is collected first, so none is kept.
     """
     import gc

@@ -78,6 +78,25 @@ def test_startup_objects_are_frozen_out_of_the_collector_s_sight() -> None:
         gc.unfreeze()
 
 
+def test_the_served_proxy_collects_its_youngest_generation_less_often() -> None:
+    import gc
+
+    from rproxy_tw.tap import YOUNG_COLLECTION_THRESHOLD, tune_garbage_collector
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        tune_garbage_collector()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, 10, 10)
+        gc.set_threshold(0, 10, 10)  # a collector switched off (as gc.disable's threshold) stays off
+        tune_garbage_collector()
+        assert gc.get_threshold()[0] == 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
 def test_a_closed_connection_is_freed_by_reference_counting() -> None:
     """No reference cycle outlives a connection: the collector need not run for each one."""
     import gc
