@@ -28,21 +28,6 @@ from .conftest import chunk, parse_responses, proxy_config, request, response
 CLIENT_IP = "192.0.2.10"
 
 
-class OriginTransport(StringTransport):
-    """
-    The origin's end of an upstream connection: the proxy sends what it
-    wrote when the reactor turn ends, and the test reads the wire after it
-    has (reading it ends the turn for that connection).
-    """
-
-    clock: Any = None
-
-    def value(self) -> bytes:
-        if self.clock is not None:
-            self.clock.advance(0)
-        return super().value()
-
-
 class Harness:
     """One HTTP listener's factory on a memory reactor, with helpers to play client and origin."""
 
@@ -70,8 +55,7 @@ class Harness:
         self.origins_made += 1
         addr = IPv4Address("TCP", host, port)
         proto = factory.buildProtocol(addr)
-        transport = OriginTransport(peerAddress=addr, lenient=True)
-        transport.clock = self.reactor
+        transport = StringTransport(peerAddress=addr, lenient=True)
         proto.makeConnection(transport)
         return proto, transport
 

@@ -23,7 +23,6 @@ from ..config import LimitsConfig
 from ..logs import observer as log_observer
 from ..transport.fastwrite import direct_writer, no_delay
 from ..transport.flow import GateProducer, ReadGate
-from ..transport.turn import EndOfTurn
 
 if TYPE_CHECKING:
     from ..upstream.pool import Backend
@@ -44,27 +43,8 @@ class _NoBody(Exception):
     """Raised from a parser callback to end a response that has no body (HEAD)."""
 
 
-SEND_AT_ONCE = 16 * 1024
-"""
-Bytes for an origin sent at once, not at the end of the reactor turn: what
-is held for the turn's end is this much per connection at most (a request
-body's large reads go out as they come), and only small writes gain from
-going out together.
-"""
-
-
 class UpstreamConnection(Protocol):
-    """
-    The client side of one HTTP/1.1 connection to a backend.
-
-    What is written to the origin goes out when the reactor turn ends
-    (L{UpstreamConnector.end_of_turn}), with every other request of the
-    turn: measured under 50 clients (`wrk -c50`, 1 KiB, one core for the
-    proxy), 5-16% more connections per request and about 15% more kept-alive
-    requests per second than sending each at once, with lower latency (the
-    origin wakes once per turn, not once per request); a turn's requests
-    wait for it to end, which is how long the proxy takes to read them.
-    """
+    """The client side of one HTTP/1.1 connection to a backend."""
 
     _log = Logger(observer=log_observer)
 
@@ -92,11 +72,6 @@ class UpstreamConnection(Protocol):
         self._close_delimited = False
         self._read_size = 0
         """The size of the read being parsed."""
-        self._unsent: list[bytes] = []
-        """What was written in this reactor turn, sent when it ends."""
-        self._unsent_bytes = 0
-        self._send: Callable[[bytes], None]
-        """Sends at once (set when the connection is made)."""
         # A head, chunk-size line or trailer section is being read: its bytes
         # are counted, as llhttp hands over a header line only once it is whole
         # (and a chunk extension never).
@@ -111,13 +86,11 @@ class UpstreamConnection(Protocol):
         self.client_producer = GateProducer(self.gate, "client")
         self._watch()
         """Registered on the client's transport while this connection answers it."""
-        self._send = direct_writer(self.transport, read_size=256 * 1024)
+        self.write = direct_writer(self.transport, read_size=256 * 1024)
         no_delay(self.transport)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
-        self._unsent.clear()
-        self._unsent_bytes = 0
         timer = self._timer
         if timer is not None:
             self._timer = None
@@ -177,41 +150,11 @@ class UpstreamConnection(Protocol):
 
     def close(self) -> None:
         if self.connected:
-            self.flush()
             self.transport.loseConnection()
 
     def abort(self) -> None:
         if self.connected:
-            self._unsent.clear()
-            self._unsent_bytes = 0
             self.transport.abortConnection()
-
-    # -- writing ----------------------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        """Send C{data} to the origin when this reactor turn ends (at once, past L{SEND_AT_ONCE} bytes)."""
-        if not data:
-            return
-        unsent = self._unsent
-        if not unsent:
-            if len(data) >= SEND_AT_ONCE:
-                self._send(data)
-                return
-            self.connector.end_of_turn.add(self.flush)
-        unsent.append(data)
-        self._unsent_bytes += len(data)
-        if self._unsent_bytes >= SEND_AT_ONCE:
-            self.flush()
-
-    def flush(self) -> None:
-        """Send what waits for the end of the turn now."""
-        unsent = self._unsent
-        if not unsent:
-            return
-        data = unsent[0] if len(unsent) == 1 else b"".join(unsent)
-        unsent.clear()
-        self._unsent_bytes = 0
-        self._send(data)
 
     # -- one exchange -----------------------------------------------------------------------
 
@@ -272,8 +215,6 @@ class UpstreamConnection(Protocol):
         self.exchange = None
         self._close_delimited = False
         self._in_head = False
-        self._unsent.clear()
-        self._unsent_bytes = 0
         self.transport.abortConnection()
         if ex is None:
             return
@@ -436,8 +377,6 @@ class UpstreamConnector:
     def __init__(self, clock: IReactorTime, keepalive: int, keepalive_timeout: float, connect_timeout: float,
                  span: float | None = None, limits: LimitsConfig | None = None) -> None:
         self.clock = clock
-        self.end_of_turn = EndOfTurn(clock)
-        """Where this connector's connections send what they were given in a turn."""
         self.keepalive = keepalive
         self.keepalive_timeout = keepalive_timeout
         self.connect_timeout = connect_timeout
