@@ -471,6 +471,21 @@ def test_websocket_upgrade_tunnelled_both_ways(net):
 
 
 @inline
+def test_a_clients_last_tunnel_bytes_reach_the_origin_before_its_side_closes(net):
+    """Bytes a client sends with its close go through the tunnel before the origin side closes."""
+    origin = yield net.origin(_ws_origin_handler)
+    proxy = yield net.proxy(proxy_config(origin.backend))
+    client = yield net.client(proxy.port)
+    client.send(WS_REQUEST)
+    yield _hello_or_origin_closed(client, origin)
+    assert b"hello-from-origin" in client.buf
+    client.transport.write(b"last-words")
+    client.transport.loseConnection()
+    yield until(lambda: origin.connections[0].closed, "origin side of the tunnel to close")
+    assert origin.connections[0].received.endswith(b"last-words")
+
+
+@inline
 def test_the_status_counts_a_listeners_connections_and_open_tunnels(net):
     from rproxy_tw.admin.status import status
 
