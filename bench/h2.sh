@@ -21,7 +21,7 @@
 #
 #   bench/h2.sh
 #   DURATION=5s ROUNDS=2 TESTS="h2-1k-m10 tls-1k" bench/h2.sh
-#   BASE_DIR=/tmp/rproxy-base bench/h2.sh        # adds "base" to PROXIES
+#   BASE_DIR=/tmp/rproxy-base bench/h2.sh        # adds "base" to PROXIES (given or default)
 #   BASE_DIR=. BASE_PYTHON=/tmp/venv-deb/bin/python bench/h2.sh   # "base": this tree under another interpreter
 #   PROXIES="nginx rproxy floor" TESTS="close close-tls" bench/h2.sh
 #   PROFILE=1 PROXIES=rproxy TESTS=close ROUNDS=1 bench/h2.sh   # and a cProfile of rproxy: RUN_DIR/rproxy.prof
@@ -45,6 +45,8 @@ BASE_PYTHON=${BASE_PYTHON:-$PYTHON}   # "base" may also be another interpreter (
 DEFAULT_PROXIES="nginx haproxy rproxy"
 [[ -z $BASE_DIR ]] || DEFAULT_PROXIES="$DEFAULT_PROXIES base"
 PROXIES=${PROXIES:-$DEFAULT_PROXIES}
+# BASE_DIR asks for "base": a PROXIES given without it would silently drop the A/B.
+[[ -z $BASE_DIR || " $PROXIES " == *" base "* ]] || PROXIES="$PROXIES base"
 ALL_TESTS="h1-1k h1-1m tls-1k h2-1k-m10 h2-1k-m1 h2-100k-m10 h2-100k-m1 close close-tls hs"
 TESTS=${TESTS:-$ALL_TESTS}
 DURATION=${DURATION:-5s}        # measured part of each run
