@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import inlineCallbacks
 from twisted.web.resource import Resource
 
 from .conftest import chunk, proxy_config, request, response, until
@@ -440,15 +441,22 @@ def _hello_or_origin_closed(client, origin):
                  "origin's first tunnel bytes at the client")
 
 
-@inline
-def test_websocket_upgrade_tunnelled_both_ways(net):
+@inlineCallbacks
+def _open_tunnel(net):
+    """An origin that tunnels, the proxy in front of it, and a client through both, past the 101."""
     origin = yield net.origin(_ws_origin_handler)
     proxy = yield net.proxy(proxy_config(origin.backend))
     client = yield net.client(proxy.port)
     client.send(WS_REQUEST)
-    # Bytes the origin sends right behind its 101 reach the client.
     yield _hello_or_origin_closed(client, origin)
     assert b"hello-from-origin" in client.buf
+    return origin, client
+
+
+@inline
+def test_websocket_upgrade_tunnelled_both_ways(net):
+    # Bytes the origin sends right behind its 101 reach the client.
+    origin, client = yield _open_tunnel(net)
     [resp] = client.responses([b"GET"])
     assert resp.status == 101
     assert resp.one(b"upgrade") == b"websocket"
@@ -473,12 +481,7 @@ def test_websocket_upgrade_tunnelled_both_ways(net):
 @inline
 def test_a_clients_last_tunnel_bytes_reach_the_origin_before_its_side_closes(net):
     """Bytes a client sends with its close go through the tunnel before the origin side closes."""
-    origin = yield net.origin(_ws_origin_handler)
-    proxy = yield net.proxy(proxy_config(origin.backend))
-    client = yield net.client(proxy.port)
-    client.send(WS_REQUEST)
-    yield _hello_or_origin_closed(client, origin)
-    assert b"hello-from-origin" in client.buf
+    origin, client = yield _open_tunnel(net)
     client.transport.write(b"last-words")
     client.transport.loseConnection()
     yield until(lambda: origin.connections[0].closed, "origin side of the tunnel to close")
@@ -504,12 +507,7 @@ def test_the_status_counts_a_listeners_connections_and_open_tunnels(net):
 
 @inline
 def test_websocket_tunnel_closed_by_origin_closes_client(net):
-    origin = yield net.origin(_ws_origin_handler)
-    proxy = yield net.proxy(proxy_config(origin.backend))
-    client = yield net.client(proxy.port)
-    client.send(WS_REQUEST)
-    yield _hello_or_origin_closed(client, origin)
-    assert b"hello-from-origin" in client.buf
+    origin, client = yield _open_tunnel(net)
     origin.connections[0].transport.write(b"bye")
     origin.connections[0].transport.loseConnection()
     yield client.until_closed()
