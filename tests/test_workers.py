@@ -322,7 +322,7 @@ class _StubSupervisor:
         self.workers: list[Any] = []
 
 
-def _reapplying(clock: Any, supervisor: Any) -> tuple[Any, Any, list[tuple[str, str, Any]], list[Any]]:
+def _reapplying(clock: Any, supervisor: Any) -> tuple[Any, list[tuple[str, str, Any]], list[Any]]:
     """A GroupSource whose calls to the worker wait for the test to answer them; log events are kept."""
     from twisted.internet.defer import Deferred
     from twisted.logger import globalLogPublisher
@@ -343,7 +343,7 @@ def _reapplying(clock: Any, supervisor: Any) -> tuple[Any, Any, list[tuple[str, 
     globalLogPublisher.addObserver(events.append)
     source.when_ready(worker)
     clock.advance(0.05)
-    return source, worker, calls, events
+    return worker, calls, events
 
 
 def test_drains_re_applied_to_a_worker_that_stops_meanwhile_log_no_error() -> None:
@@ -353,7 +353,7 @@ def test_drains_re_applied_to_a_worker_that_stops_meanwhile_log_no_error() -> No
 
     clock = Clock()
     supervisor = _StubSupervisor(clock)
-    _, worker, calls, events = _reapplying(clock, supervisor)
+    worker, calls, events = _reapplying(clock, supervisor)
     try:
         assert [(m, p) for m, p, _ in calls] == [("GET", "/api/listeners")]
         calls[0][2].callback((200, []))
@@ -375,7 +375,7 @@ def test_drains_that_fail_to_reach_a_running_worker_are_tried_again() -> None:
 
     clock = Clock()
     supervisor = _StubSupervisor(clock)
-    _, worker, calls, events = _reapplying(clock, supervisor)
+    worker, calls, events = _reapplying(clock, supervisor)
     try:
         calls[0][2].callback((200, []))
         calls[1][2].errback(ConnectionLost())
