@@ -53,11 +53,11 @@ class Harness:
         self.factory = HTTPProxyFactory(self.runtime, self.reactor)
         self.origins_made = 0
 
-    def client(self, ip: str = CLIENT_IP, transport_type: type[TurnEndingTransport] | None = None) -> tuple[Any, StringTransport]:
+    def client(self, ip: str = CLIENT_IP) -> tuple[Any, StringTransport]:
         addr = IPv4Address("TCP", ip, 40000)
         proto = self.factory.buildProtocol(addr)
         # lenient: a real TCP transport accepts pauseProducing() after loseConnection().
-        transport = (transport_type or TurnEndingTransport)(peerAddress=addr, hostAddress=IPv4Address("TCP", "127.0.0.1", 8080), lenient=True)
+        transport = TurnEndingTransport(peerAddress=addr, hostAddress=IPv4Address("TCP", "127.0.0.1", 8080), lenient=True)
         transport.clock = self.reactor
         proto.makeConnection(transport)
         return proto, transport
