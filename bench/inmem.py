@@ -101,7 +101,6 @@ class Proxy:
 
     def serve_origins(self, response: bytes) -> None:
         """Accept new origin connections, and answer every request an origin has received."""
-        self.turn()  # the proxy sends what it wrote to origins when the turn ends
         clients = self.reactor.tcpClients
         while self.accepted < len(clients):
             host, port, factory, _t, _b = clients[self.accepted]
@@ -110,7 +109,6 @@ class Proxy:
             transport = StringTransport(peerAddress=IPv4Address("TCP", host, port), lenient=True)
             proto.makeConnection(transport)
             self.origins.append((proto, transport))
-        self.turn()
         for proto, transport in self.origins:
             if transport.value():
                 transport.clear()

@@ -28,21 +28,6 @@ from .conftest import chunk, parse_responses, proxy_config, request, response
 CLIENT_IP = "192.0.2.10"
 
 
-class TurnEndingTransport(StringTransport):
-    """
-    The client's or the origin's end of a connection: the proxy sends what
-    it wrote when the reactor turn ends, and the test reads the wire after
-    it has (reading it ends the turn).
-    """
-
-    clock: Any = None
-
-    def value(self) -> bytes:
-        if self.clock is not None:
-            self.clock.advance(0)
-        return super().value()
-
-
 class Harness:
     """One HTTP listener's factory on a memory reactor, with helpers to play client and origin."""
 
@@ -57,8 +42,7 @@ class Harness:
         addr = IPv4Address("TCP", ip, 40000)
         proto = self.factory.buildProtocol(addr)
         # lenient: a real TCP transport accepts pauseProducing() after loseConnection().
-        transport = TurnEndingTransport(peerAddress=addr, hostAddress=IPv4Address("TCP", "127.0.0.1", 8080), lenient=True)
-        transport.clock = self.reactor
+        transport = StringTransport(peerAddress=addr, hostAddress=IPv4Address("TCP", "127.0.0.1", 8080), lenient=True)
         proto.makeConnection(transport)
         return proto, transport
 
@@ -71,8 +55,7 @@ class Harness:
         self.origins_made += 1
         addr = IPv4Address("TCP", host, port)
         proto = factory.buildProtocol(addr)
-        transport = TurnEndingTransport(peerAddress=addr, lenient=True)
-        transport.clock = self.reactor
+        transport = StringTransport(peerAddress=addr, lenient=True)
         proto.makeConnection(transport)
         return proto, transport
 

@@ -33,7 +33,6 @@ from .exchange import IDownstream, IExchange, ProxyExchange, RequestRejected as 
 from ..transport import ILingerlessClose, ip_of
 from ..transport.deadlines import FirstDeadlines
 from ..transport.fastwrite import direct_writer, no_delay
-from ..transport.turn import EndOfTurn, TurnWriter
 from ..transport.flow import ReadGate, ResponseFlow
 from .request import ProxyRequest, read_request_head
 
@@ -175,14 +174,7 @@ class ChallengeAnswer(LocalResponse):
 
 @implementer(IDownstream)
 class HTTPServerConnection(Protocol):
-    """
-    One client connection speaking HTTP/1.1 (or 1.0) to the proxy.
-
-    What is written to the client goes out when the reactor turn ends
-    (L{TurnWriter}, on the factory's C{end_of_turn}): a response's head and
-    body, and the answers to pipelined requests, in one send; the turn's
-    sends follow its reads, as the origins' side does its requests.
-    """
+    """One client connection speaking HTTP/1.1 (or 1.0) to the proxy."""
 
     _log = Logger(observer=log_observer)
 
@@ -197,7 +189,7 @@ class HTTPServerConnection(Protocol):
         "tunnel", "disconnected", "closing", "_input_done", "in_head", "_head_bytes", "_url", "_headers",
         "_read_size", "_timer", "_close_by", "_since", "_span", "_idle_limit", "_leftover", "_rate_since",
         "_rate_bytes", "_chunked", "_close_after", "_body_bytes", "_upgrade_pending", "_upgrade_exchange",
-        "_tunnelled", "_raw_body", "_raw_remaining", "_head", "flow", "write", "writer", "client_ip", "info",
+        "_tunnelled", "_raw_body", "_raw_remaining", "_head", "flow", "write", "client_ip", "info",
         "wants_block", "draining", "_read_past_end",
     )
 
@@ -250,8 +242,6 @@ class HTTPServerConnection(Protocol):
         self._head: bytes | None = None
         self.flow = ResponseFlow()
         self.write: Callable[[bytes], None] = self._notConnected
-        self.writer: TurnWriter | None = None
-        """What was written in this reactor turn, sent when it ends (made with the connection)."""
         self.client_ip = "-"
         self.info: ForwardingInfo | None = None
 
@@ -261,8 +251,7 @@ class HTTPServerConnection(Protocol):
         f = self.factory
         transport = self.transport
         self.gate = ReadGate(transport)
-        self.writer = TurnWriter(direct_writer(transport), f.end_of_turn)
-        self.write = self.writer.write
+        self.write = direct_writer(transport)
         transport.registerProducer(self.flow, True)
         no_delay(transport)
         f.connections.add(self)
@@ -279,8 +268,6 @@ class HTTPServerConnection(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.disconnected = True
-        if self.writer is not None:
-            self.writer.drop()
         self.factory.connections.discard(self)
         # Else every closed connection would stay referenced, by a call in the
         # reactor or the listener's watch, for up to idle_timeout: at a
@@ -327,7 +314,6 @@ class HTTPServerConnection(Protocol):
         """
         self.closing = True
         self.parser = None  # type: ignore[assignment]
-        self.writer.flush()
         # A TLS transport only starts its close once no producer is registered.
         self.transport.unregisterProducer()
         if self._input_done and not self._read_past_end and ILingerlessClose.providedBy(self.transport):
@@ -539,7 +525,6 @@ class HTTPServerConnection(Protocol):
         elif self.parsing is not None and self.parsing is self.current and not self.parsing.finished:
             if self.parsing.headSent:
                 self.current.cancel()
-                self.writer.flush()  # the response's start goes out, as it would have had it been sent at once
                 self.transport.abortConnection()
                 return
             self.current.cancel()
@@ -808,7 +793,6 @@ class HTTPServerConnection(Protocol):
             # Too late for a status: cut the connection so the client sees truncation.
             self._close_after = True
             if not self.disconnected:
-                self.writer.flush()  # the client sees the response start, then the cut
                 self.transport.abortConnection()
             return
         self.writeLocal(status, message, self._close_after or self._upgrade_pending, extra, page)
@@ -930,8 +914,6 @@ class HTTPProxyFactory(Factory):
         self.connections: set[HTTPServerConnection] = set()
         self.first_deadlines = FirstDeadlines(clock, HTTPServerConnection._timedOut)
         """The first deadline of each new HTTP/1.1 connection, on one timer (L{FirstDeadlines})."""
-        self.end_of_turn = EndOfTurn(clock)
-        """Where this listener's connections send what they were given in a reactor turn (L{TurnWriter})."""
         from ..config import DEFAULT_MAX_CONNECTIONS
         from ..connection_limit import ConnectionLimit
 

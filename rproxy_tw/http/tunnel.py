@@ -57,6 +57,5 @@ class Tunnel:
             other.transport.unregisterProducer()
         except Exception:  # noqa: BLE001 - already gone
             pass
-        other.writer.flush()  # what it was given in this reactor turn goes before the close
         other.transport.loseConnection()
         self.client.tunnelClosed(self)

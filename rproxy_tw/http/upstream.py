@@ -23,7 +23,6 @@ from ..config import LimitsConfig
 from ..logs import observer as log_observer
 from ..transport.fastwrite import direct_writer, no_delay
 from ..transport.flow import GateProducer, ReadGate
-from ..transport.turn import EndOfTurn, TurnWriter
 
 if TYPE_CHECKING:
     from ..upstream.pool import Backend
@@ -45,14 +44,7 @@ class _NoBody(Exception):
 
 
 class UpstreamConnection(Protocol):
-    """
-    The client side of one HTTP/1.1 connection to a backend.
-
-    What is written to the origin goes out when the reactor turn ends
-    (L{TurnWriter}, on L{UpstreamConnector.end_of_turn}), with every other
-    request of the turn, as the client's side does its responses
-    (L{rproxy_tw.http.server}).
-    """
+    """The client side of one HTTP/1.1 connection to a backend."""
 
     _log = Logger(observer=log_observer)
 
@@ -80,8 +72,6 @@ class UpstreamConnection(Protocol):
         self._close_delimited = False
         self._read_size = 0
         """The size of the read being parsed."""
-        self.writer: TurnWriter | None = None
-        """What was written in this reactor turn, sent when it ends (made with the connection)."""
         # A head, chunk-size line or trailer section is being read: its bytes
         # are counted, as llhttp hands over a header line only once it is whole
         # (and a chunk extension never).
@@ -96,14 +86,11 @@ class UpstreamConnection(Protocol):
         self.client_producer = GateProducer(self.gate, "client")
         self._watch()
         """Registered on the client's transport while this connection answers it."""
-        self.writer = TurnWriter(direct_writer(self.transport, read_size=256 * 1024), self.connector.end_of_turn)
-        self.write = self.writer.write
+        self.write = direct_writer(self.transport, read_size=256 * 1024)
         no_delay(self.transport)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
-        if self.writer is not None:
-            self.writer.drop()
         timer = self._timer
         if timer is not None:
             self._timer = None
@@ -163,12 +150,10 @@ class UpstreamConnection(Protocol):
 
     def close(self) -> None:
         if self.connected:
-            self.writer.flush()
             self.transport.loseConnection()
 
     def abort(self) -> None:
         if self.connected:
-            self.writer.drop()
             self.transport.abortConnection()
 
     # -- one exchange -----------------------------------------------------------------------
@@ -230,7 +215,6 @@ class UpstreamConnection(Protocol):
         self.exchange = None
         self._close_delimited = False
         self._in_head = False
-        self.writer.drop()
         self.transport.abortConnection()
         if ex is None:
             return
@@ -393,8 +377,6 @@ class UpstreamConnector:
     def __init__(self, clock: IReactorTime, keepalive: int, keepalive_timeout: float, connect_timeout: float,
                  span: float | None = None, limits: LimitsConfig | None = None) -> None:
         self.clock = clock
-        self.end_of_turn = EndOfTurn(clock)
-        """Where this connector's connections send what they were given in a turn."""
         self.keepalive = keepalive
         self.keepalive_timeout = keepalive_timeout
         self.connect_timeout = connect_timeout

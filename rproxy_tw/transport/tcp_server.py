@@ -79,7 +79,6 @@ from zope.interface import implementer
 
 from ..endpoint_string import parse
 from ..listener import DEFAULT_BACKLOG, with_backlog
-from .turn import EndOfTurn
 
 __all__ = [
     "ACCEPTS_PER_TURN",
@@ -113,6 +112,30 @@ _DONE = Failure(ConnectionDone())
 _LOST = Failure(ConnectionLost())
 _TWISTED_TCP = bool(os.environ.get("RPROXY_TWISTED_TCP"))
 _log = Logger()
+
+
+class _LostLater:
+    """
+    Connections whose socket closed in this reactor turn, told their
+    protocols on the next one: one timed call for all of them, not one each.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._due: list[tuple[TCPServerConnection, Failure]] = []
+
+    def add(self, connection: TCPServerConnection, reason: Failure) -> None:
+        if not self._due:
+            self.clock.callLater(0, self._tell)
+        self._due.append((connection, reason))
+
+    def _tell(self) -> None:
+        due, self._due = self._due, []
+        for connection, reason in due:
+            try:
+                connection.connectionLost(reason)
+            except Exception:  # noqa: BLE001 - one protocol's bug must not keep the others from hearing
+                _log.failure("{connection}: connectionLost failed", connection=connection)
 
 
 @implementer(ITCPTransport, IPushProducer, IConsumer, IReadWriteDescriptor, IHalfCloseableDescriptor, ISystemHandle)
@@ -315,7 +338,7 @@ class TCPServerConnection:
         self.disconnecting = True
         self._stop_reading()
         self._stop_writing()
-        self._port.lost_later.add(self.connectionLost, reason)
+        self._port.lost_later.add(self, reason)
 
     def _flushed(self) -> None:
         """Everything written is in the kernel: feed the producer, or finish a close asked for."""
@@ -485,8 +508,7 @@ class TCPListeningPort:
         self.socket = sock
         self.factory = factory
         self.fileno: Callable[[], int] = sock.fileno
-        self.lost_later = EndOfTurn(reactor)
-        """Connections whose socket closed in this turn, told their protocols when it ends: one timed call for all."""
+        self.lost_later = _LostLater(reactor)
         # The socket module's accept() is Python around the C call, and asks
         # the listening socket for its family and type (each an enum made
         # anew) for every connection: here they are looked up once.
