@@ -37,7 +37,7 @@ printf '%-6s %-7s %5s %8s %9s %9s %9s %7s %7s %7s %7s\n' scheme proxy round requ
     "segs" "resets" "probes" "rsts"
 for round in $(seq "$ROUNDS"); do
     for scheme in $SCHEMES; do
-        for p in $PROXIES; do
+        for p in $(round_order "$round"); do
             port=${PORT[$p]}
             [[ $scheme == https ]] && port=${TLS_PORT[$p]}
             o0=$(cpu_ticks "$origin_worker") p0=$(cpu_ticks "${CPU_PID[$p]}")

@@ -31,23 +31,25 @@ echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 declare -A SUM_REQ=() SUM_TICKS=()
 for ((r = 1; r <= ROUNDS; r++)); do
     for t in $TESTS; do
-        for p in $PROXIES; do
+        for p in $(round_order "$r"); do
             url="http://127.0.0.1:${PORT[$p]}/1k.bin"
-            [[ $t == close-tls ]] && url="https://127.0.0.1:${TLS_PORT[$p]}/1k.bin"
-            taskset -c "$LOAD_CPU" wrk -t1 -c50 -d1s -H 'Connection: close' "$url" >/dev/null 2>&1
+            [[ $t == close-tls || $t == tls-1k ]] && url="https://127.0.0.1:${TLS_PORT[$p]}/1k.bin"
+            close=(-H 'Connection: close')
+            [[ $t == h1-1k || $t == tls-1k ]] && close=()
+            taskset -c "$LOAD_CPU" wrk -t1 -c50 -d1s "${close[@]}" "$url" >/dev/null 2>&1
             before=$(awk '{print $14 + $15}' "/proc/${CPU_PID[$p]}/stat")
-            taskset -c "$LOAD_CPU" wrk -t1 -c50 -d"$LOAD" -H 'Connection: close' "$url" >"$WORK/wrk.$t.$p.$r" 2>&1
+            taskset -c "$LOAD_CPU" wrk -t1 -c50 -d"$LOAD" "${close[@]}" "$url" >"$WORK/wrk.$t.$p.$r" 2>&1
             used=$(( $(awk '{print $14 + $15}' "/proc/${CPU_PID[$p]}/stat") - before ))
             requests=$(awk '/requests in/ {print $1}' "$WORK/wrk.$t.$p.$r")
             SUM_REQ[$t.$p]=$(( ${SUM_REQ[$t.$p]:-0} + requests ))
             SUM_TICKS[$t.$p]=$(( ${SUM_TICKS[$t.$p]:-0} + used ))
-            printf 'round %d %-10s %-7s %7d requests %6.2f CPU s %8.1f us/connection\n' "$r" "$t" "$p" "$requests" \
+            printf 'round %d %-10s %-7s %7d requests %6.2f CPU s %8.1f us/request\n' "$r" "$t" "$p" "$requests" \
                 "$(echo "$used / $ticks" | bc -l)" "$(echo "$used * 1000000 / $ticks / $requests" | bc -l)"
         done
     done
 done
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-10s %-7s %18s %12s\n' test proxy "CPU us/connection" "nginx/this"
+printf '%-10s %-7s %18s %12s\n' test proxy "CPU us/request" "nginx/this"
 for t in $TESTS; do
     ngx=$(echo "${SUM_TICKS[$t.nginx]} * 1000000 / $ticks / ${SUM_REQ[$t.nginx]}" | bc -l)
     for p in $PROXIES; do
