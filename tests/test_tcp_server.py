@@ -192,6 +192,34 @@ def test_a_close_with_nothing_buffered_ends_at_once_and_the_protocol_hears_on_th
     assert len(server.lost) == 1
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_close_sends_the_fin_at_once_so_the_server_closes_first(net, listener_cleanup):
+    """
+    The FIN leaves with the close, not on the next turn: the server is the
+    side that closes first (and keeps the TIME_WAIT, as nginx does), before
+    a client that read the response closes its own side.
+    """
+    listener = yield start(listener_cleanup)
+    raw = socket.create_connection(("127.0.0.1", listener.port.getHost().port))
+    try:
+        yield until(lambda: listener.protocols and listener.protocols[-1].transport, "the server side")
+        server = listener.protocols[-1]
+        server.transport.write(b"bye")
+        server.close()
+        # The reactor does not turn while this blocks: only a FIN already sent ends the read.
+        raw.settimeout(5)
+        got = b""
+        while True:
+            data = raw.recv(100)
+            if not data:
+                break
+            got += data
+        assert got == b"bye"
+    finally:
+        raw.close()
+    yield until(lambda: server.lost, "the server's protocol to be told")
+
+
 class Pausable:
     """A streaming producer that counts how it was asked."""
 

@@ -347,7 +347,7 @@ class TCPServerConnection:
             self.producerPaused = False
             producer.resumeProducing()
         elif self.disconnecting:
-            self._end(_DONE)
+            self._close_flushed()
         elif self._write_ending and not self._write_ended:
             self._write_ended = True
             try:
@@ -357,6 +357,22 @@ class TCPServerConnection:
             half = IHalfCloseableProtocol(self.protocol, None)
             if half is not None:
                 half.writeConnectionLost()
+
+    def _close_flushed(self) -> None:
+        """
+        A close whose bytes are all in the kernel: the FIN goes now, the
+        descriptor closes on the next turn (L{_end}).  Sent at once, it makes
+        this side the first to close, which keeps the connection's TIME_WAIT
+        here, as nginx's close does; sent a turn later, a client that reads
+        the response and closes first keeps it instead, a local port held
+        for a minute per connection (one that connects per request runs
+        short of ports: 28,000 of them by default).
+        """
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._end(_DONE)
 
     def loseConnection(self) -> None:
         if self.disconnecting or self.disconnected:
@@ -369,7 +385,7 @@ class TCPServerConnection:
             # gets it): the close is finished by doWrite or unregisterProducer.
             self._start_writing()
         else:
-            self._end(_DONE)
+            self._close_flushed()
 
     def loseWriteConnection(self) -> None:
         if self.disconnecting or self._write_ending:
