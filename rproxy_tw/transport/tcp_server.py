@@ -21,8 +21,9 @@ proxy's work for such a client.  Here:
 - a write is sent at once when nothing waits before it (nginx's and
   HAProxy's way; Twisted only buffers, and sends on the next turn);
 - a close whose bytes are all sent takes the socket off the reactor at
-  once (one C{epoll_ctl}); the socket is closed, and the protocol hears of
-  it, at the start of the next turn, together with every other connection
+  once (one C{epoll_ctl}) and sends the FIN (C{shutdown}: this side closes
+  first and keeps the TIME_WAIT, not the client); the socket is closed,
+  and the protocol hears of it, at the start of the next turn, together with every other connection
   that closed in this one, as it would from Twisted (never from inside its
   own call to C{loseConnection}).  The descriptor stays open until then so
   that its number cannot be reused by a connection accepted later in the
