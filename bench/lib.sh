@@ -173,8 +173,6 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 
-# run_rounds: ROUNDS rounds of every test of TESTS on every proxy of PROXIES still ok,
-# interleaved, each through the script's own drive PROXY TEST ROUND.
 # round_order ROUND: PROXIES in the order they run in that round: as given in odd rounds, reversed
 # in even ones. A proxy's place in a round moved its figure by 5-8% on the bench machine (the one
 # right after nginx did worse), which a fixed order turns into a bias of every A/B.
@@ -188,6 +186,8 @@ round_order() {
     echo "$order"
 }
 
+# run_rounds: ROUNDS rounds of every test of TESTS on every proxy of PROXIES still ok,
+# interleaved (in round_order), each through the script's own drive PROXY TEST ROUND.
 run_rounds() {
     local round test p
     for ((round = 1; round <= ROUNDS; round++)); do

@@ -23,11 +23,11 @@ proxy's work for such a client.  Here:
 - a close whose bytes are all sent takes the socket off the reactor at
   once (one C{epoll_ctl}) and sends the FIN (C{shutdown}: this side closes
   first and keeps the TIME_WAIT, not the client); the socket is closed,
-  and the protocol hears of it, at the start of the next turn, together with every other connection
-  that closed in this one, as it would from Twisted (never from inside its
-  own call to C{loseConnection}).  The descriptor stays open until then so
-  that its number cannot be reused by a connection accepted later in the
-  same turn, which an event of this turn still waiting for it would reach.
+  and the protocol hears of it, at the start of the next turn, together
+  with every other connection that closed in this one, as it would from
+  Twisted (never from inside its own call to C{loseConnection}).  The
+  descriptor stays open until then so that its number cannot be reused by
+  a connection accepted later in the same turn, which an event of this turn still waiting for it would reach.
   What is written after C{loseConnection} went out before the close when
   bytes were still waiting, and is dropped once the close is under way (as
   after Twisted's connection ends).
