@@ -27,10 +27,11 @@ proxy's work for such a client.  Here:
   with every other connection that closed in this one, as it would from
   Twisted (never from inside its own call to C{loseConnection}).  The
   descriptor stays open until then so that its number cannot be reused by
-  a connection accepted later in the same turn, which an event of this turn still waiting for it would reach.
-  What is written after C{loseConnection} went out before the close when
-  bytes were still waiting, and is dropped once the close is under way (as
-  after Twisted's connection ends).
+  a connection accepted later in the same turn, which an event of this
+  turn still waiting for it would reach.  What is written after
+  C{loseConnection} went out before the close when bytes were still
+  waiting, and is dropped once the close is under way (as after Twisted's
+  connection ends).
 
 What the transport promises is Twisted's: L{ITCPTransport}, producer and
 consumer (a streaming producer is paused while more than
