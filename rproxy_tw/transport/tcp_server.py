@@ -351,11 +351,7 @@ class TCPServerConnection:
         elif self.disconnecting:
             self._close_flushed()
         elif self._write_ending and not self._write_ended:
-            self._write_ended = True
-            try:
-                self.socket.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            self._send_fin()
             half = IHalfCloseableProtocol(self.protocol, None)
             if half is not None:
                 half.writeConnectionLost()
@@ -370,11 +366,18 @@ class TCPServerConnection:
         for a minute per connection (one that connects per request runs
         short of ports: 28,000 of them by default).
         """
+        self._send_fin()
+        self._end(_DONE)
+
+    def _send_fin(self) -> None:
+        """Shut the write side (once): the peer reads the end of the stream after what was sent."""
+        if self._write_ended:
+            return
+        self._write_ended = True
         try:
             self.socket.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
-        self._end(_DONE)
+            pass  # the peer is gone already
 
     def loseConnection(self) -> None:
         if self.disconnecting or self.disconnected:
