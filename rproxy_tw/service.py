@@ -972,11 +972,14 @@ class ProxyService(MultiService):
             runtime.mount(path, resource, host)
         for step, host, path in self._filters:
             runtime.add_filter(step, host, path)
-        by_endpoint = {slot.listen.endpoint: slot for slot in self._slots}
-        wanted = {listen.endpoint for listen in config.listen}
+        # Listeners pair up by endpoint string, in order: two "tcp:0" listeners are two sockets.
+        unmatched: dict[str, list[_Slot]] = {}
+        for slot in self._slots:
+            unmatched.setdefault(slot.listen.endpoint, []).append(slot)
         plan: list[tuple[str, _Slot, Any, int, Any, Any]] = []
         for index, listen in enumerate(config.listen):
-            slot = by_endpoint.get(listen.endpoint)
+            same_endpoint = unmatched.get(listen.endpoint)
+            slot = same_endpoint.pop(0) if same_endpoint else None
             profile = self._tls_profile(listen, index, config)
             if slot is None:
                 plan.append(("add", self._slot(listen, index, runtime, config), listen, index, None, None))
@@ -1005,11 +1008,10 @@ class ProxyService(MultiService):
         self.guard.configure(config)
         set_log_level(config.server.log_level)
         self._retired = [f for f in self._retired if f.open_connections()]
-        for slot in self._slots:
-            if slot.listen.endpoint not in wanted:
-                slot.service.disownServiceParent()
-                slot.inner.drain()
-                self._retired.append(slot.inner)
+        for slot in (slot for left in unmatched.values() for slot in left):
+            slot.service.disownServiceParent()
+            slot.inner.drain()
+            self._retired.append(slot.inner)
         slots = []
         for step, slot, listen, index, inner, outer in plan:
             if step == "add":

@@ -12,13 +12,13 @@ test names, with a generous deadline that only guards against a hang.
 
 from __future__ import annotations
 
+import random
 import socket
 from typing import Any, Callable, Iterable, Sequence
 
 import httptools
 import pytest
 import pytest_twisted
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
@@ -574,10 +574,11 @@ def proxy_config(*backends: str, routes: list[dict[str, Any]] | None = None, poo
 
 
 class RunningProxy:
-    def __init__(self, service: ProxyService, port: int) -> None:
+    def __init__(self, service: ProxyService, ports: Sequence[int | None]) -> None:
         self.service = service
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.ports = list(ports)  # every listener's port, in config order (None: a unix socket)
+        self.port = self.ports[0]
+        self.url = f"http://127.0.0.1:{self.port}"
 
     @property
     def factory(self) -> Any:
@@ -585,13 +586,26 @@ class RunningProxy:
         return self.service.listener_factories()[0]
 
 
-def closed_port() -> int:
-    """A local port nothing listens on (bound once, then released)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+def free_port() -> int:
+    """
+    A local port nothing listens on: for a dead backend, or for a listener
+    whose port must be known before it listens (a child process's, a reload's).
+    A port the kernel hands out for bind(0) is an ephemeral one, which any
+    outgoing connection may take before the listener binds it (CI saw it
+    once); this one is below Linux's ephemeral range (32768-60999), chosen at
+    random so that tests do not collide, and checked by binding it.
+    """
+    rng = random.SystemRandom()
+    while True:
+        port = rng.randrange(20000, 32768)
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            s.close()
+        return port
 
 
 class Net:
@@ -612,13 +626,9 @@ class Net:
             svc.mount(path, resource)
         svc.startService()
         self.services.append(svc)
-        ports = []
-        for child in svc:
-            if isinstance(child, StreamServerEndpointService):
-                # Fires with the IListeningPort once the endpoint listens.
-                port = yield child._waitingForPort
-                ports.append(port)
-        return RunningProxy(svc, ports[0].getHost().port)
+        ports = yield svc.listening()
+        # A unix socket listener has no port.
+        return RunningProxy(svc, [getattr(p.getHost(), "port", None) for p in ports])
 
     @inlineCallbacks
     def origin(self, handler: Callable[[OriginRequest], None] | None = None, **kw: Any) -> Any:

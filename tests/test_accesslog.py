@@ -204,11 +204,11 @@ def _wait_for(pred: Any, what: str) -> None:
 
 
 def test_twistd_sigusr1_reopens_a_moved_access_log(tmp_path) -> None:
-    from .test_graceful_stop import _free_port
+    from .conftest import free_port
     from .test_reload import _NamedOrigin
 
     origin = _NamedOrigin(b"A")
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "access.log"
     proc = _twistd(tmp_path, origin.port, port, str(log))
     try:
@@ -232,11 +232,11 @@ def test_twistd_sigusr1_reopens_a_moved_access_log(tmp_path) -> None:
 
 
 def test_twistd_access_log_dash_writes_lines_to_stdout(tmp_path) -> None:
-    from .test_graceful_stop import _free_port
+    from .conftest import free_port
     from .test_reload import _NamedOrigin
 
     origin = _NamedOrigin(b"A")
-    port = _free_port()
+    port = free_port()
     proc = _twistd(tmp_path, origin.port, port, "-")
     try:
         assert _get(port, "/to-stdout").startswith(b"HTTP/1.1 200")

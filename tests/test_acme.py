@@ -36,7 +36,7 @@ from rproxy_tw.acme.schedule import backoff, renewal_time, retry_after_seconds
 from rproxy_tw.acme.storage import AcmeStorage, self_signed
 from rproxy_tw.config import AcmeConfig, ConfigError
 
-from .conftest import Net, closed_port, request
+from .conftest import Net, free_port, request
 
 NOW = 1_800_000_000.0
 
@@ -174,7 +174,7 @@ def test_issue_takes_what_another_process_stored_without_asking_the_ca(tmp_path:
     """The directory is a closed port: reaching for the CA would fail."""
     import time
 
-    config = AcmeConfig(directory=f"https://127.0.0.1:{closed_port()}/dir", storage=str(tmp_path))
+    config = AcmeConfig(directory=f"https://127.0.0.1:{free_port()}/dir", storage=str(tmp_path))
     storage = AcmeStorage(str(tmp_path))
     storage.prepare()
     storage.write(storage.certificate_path("www.example.com"), self_signed("www.example.com", time.time(), days=30))
@@ -354,7 +354,7 @@ def acme_service_config(tmp_path: Any, origin: str, http_port: int, https_port: 
         "listen": [plain, {"endpoint": f"tcp:{https_port}:interface=127.0.0.1", "tls": "auto"}],
         "tls": {"auto": {"acme": ["www.example.com"]}},
         # A CA that cannot be reached: attempts fail (and back off); the listeners serve regardless.
-        "acme": {"storage": str(tmp_path / "acme"), "directory": f"https://127.0.0.1:{closed_port()}/dir"},
+        "acme": {"storage": str(tmp_path / "acme"), "directory": f"https://127.0.0.1:{free_port()}/dir"},
         "route": [{"path": "/", "pool": "p"}], "pool": {"p": {"backends": [origin]}},
         "server": {"access_log": "off"},
     }
@@ -371,7 +371,7 @@ async def start(net: Net, config: dict[str, Any]) -> ProxyService:
 @pytest_twisted.ensureDeferred
 async def test_http01_is_answered_before_the_redirect_and_unknown_tokens_go_on(net: Net, tmp_path: Any) -> None:
     origin = await net.origin()
-    http_port, https_port = closed_port(), closed_port()
+    http_port, https_port = free_port(), free_port()
     service = await start(net, acme_service_config(tmp_path, origin.backend, http_port, https_port, redirect=True))
     service.acme.responder.http01[b"tok3n"] = b"tok3n.thumbprint"
     client = await net.client(http_port)
@@ -411,7 +411,7 @@ def handshake(port: int, name: str, alpn: list[str]) -> tuple[x509.Certificate, 
 @pytest_twisted.ensureDeferred
 async def test_tls_alpn01_certificate_goes_only_to_the_validator(net: Net, tmp_path: Any) -> None:
     origin = await net.origin()
-    http_port, https_port = closed_port(), closed_port()
+    http_port, https_port = free_port(), free_port()
     service = await start(net, acme_service_config(tmp_path, origin.backend, http_port, https_port, redirect=False))
     # Before any challenge: the temporary certificate, at once (the listener did not wait for the CA).
     cert, protocol = await deferToThread(handshake, https_port, "www.example.com", ["h2", "http/1.1"])
@@ -447,7 +447,7 @@ def test_acme_true_means_every_routed_host_name_but_wildcards(tmp_path: Any) -> 
 async def test_unissued_refuse_fails_handshakes_until_issued_but_answers_the_validator(net: Net,
                                                                                          tmp_path: Any) -> None:
     origin = await net.origin()
-    http_port, https_port = closed_port(), closed_port()
+    http_port, https_port = free_port(), free_port()
     config = acme_service_config(tmp_path, origin.backend, http_port, https_port, redirect=False)
     config["acme"]["unissued"] = "refuse"
     service = await start(net, config)

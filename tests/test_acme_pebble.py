@@ -35,7 +35,7 @@ from twisted.logger import globalLogPublisher
 
 from rproxy_tw import ProxyService, parse_config
 
-from .conftest import Net, OriginRequest, RawClient, closed_port, curl, request, until
+from .conftest import Net, OriginRequest, RawClient, curl, free_port, request, until
 
 PEBBLE = shutil.which("pebble") or "/usr/bin/pebble"
 CHALLTESTSRV = shutil.which("pebble-challtestsrv") or "/usr/bin/pebble-challtestsrv"
@@ -98,11 +98,11 @@ class Pebble:
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
-        self.http_port = closed_port()
-        self.tls_port = closed_port()
-        self.port = closed_port()
-        self.management = closed_port()
-        self.dns = closed_port()
+        self.http_port = free_port()
+        self.tls_port = free_port()
+        self.port = free_port()
+        self.management = free_port()
+        self.dns = free_port()
         self.ca, self.cert, self.key = _directory_ca(folder)
         self.processes: list[subprocess.Popen[bytes]] = []
         self.pebble: subprocess.Popen[bytes] | None = None
@@ -114,7 +114,7 @@ class Pebble:
     def start(self) -> None:
         dns = subprocess.Popen(
             [CHALLTESTSRV, "-dns01", f"127.0.0.1:{self.dns}", "-http01", "", "-https01", "", "-tlsalpn01", "",
-             "-management", f"127.0.0.1:{closed_port()}", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
+             "-management", f"127.0.0.1:{free_port()}", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.processes.append(dns)
         config = {"pebble": {

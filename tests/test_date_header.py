@@ -21,7 +21,7 @@ from rproxy_tw import ProxyService, parse_config
 from rproxy_tw.config import ListenConfig
 from rproxy_tw.http.server import HTTPProxyFactory, error_response, http_date
 
-from .conftest import closed_port, curl, parse_responses, proxy_config, request
+from .conftest import curl, free_port, parse_responses, proxy_config, request
 from .test_http_server import Harness, one_response, take
 from .test_tls import PKI, pki  # noqa: F401 - pki is a fixture
 from .test_tls_h2 import _H2Client, _Origin, _running, _status
@@ -119,7 +119,7 @@ def test_proxied_response_gets_one_date_when_the_origin_sent_none():
 @inline
 def test_real_listener_errors_carry_one_date(net):
     """404, 400 and 502 over a socket, as curl sees them."""
-    proxy = yield net.proxy(proxy_config(f"tcp:127.0.0.1:{closed_port()}", routes=[{"path": "/p", "pool": "p"}]))
+    proxy = yield net.proxy(proxy_config(f"tcp:127.0.0.1:{free_port()}", routes=[{"path": "/p", "pool": "p"}]))
     for target in ("/nowhere", "/p/dead"):
         out, err, code = yield curl("-D", "-", "-o", "/dev/null", f"{proxy.url}{target}")
         assert code == 0, err
@@ -177,7 +177,7 @@ def test_embedded_proxy_adds_one_date_when_the_origin_sent_none(net):
 
 @inline
 def test_embedded_proxy_error_has_one_date(net):
-    base = _embedded(net, f"tcp:127.0.0.1:{closed_port()}")
+    base = _embedded(net, f"tcp:127.0.0.1:{free_port()}")
     out, err, code = yield curl("-D", "-", f"{base}/proxy/x")
     assert code == 0, err
     [resp], _ = parse_responses(out, [b"GET"])

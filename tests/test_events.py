@@ -24,9 +24,9 @@ from rproxy_tw.events import (
 )
 from rproxy_tw.service import ProxyService
 
-from .conftest import RawClient, closed_port, proxy_config, until
+from .conftest import RawClient, free_port, proxy_config, until
 from .test_reload import _echo_server
-from .test_tls import PKI, _free_port, pki  # noqa: F401 - pki is a fixture
+from .test_tls import PKI, pki  # noqa: F401 - pki is a fixture
 
 
 def _recorded(service: ProxyService) -> EventRecorder:
@@ -38,7 +38,7 @@ def _recorded(service: ProxyService) -> EventRecorder:
 @pytest_twisted.ensureDeferred
 async def test_a_tcp_session_that_ends_is_an_event(net: Any) -> None:
     echo = await _echo_server(net)
-    tcp_port = closed_port()
+    tcp_port = free_port()
     data = proxy_config(echo, pools={"legacy": {"backends": [echo]}})
     data["listen"].append({"endpoint": f"tcp:{tcp_port}:interface=127.0.0.1", "protocol": "tcp", "pool": "legacy"})
     proxy = await net.proxy(data)
@@ -81,7 +81,7 @@ async def test_a_failed_tls_handshake_is_an_event(net: Any, pki: PKI, monkeypatc
         monkeypatch.setenv("RPROXY_TLS_PYOPENSSL", "1")
     origin = await net.origin()
     data = proxy_config(origin.backend)
-    tls_port = _free_port()
+    tls_port = free_port()  # known before it listens: the event names the listener by its endpoint
     data["listen"] = [{"endpoint": f"tcp:{tls_port}:interface=127.0.0.1", "tls": "main"}]
     data["tls"] = {"main": {"certificates": [{"cert": pki.path("www-ec.pem"), "key": pki.path("www-ec.key")}]}}
     proxy = await net.proxy(data)
@@ -109,7 +109,7 @@ async def test_a_failed_tls_handshake_is_an_event(net: Any, pki: PKI, monkeypatc
 async def test_reloads_applied_and_refused_are_events(net: Any, tmp_path: Any) -> None:
     origin = await net.origin()
     path = tmp_path / "rproxy.toml"
-    path.write_text(f'[[listen]]\nendpoint = "tcp:{closed_port()}:interface=127.0.0.1"\n'
+    path.write_text(f'[[listen]]\nendpoint = "tcp:{free_port()}:interface=127.0.0.1"\n'
                     f'[[route]]\npath = "/"\npool = "p"\n[pool.p]\nbackends = ["{origin.backend}"]\n'
                     '[server]\naccess_log = "off"\n')
     from rproxy_tw.service import service_from_file

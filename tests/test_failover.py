@@ -27,7 +27,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from rproxy_tw.upstream.health import HealthMonitor
 
-from .conftest import Response, closed_port, parse_responses, poke, proxy_config, request, turns, until
+from .conftest import Response, free_port, parse_responses, poke, proxy_config, request, turns, until
 
 inline = pytest_twisted.inlineCallbacks
 
@@ -781,7 +781,7 @@ def test_drain_true_in_config_starts_drained(net):
 
 @inline
 def test_no_healthy_backend_gets_503_with_retry_after_until_one_returns(net, farm):
-    ports = [closed_port(), closed_port()]
+    ports = [free_port(), free_port()]
     proxy = yield net.proxy(proxy_config(*[f"tcp:127.0.0.1:{p}" for p in ports], pool={"health": HEALTH}))
     pool = proxy.service.pool("p")
     yield until(lambda: not any(b.healthy for b in pool.backends), "every backend to leave rotation")

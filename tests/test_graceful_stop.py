@@ -28,7 +28,7 @@ from twisted.internet.testing import StringTransport
 
 from rproxy_tw.http.h2 import H2ServerConnection
 
-from .conftest import RawClient, proxy_config, request, response, until
+from .conftest import RawClient, free_port, proxy_config, request, response, until
 from .test_http_server import Harness, one_response, take
 
 
@@ -228,14 +228,6 @@ async def test_shutdown_timeout_cuts_what_remains(net):
 # twistd -n rproxy and SIGTERM
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 class _SlowOrigin:
     """A blocking origin in a thread: answers /slow only when told, anything else at once."""
 
@@ -345,7 +337,7 @@ def _read_all(s: socket.socket) -> bytes:
 
 def test_twistd_sigterm_drains_a_slow_request_then_exits(tmp_path):
     origin = _SlowOrigin()
-    port = _free_port()
+    port = free_port()
     proc = _start_twistd(tmp_path, origin.port, port)
     try:
         slow = _send(port, b"/slow")
@@ -371,7 +363,7 @@ def test_twistd_sigterm_drains_a_slow_request_then_exits(tmp_path):
 
 def test_twistd_second_sigterm_cuts_at_once(tmp_path):
     origin = _SlowOrigin()
-    port = _free_port()
+    port = free_port()
     proc = _start_twistd(tmp_path, origin.port, port)
     try:
         slow = _send(port, b"/slow")

@@ -19,7 +19,7 @@ from zope.interface.verify import verifyObject
 import rproxy_tw
 from rproxy_tw import ProxyService, parse_config, service_from_file
 
-from .conftest import closed_port, proxy_config, request, web_client
+from .conftest import free_port, proxy_config, request, web_client
 
 inline = pytest_twisted.inlineCallbacks
 
@@ -105,7 +105,7 @@ def test_proxy_in_app_multiservice_and_mounted_in_app_site(net):
 
 @inline
 def test_dead_origin_through_app_site_is_502_plain(net, no_traceback):
-    proxy = ProxyService(parse_config(proxy_config(f"tcp:127.0.0.1:{closed_port()}")), reactor)
+    proxy = ProxyService(parse_config(proxy_config(f"tcp:127.0.0.1:{free_port()}")), reactor)
     root = Resource()
     root.putChild(b"proxy", proxy.resource)
     site = Site(root)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 
-from .conftest import chunk, closed_port, proxy_config, request, response, until
+from .conftest import chunk, free_port, proxy_config, request, response, until
 
 inline = pytest_twisted.inlineCallbacks
 
@@ -27,7 +27,7 @@ def assert_plain_error(resp, status, no_traceback):
 
 @inline
 def test_dead_origin_gives_502(net, no_traceback):
-    proxy = yield net.proxy(proxy_config(f"tcp:127.0.0.1:{closed_port()}"))
+    proxy = yield net.proxy(proxy_config(f"tcp:127.0.0.1:{free_port()}"))
     client = yield net.client(proxy.port)
     client.send(request() + request(target=b"/again"))
     first, second = yield client.until_responses([b"GET", b"GET"])
@@ -39,7 +39,7 @@ def test_dead_origin_gives_502(net, no_traceback):
 @inline
 def test_dead_backend_fails_over_to_live_one(net):
     origin = yield net.origin()
-    proxy = yield net.proxy(proxy_config(f"tcp:127.0.0.1:{closed_port()}", origin.backend))
+    proxy = yield net.proxy(proxy_config(f"tcp:127.0.0.1:{free_port()}", origin.backend))
     for i in range(4):
         client = yield net.client(proxy.port)
         client.send(request(target=b"/%d" % i))

@@ -37,7 +37,7 @@ from rproxy_tw.pipeline import (
 )
 
 from .conftest import proxy_config, request, until
-from .test_tls import PKI, _free_port, pki  # noqa: F401 - pki is a fixture
+from .test_tls import PKI, pki  # noqa: F401 - pki is a fixture
 from .test_tls_h2 import _H2Client, _status
 
 inline = pytest_twisted.inlineCallbacks
@@ -61,13 +61,12 @@ class Proxy:
     @inline
     def start(self) -> Any:
         config = proxy_config(self.origin.backend, limits=LIMITS, **self.extra)
-        self.tls_port = _free_port()
-        config["listen"].append({"endpoint": f"tcp:{self.tls_port}:interface=127.0.0.1", "tls": "main"})
+        config["listen"].append({"endpoint": "tcp:0:interface=127.0.0.1", "tls": "main"})
         config["tls"] = {"main": {"certificates": [{"cert": self.pki.path("www-ec.pem"),
                                                      "key": self.pki.path("www-ec.key")}]}}
         running = yield self.net.proxy(config)
         self.service: ProxyService = running.service
-        self.port = running.port
+        self.port, self.tls_port = running.ports
         root = Resource()
         root.putChild(b"app", self.service.resource)
         site = Site(root)

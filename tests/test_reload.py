@@ -20,7 +20,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from rproxy_tw import ListenError, parse_config
 from rproxy_tw.config import ConfigError
 
-from .conftest import RawClient, closed_port, proxy_config, request, response, until
+from .conftest import RawClient, free_port, proxy_config, request, response, until
 
 
 def named(origin: Any, name: bytes):
@@ -111,7 +111,7 @@ async def test_reload_keeps_a_websocket_a_tcp_session_and_a_download(net):
     web = await net.origin(handler)
     other = await net.origin()
     echo = await _echo_server(net)
-    tcp_port = closed_port()
+    tcp_port = free_port()
     data = proxy_config(web.backend, pools={"legacy": {"backends": [echo]}})
     data["listen"].append({"endpoint": f"tcp:{tcp_port}:interface=127.0.0.1", "protocol": "tcp", "pool": "legacy"})
     proxy = await net.proxy(data)
@@ -209,7 +209,7 @@ async def test_listeners_added_and_removed(net):
     kept.send(request(b"GET", b"/before"))
     await kept.until_responses([b"GET"])
 
-    added = closed_port()
+    added = free_port()
     data = proxy_config(origin.backend)
     data["listen"] = [{"endpoint": first}, {"endpoint": f"tcp:{added}:interface=127.0.0.1"}]
     summary = proxy.service.reload(cfg(data))
@@ -229,6 +229,34 @@ async def test_listeners_added_and_removed(net):
     await _refused(proxy.port)
     on_added.send(request(b"GET", b"/still"))
     await on_added.until_responses([b"GET", b"GET"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_listeners_with_one_endpoint_string_stay_apart_over_a_reload(net):
+    """Two "tcp:0" listeners are two sockets: a reload pairs them up in order, not both with one."""
+    origin = await net.origin()
+    data = proxy_config(origin.backend)
+    data["listen"] = [{"endpoint": "tcp:0:interface=127.0.0.1"},
+                      {"endpoint": "tcp:0:interface=127.0.0.1", "protocol": "tcp", "pool": "p"}]
+    proxy = await net.proxy(data)
+    http_port, tcp_port = proxy.ports
+
+    async def served_as_http(port: int) -> bool:
+        client = await net.client(port)
+        client.send(request(b"GET", b"/which"))
+        await client.until_responses([b"GET"])
+        # Through the HTTP listener the origin saw the proxy's forwarding headers; raw TCP adds none.
+        return any(k.lower() == b"x-forwarded-for" for k, _ in origin.requests[-1].headers)
+
+    summary = proxy.service.reload(cfg(data))
+    assert str(summary) == "reload: no changes"
+    assert await served_as_http(http_port) is True
+    assert await served_as_http(tcp_port) is False
+
+    data["listen"] = data["listen"][:1]
+    proxy.service.reload(cfg(data))
+    await _refused(tcp_port)
+    assert await served_as_http(http_port) is True
 
 
 async def _refused(port: int) -> None:
@@ -404,10 +432,10 @@ def test_twistd_sighup_reloads_the_file_and_refuses_a_bad_one(tmp_path):
     import signal
     import time
 
-    from .test_graceful_stop import _free_port, _read_all, _start_twistd
+    from .test_graceful_stop import _read_all, _start_twistd
 
     a, b = _NamedOrigin(b"A"), _NamedOrigin(b"B")
-    port = _free_port()
+    port = free_port()
     proc = _start_twistd(tmp_path, a.port, port)
     path = tmp_path / "rproxy.toml"
 

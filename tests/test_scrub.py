@@ -24,7 +24,7 @@ from rproxy_tw.events import ConnectionRefused, EventRecorder, RequestFinished, 
 
 from .conftest import proxy_config, request, until
 from .test_pipeline import ENTRIES, Proxy
-from .test_tls import _free_port, pki  # noqa: F401 - pki is a fixture
+from .test_tls import pki  # noqa: F401 - pki is a fixture
 
 inline = pytest_twisted.inlineCallbacks
 
@@ -171,14 +171,13 @@ def test_a_denied_address_is_refused_at_connect_on_http_tls_and_tcp_listeners(ne
     from twisted.internet import threads
 
     origin = yield net.origin()
-    tls_port, tcp_port = _free_port(), _free_port()
     config = _config(origin, waf={"mode": "off", "deny": ["127.0.0.0/8", "2001:db8::/32"]})
-    config["listen"] += [{"endpoint": f"tcp:{tls_port}:interface=127.0.0.1", "tls": "main"},
-                         {"endpoint": f"tcp:{tcp_port}:interface=127.0.0.1", "protocol": "tcp", "pool": "p"}]
+    config["listen"] += [{"endpoint": "tcp:0:interface=127.0.0.1", "tls": "main"},
+                         {"endpoint": "tcp:0:interface=127.0.0.1", "protocol": "tcp", "pool": "p"}]
     config["tls"] = {"main": {"certificates": [{"cert": pki.path("www-ec.pem"), "key": pki.path("www-ec.key")}]}}
     proxy = yield net.proxy(config)
     recorder = _recorder(proxy)
-    for port in (proxy.port, tls_port, tcp_port):
+    for port in proxy.ports:
         got = yield threads.deferToThread(_raw_connect, port)
         assert got == b"", "closed before a byte was read: no answer, no TLS handshake"
     yield until(lambda: len(recorder.of(ConnectionRefused)) == 3, "three refusals")

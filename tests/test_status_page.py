@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from .conftest import free_port
+
 CHROMIUM = "/usr/bin/chromium"
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--no-first-run"]
@@ -31,14 +33,6 @@ def _browser_or_skip() -> Any:
     except ImportError:
         pytest.skip("the playwright package is not installed (pip install '.[test]')")
     return sync_playwright
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
@@ -60,7 +54,7 @@ def test_the_status_page_shows_every_backend_and_turns_a_stopped_one_red(tmp_pat
 
     web = [_NamedOrigin(b"web-1"), _NamedOrigin(b"web-2")]
     api = _NamedOrigin(b"api-1")
-    port, admin = _free_port(), _free_port()
+    port, admin = free_port(), free_port()
     config = tmp_path / "rproxy.toml"
     config.write_text(f"""
 [server]

@@ -548,12 +548,6 @@ class _Origin(Resource):
         return b"hello from the origin"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _https_client(pki: PKI) -> Any:
     from treq.client import HTTPClient
     from twisted.internet.ssl import Certificate
@@ -564,13 +558,13 @@ def _https_client(pki: PKI) -> Any:
     return HTTPClient(Agent(_reactor(), contextFactory=policy))
 
 
-def _proxy(pki: PKI, backend: str, port: int) -> Any:
+def _proxy(pki: PKI, backend: str) -> Any:
     from rproxy_tw.config import parse_config
     from rproxy_tw.service import ProxyService
 
     config = parse_config({
         "server": {"access_log": "off"},
-        "listen": [{"endpoint": f"tcp:{port}:interface=127.0.0.1", "protocol": "http", "tls": "main"}],
+        "listen": [{"endpoint": "tcp:0:interface=127.0.0.1", "protocol": "http", "tls": "main"}],
         "tls": {"main": {"certificates": [{"cert": pki.path("www-ec.pem"), "key": pki.path("www-ec.key")}]}},
         "route": [{"path": "/", "pool": "web"}],
         "pool": {"web": {"backends": [backend], "retries": 0}},
@@ -582,9 +576,9 @@ def _proxy(pki: PKI, backend: str, port: int) -> Any:
 def test_https_through_the_proxy(pki: PKI) -> None:
     origin = _Origin()
     origin_port = _reactor().listenTCP(0, Site(origin), interface="127.0.0.1")
-    port = _free_port()
-    service = _proxy(pki, f"tcp:127.0.0.1:{origin_port.getHost().port}", port)
+    service = _proxy(pki, f"tcp:127.0.0.1:{origin_port.getHost().port}")
     service.startService()
+    port = (yield service.listening())[0].getHost().port
     try:
         response = yield _https_client(pki).get(f"https://localhost:{port}/hello")
         body = yield response.content()
@@ -615,9 +609,9 @@ def test_tls_to_origins_verifies_the_name(pki: PKI) -> None:
             origin = _Origin()
             origin_factory = tls_server_factory(_reactor(), pki.profile(name), Site(origin), watch_interval=None)
             origin_port = yield serverFromString(_reactor(), "tcp:0:interface=127.0.0.1").listen(origin_factory)
-            port = _free_port()
-            service = _proxy(pki, f"tls:127.0.0.1:{origin_port.getHost().port}:trustRoots={pki.trust_dir}", port)
+            service = _proxy(pki, f"tls:127.0.0.1:{origin_port.getHost().port}:trustRoots={pki.trust_dir}")
             service.startService()
+            port = (yield service.listening())[0].getHost().port
             try:
                 response = yield _https_client(pki).get(f"https://localhost:{port}/")
                 bodies.append((yield response.content()))

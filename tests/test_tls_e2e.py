@@ -45,7 +45,7 @@ from .conftest import (
     RawClient,
     RawOrigin,
     chunk,
-    closed_port,
+    free_port,
     curl,
     net,  # noqa: F401 - fixture
     request,
@@ -318,7 +318,7 @@ def h2_header(stream: dict[str, Any], name: bytes) -> list[bytes]:
 @pytest_twisted.ensureDeferred
 async def test_plain_listener_redirects_to_https_keeping_method_path_and_query(net: Net, certs: E2EPKI) -> None:
     origin = await net.origin()
-    https_port = closed_port()
+    https_port = free_port()
     svc, ports = await start(net, config(
         listen=[
             {"endpoint": "tcp:0:interface=127.0.0.1", "redirect_https": https_port},
@@ -454,7 +454,7 @@ async def test_hsts_on_the_proxys_own_responses(net: Net, certs: E2EPKI) -> None
         listen=[{"endpoint": "tcp:0:interface=127.0.0.1", "tls": "main", "hsts": "max-age=100"}],
         routes=[{"host": HOST, "path": "/", "pool": "dead"},
                 {"host": HOST, "path": "/strict/", "pool": "dead", "hsts": "max-age=200"}],
-        pools={"dead": {"backends": [f"tcp:127.0.0.1:{closed_port()}"], "retries": 0}},
+        pools={"dead": {"backends": [f"tcp:127.0.0.1:{free_port()}"], "retries": 0}},
         tls={"main": {"certificates": [cert_entry(certs, "www-ec")]}},
     ))
     client = await tls_client(net, ports[0], certs)

@@ -24,7 +24,7 @@ from rproxy_tw.config import parse_config
 from rproxy_tw.http.h2 import H2ServerConnection
 from rproxy_tw.service import ProxyService
 
-from .test_tls import PKI, _free_port, _reactor, pki  # noqa: F401 - pki is a fixture
+from .test_tls import PKI, _reactor, pki  # noqa: F401 - pki is a fixture
 
 # ---------------------------------------------------------------------------
 # An origin that records what it got, and when
@@ -103,10 +103,9 @@ class _Origin(Factory):
 def _running(pki: PKI, origin: _Origin) -> Any:
     reactor = _reactor()
     origin_port = reactor.listenTCP(0, origin, interface="127.0.0.1")
-    port = _free_port()
     config = parse_config({
         "server": {"access_log": "off"},
-        "listen": [{"endpoint": f"tcp:{port}:interface=127.0.0.1", "protocol": "http", "tls": "main"}],
+        "listen": [{"endpoint": "tcp:0:interface=127.0.0.1", "protocol": "http", "tls": "main"}],
         "tls": {"main": {"certificates": [{"cert": pki.path("www-ec.pem"), "key": pki.path("www-ec.key")}]}},
         "route": [{"path": "/", "pool": "web"}],
         "pool": {"web": {"backends": [f"tcp:127.0.0.1:{origin_port.getHost().port}"]}},
@@ -114,7 +113,7 @@ def _running(pki: PKI, origin: _Origin) -> Any:
     service = ProxyService(config, reactor)
     http = service.factories[0].wrappedFactory
     service.startService()
-    yield deferLater(reactor, 0, lambda: None)
+    port = (yield service.listening())[0].getHost().port
     return service, http, origin_port, port
 
 

@@ -19,7 +19,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .test_graceful_stop import _free_port, _read_all
+from .conftest import free_port
+from .test_graceful_stop import _read_all
 from .test_reload import _NamedOrigin
 
 
@@ -105,7 +106,7 @@ def _run_group(tmp_path: Any, origins: list[_NamedOrigin], check: Any, **config:
     Start twistd with 2 workers in front of C{origins} (L{_group_config}'s
     C{config}), run C{check(port, admin, proc)}, stop it with SIGTERM.
     """
-    port, admin = _free_port(), _free_port()
+    port, admin = free_port(), free_port()
     output, proc = _twistd(tmp_path, _group_config(tmp_path, port, admin, origins, **config))
     try:
         _until(lambda: (s := _admin(admin, "/api/status")) and s.get("workers_answering") == 2, "two workers")
