@@ -741,13 +741,23 @@ def _diff(old: Any, new: Any) -> tuple[tuple[str, ...], tuple[str, ...], tuple[s
             tuple(k for k in new if k in old and new[k] != old[k]))
 
 
+def _listeners_by_endpoint(listen: Any) -> dict[str, Any]:
+    """Listeners by endpoint string; a string written again is numbered ("tcp:0:... #2"), as a reload pairs them."""
+    seen: dict[str, int] = {}
+    named = {}
+    for l in listen:
+        count = seen[l.endpoint] = seen.get(l.endpoint, 0) + 1
+        named[l.endpoint if count == 1 else f"{l.endpoint} #{count}"] = l
+    return named
+
+
 def summarize(old: ProxyConfig, new: ProxyConfig) -> ReloadSummary:
     """What changes from C{old} to C{new}."""
     other = tuple(name for name in ("limits", "server", "rate_limit", "waf") if getattr(old, name) != getattr(new, name))
     return ReloadSummary(
         (len(old.routes), len(new.routes)), old.routes != new.routes,
         _diff(old.pools, new.pools),
-        _diff({l.endpoint: l for l in old.listen}, {l.endpoint: l for l in new.listen}),
+        _diff(_listeners_by_endpoint(old.listen), _listeners_by_endpoint(new.listen)),
         _diff(old.tls, new.tls),
         other,
     )

@@ -723,7 +723,7 @@ def _worker_main(spec: dict[str, Any]) -> None:
 
     from .config import AdminConfig
     from .service import ProxyService
-    from .tap import Options, _reopen_on_usr1, _second_signal_cuts, tune_garbage_collector
+    from .tap import Options, _reopen_on_usr1, _second_signal_cuts, tune_process
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     options = Options()
@@ -758,7 +758,7 @@ def _worker_main(spec: dict[str, Any]) -> None:
             reactor.stop()
             return
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-        tune_garbage_collector()  # as twistd's single process does
+        tune_process()  # as twistd's single process does
         log.info("worker {index} (pid {pid}) serving", index=index, pid=os.getpid())
 
     def gone() -> None:

@@ -97,6 +97,60 @@ def test_the_served_proxy_collects_its_youngest_generation_less_often() -> None:
         gc.set_threshold(*before)
 
 
+_HEAP_PROBE = """
+import ctypes, json, sys
+from rproxy_tw.tap import tune_allocator
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = Mallinfo2
+tuned = tune_allocator() if sys.argv[1] == "tuned" else None
+mapped = mallinfo2().hblkhd
+block = b"x" * (1 << 20)  # a 1 MiB buffer, as a read from an origin and the body parsed out of it
+mapped_for_one = mallinfo2().hblkhd - mapped
+del block
+blocks = [b"x" * (1 << 20) for _ in range(20)]
+del blocks
+print(json.dumps({"tuned": tuned, "mapped_for_one": mapped_for_one, "heap_after_free": mallinfo2().arena}))
+"""
+
+
+def _heap_probe(mode: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    import json
+    import os
+    import sys
+
+    child_env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+    child_env.update(env or {})
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], env=child_env, capture_output=True, check=True,
+                         timeout=60)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_the_served_proxy_keeps_large_buffers_on_its_heap() -> None:
+    """
+    Served by twistd, a 1 MiB buffer comes from the heap, and freed ones stay
+    there for the next (no fresh pages to fault in per response); a process
+    left alone maps each one and gives it back.
+    """
+    from rproxy_tw.tap import MALLOC_TRIM_THRESHOLD
+
+    alone = _heap_probe("alone")
+    assert alone["mapped_for_one"] >= 1 << 20
+    tuned = _heap_probe("tuned")
+    assert tuned["tuned"] is True
+    assert tuned["mapped_for_one"] == 0
+    assert 20 << 20 <= tuned["heap_after_free"] <= 20 * (1 << 20) + MALLOC_TRIM_THRESHOLD
+    # The operator's own malloc settings stand.
+    assert _heap_probe("tuned", {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"})["tuned"] is False
+    assert _heap_probe("tuned", {"MALLOC_TRIM_THRESHOLD_": "131072"})["tuned"] is False
+
+
 def test_a_closed_connection_is_freed_by_reference_counting() -> None:
     """No reference cycle outlives a connection: the collector need not run for each one."""
     import gc

@@ -254,7 +254,8 @@ async def test_listeners_with_one_endpoint_string_stay_apart_over_a_reload(net):
     assert await served_as_http(tcp_port) is False
 
     data["listen"] = data["listen"][:1]
-    proxy.service.reload(cfg(data))
+    summary = proxy.service.reload(cfg(data))
+    assert str(summary) == "reload: listeners -tcp:0:interface=127.0.0.1 #2"
     await _refused(tcp_port)
     assert await served_as_http(http_port) is True
 
