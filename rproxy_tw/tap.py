@@ -286,9 +286,12 @@ def tune_allocator() -> bool:
     """
     import ctypes
     import os
-    import platform
 
-    if platform.libc_ver()[0] != "glibc":
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (AttributeError, ValueError, OSError):
+        libc = ""  # no confstr, or no such name: not glibc
+    if not libc.startswith("glibc "):
         return False
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
             name.startswith("MALLOC_") and name.endswith("_") for name in os.environ):
