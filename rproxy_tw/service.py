@@ -741,14 +741,19 @@ def _diff(old: Any, new: Any) -> tuple[tuple[str, ...], tuple[str, ...], tuple[s
             tuple(k for k in new if k in old and new[k] != old[k]))
 
 
-def _listeners_by_endpoint(listen: Any) -> dict[str, Any]:
-    """Listeners by endpoint string; a string written again is numbered ("tcp:0:... #2"), as a reload pairs them."""
+def _listener_names(listen: Any) -> list[str]:
+    """
+    The listeners' names, in order: the endpoint string, numbered when
+    written again ("tcp:0:... #2").  A reload pairs an old listener with the
+    new one of the same name (two "tcp:0" listeners are two sockets), and its
+    summary names them so.
+    """
     seen: dict[str, int] = {}
-    named = {}
+    names = []
     for l in listen:
         count = seen[l.endpoint] = seen.get(l.endpoint, 0) + 1
-        named[l.endpoint if count == 1 else f"{l.endpoint} #{count}"] = l
-    return named
+        names.append(l.endpoint if count == 1 else f"{l.endpoint} #{count}")
+    return names
 
 
 def summarize(old: ProxyConfig, new: ProxyConfig) -> ReloadSummary:
@@ -757,7 +762,7 @@ def summarize(old: ProxyConfig, new: ProxyConfig) -> ReloadSummary:
     return ReloadSummary(
         (len(old.routes), len(new.routes)), old.routes != new.routes,
         _diff(old.pools, new.pools),
-        _diff(_listeners_by_endpoint(old.listen), _listeners_by_endpoint(new.listen)),
+        _diff(dict(zip(_listener_names(old.listen), old.listen)), dict(zip(_listener_names(new.listen), new.listen))),
         _diff(old.tls, new.tls),
         other,
     )
@@ -982,14 +987,10 @@ class ProxyService(MultiService):
             runtime.mount(path, resource, host)
         for step, host, path in self._filters:
             runtime.add_filter(step, host, path)
-        # Listeners pair up by endpoint string, in order: two "tcp:0" listeners are two sockets.
-        unmatched: dict[str, list[_Slot]] = {}
-        for slot in self._slots:
-            unmatched.setdefault(slot.listen.endpoint, []).append(slot)
+        unmatched = dict(zip(_listener_names([slot.listen for slot in self._slots]), self._slots))
         plan: list[tuple[str, _Slot, Any, int, Any, Any]] = []
-        for index, listen in enumerate(config.listen):
-            same_endpoint = unmatched.get(listen.endpoint)
-            slot = same_endpoint.pop(0) if same_endpoint else None
+        for index, (name, listen) in enumerate(zip(_listener_names(config.listen), config.listen)):
+            slot = unmatched.pop(name, None)
             profile = self._tls_profile(listen, index, config)
             if slot is None:
                 plan.append(("add", self._slot(listen, index, runtime, config), listen, index, None, None))
@@ -1018,7 +1019,7 @@ class ProxyService(MultiService):
         self.guard.configure(config)
         set_log_level(config.server.log_level)
         self._retired = [f for f in self._retired if f.open_connections()]
-        for slot in (slot for left in unmatched.values() for slot in left):
+        for slot in unmatched.values():
             slot.service.disownServiceParent()
             slot.inner.drain()
             self._retired.append(slot.inner)

@@ -20,6 +20,7 @@ import httptools
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import IPushProducer
@@ -596,7 +597,7 @@ def free_port() -> int:
     random so that tests do not collide, and checked by binding it.
     """
     rng = random.SystemRandom()
-    while True:
+    for _ in range(1000):
         port = rng.randrange(20000, 32768)
         s = socket.socket()
         try:
@@ -606,6 +607,7 @@ def free_port() -> int:
         finally:
             s.close()
         return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 class Net:
@@ -627,8 +629,9 @@ class Net:
         svc.startService()
         self.services.append(svc)
         ports = yield svc.listening()
+        hosts = [p.getHost() for p in ports]
         # A unix socket listener has no port.
-        return RunningProxy(svc, [getattr(p.getHost(), "port", None) for p in ports])
+        return RunningProxy(svc, [h.port if isinstance(h, (IPv4Address, IPv6Address)) else None for h in hosts])
 
     @inlineCallbacks
     def origin(self, handler: Callable[[OriginRequest], None] | None = None, **kw: Any) -> Any:
