@@ -24,13 +24,7 @@ REPO_ROOT=$(dirname "$BENCH_DIR")
 HERE=$BENCH_DIR/balance
 export PATH="$PATH:/usr/sbin:/sbin"
 
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
-        PYTHON=$REPO_ROOT/.venv/bin/python
-    else
-        PYTHON=/tmp/venv/bin/python
-    fi
-fi
+PYTHON=${PYTHON:-$REPO_ROOT/.venv/bin/python}   # made by check_setup when missing
 RULES=${RULES-"round_robin least_conn random2 hash:client_ip hash:header:X-User cookie:srv"}
 PROXIES=${PROXIES:-"rproxy haproxy"}
 DURATION=${DURATION:-10s}        # measured part of each rule's wrk run
@@ -71,21 +65,8 @@ done
 
 # --- tools -----------------------------------------------------------------
 
-missing=()
-for tool in nginx haproxy wrk curl; do
-    command -v "$tool" >/dev/null || missing+=("$tool")
-done
-command -v taskset >/dev/null || die "taskset not found (package util-linux)"
-if ((${#missing[@]})); then
-    [[ $EUID -eq 0 ]] || die "missing ${missing[*]}: run as root, or install them"
-    log "installing ${missing[*]}"
-    apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
-fi
-[[ -x "$PYTHON" ]] || die "PYTHON=$PYTHON is not an executable"
-"$PYTHON" -c 'import rproxy_tw' 2>/dev/null || die "$PYTHON cannot import rproxy_tw"
-taskset -c "$PROXY_CPU" true 2>/dev/null || die "cannot pin to CPU $PROXY_CPU"
-taskset -c "$LOAD_CPU" true 2>/dev/null || die "cannot pin to CPU $LOAD_CPU (set LOAD_CPU)"
+source "$BENCH_DIR/setup.sh"   # check_setup
+check_setup "nginx haproxy wrk curl taskset" rproxy_tw
 
 # --- processes, cleanup ----------------------------------------------------
 

@@ -26,13 +26,13 @@ BOUND=${BOUND:-1}                          # 0: skip the memory-bound run
 
 log() { printf '[cache-bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
-for tool in nginx wrk curl taskset; do command -v $tool >/dev/null || die "$tool is missing"; done
 
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 WORK=$(mktemp -d /tmp/rproxy-cache-bench.XXXXXX)
 RUN_DIR=$RESULTS_DIR/cache-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RUN_DIR"
 source "$BENCH_DIR/lib.sh"
+check_setup "nginx wrk curl taskset" twisted
 
 render() {  # render TEMPLATE OUT NAME [STORE CACHE MAX_BYTES]
     local dir=$WORK/$3 user=""

@@ -26,8 +26,10 @@ RESULTS_DIR=${RESULTS_DIR:-$BENCH_DIR/results}
 
 log() { printf '[cache-tests %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
-for tool in node npm; do command -v $tool >/dev/null || die "$tool is missing (apt-get install -y nodejs npm)"; done
-[[ $ROWS == *nginx* ]] && { command -v nginx >/dev/null || die "nginx is missing (or ROWS=rproxy)"; }
+source "$BENCH_DIR/setup.sh"   # check_setup
+tools="node npm"
+[[ $ROWS != *nginx* ]] || tools="$tools nginx"
+check_setup "$tools" twisted
 
 SUITE=$CACHE_TESTS_DIR/node_modules/http-cache-tests
 if [[ ! -f $SUITE/cli.mjs ]]; then

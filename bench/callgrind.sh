@@ -9,7 +9,10 @@
 #   SMALL=500 LARGE=2500 bench/callgrind.sh close /tmp/rproxy-base
 set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-PYTHON=${PYTHON:-$(dirname "$BENCH_DIR")/.venv/bin/python}
+REPO_ROOT=$(dirname "$BENCH_DIR")
+PYTHON=${PYTHON:-$REPO_ROOT/.venv/bin/python}
+source "$BENCH_DIR/setup.sh"   # check_setup
+check_setup valgrind twisted
 MODE=$1
 SRC=${2:-$(dirname "$BENCH_DIR")}
 shift $(($# >= 2 ? 2 : 1))

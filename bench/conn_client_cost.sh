@@ -21,12 +21,10 @@ START_TIMEOUT=${START_TIMEOUT:-30}
 BASE_DIR=${BASE_DIR:-}
 PROXIES=${PROXIES:-"nginx rproxy${BASE_DIR:+ base}"}
 export PATH="$PATH:/usr/sbin:/sbin"
-for tool in wrk perf nstat nginx taskset; do
-    command -v "$tool" >/dev/null || { echo "needs $tool (Debian: wrk linux-perf iproute2 nginx)" >&2; exit 1; }
-done
 WORK=$(mktemp -d /tmp/rproxy-conn-client.XXXXXX)
 RUN_DIR=$WORK
 source "$BENCH_DIR/lib.sh"
+check_setup "nginx wrk taskset perf nstat" twisted
 start_origin_1k
 start_conn_proxies
 origin_worker=$(pgrep -P "${PID[origin]}" | head -1)

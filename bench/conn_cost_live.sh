@@ -23,6 +23,7 @@ export PATH="$PATH:/usr/sbin:/sbin" PYTHONHASHSEED=0
 WORK=$(mktemp -d /tmp/rproxy-conn-live.XXXXXX)
 RUN_DIR=$WORK
 source "$BENCH_DIR/lib.sh"
+check_setup "nginx wrk taskset valgrind" twisted
 (($#)) || set -- "$REPO_ROOT"
 start_origin_1k
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$WORK/key.pem" \

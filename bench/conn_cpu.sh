@@ -23,6 +23,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 WORK=$(mktemp -d /tmp/rproxy-conn-cpu.XXXXXX)
 RUN_DIR=$WORK
 source "$BENCH_DIR/lib.sh"
+check_setup "nginx wrk taskset" twisted
 PROXIES="nginx rproxy${BASE_DIR:+ base}"
 start_origin_1k
 start_conn_proxies

@@ -25,6 +25,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 WORK=$(mktemp -d /tmp/rproxy-conn-sys.XXXXXX)
 RUN_DIR=$WORK
 source "$BENCH_DIR/lib.sh"
+check_setup "nginx wrk taskset perf strace" twisted
 start_origin_1k
 start_conn_proxies
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -33,13 +33,7 @@ REPO_ROOT=$(dirname "$BENCH_DIR")
 HERE=$BENCH_DIR/h2
 export PATH="$PATH:/usr/sbin:/sbin"
 
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
-        PYTHON=$REPO_ROOT/.venv/bin/python
-    else
-        PYTHON=/tmp/venv/bin/python
-    fi
-fi
+PYTHON=${PYTHON:-$REPO_ROOT/.venv/bin/python}   # made by check_setup when missing
 BASE_DIR=${BASE_DIR:-}
 BASE_PYTHON=${BASE_PYTHON:-$PYTHON}   # "base" may also be another interpreter (BASE_DIR=. for the same tree)
 DEFAULT_PROXIES="nginx haproxy rproxy"
@@ -92,7 +86,7 @@ WORK=$(mktemp -d /tmp/rproxy-h2-bench.XXXXXX)
 RUN_DIR=$RESULTS_DIR/h2-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RUN_DIR"
 source "$BENCH_DIR/lib.sh"   # cleanup on exit, start, alive, wait_listening
-check_setup "nginx haproxy wrk curl openssl h2load taskset" twisted,rproxy_tw  # h2load: Debian nghttp2-client
+check_setup "nginx haproxy wrk curl openssl h2load taskset" twisted,rproxy_tw
 declare -A STATE=() REASON=() TLS_PORT=()
 
 

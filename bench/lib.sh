@@ -6,18 +6,8 @@ declare -a STARTED=()    # every pid we started, for cleanup
 declare -A PID=() PORT=()
 LOAD_PID=""              # the load generator(s) running now, if any (pids, space-separated)
 
-# check_setup "TOOL..." MODULES: the tools are on PATH, PYTHON imports MODULES (comma-separated),
-# and PROXY_CPU and LOAD_CPU can be pinned to; else the script's die names what is missing.
-check_setup() {
-    local tool
-    for tool in $1; do
-        command -v "$tool" >/dev/null || die "$tool not found"
-    done
-    [[ -x "$PYTHON" ]] || die "PYTHON=$PYTHON is not an executable"
-    "$PYTHON" -c "import $2" 2>/dev/null || die "$PYTHON cannot import $2"
-    taskset -c "$PROXY_CPU" true 2>/dev/null || die "cannot pin to CPU $PROXY_CPU"
-    taskset -c "$LOAD_CPU" true 2>/dev/null || die "cannot pin to CPU $LOAD_CPU (set LOAD_CPU)"
-}
+# check_setup, install_tools, install_packages, install_python
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 
 cleanup() {
     local pid children=() i alive

@@ -22,6 +22,7 @@ export PATH="$PATH:/usr/sbin:/sbin" PYTHONHASHSEED=0
 WORK=$(mktemp -d /tmp/rproxy-ops-live.XXXXXX)
 RUN_DIR=$WORK
 source "$BENCH_DIR/lib.sh"
+check_setup "nginx wrk curl h2load taskset valgrind" twisted
 
 free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PORT[origin]=$(free_port)

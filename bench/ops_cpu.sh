@@ -20,6 +20,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 WORK=$(mktemp -d /tmp/rproxy-ops-cpu.XXXXXX)
 RUN_DIR=$WORK
 source "$BENCH_DIR/lib.sh"
+check_setup "nginx wrk taskset" twisted
 start_origin_1k
 ticks=$(getconf CLK_TCK)
 for v in $VARIANTS; do

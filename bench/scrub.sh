@@ -16,13 +16,7 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(dirname "$BENCH_DIR")
 export PATH="$PATH:/usr/sbin:/sbin"
 
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
-        PYTHON=$REPO_ROOT/.venv/bin/python
-    else
-        PYTHON=/tmp/venv/bin/python
-    fi
-fi
+PYTHON=${PYTHON:-$REPO_ROOT/.venv/bin/python}   # made by check_setup when missing
 PROXIES=${PROXIES:-"nginx rproxy rproxy-waf rproxy-rl rproxy-waf-rl"}
 TESTS=${TESTS:-"1k"}
 DURATION=${DURATION:-10s}       # measured part of each wrk run
@@ -48,27 +42,6 @@ for p in $PROXIES; do
     esac
 done
 
-# --- tools -----------------------------------------------------------------
-
-ensure_tools() {
-    local missing=() tool
-    for tool in nginx wrk curl; do
-        command -v "$tool" >/dev/null || missing+=("$tool")
-    done
-    command -v taskset >/dev/null || die "taskset not found (package util-linux)"
-    ((${#missing[@]} == 0)) && return 0
-    [[ $EUID -eq 0 ]] || die "missing ${missing[*]}: run as root, or install them"
-    log "installing ${missing[*]}"
-    apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
-}
-
-ensure_tools
-[[ -x "$PYTHON" ]] || die "PYTHON=$PYTHON is not an executable"
-"$PYTHON" -c 'import twisted' 2>/dev/null || die "$PYTHON cannot import twisted"
-taskset -c "$PROXY_CPU" true 2>/dev/null || die "cannot pin to CPU $PROXY_CPU"
-taskset -c "$LOAD_CPU" true 2>/dev/null || die "cannot pin to CPU $LOAD_CPU (set LOAD_CPU)"
-
 # --- processes, cleanup ----------------------------------------------------
 
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -76,6 +49,7 @@ WORK=$(mktemp -d /tmp/rproxy-bench.XXXXXX)
 RUN_DIR=$RESULTS_DIR/scrub-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RUN_DIR"
 source "$BENCH_DIR/lib.sh"   # cleanup on exit, start, alive, wait_listening, fail, render, free_ports
+check_setup "nginx wrk curl taskset" twisted
 declare -A STATE=() REASON=()
 
 

@@ -5,7 +5,10 @@
 #   bench/scrub_callgrind.sh plain waf rl waf-rl
 set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-PYTHON=${PYTHON:-$(dirname "$BENCH_DIR")/.venv/bin/python}
+REPO_ROOT=$(dirname "$BENCH_DIR")
+PYTHON=${PYTHON:-$REPO_ROOT/.venv/bin/python}
+source "$BENCH_DIR/setup.sh"   # check_setup
+check_setup valgrind twisted
 OUT=$(mktemp -d /tmp/rproxy-scrub-cg.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT
 for variant in "$@"; do

@@ -14,13 +14,7 @@ REPO_ROOT=$(dirname "$BENCH_DIR")
 HERE=$BENCH_DIR/tcp
 export PATH="$PATH:/usr/sbin:/sbin"
 
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
-        PYTHON=$REPO_ROOT/.venv/bin/python
-    else
-        PYTHON=/tmp/venv/bin/python
-    fi
-fi
+PYTHON=${PYTHON:-$REPO_ROOT/.venv/bin/python}   # made by check_setup when missing
 PROXIES=${PROXIES:-"haproxy nginx portforward rproxy"}
 CASES=${CASES:-"up down tls-up tls-down"}
 ROUNDS=${ROUNDS:-3}
@@ -52,30 +46,6 @@ done
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
 [[ $BYTES =~ ^[1-9][0-9]*$ ]] || die "BYTES must be a positive integer"
 
-# --- tools -----------------------------------------------------------------
-
-ensure_tools() {
-    local missing=() tool
-    for tool in haproxy nginx openssl; do
-        command -v "$tool" >/dev/null || missing+=("$tool")
-    done
-    # Debian's nginx builds the stream module as a separate package.
-    [[ -e $NGINX_STREAM_MODULE ]] || missing+=(libnginx-mod-stream)
-    command -v taskset >/dev/null || die "taskset not found (package util-linux)"
-    ((${#missing[@]} == 0)) && return 0
-    [[ $EUID -eq 0 ]] || die "missing ${missing[*]}: run as root, or install them"
-    log "installing ${missing[*]}"
-    apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
-    [[ -e $NGINX_STREAM_MODULE ]] || die "no $NGINX_STREAM_MODULE after installing libnginx-mod-stream (set NGINX_STREAM_MODULE)"
-}
-
-ensure_tools
-[[ -x "$PYTHON" ]] || die "PYTHON=$PYTHON is not an executable"
-"$PYTHON" -c 'import twisted' 2>/dev/null || die "$PYTHON cannot import twisted"
-taskset -c "$PROXY_CPU" true 2>/dev/null || die "cannot pin to CPU $PROXY_CPU"
-taskset -c "$LOAD_CPU" true 2>/dev/null || die "cannot pin to CPU $LOAD_CPU (set LOAD_CPU)"
-
 # --- processes, cleanup ----------------------------------------------------
 
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -83,6 +53,10 @@ WORK=$(mktemp -d /tmp/rproxy-tcpbench.XXXXXX)
 RUN_DIR=$RESULTS_DIR/tcp-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RUN_DIR"
 source "$BENCH_DIR/lib.sh"   # cleanup on exit, start, alive, wait_listening
+check_setup "haproxy nginx openssl taskset" twisted
+# Debian's nginx builds the stream module as a separate package.
+[[ -e $NGINX_STREAM_MODULE ]] || install_packages libnginx-mod-stream
+[[ -e $NGINX_STREAM_MODULE ]] || die "no $NGINX_STREAM_MODULE after installing libnginx-mod-stream (set NGINX_STREAM_MODULE)"
 declare -A STATE=() REASON=() WATCH=()
 
 

@@ -23,13 +23,7 @@ REPO_ROOT=$(dirname "$BENCH_DIR")
 HERE=$BENCH_DIR/tls
 export PATH="$PATH:/usr/sbin:/sbin"
 
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
-        PYTHON=$REPO_ROOT/.venv/bin/python
-    else
-        PYTHON=/tmp/venv/bin/python
-    fi
-fi
+PYTHON=${PYTHON:-$REPO_ROOT/.venv/bin/python}   # made by check_setup when missing
 PROXIES=${PROXIES:-"nginx haproxy rproxy"}
 TESTS=${TESTS:-"ka new reuse"}
 DURATION=${DURATION:-10s}       # measured part of each wrk run
@@ -77,27 +71,6 @@ case $STIME_TLS in
 *) die "STIME_TLS must be 1.2 or 1.3, not '$STIME_TLS'" ;;
 esac
 
-# --- tools -----------------------------------------------------------------
-
-ensure_tools() {
-    local missing=() tool
-    for tool in nginx haproxy wrk curl openssl; do
-        command -v "$tool" >/dev/null || missing+=("$tool")
-    done
-    command -v taskset >/dev/null || die "taskset not found (package util-linux)"
-    ((${#missing[@]} == 0)) && return 0
-    [[ $EUID -eq 0 ]] || die "missing ${missing[*]}: run as root, or install them"
-    log "installing ${missing[*]}"
-    apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
-}
-
-ensure_tools
-[[ -x "$PYTHON" ]] || die "PYTHON=$PYTHON is not an executable"
-"$PYTHON" -c 'import twisted, rproxy_tw' 2>/dev/null || die "$PYTHON cannot import twisted and rproxy_tw"
-taskset -c "$PROXY_CPU" true 2>/dev/null || die "cannot pin to CPU $PROXY_CPU"
-taskset -c "$LOAD_CPU" true 2>/dev/null || die "cannot pin to CPU $LOAD_CPU (set LOAD_CPU)"
-
 # --- processes, cleanup ----------------------------------------------------
 
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -108,6 +81,7 @@ WORK=$(mktemp -d /tmp/rproxy-tls-bench.XXXXXX)
 RUN_DIR=$RESULTS_DIR/tls-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RUN_DIR"
 source "$BENCH_DIR/lib.sh"   # cleanup on exit, start, alive, wait_listening
+check_setup "nginx haproxy wrk curl openssl taskset" twisted,rproxy_tw
 declare -A STATE=() REASON=()
 
 # check_fetch SCHEME PORT: /1k.bin comes back whole with a 200, over TLS

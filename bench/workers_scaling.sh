@@ -33,6 +33,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 WORK=$(mktemp -d /tmp/rproxy-workers-scaling.XXXXXX)
 RUN_DIR=$WORK
 source "$BENCH_DIR/lib.sh"
+check_setup "nginx wrk perf taskset" twisted
 start_origin_1k
 ticks=$(getconf CLK_TCK)
 if ((CLOSE)); then
