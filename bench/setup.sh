@@ -10,7 +10,7 @@ declare -F die >/dev/null || die() { log "error: $*"; exit 1; }
 # Debian's package for each tool a bench script runs (a tool not named here is its own package).
 declare -A TOOL_PACKAGE=(
     [h2load]=nghttp2-client [taskset]=util-linux [perf]=linux-perf [ss]=iproute2 [nstat]=iproute2 [node]=nodejs
-    [redis-server]=redis-server [redis-cli]=redis-tools
+    [redis-cli]=redis-tools
 )
 
 # install_packages PACKAGE...: as root, apt-get installs them; else the script's die names them.
